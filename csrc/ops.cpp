@@ -1,0 +1,17 @@
+// Every schema of the semu_fast operator library, in one place. CPU kernels register in csrc/cpu/, CUDA kernels in
+// csrc/cuda/; the Python layer adds fake (meta) implementations and fills any key a kernel is missing for.
+#include <torch/library.h>
+
+TORCH_LIBRARY(semu_fast, m) {
+  // accumulators[i] += grads[i] for every i: fp32 accumulators, any floating grad dtype, one call for many tensors.
+  m.def("accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()");
+}
+
+#ifdef SEMU_FAST_PYTHON_MODULE
+// Importing semu_fast._C runs the static registrations above; the module itself exports nothing.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "semu_fast operator library", -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

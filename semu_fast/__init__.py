@@ -1,0 +1,18 @@
+"""semu_fast: SEMU machine unlearning (SVD of forget-set gradients, train a tiny k x k core per layer), fast.
+
+    import semu_fast as sf
+    sm = sf.prepare(model, forget_loader, config=sf.SEMUConfig(gamma=0.95))
+    print(sm.report)
+"""
+from . import ops
+from ._backends import backends
+from .config import SEMUConfig
+from .io import load_adapters, save_adapters
+from .model import SEMUModel
+from .pipeline import prepare
+from .report import LayerReport, SEMUReport
+from .training import unlearn
+
+__version__ = "0.1.0"
+__all__ = ["SEMUConfig", "SEMUModel", "SEMUReport", "LayerReport", "backends", "ops", "prepare", "unlearn",
+           "save_adapters", "load_adapters"]

@@ -1,0 +1,105 @@
+"""SEMUConfig: every choice of the SEMU transform in one dataclass that validates itself on construction."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+PROJECTIONS = ("orthogonal", "official", "none")
+RANK_RULES = ("at_least", "official")
+CONV_RANKS = ("max", "per_channel")
+SVD_METHODS = ("auto", "exact")
+NORM_MODES = ("eval", "train")
+
+
+def _check_gamma(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1] (the share of gradient variance to keep), got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_patterns(name: str, value) -> Optional[tuple]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    patterns = tuple(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{name} must hold regular expressions as strings, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({err})") from None
+    return patterns
+
+
+@dataclass(frozen=True)
+class SEMUConfig:
+    """How SEMU picks layers, projects gradients, chooses ranks and runs its SVDs.
+
+    gamma: share of each gradient's variance (sum of sigma^2) the kept subspace must explain, in (0, 1].
+    projection: "orthogonal" (G - <G,W>/||W||^2 W), "official" (divides by ||W||, as the official code), "none".
+    rank_rule: "at_least" (smallest k reaching gamma) or "official" (largest k not above gamma, at least 1).
+    conv_rank: "max" (one k per conv layer, the max over input channels) or "per_channel".
+    target_modules / exclude_modules: regular expressions searched in module names (re.search); None = every
+        Linear and Conv2d.
+    gamma_overrides: {pattern: gamma}; the first pattern found in a layer's name sets its gamma.
+    svd: "auto" or "exact".
+    norm_mode: "eval" keeps norm layers' running statistics untouched in the gradient pass and in training;
+        "train" updates them on the forget data, as the official code does.
+    seed: seeds every random choice (randomized SVD, random labels).
+    """
+
+    gamma: float = 0.95
+    projection: str = "orthogonal"
+    rank_rule: str = "at_least"
+    conv_rank: str = "max"
+    target_modules: Optional[Sequence[str]] = None
+    exclude_modules: Optional[Sequence[str]] = None
+    gamma_overrides: dict = field(default_factory=dict)
+    svd: str = "auto"
+    norm_mode: str = "eval"
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen dataclass: normalise in place once, here
+        set_(self, "gamma", _check_gamma("gamma", self.gamma))
+        _check_choice("projection", self.projection, PROJECTIONS)
+        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
+        _check_choice("conv_rank", self.conv_rank, CONV_RANKS)
+        _check_choice("svd", self.svd, SVD_METHODS)
+        _check_choice("norm_mode", self.norm_mode, NORM_MODES)
+        set_(self, "target_modules", _check_patterns("target_modules", self.target_modules))
+        set_(self, "exclude_modules", _check_patterns("exclude_modules", self.exclude_modules))
+        if not isinstance(self.gamma_overrides, dict):
+            raise ValueError(f"gamma_overrides must be a dict {{pattern: gamma}}, got {self.gamma_overrides!r}")
+        _check_patterns("gamma_overrides", list(self.gamma_overrides))
+        set_(self, "gamma_overrides", {p: _check_gamma(f"gamma_overrides[{p!r}]", g)
+                                       for p, g in self.gamma_overrides.items()})
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def gamma_for(self, layer_name: str) -> float:
+        for pattern, gamma in self.gamma_overrides.items():
+            if re.search(pattern, layer_name):
+                return gamma
+        return self.gamma
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            out[key] = None if out[key] is None else list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SEMUConfig":
+        return cls(**data)

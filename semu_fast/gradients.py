@@ -1,0 +1,109 @@
+"""The forget-set gradient pass: sum of the loss gradients over the forget loader, per selected weight, streamed
+into float32 accumulators as backward produces them (no per-batch clones), with the model left as it was found."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def split_batch(batch, what: str = "loss_fn=None"):
+    """(inputs, targets) from a batch that is a tuple or list of at least two tensors."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
+            isinstance(t, torch.Tensor) for t in batch[:2]):
+        raise TypeError(f"{what} expects batches of (inputs, targets) tensors, got {type(batch).__name__}; "
+                        f"pass loss_fn(model, batch) -> scalar for other batch layouts")
+    return batch[0], batch[1]
+
+
+def cross_entropy_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The default SEMU gradient loss for classifiers: cross-entropy with the true labels."""
+    inputs, targets = split_batch(batch)
+    device = model_device(model)
+    return F.cross_entropy(model(inputs.to(device)), targets.to(device))
+
+
+def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
+    """model.train(), but with norm layers in eval mode unless norm_mode == "train" (the official behaviour)."""
+    model.train()
+    if norm_mode == "eval":
+        for module in model.modules():
+            if isinstance(module, NORM_TYPES):
+                module.eval()
+
+
+class _ModelState:
+    """Saves and restores what a pass may touch: training flags, requires_grad and existing .grad tensors."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modes = {m: m.training for m in model.modules()}
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, mode in self.modes.items():
+            module.training = mode
+        for param, flag, grad in self.params:
+            param.requires_grad_(flag)
+            param.grad = grad
+
+
+def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, torch.Tensor],
+                         loss_fn: Optional[LossFn] = None, norm_mode: str = "eval") -> dict[str, torch.Tensor]:
+    """{name: sum over batches of d loss / d weight} as float32 tensors.
+
+    Each weight's gradient is added to its accumulator by a post-accumulate-grad hook and freed at once, so the
+    pass holds the accumulators plus one layer's gradient. The model's modes, requires_grad flags and existing
+    gradients are restored afterwards, also on error. Raises ValueError for an empty loader, TypeError for a loss
+    that is not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
+    loss_fn = loss_fn or cross_entropy_loss
+    accumulators = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    state = _ModelState(model)
+    hooks = []
+
+    def hook_for(acc):
+        def hook(param):
+            ops.accumulate_([acc], [param.grad])
+            param.grad = None
+        return hook
+
+    try:
+        for param in model.parameters():
+            param.requires_grad_(False)
+            param.grad = None
+        for name, weight in weights.items():
+            weight.requires_grad_(True)
+            hooks.append(weight.register_post_accumulate_grad_hook(hook_for(accumulators[name])))
+        set_norm_mode(model, norm_mode)
+        batches = 0
+        for batch in loader:
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+            if not loss.requires_grad:
+                raise ValueError("the loss does not depend on any selected layer's weight (no gradient flows)")
+            loss.reshape(()).backward()
+            batches += 1
+        if batches == 0:
+            raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
+    finally:
+        for hook in hooks:
+            hook.remove()
+        state.restore()
+    for name, acc in accumulators.items():
+        if not torch.isfinite(acc).all():
+            raise FloatingPointError(f"the summed forget gradient of layer {name!r} holds NaN or Inf")
+    return accumulators

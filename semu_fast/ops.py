@@ -1,0 +1,122 @@
+"""The public ops of semu_fast and the one place that picks their backends.
+
+Every op is torch.ops.semu_fast.<op> whatever serves it, with a fake (meta) implementation so torch.compile can
+trace it. C++/CUDA kernels register themselves when semu_fast._C loads; for each op and device this module then
+fills in, once, the best Python-side backend where the extension has no kernel (or where SEMU_FAST_IMPL forces
+one). `semu_fast.backends()` shows the outcome and the reasons."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _backends
+from . import reference
+from ._checks import check_tensor_lists
+from .config import PROJECTIONS, _check_choice
+from .lowrank import lowrank_conv2d, lowrank_linear  # noqa: F401  (public ops)
+from .svd import truncated_svd  # noqa: F401  (public op)
+
+_lib = torch.library.Library("semu_fast", "FRAGMENT")
+
+# The same schemas csrc/ops.cpp defines, used only when semu_fast._C is missing (a test keeps the two equal).
+SCHEMAS = {
+    "accumulate_": "accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()",
+}
+
+# Preference per dispatch key; "triton" on CPU only when forced (it needs TRITON_INTERPRET=1 there).
+_PREFERENCE = {"CPU": ("cpp", "torch"), "CUDA": ("cuda", "triton", "torch")}
+
+
+def _check_accumulate(accumulators, grads):
+    accumulators, grads = check_tensor_lists("accumulators", accumulators, "grads", grads)
+    for i, acc in enumerate(accumulators):
+        if acc.dtype != torch.float32:
+            raise TypeError(f"accumulate_: accumulators[{i}] must be float32, got {acc.dtype}")
+        if not acc.is_contiguous():
+            raise ValueError(f"accumulate_: accumulators[{i}] must be contiguous")
+    return accumulators, grads
+
+
+def _accumulate_torch(accumulators, grads):
+    reference.accumulate_(*_check_accumulate(accumulators, grads))
+
+
+def _accumulate_triton(accumulators, grads):
+    _backends.triton_module("accumulate")[0].accumulate_(*_check_accumulate(accumulators, grads))
+
+
+_PYTHON_IMPLS = {"accumulate_": {"torch": _accumulate_torch, "triton": _accumulate_triton}}
+
+
+def _availability(op: str, device: str, backend: str) -> str:
+    """"" when backend can serve op on device, else why not."""
+    if backend in ("cpp", "cuda"):
+        ext, why = _backends.extension()
+        if ext is None:
+            return why
+        return "" if _backends.has_cpp_kernel(op, device) else f"semu_fast._C was built without a {device} kernel"
+    if backend == "triton":
+        if "triton" not in _PYTHON_IMPLS.get(op, {}):
+            return "no Triton kernel for this op"
+        if device == "CPU" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return _backends.triton_module(op.rstrip("_"))[1]
+    return ""
+
+
+def _register_backends(op: str) -> None:
+    force = _backends.forced()
+    for device, preference in _PREFERENCE.items():
+        candidates = [b for b in _backends.BACKENDS if b != ("cuda" if device == "CPU" else "cpp")]
+        reasons = {b: _availability(op, device, b) for b in candidates}
+        usable = [b for b in preference if not reasons[b]]
+        chosen = usable[0]  # "torch" is always usable
+        if force in reasons:
+            if reasons[force]:
+                warnings.warn(f"{_backends.IMPL_ENV}={force} cannot serve {op} on {device}: {reasons[force]}; "
+                              f"using {chosen}")
+            else:
+                chosen = force
+        if chosen not in ("cpp", "cuda"):
+            _lib.impl(op, _PYTHON_IMPLS[op][chosen], device)
+        _backends.record(op, device, chosen, {b: r for b, r in reasons.items() if r and b != chosen})
+
+
+for _op, _schema in SCHEMAS.items():
+    if _backends.extension()[0] is None:
+        _lib.define(_schema)
+    torch.library.register_fake(f"semu_fast::{_op}", lambda *args: None, lib=_lib)
+    _register_backends(_op)
+
+
+@torch.library.custom_op("semu_fast::project_perpendicular", mutates_args=())
+def _project_perpendicular(grads: list[torch.Tensor], weights: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+    return reference.project_perpendicular(grads, weights, mode)
+
+
+@_project_perpendicular.register_fake
+def _(grads, weights, mode):
+    return [torch.empty_like(g) for g in grads]
+
+
+for _device in _PREFERENCE:
+    _backends.record("project_perpendicular", _device, "torch", {"cpp": "no C++ kernel yet", "triton": "no Triton kernel yet"})
+
+
+def accumulate_(accumulators, grads) -> None:
+    """accumulators[i] += grads[i] for every i, in one call.
+
+    accumulators: float32, contiguous; grads: same shapes, any float dtype (float32/float16/bfloat16/float64)."""
+    torch.ops.semu_fast.accumulate_(*_check_accumulate(accumulators, grads))
+
+
+def project_perpendicular(grads, weights, mode: str = "orthogonal") -> list[torch.Tensor]:
+    """G - c W for each pair, c = <G,W>/||W||^2 ("orthogonal"), <G,W>/||W|| ("official") or 0 ("none").
+
+    grads, weights: lists of equally shaped float tensors (any shape: conv weights are projected whole).
+    Returns new tensors in each grad's dtype; the reduction runs in float64. A zero weight leaves G as it is."""
+    _check_choice("mode", mode, PROJECTIONS)
+    grads, weights = check_tensor_lists("grads", grads, "weights", weights)
+    return torch.ops.semu_fast.project_perpendicular(grads, weights, mode)

@@ -1,0 +1,52 @@
+"""What SEMU did to a model: per layer shape, rank, captured variance and trainable parameters; totals; timings."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str                      # "linear" or "conv2d"
+    shape: tuple
+    gamma: float
+    k: int                         # size of R (for conv: the max over input channels); 0 = no adapter
+    captured_variance: float       # share of ||G_perp||^2 inside the kept subspace(s); 1.0 for a zero gradient
+    trainable_params: int
+    ranks: Optional[list] = None   # conv: each input channel's own k
+    note: str = ""                 # e.g. why no adapter was installed
+
+
+@dataclass
+class SEMUReport:
+    layers: list = field(default_factory=list)
+    total_params: int = 0          # every parameter of the model before adapters
+    timings: dict = field(default_factory=dict)   # seconds per phase
+    training: dict = field(default_factory=dict)  # filled by sf.unlearn: history, best epoch
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(layer.trainable_params for layer in self.layers)
+
+    @property
+    def trainable_share(self) -> float:
+        """Trainable parameters as a percentage of all the model's parameters."""
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers], "total_params": self.total_params,
+                "trainable_params": self.trainable_params, "trainable_share": self.trainable_share,
+                "timings": dict(self.timings), "training": dict(self.training)}
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':32s} {'kind':6s} {'shape':22s} {'gamma':>5s} {'k':>5s} {'captured':>8s} {'trainable':>10s}"]
+        for layer in self.layers:
+            rows.append(f"{layer.name[:32]:32s} {layer.kind:6s} {str(tuple(layer.shape)):22s} {layer.gamma:5.2f} "
+                        f"{layer.k:5d} {layer.captured_variance:8.4f} {layer.trainable_params:10d}"
+                        + (f"  ({layer.note})" if layer.note else ""))
+        rows.append(f"trainable: {self.trainable_params} of {self.total_params} parameters "
+                    f"({self.trainable_share:.3f}%)")
+        if self.timings:
+            rows.append("timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))
+        return "\n".join(rows)

@@ -1,0 +1,129 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import reference
+from conftest import FLOAT_DTYPES
+
+SHAPES = [(1,), (7,), (33, 65), (3, 5, 3, 3), (70001,)]
+
+
+def _pairs(gen, dtype, transpose=False):
+    accs, grads = [], []
+    for shape in SHAPES:
+        accs.append(torch.randn(shape, generator=gen))
+        grad = torch.randn(shape[::-1] if transpose else shape, generator=gen).to(dtype)
+        grads.append(grad.permute(*reversed(range(grad.dim()))) if transpose else grad)
+    return accs, grads
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "strided"])
+def test_accumulate_equals_reference_bit_exact(gen, dtype, transpose):
+    accs, grads = _pairs(gen, dtype, transpose)
+    expected = [a.clone() for a in accs]
+    reference.accumulate_(expected, grads)
+    sf.ops.accumulate_(accs, grads)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)  # one fp32 add of an exactly converted value: no rounding freedom
+
+
+def test_accumulate_twice_sums_both(gen):
+    acc = torch.zeros(100)
+    a, b = torch.randn(100, generator=gen), torch.randn(100, generator=gen)
+    sf.ops.accumulate_([acc], [a])
+    sf.ops.accumulate_([acc], [b])
+    assert torch.equal(acc, (torch.zeros(100) + a) + b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triton_kernel_matches_reference_under_interpreter(gen, dtype):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from semu_fast.triton_kernels.accumulate import accumulate_ as triton_accumulate_
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accs, grads = _pairs(gen, dtype, transpose=True)
+    # The interpreter is slow: keep it small. Strided grads stay strided (a transposed view).
+    accs = [a.flatten()[:2000].to(device) for a in accs]
+    grads = [g[..., :3].to(device) if g.dim() == 2 else g.flatten()[:2000].to(device) for g in grads]
+    accs = [a[:g.numel()].reshape(g.shape).contiguous() for a, g in zip(accs, grads)]
+    expected = [a.clone() for a in accs]
+    reference.accumulate_(expected, grads)
+    triton_accumulate_(accs, grads)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_kernel_matches_reference(gen, dtype):
+    accs, grads = _pairs(gen, dtype, transpose=True)
+    accs = [a.cuda() for a in accs]
+    grads = [g.cuda() for g in grads]
+    expected = [a.clone() for a in accs]
+    reference.accumulate_(expected, grads)
+    sf.ops.accumulate_(accs, grads)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("accs, grads, error, match", [
+    ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], ValueError, "same length"),
+    ([torch.zeros(3)], [torch.zeros(4)], ValueError, r"grads\[0\] has shape"),
+    ([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], TypeError, "must be float32"),
+    ([torch.zeros(3)], [torch.zeros(3, dtype=torch.int32)], TypeError, "floating"),
+    ([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], ValueError, "contiguous"),
+    ([torch.zeros(3)], torch.zeros(3), TypeError, "list or tuple"),
+])
+def test_accumulate_rejects_bad_input_before_writing(accs, grads, error, match):
+    before = [a.clone() for a in accs]
+    with pytest.raises(error, match=match):
+        sf.ops.accumulate_(accs, grads)
+    assert all(torch.equal(a, b) for a, b in zip(accs, before))
+
+
+def test_cpp_kernel_checks_arguments_itself():
+    acc = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="must be float32|must be a floating"):
+        torch.ops.semu_fast.accumulate_([acc], [torch.zeros(3, dtype=torch.int64)])
+    assert torch.equal(acc, torch.zeros(3))
+
+
+def test_opcheck_accumulate(gen):
+    acc = torch.randn(5, 6, generator=gen)
+    grad = torch.randn(5, 6, generator=gen).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.semu_fast.accumulate_.default, ([acc], [grad]))
+
+
+def test_accumulate_inside_torch_compile_fullgraph(gen):
+    acc = torch.zeros(8)
+    grad = torch.randn(8, generator=gen)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, g):
+        sf.ops.accumulate_([a], [g * 2])
+
+    step(acc, grad)
+    assert torch.equal(acc, grad * 2)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_forcing_a_backend_serves_the_op_with_it(impl):
+    pytest.importorskip("triton")
+    script = (
+        "import torch, semu_fast as sf\n"
+        "a = torch.zeros(1000); g = torch.randn(1000, dtype=torch.bfloat16)\n"
+        "sf.ops.accumulate_([a], [g])\n"
+        "assert torch.equal(a, g.float()), 'wrong result'\n"
+        "print(sf.backends()['accumulate_']['CPU']['chosen'])\n"
+    )
+    env = {**os.environ, "SEMU_FAST_IMPL": impl, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == impl
