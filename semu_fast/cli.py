@@ -14,6 +14,22 @@ from pathlib import Path
 log = logging.getLogger("semu_fast")
 
 
+def _gamma(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
 def _default_cache() -> Path:
     return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
 
@@ -68,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     un = sub.add_parser("unlearn", help="forget a class of the bundled digits with SEMU (the embedded default)")
     un.add_argument("--forget-class", type=int, default=0, choices=range(10), metavar="C", help="class to forget")
-    un.add_argument("--gamma", type=float, default=0.95, help="explained-variance threshold in (0, 1]")
+    un.add_argument("--gamma", type=_gamma, default=0.95, help="explained-variance threshold in (0, 1]")
     un.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    un.add_argument("--lr", type=float, default=1e-2)
-    un.add_argument("--epochs", type=int, default=5)
+    un.add_argument("--lr", type=_positive(float), default=1e-2)
+    un.add_argument("--epochs", type=_positive(int), default=5)
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--cache-dir", type=Path, default=None,
                     help=f"where the trained digits CNN is cached (default {_default_cache()})")

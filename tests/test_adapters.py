@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import reference
+from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+
+def _prepared(dtype=torch.float32, seed=0):
+    model = small_cnn(dtype=dtype)
+    model.eval()
+    original = snapshot(model)
+    sm = sf.prepare(model, forget_batches(dtype=dtype))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.copy_(torch.randn(adapter.R.shape, generator=gen))
+    return sm, original
+
+
+def test_adapted_forward_equals_materialised_weights():
+    sm, _ = _prepared(torch.float64)
+    x = forget_batches(seed=5, dtype=torch.float64)[0][0]
+    lin = sm.adapters["7"]
+    h = torch.randn(4, 24, dtype=torch.float64)
+    base = lin.base_layer
+    expected = reference.lowrank_linear(h, base.weight, lin.U.double(), lin.R.double(), lin.Vh.double(), base.bias)
+    assert torch.allclose(lin(h), expected, atol=1e-10)
+    conv = sm.adapters["0"]
+    b = conv.base_layer
+    expected = reference.lowrank_conv2d(x, b.weight, conv.U.double(), conv.R.double(), conv.Vh.double(), b.bias,
+                                        b.stride, b.padding, b.dilation)
+    assert torch.allclose(conv(x), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unmerge_restores_weights_bit_exact(dtype):
+    sm, original = _prepared(dtype)
+    x = forget_batches(seed=5, dtype=dtype)[0][0]
+    adapted = sm(x)
+    sm.merge_adapters()
+    merged_out = sm(x)
+    assert all(a.merged for a in sm.adapters.values())
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.2, torch.float16: 2e-2}[dtype]
+    assert torch.allclose(merged_out.float(), adapted.float(), atol=tol, rtol=tol)
+    sm.merge_adapters()  # idempotent
+    sm.unmerge_adapters()
+    for name, adapter in sm.adapters.items():
+        assert torch.equal(adapter.base_layer.weight, original[f"{name}.weight"])
+    assert torch.equal(sm(x), adapted)
+
+
+def test_merge_writes_the_materialised_weight():
+    sm, original = _prepared(torch.float64)
+    sm.merge_adapters()
+    for name, a in sm.adapters.items():
+        expected = original[f"{name}.weight"] + a.delta_weight().double()
+        assert torch.allclose(a.base_layer.weight, expected, atol=1e-12)
+
+
+def test_disable_adapters_runs_the_original_model_even_when_merged():
+    sm, original = _prepared()
+    x = forget_batches(seed=6)[0][0]
+    reference_model = small_cnn()
+    reference_model.load_state_dict(original)
+    reference_model.eval()
+    expected = reference_model(x)
+    adapted = sm(x)
+    assert not torch.allclose(adapted, expected)
+    with sm.disable_adapters():
+        assert torch.equal(sm(x), expected)
+    assert torch.equal(sm(x), adapted)
+    sm.merge_adapters()
+    with sm.disable_adapters():
+        assert torch.equal(sm(x), expected)
+    assert all(a.merged for a in sm.adapters.values())
+
+
+def test_merge_and_unload_gives_a_plain_model_with_merged_weights():
+    sm, original = _prepared()
+    x = forget_batches(seed=7)[0][0]
+    adapted = sm(x)
+    model = sm.merge_and_unload()
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not torch.equal(model[0].weight, original["0.weight"])
+
+
+def test_unload_after_merge_restores_the_original_bit_exact():
+    sm, original = _prepared()
+    sm.merge_adapters()
+    model = sm.unload()
+    assert_same_state(model, original)

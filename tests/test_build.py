@@ -1,0 +1,67 @@
+"""The build and the backend choice: what `pip install` produced, and that the library works without it."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import _backends, ops
+
+
+def test_extension_is_built_and_serves_cpu():
+    ext, why = _backends.extension()
+    assert ext is not None, why
+    assert sf.backends()["accumulate_"]["CPU"]["chosen"] == "cpp"
+
+
+def test_python_schemas_equal_the_cpp_schemas():
+    for name, schema in ops.SCHEMAS.items():
+        assert str(getattr(torch.ops.semu_fast, name).default._schema) == f"semu_fast::{schema}"
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
+                    or os.environ.get("SEMU_FAST_CUDA") == "0", reason="no CUDA toolkit or CPU-only torch")
+def test_cuda_kernels_were_compiled_into_the_extension():
+    assert _backends.has_cpp_kernel("accumulate_", "CUDA")
+    assert sf.backends()["accumulate_"]["CUDA"]["chosen"] == "cuda"
+
+
+def test_every_backend_choice_states_why_the_others_were_not_taken():
+    for op, devices in sf.backends().items():
+        for device, info in devices.items():
+            assert info["chosen"] in _backends.BACKENDS
+            assert all(isinstance(r, str) and r for r in info["reasons"].values()), (op, device)
+
+
+def test_library_works_without_the_extension():
+    script = (
+        "import sys; sys.modules['semu_fast._C'] = None\n"
+        "import torch, semu_fast as sf\n"
+        "a = torch.zeros(4); sf.ops.accumulate_([a], [torch.ones(4, dtype=torch.float16)])\n"
+        "assert torch.equal(a, torch.ones(4))\n"
+        "info = sf.backends()['accumulate_']['CPU']\n"
+        "assert info['chosen'] == 'torch' and 'not built' in info['reasons']['cpp'], info\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_info_command_prints_every_op():
+    out = subprocess.run([sys.executable, "-m", "semu_fast.info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for op in ("accumulate_", "project_perpendicular"):
+        assert op in out.stdout
+
+
+def test_triton_kernels_folder_is_not_a_top_level_package():
+    out = subprocess.run([sys.executable, "-c", "import triton_kernels"], capture_output=True, text=True,
+                         cwd="/", timeout=300)
+    if out.returncode == 0:  # some other installed package may own the name; it must not be ours
+        where = subprocess.run([sys.executable, "-c", "import triton_kernels; print(triton_kernels.__file__)"],
+                               capture_output=True, text=True, cwd="/").stdout
+        assert "semu" not in where and not where.startswith(os.path.dirname(os.path.dirname(__file__)))

@@ -1,0 +1,231 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import semu_fast as sf
+from semu_fast.adapters import SEMUConv2d, SEMULinear
+from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+
+def _brute_force(model, batches, gamma, projection="orthogonal", rank_rule="at_least"):
+    """SEMU from scratch in float64: clone-and-sum gradients, projection, full SVD, rank by a loop over k."""
+    model = model.double().train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    total = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x.double()), y).backward()
+        for n, m in layers.items():
+            total[n] += m.weight.grad.clone()
+    out = {}
+    for n, G in total.items():
+        W = layers[n].weight.detach()
+        dot = (G * W).sum()
+        if projection == "orthogonal":
+            G = G - dot / (W * W).sum() * W
+        elif projection == "official":
+            G = G - dot / torch.linalg.norm(W) * W
+        mats = G.permute(1, 0, 2, 3).flatten(2) if G.dim() == 4 else G[None]
+        U, S, _ = torch.linalg.svd(mats, full_matrices=False)
+        ks = []
+        for s in S:
+            ratios = (s ** 2).cumsum(0) / (s ** 2).sum()
+            if rank_rule == "at_least":
+                ks.append(next(i + 1 for i, r in enumerate(ratios) if r >= gamma or i == len(ratios) - 1))
+            else:
+                ks.append(max(1, int((ratios <= gamma).sum())))
+        out[n] = (U, ks)
+    return out
+
+
+def _projector_distance(U, V):
+    return torch.linalg.norm(U @ U.transpose(-1, -2) - V @ V.transpose(-1, -2)).item()
+
+
+@pytest.mark.parametrize("projection", ["orthogonal", "official", "none"])
+@pytest.mark.parametrize("rank_rule", ["at_least", "official"])
+def test_prepare_matches_float64_brute_force(projection, rank_rule):
+    batches = forget_batches()
+    expected = _brute_force(small_cnn(), batches, 0.9, projection, rank_rule)
+    sm = sf.prepare(small_cnn(), batches, config=sf.SEMUConfig(gamma=0.9, projection=projection,
+                                                              rank_rule=rank_rule))
+    reports = {r.name: r for r in sm.report.layers}
+    for name, adapter in sm.adapters.items():
+        U_ref, ks = expected[name]
+        if isinstance(adapter, SEMUConv2d):
+            assert reports[name].ranks == ks
+            assert adapter.rank == max(ks)
+        else:
+            assert [adapter.rank] == ks
+        k = adapter.rank
+        U = adapter.U if adapter.U.dim() == 3 else adapter.U[None]
+        for n in range(U.shape[0]):
+            # Compare only the leading directions with a clear spectral gap: the subspace is then unique.
+            kn = ks[n] if len(ks) > 1 else k
+            if kn:
+                assert _projector_distance(U[n, :, :kn].double(), U_ref[n, :, :kn]) < 1e-3, (name, n)
+
+
+def test_prepared_model_with_zero_R_gives_the_original_outputs_exactly():
+    model, batches = small_cnn(), forget_batches()
+    model.eval()
+    x = forget_batches(seed=1)[0][0]
+    expected = model(x)
+    sm = sf.prepare(model, batches)
+    assert len(sm.adapters) == 4
+    assert torch.equal(sm(x), expected)
+
+
+def test_prepare_never_writes_base_weights_and_unload_gives_them_back():
+    model = small_cnn()
+    model.eval()
+    before = snapshot(model)
+    sm = sf.prepare(model, forget_batches())
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.normal_()
+    restored = sm.unload()
+    assert restored is model
+    assert_same_state(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+
+
+def test_only_R_is_trainable_after_prepare():
+    sm = sf.prepare(small_cnn(), forget_batches())
+    trainable = [n for n, p in sm.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".R") for n in trainable)
+    assert all((a.R == 0).all() for a in sm.adapters.values())
+
+
+def test_per_channel_conv_rank_masks_each_channel():
+    sm = sf.prepare(small_cnn(), forget_batches(), config=sf.SEMUConfig(gamma=0.8, conv_rank="per_channel"))
+    conv = sm.adapters["0"]
+    assert isinstance(conv, SEMUConv2d) and conv.ranks is not None
+    for n, kn in enumerate(conv.ranks):
+        assert (conv.U[n, :, kn:] == 0).all() and (conv.Vh[n, kn:] == 0).all()
+        assert (conv.U[n, :, :kn] != 0).any() or kn == 0
+    report = {r.name: r for r in sm.report.layers}["0"]
+    assert report.trainable_params == sum(k * k for k in conv.ranks) < conv.R.numel()
+
+
+def test_max_conv_rank_uses_the_largest_channel_rank():
+    sm = sf.prepare(small_cnn(), forget_batches(), config=sf.SEMUConfig(gamma=0.8))
+    report = {r.name: r for r in sm.report.layers}["0"]
+    assert report.k == max(report.ranks) == sm.adapters["0"].rank
+    assert report.trainable_params == 3 * report.k ** 2
+
+
+def test_gamma_overrides_apply_by_pattern():
+    config = sf.SEMUConfig(gamma=0.5, gamma_overrides={r"^9$": 1.0})
+    sm = sf.prepare(small_cnn(), forget_batches(), config=config)
+    reports = {r.name: r for r in sm.report.layers}
+    assert reports["9"].gamma == 1.0 and reports["7"].gamma == 0.5
+    assert reports["9"].captured_variance > 1 - 1e-6
+
+
+def test_target_and_exclude_modules_select_layers():
+    config = sf.SEMUConfig(target_modules=[r"^[79]$"], exclude_modules=["9"])
+    sm = sf.prepare(small_cnn(), forget_batches(), config=config)
+    assert list(sm.adapters) == ["7"]
+    assert isinstance(sm.adapters["7"], SEMULinear)
+
+
+@pytest.mark.parametrize("config, match", [
+    (sf.SEMUConfig(target_modules=["attn"]), "pattern 'attn' matches no layer; candidates: 0, 3, 7, 9"),
+    (sf.SEMUConfig(exclude_modules=["nothing"]), "matches no layer"),
+    (sf.SEMUConfig(target_modules=["0"], exclude_modules=["0"]), "no layer left"),
+])
+def test_bad_layer_selection_fails_before_touching_the_model(config, match):
+    model = small_cnn()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        sf.prepare(model, forget_batches(), config=config)
+    assert_same_state(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_layers_are_skipped_by_default_and_rejected_when_named():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    batches = [(torch.randn(8, 4, 4, 4), torch.randint(0, 3, (8,)))]
+    sm = sf.prepare(model, batches)
+    assert list(sm.adapters) == ["2"]
+    sm.unload()
+    with pytest.raises(ValueError, match="grouped Conv2d"):
+        sf.prepare(model, batches, config=sf.SEMUConfig(target_modules=["^0$"]))
+
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="Embedding is not supported"):
+        sf.prepare(emb, [(torch.randint(0, 10, (3, 2)), torch.zeros(3, dtype=torch.long))],
+                   config=sf.SEMUConfig(target_modules=["0"]))
+
+
+def test_multihead_attention_out_proj_is_not_adapted():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    sm = sf.prepare(Attn(), [(torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))])
+    assert list(sm.adapters) == ["head"]
+
+
+def test_non_contiguous_weights_are_handled():
+    model = small_cnn()
+    with torch.no_grad():
+        model[7].weight = nn.Parameter(model[7].weight.detach().t().contiguous().t())
+    assert not model[7].weight.is_contiguous()
+    model.eval()
+    x = forget_batches(seed=3)[0][0]
+    expected = model(x)
+    sm = sf.prepare(model, forget_batches())
+    assert sm.adapters["7"].rank >= 1
+    assert torch.equal(sm(x), expected)
+
+
+def test_all_zero_gradients_install_no_adapters_and_say_so():
+    model = small_cnn()
+    sm = sf.prepare(model, forget_batches(), loss_fn=lambda m, b: (m(b[0]) * 0).sum())
+    assert sm.adapters == {}
+    assert all(r.k == 0 and "zero gradient" in r.note for r in sm.report.layers)
+    assert sm.report.trainable_params == 0
+
+
+def test_report_has_totals_shares_and_timings():
+    model = small_cnn()
+    total = sum(p.numel() for p in model.parameters())
+    sm = sf.prepare(model, forget_batches())
+    report = sm.report
+    assert report.total_params == total
+    assert report.trainable_params == sum(a.R.numel() for a in sm.adapters.values())
+    assert report.trainable_share == pytest.approx(100 * report.trainable_params / total)
+    assert set(report.timings) == {"gradients", "projection", "svd", "install"}
+    assert all(0 <= r.captured_variance <= 1 + 1e-9 and r.captured_variance >= 0.95 - 1e-9
+               for r in report.layers)
+    text = str(report)
+    assert "trainable:" in text and "conv2d" in text and "linear" in text
+
+
+def test_preparing_twice_is_refused():
+    sm = sf.prepare(small_cnn(), forget_batches())
+    with pytest.raises(ValueError, match="already holds SEMU adapters"):
+        sf.prepare(sm.model, forget_batches())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_prepare_on_other_dtypes(dtype):
+    model = small_cnn(dtype=dtype)
+    model.eval()
+    x = forget_batches(seed=2, dtype=dtype)[0][0]
+    expected = model(x)
+    sm = sf.prepare(model, forget_batches(dtype=dtype))
+    assert torch.equal(sm(x), expected)
+    assert all(a.U.dtype == torch.float32 for a in sm.adapters.values())

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import reference
+
+SHAPES = [(5, 7), (64, 3, 3, 3), (16, 8, 1, 1), (1, 1), (130, 33)]
+
+
+def _pair(gen, shape, dtype=torch.float32, strided=False):
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(shape[::-1] if strided else shape, generator=gen, dtype=torch.float64)
+    if strided:
+        w = w.permute(*reversed(range(w.dim())))
+    return g.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_orthogonal_projection_is_perpendicular_to_weight(gen, strided):
+    grads, weights = zip(*(_pair(gen, s, torch.float64, strided) for s in SHAPES))
+    for p, w, g in zip(sf.ops.project_perpendicular(grads, weights, "orthogonal"), weights, grads):
+        # <P, W> relative to ||G|| ||W|| (P itself is 0 for a 1x1 weight, so no cosine).
+        assert abs((p * w).sum().item()) <= 1e-12 * (g.norm() * w.norm()).item()
+        # G = P + c W: what was removed is parallel to W.
+        residual = g - p
+        assert torch.allclose(residual, (residual * w).sum() / (w * w).sum() * w, atol=1e-12)
+
+
+def test_official_projection_divides_by_the_norm_not_its_square(gen):
+    g, w = _pair(gen, (20, 30), torch.float64)
+    w = w * 3.0  # ||W|| != 1, so the two formulas differ
+    (official,) = sf.ops.project_perpendicular([g], [w], "official")
+    expected = g - (torch.sum(g * w) / torch.linalg.norm(w)) * w  # the official code, literally
+    assert torch.allclose(official, expected, rtol=0, atol=1e-12)
+    (orthogonal,) = sf.ops.project_perpendicular([g], [w], "orthogonal")
+    assert not torch.allclose(official, orthogonal)
+
+
+def test_mode_none_returns_the_gradient(gen):
+    g, w = _pair(gen, (4, 6))
+    (out,) = sf.ops.project_perpendicular([g], [w], "none")
+    assert torch.equal(out, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_projection_in_low_precision_matches_float64_reference(gen, dtype):
+    g, w = _pair(gen, (48, 40), dtype)
+    (out,) = sf.ops.project_perpendicular([g], [w], "orthogonal")
+    assert out.dtype == dtype
+    ref = g.double() - reference.projection_coefficient(g, w, "orthogonal") * w.double()
+    # The reduction is float64; the only error is the final rounding to dtype.
+    assert torch.allclose(out.double(), ref, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+
+
+def test_zero_weight_leaves_gradient_unchanged(gen):
+    g = torch.randn(3, 4, generator=gen)
+    for mode in ("orthogonal", "official"):
+        (out,) = sf.ops.project_perpendicular([g], [torch.zeros(3, 4)], mode)
+        assert torch.equal(out, g)
+
+
+def test_projection_does_not_modify_inputs(gen):
+    g, w = _pair(gen, (6, 6))
+    g0, w0 = g.clone(), w.clone()
+    sf.ops.project_perpendicular([g], [w])
+    assert torch.equal(g, g0) and torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("grads, weights, mode, error, match", [
+    ([torch.zeros(2, 2)], [torch.zeros(2, 3)], "orthogonal", ValueError, "shape"),
+    ([torch.zeros(2, 2)], [], "orthogonal", ValueError, "same length"),
+    ([torch.zeros(2, 2)], [torch.zeros(2, 2)], "parallel", ValueError, "mode must be one of"),
+    ([torch.zeros(2, 2, dtype=torch.int64)], [torch.zeros(2, 2)], "orthogonal", TypeError, "floating"),
+])
+def test_projection_rejects_bad_input(grads, weights, mode, error, match):
+    with pytest.raises(error, match=match):
+        sf.ops.project_perpendicular(grads, weights, mode)
+
+
+def test_opcheck_project_perpendicular(gen):
+    g, w = _pair(gen, (5, 3))
+    torch.library.opcheck(torch.ops.semu_fast.project_perpendicular.default, ([g], [w], "orthogonal"))

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+import semu_fast as sf
+from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+
+def _trained(config=None):
+    model = small_cnn()
+    model.eval()
+    sm = sf.prepare(model, forget_batches(), config=config or sf.SEMUConfig(gamma=0.9))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.copy_(torch.randn(adapter.R.shape, generator=gen))
+    return sm
+
+
+@pytest.mark.parametrize("conv_rank", ["max", "per_channel"])
+def test_save_load_round_trip_is_exact(tmp_path, conv_rank):
+    sm = _trained(sf.SEMUConfig(gamma=0.9, conv_rank=conv_rank))
+    x = forget_batches(seed=4)[0][0]
+    expected = sm(x)
+    sm.save_adapters(tmp_path / "adapters")
+    fresh = small_cnn()
+    fresh.eval()
+    loaded = sf.load_adapters(fresh, tmp_path / "adapters")
+    assert loaded.adapters.keys() == sm.adapters.keys()
+    for name, adapter in sm.adapters.items():
+        other = loaded.adapters[name]
+        for part in ("R", "U", "Vh"):
+            assert torch.equal(getattr(other, part), getattr(adapter, part)), (name, part)
+        assert other.ranks == adapter.ranks
+    assert torch.equal(loaded(x), expected)
+    assert loaded.config == sm.config
+    assert [r.k for r in loaded.report.layers] == [r.k for r in sm.report.layers]
+
+
+def test_saved_folder_has_safetensors_and_json_and_no_temporary_files(tmp_path):
+    _trained().save_adapters(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["adapter_config.json", "adapters.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["layers"]["7"]["kind"] == "linear" and config["semu_config"]["gamma"] == 0.9
+
+
+def test_loading_into_a_model_of_other_shapes_fails_before_changing_it(tmp_path):
+    _trained().save_adapters(tmp_path)
+    other = small_cnn(num_classes=7)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="layer '9' has weight shape"):
+        sf.load_adapters(other, tmp_path)
+    assert_same_state(other, before)
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in other.modules())
+
+
+def test_truncated_adapter_file_is_reported(tmp_path):
+    _trained().save_adapters(tmp_path)
+    path = tmp_path / "adapters.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    model = small_cnn()
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        sf.load_adapters(model, tmp_path)
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+
+
+def test_corrupted_config_is_reported(tmp_path):
+    _trained().save_adapters(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupted"):
+        sf.load_adapters(small_cnn(), tmp_path)
+
+
+def test_missing_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved SEMU adapter folder"):
+        sf.load_adapters(small_cnn(), tmp_path / "nowhere")

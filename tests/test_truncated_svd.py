@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import reference
+from semu_fast.svd import select_rank
+
+
+def _decaying(gen, m, n, rank=None, batch=None, decay=0.7):
+    """G = U diag(decay^i) V^T (+ exact rank deficiency when rank is given), float64."""
+    shape = (batch,) if batch else ()
+    q = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(*shape, m, q, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*shape, n, q, generator=gen, dtype=torch.float64))
+    s = decay ** torch.arange(q, dtype=torch.float64)
+    if rank is not None:
+        s[rank:] = 0
+    return U @ torch.diag_embed(s.expand(*shape, q)) @ V.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("rule", ["at_least", "official"])
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_select_rank_matches_brute_force(gen, rule, gamma):
+    S = torch.sort(torch.rand(50, 17, generator=gen, dtype=torch.float64) ** 4, descending=True).values
+    S[3] = 0  # an all-zero spectrum: k = 0
+    S[4, 5:] = 0  # rank deficient
+    assert torch.equal(select_rank(S, gamma, rule), reference.select_rank(S, gamma, rule))
+
+
+def test_official_rule_is_numpy_searchsorted_right_at_least_one(gen):
+    S = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    ratios = reference.explained_variance(S)
+    for gamma in (0.01, float(ratios[1]), 0.9, 0.99, 1.0):
+        expected = max(1, int(torch.searchsorted(ratios, torch.tensor(gamma, dtype=torch.float64), right=True)))
+        assert int(select_rank(S, gamma, "official")) == expected
+
+
+def test_at_least_rule_is_the_smallest_k_reaching_gamma(gen):
+    S = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    ratios = reference.explained_variance(S)
+    k = int(select_rank(S, 0.9, "at_least"))
+    assert ratios[k - 1] >= 0.9 and (k == 1 or ratios[k - 2] < 0.9)
+    # Exactly at a cumulative ratio, that k itself suffices.
+    assert int(select_rank(S, float(ratios[1]), "at_least")) == 2
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40), (9, 9), (64, 9), (1, 5)])
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_exact_method_equals_reference_bit_for_bit(gen, shape, gamma):
+    G = _decaying(gen, *shape).float()
+    U, S, Vh = sf.ops.truncated_svd(G, gamma, method="exact")
+    Ur, Sr, Vhr, kr = reference.truncated_svd(G, gamma)
+    k = int(kr)
+    assert U.shape == (shape[0], k) and S.shape == (k,) and Vh.shape == (k, shape[1])
+    assert torch.equal(U, Ur[:, :k]) and torch.equal(S, Sr[:k]) and torch.equal(Vh, Vhr[:k])
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_kept_subspace_captures_at_least_gamma(gen, gamma):
+    G = _decaying(gen, 60, 45)
+    result = sf.ops.truncated_svd(G, gamma)
+    captured = (result.U.T @ G).square().sum() / G.square().sum()
+    assert captured >= gamma - 1e-12
+    assert torch.allclose(result.captured_energy / result.total_energy, captured, atol=1e-12)
+
+
+def test_rank_deficient_gradient_gets_its_true_rank_at_gamma_one(gen):
+    G = _decaying(gen, 30, 20, rank=4, decay=0.9)
+    result = sf.ops.truncated_svd(G, 0.999999)
+    assert int(result.ranks) <= 4
+    assert torch.allclose(result.U @ torch.diag(result.S) @ result.Vh, G, atol=1e-3)
+
+
+def test_all_zero_gradient_gives_rank_zero():
+    result = sf.ops.truncated_svd(torch.zeros(6, 5), 0.9)
+    assert int(result.ranks) == 0 and result.U.shape == (6, 0) and result.Vh.shape == (0, 5)
+
+
+def test_batched_conv_matrices_rank_each_channel(gen):
+    G = _decaying(gen, 16, 9, batch=7)
+    G[2] = 0  # a dead input channel
+    G[3] = _decaying(gen, 16, 9, rank=1)
+    result = sf.ops.truncated_svd(G.float(), 0.9)
+    _, _, _, expected = reference.truncated_svd(G.float(), 0.9)
+    assert torch.equal(result.ranks, expected)
+    assert result.ranks[2] == 0 and result.ranks[3] == 1
+    assert result.U.shape == (7, 16, int(expected.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_is_computed_in_float32(gen, dtype):
+    G = _decaying(gen, 20, 12).to(dtype)
+    U, S, Vh = sf.ops.truncated_svd(G, 0.9)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    _, Sr, _, kr = reference.truncated_svd(G.double(), 0.9)
+    assert S.shape[-1] == int(kr)
+    assert torch.allclose(S.double(), Sr[:int(kr)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"gamma": 0.0}, ValueError, "gamma must be a number in"),
+    ({"gamma": 1.5}, ValueError, "gamma must be a number in"),
+    ({"gamma": float("nan")}, ValueError, "gamma"),
+    ({"gamma": 0.9, "rank_rule": "at_most"}, ValueError, "rank_rule must be one of"),
+    ({"gamma": 0.9, "method": "magic"}, ValueError, "method must be one of"),
+])
+def test_truncated_svd_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sf.ops.truncated_svd(torch.randn(4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("G, error, match", [
+    (torch.randn(4), ValueError, r"\(m, n\) or \(B, m, n\)"),
+    (torch.ones(3, 3, dtype=torch.int32), TypeError, "floating"),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+])
+def test_truncated_svd_rejects_bad_matrices(G, error, match):
+    with pytest.raises(error, match=match):
+        sf.ops.truncated_svd(G, 0.9)

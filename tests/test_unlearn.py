@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast.training import random_label_loss
+from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+
+def test_training_changes_only_R():
+    model = small_cnn()
+    before = snapshot(model)
+    sm, report = sf.unlearn(model, forget_batches(), config=sf.SEMUConfig(gamma=0.9), optimizer="adam", lr=1e-2,
+                            epochs=2, progress=False)
+    assert any((a.R != 0).any() for a in sm.adapters.values())
+    state = sm.model.state_dict()
+    for key, value in before.items():
+        # Adapted layers keep their weights under base_layer; everything else keeps its name.
+        parts = key.split(".")
+        moved = ".".join(parts[:-1] + ["base_layer", parts[-1]])
+        assert torch.equal(state.get(key, state.get(moved)), value), key
+    assert len(report.training["history"]) == 2 and report.timings["train"] > 0
+
+
+def test_unlearning_with_retain_data_and_select_best_restores_the_best_epoch():
+    model = small_cnn()
+    sm, report = sf.unlearn(model, forget_batches(), retain_loader=forget_batches(seed=9), lr=1e-2,
+                            optimizer="adam", epochs=3, progress=False)
+    history = report.training["history"]
+    assert all("retain_acc" in h and "forget_acc" in h for h in history)
+    best = max(history, key=lambda h: h["score"])
+    assert report.training["best_epoch"] == best["epoch"]
+
+
+def test_random_labels_never_equal_the_true_ones():
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 3, (500,))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 3, requires_grad=True)
+
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy_ce(logits, labels):
+        seen.append(labels)
+        return real_ce(logits, labels)
+
+    torch.nn.functional.cross_entropy = spy_ce
+    try:
+        random_label_loss(Spy(), (torch.zeros(500, 1), targets), gen)
+    finally:
+        torch.nn.functional.cross_entropy = real_ce
+    labels = seen[0]
+    assert (labels != targets).all() and set(labels.tolist()) == {0, 1, 2}
+
+
+def test_custom_train_loss_is_used():
+    calls = []
+
+    def loss(model, batch, generator):
+        calls.append(1)
+        return model(batch[0]).square().mean()
+
+    sf.unlearn(small_cnn(), forget_batches(), train_loss_fn=loss, epochs=1, progress=False)
+    assert len(calls) == len(forget_batches())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"lr": 0}, "lr must be a positive"),
+    ({"epochs": 0}, "epochs must be a positive int"),
+    ({"momentum": -1}, "momentum must be a non-negative"),
+])
+def test_bad_training_arguments_fail_before_the_model_changes(kwargs, match):
+    model = small_cnn()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        sf.unlearn(model, forget_batches(), progress=False, **kwargs)
+    assert_same_state(model, before)
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+
+
+def test_same_seed_gives_identical_results():
+    results = []
+    for _ in range(2):
+        sm, _ = sf.unlearn(small_cnn(), forget_batches(), optimizer="adam", lr=1e-2, epochs=2, progress=False)
+        results.append({n: a.R.detach().clone() for n, a in sm.adapters.items()})
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_semu_forgets_a_digit_class():
+    """The whole method on real data: a trained digits CNN forgets class 3 while keeping the others."""
+    from semu_fast.digits import load_digits_split, loader, pretrained_digits_cnn
+    from semu_fast.training import accuracy
+
+    (x, y), _ = load_digits_split(0)
+    model = pretrained_digits_cnn(seed=0)
+    forget, retain = loader(x[y == 3], y[y == 3]), loader(x[y != 3], y[y != 3])
+    assert accuracy(model, forget) > 95
+    sm, _ = sf.unlearn(model, forget, optimizer="adam", lr=1e-2, epochs=5, progress=False)
+    assert accuracy(sm, forget) < 10
+    assert accuracy(sm, retain) > 85
