@@ -80,7 +80,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             config: Optional[SEMUConfig] = None, *, loss_fn: Optional[LossFn] = None,
             train_loss_fn: Optional[TrainLossFn] = None, optimizer: str = "sgd", lr: float = 1e-5,
             epochs: int = 10, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
-            progress: bool = True) -> tuple[SEMUModel, SEMUReport]:
+            patience: Optional[int] = None, progress: bool = True) -> tuple[SEMUModel, SEMUReport]:
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
     interleaved, when given). Returns (SEMUModel, report).
 
@@ -88,9 +88,12 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     loss while training R; None means cross-entropy against random labels != the true ones. Retain batches use
     cross-entropy with their true labels. optimizer "sgd" (with momentum, weight_decay) or "adam".
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
-    (without retain data: the lowest forget accuracy). progress: show a tqdm bar."""
+    (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved for
+    this many epochs (classification only; None = run every epoch). progress: show a tqdm bar."""
     config = config if config is not None else SEMUConfig()
     _check_training_args(optimizer, lr, epochs, momentum, weight_decay)
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive int or None, got {patience!r}")
     semu_model = prepare(model, forget_loader, loss_fn=loss_fn, config=config)
     report = semu_model.report
     params = semu_model.trainable_parameters()
@@ -125,17 +128,20 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             retain = entry.get("retain_acc")
             entry["score"] = (100.0 - entry["forget_acc"] + retain) / 2 if retain is not None \
                 else 100.0 - entry["forget_acc"]
-            if select_best and (best_score is None or entry["score"] > best_score):
+            if best_score is None or entry["score"] > best_score:
                 best_score, best_epoch = entry["score"], epoch + 1
-                best_state = [p.detach().clone() for p in params]
+                if select_best:
+                    best_state = [p.detach().clone() for p in params]
         history.append(entry)
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
+        if patience is not None and best_epoch is not None and epoch + 1 - best_epoch >= patience:
+            break
     if best_state is not None:
         with torch.no_grad():
             for param, saved in zip(params, best_state):
                 param.copy_(saved)
     semu_model.eval()
     report.timings["train"] = time.perf_counter() - start
-    report.training = {"history": history, "best_epoch": best_epoch, "optimizer": optimizer, "lr": lr,
-                       "epochs": epochs}
+    report.training = {"history": history, "best_epoch": best_epoch if select_best else None,
+                       "optimizer": optimizer, "lr": lr, "epochs": len(history)}
     return semu_model, report

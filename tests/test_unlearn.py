@@ -102,3 +102,14 @@ def test_semu_forgets_a_digit_class():
     sm, _ = sf.unlearn(model, forget, optimizer="adam", lr=1e-2, epochs=5, progress=False)
     assert accuracy(sm, forget) < 10
     assert accuracy(sm, retain) > 85
+
+
+def test_patience_stops_when_the_score_stops_improving():
+    # lr so small that nothing changes: the first epoch stays best and training stops after `patience` more.
+    sm, report = sf.unlearn(small_cnn(), forget_batches(), lr=1e-12, epochs=10, patience=2, progress=False)
+    assert report.training["epochs"] == 3 and report.training["best_epoch"] == 1
+
+
+def test_bad_patience_is_rejected():
+    with pytest.raises(ValueError, match="patience must be a positive int"):
+        sf.unlearn(small_cnn(), forget_batches(), patience=0, progress=False)

@@ -1,0 +1,46 @@
+"""Shared benchmark helpers: timing (median of repeats, synchronised on GPU), the device's name, result rows."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def timeit(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def emit(rows: list[dict], title: str, json_path=None) -> None:
+    """Print rows as a table and optionally write them as JSON."""
+    print(f"\n## {title}")
+    if rows:
+        keys = list(rows[0])
+        print(" | ".join(keys))
+        for row in rows:
+            print(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"title": title, "rows": rows}, f, indent=2)
