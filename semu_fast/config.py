@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 PROJECTIONS = ("orthogonal", "official", "none")
 RANK_RULES = ("at_least", "official")
 CONV_RANKS = ("max", "per_channel")
-SVD_METHODS = ("auto", "exact")
+SVD_METHODS = ("auto", "exact", "randomized")
 NORM_MODES = ("eval", "train")
 
 
@@ -53,7 +53,7 @@ class SEMUConfig:
     target_modules / exclude_modules: regular expressions searched in module names (re.search); None = every
         Linear and Conv2d.
     gamma_overrides: {pattern: gamma}; the first pattern found in a layer's name sets its gamma.
-    svd: "auto" or "exact".
+    svd: "auto" (randomized for large Linear gradients, exact for small and conv ones), "exact", "randomized".
     norm_mode: "eval" keeps norm layers' running statistics untouched in the gradient pass and in training;
         "train" updates them on the forget data, as the official code does.
     seed: seeds every random choice (randomized SVD, random labels).

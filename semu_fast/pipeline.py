@@ -28,7 +28,8 @@ def _layer_svd(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig,
     gamma = config.gamma_for(name)
     is_conv = isinstance(layer, nn.Conv2d)
     matrices = conv_gradient_matrices(G) if is_conv else G
-    result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=config.svd, generator=generator)
+    method = "exact" if is_conv and config.svd == "randomized" else config.svd  # conv: a batch of small SVDs
+    result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator)
     U, _, Vh = result
     total = float(result.total_energy.sum())
     captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0

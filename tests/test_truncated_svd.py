@@ -117,3 +117,67 @@ def test_truncated_svd_rejects_bad_arguments(kwargs, error, match):
 def test_truncated_svd_rejects_bad_matrices(G, error, match):
     with pytest.raises(error, match=match):
         sf.ops.truncated_svd(G, 0.9)
+
+
+def _gradient_like(gen, m, n, decay=0.08, noise=0.02):
+    """A decaying spectrum plus a noise floor holding `noise` of the norm (fp32), like summed gradients."""
+    q = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, q, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(n, q, generator=gen)).Q
+    G = (U * torch.exp(-decay * torch.arange(q, dtype=torch.float32))) @ V.T
+    E = torch.randn(m, n, generator=gen)
+    return G + E * (noise * G.norm() / E.norm())
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (600, 280), (256, 256)])
+@pytest.mark.parametrize("gamma", [0.8, 0.9, 0.95])
+@pytest.mark.parametrize("rule", ["at_least", "official"])
+def test_randomized_svd_meets_the_contract(gen, shape, gamma, rule):
+    G = _gradient_like(gen, *shape)
+    result = sf.ops.truncated_svd(G, gamma, rule, method="randomized", generator=torch.Generator().manual_seed(0))
+    U, S, Vh = result
+    _, S_ex, _, k_ex = reference.truncated_svd(G.double(), gamma, rule)
+    k, k_ex = S.shape[-1], int(k_ex)
+    total = G.double().square().sum()
+    captured = ((U.double().T @ G.double()).square().sum() / total).item()
+    if rule == "at_least":
+        assert captured >= gamma - 1e-6  # measured exactly, against the whole G
+        assert k_ex <= k <= k_ex + max(2, 0.02 * k_ex)
+    else:
+        assert abs(k - k_ex) <= max(2, 0.02 * k_ex)
+    assert torch.allclose(S.double(), S_ex[:k], rtol=1e-3, atol=0)
+    assert int(result.ranks) == k
+    # U and Vh are orthonormal and reproduce G's projection.
+    assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-4) and torch.allclose(Vh @ Vh.T, torch.eye(k), atol=1e-4)
+    assert torch.allclose(U.T @ G, S[:, None] * Vh, atol=1e-4 * S[0].item())
+
+
+def test_randomized_svd_is_deterministic_for_a_seed(gen):
+    G = _gradient_like(gen, 400, 300)
+    runs = [sf.ops.truncated_svd(G, 0.9, method="randomized", generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+
+
+def test_randomized_svd_falls_back_to_exact_on_a_flat_spectrum(gen):
+    G = torch.randn(300, 300, generator=gen)  # white noise: k approaches min(m, n)
+    got = sf.ops.truncated_svd(G, 0.9, method="randomized", generator=torch.Generator().manual_seed(0))
+    expected = sf.ops.truncated_svd(G, 0.9, method="exact")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_auto_uses_the_randomized_path_for_large_matrices_only(gen, monkeypatch):
+    import semu_fast.svd as svd_module
+
+    calls = []
+    real = svd_module._randomized
+    monkeypatch.setattr(svd_module, "_randomized", lambda *a: calls.append(a[0].shape) or real(*a))
+    sf.ops.truncated_svd(_gradient_like(gen, 300, 260), 0.9)
+    sf.ops.truncated_svd(_gradient_like(gen, 100, 260), 0.9)
+    sf.ops.truncated_svd(_gradient_like(gen, 300, 260)[None].expand(2, -1, -1), 0.9)
+    assert calls == [(300, 260)]
+
+
+def test_randomized_rejects_batches():
+    with pytest.raises(ValueError, match="2-D"):
+        sf.ops.truncated_svd(torch.randn(2, 30, 20), 0.9, method="randomized")

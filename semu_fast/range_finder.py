@@ -1,0 +1,80 @@
+"""Adaptive randomized range finder with an explained-variance stop, after Yu, Gu and Li's randQB_EI (2018).
+
+The basis Q grows block by block; B = Q^T A is kept alongside, so the captured energy ||B||_F^2 (and with it the
+explained variance of the best rank-k subspace inside span(Q)) is known without touching A again. Power iterations
+run on the residual A - Q B, so each new block looks for directions the basis does not have yet."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class RangeFinderResult:
+    U: torch.Tensor         # (m, l): orthonormal basis of the approximate range
+    B: torch.Tensor         # (l, n): U^T A
+    converged: bool         # False: the basis would have grown past max_rank (a flat spectrum)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def _orth_against(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of Y with span(Q) removed; two Gram-Schmidt passes ("twice is enough") for fp32."""
+    if Q.shape[1]:
+        Y = Y - Q @ (Q.T @ Y)
+        Y = Y - Q @ (Q.T @ Y)
+    return _orth(Y)
+
+
+def _round_width(b: int) -> int:
+    return max(16, -(-b // 8) * 8)
+
+
+def range_finder(A: torch.Tensor, columns_needed, target_energy: float, block: int, power_iters: int,
+                 max_rank: int, generator: Optional[torch.Generator] = None) -> RangeFinderResult:
+    """Grow Q (m, l) for A (m, n) until the basis suffices, or until l would pass max_rank (then converged=False
+    and the caller should use an exact SVD).
+
+    columns_needed(S, l) -> int or None is asked after every block, S being the singular values of B = Q^T A: 0
+    when the basis suffices, the number of columns still wanted, or None when the spectrum cannot tell yet (it
+    holds the rank rule and the oversampling policy). target_energy: the energy the kept subspace must reach
+    (gamma ||A||_F^2); it sizes the next block when columns_needed cannot, and triggers the early give-up."""
+    m, n = A.shape
+    Q = A.new_empty(m, 0)
+    B = A.new_empty(0, n)
+    b = block
+    while True:
+        l = Q.shape[1]
+        b = min(b, min(m, n) - l)
+        if b <= 0:
+            return RangeFinderResult(Q, B, True)
+        if l + b > max_rank:
+            return RangeFinderResult(Q, B, False)
+        omega = torch.randn(n, b, generator=generator, device=A.device, dtype=A.dtype)
+        Y = _orth_against(A @ omega - Q @ (B @ omega), Q)
+        for _ in range(power_iters):
+            # (Y^T A)^T rather than A^T Y: the same product, but it streams A along its rows.
+            Z = _orth((Y.T @ A).T - B.T @ (Q.T @ Y))
+            Y = _orth_against(A @ Z - Q @ (B @ Z), Q)
+        B_new = Y.T @ A
+        Q = torch.cat([Q, Y], dim=1)
+        B = torch.cat([B, B_new], dim=0)
+        S = torch.linalg.svdvals(B)
+        needed = columns_needed(S, Q.shape[1])
+        if needed == 0:
+            return RangeFinderResult(Q, B, True)
+        if needed is None:
+            # Energy still missing, at the rate the last block found it (rates fall as the spectrum decays): a
+            # lower bound on the columns still needed. When even that passes max_rank, give up now.
+            missing = target_energy - float(S.double().square().sum())
+            rate = float(torch.linalg.vector_norm(B_new, dtype=torch.float64).square()) / b
+            if rate <= 0 or Q.shape[1] + math.ceil(missing / rate) > max_rank:
+                return RangeFinderResult(Q, B, False)
+            needed = max(block, math.ceil(missing / rate))
+        # Every block costs a few full passes over A whatever its width, so size it to what is still needed.
+        b = min(_round_width(needed), 2 * block)
