@@ -53,7 +53,7 @@ def _wheel_cuda_includes():
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-DSEMU_FAST_PYTHON_MODULE"]
     if not _want_cuda():
         print("semu_fast: building the C++ CPU kernels only")

@@ -5,6 +5,9 @@
 TORCH_LIBRARY(semu_fast, m) {
   // accumulators[i] += grads[i] for every i: fp32 accumulators, any floating grad dtype, one call for many tensors.
   m.def("accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()");
+  // Thin SVDs of a batch of (m x n) matrices with n <= 64 through their n x n Gram matrices:
+  // U (B, m, q), S (B, q), Vh (B, q, n), q = min(m, n); float32 out (float64 for float64 in).
+  m.def("gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)");
 }
 
 #ifdef SEMU_FAST_PYTHON_MODULE

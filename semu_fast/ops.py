@@ -23,7 +23,10 @@ _lib = torch.library.Library("semu_fast", "FRAGMENT")
 # The same schemas csrc/ops.cpp defines, used only when semu_fast._C is missing (a test keeps the two equal).
 SCHEMAS = {
     "accumulate_": "accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()",
+    "gram_svd": "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)",
 }
+GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
+GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
 
 # Preference per dispatch key; "triton" on CPU only when forced (it needs TRITON_INTERPRET=1 there).
 _PREFERENCE = {"CPU": ("cpp", "torch"), "CUDA": ("cuda", "triton", "torch")}
@@ -47,7 +50,31 @@ def _accumulate_triton(accumulators, grads):
     _backends.triton_module("accumulate")[0].accumulate_(*_check_accumulate(accumulators, grads))
 
 
-_PYTHON_IMPLS = {"accumulate_": {"torch": _accumulate_torch, "triton": _accumulate_triton}}
+def _check_gram_svd(G):
+    if G.dim() != 3 or not G.is_floating_point() or not 1 <= G.shape[-1] <= GRAM_SVD_MAX_N or G.shape[1] < 1:
+        raise ValueError(f"gram_svd: G must be a floating (B, m, n) tensor with m >= 1 and 1 <= n <= "
+                         f"{GRAM_SVD_MAX_N}, got {G.dtype} of shape {tuple(G.shape)}")
+
+
+def _gram_svd_torch(G):
+    """torch.linalg.svd with gram_svd's conventions: float32 (float64 for float64 input) and singular values
+    below GRAM_SVD_REL_TOL of the largest set to 0, with zero U columns."""
+    _check_gram_svd(G)
+    U, S, Vh = torch.linalg.svd(G.to(reference.svd_compute_dtype(G.dtype)), full_matrices=False)
+    keep = S > GRAM_SVD_REL_TOL * S[..., :1]
+    return U * keep.unsqueeze(-2), S * keep, Vh
+
+
+def _gram_svd_fake(G):
+    q = min(G.shape[1], G.shape[2])
+    dtype = reference.svd_compute_dtype(G.dtype)
+    return (G.new_empty(G.shape[0], G.shape[1], q, dtype=dtype), G.new_empty(G.shape[0], q, dtype=dtype),
+            G.new_empty(G.shape[0], q, G.shape[2], dtype=dtype))
+
+
+_PYTHON_IMPLS = {"accumulate_": {"torch": _accumulate_torch, "triton": _accumulate_triton},
+                 "gram_svd": {"torch": _gram_svd_torch}}
+_FAKES = {"accumulate_": lambda accumulators, grads: None, "gram_svd": _gram_svd_fake}
 
 
 def _availability(op: str, device: str, backend: str) -> str:
@@ -87,7 +114,7 @@ def _register_backends(op: str) -> None:
 for _op, _schema in SCHEMAS.items():
     if _backends.extension()[0] is None:
         _lib.define(_schema)
-    torch.library.register_fake(f"semu_fast::{_op}", lambda *args: None, lib=_lib)
+    torch.library.register_fake(f"semu_fast::{_op}", _FAKES[_op], lib=_lib)
     _register_backends(_op)
 
 
@@ -110,6 +137,17 @@ def accumulate_(accumulators, grads) -> None:
 
     accumulators: float32, contiguous; grads: same shapes, any float dtype (float32/float16/bfloat16/float64)."""
     torch.ops.semu_fast.accumulate_(*_check_accumulate(accumulators, grads))
+
+
+def gram_svd(G: torch.Tensor):
+    """Thin SVDs of a batch of (m, n) matrices with small n (conv gradients per input channel: n = kh*kw <= 64),
+    through each n x n Gram matrix in float64 and a Jacobi eigen-solve.
+
+    G: (B, m, n), any float dtype. Returns U (B, m, q), S (B, q) descending, Vh (B, q, n), q = min(m, n), in float32
+    (float64 for float64 input). Singular values below 1e-7 of a matrix's largest are returned as 0, with zero U
+    columns (Gram squaring cannot resolve them; float32 could not either)."""
+    _check_gram_svd(G)
+    return torch.ops.semu_fast.gram_svd(G)
 
 
 def project_perpendicular(grads, weights, mode: str = "orthogonal") -> list[torch.Tensor]:

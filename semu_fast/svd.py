@@ -102,6 +102,11 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
     return TruncatedSVD(U, S, Vh, torch.tensor(k), torch.tensor(total, dtype=torch.float64), captured)
 
 
+def _use_gram(G: torch.Tensor, method: str) -> bool:
+    from .ops import GRAM_SVD_MAX_N
+    return method == "auto" and G.dim() == 3 and G.shape[-1] <= GRAM_SVD_MAX_N
+
+
 def _use_randomized(G: torch.Tensor, method: str) -> bool:
     if method == "randomized":
         if G.dim() != 2:
@@ -116,8 +121,9 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
 
     G: (m, n) or (B, m, n), any float dtype; computed in float32 (float64 for float64 input).
     Returns TruncatedSVD: U (..., m, k), S (..., k), Vh (..., k, n) in the compute dtype, with .ranks per matrix.
-    method: "exact" (full SVD), "randomized" (adaptive range finder, 2-D only; falls back to exact on flat
-    spectra), "auto" (randomized for 2-D G with min(m, n) >= 256, else exact). generator seeds the randomized
+    method: "exact" (torch.linalg.svd), "randomized" (adaptive range finder, 2-D only; falls back to exact on flat
+    spectra), "auto" (randomized for 2-D G with min(m, n) >= 256; for batches with n <= 64 the Gram-matrix kernel
+    sf.ops.gram_svd; else exact). generator seeds the randomized
     path (same seed, same device: same result)."""
     gamma = _check_gamma("gamma", gamma)
     _check_choice("rank_rule", rank_rule, RANK_RULES)
@@ -133,11 +139,14 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
         result = _randomized(G, total, gamma, rank_rule, generator)
         if result is not None:
             return result
-    return _exact(G, gamma, rank_rule)
+    if _use_gram(G, method):
+        from .ops import gram_svd
+        return _truncate(*gram_svd(G), gamma, rank_rule)
+    return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
 
 
-def _exact(G: torch.Tensor, gamma: float, rank_rule: str) -> TruncatedSVD:
-    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gamma: float, rank_rule: str) -> TruncatedSVD:
+    """Cut a full thin SVD to the rank rule's k (the largest over the batch)."""
     ranks = select_rank(S, gamma, rank_rule)
     energy = S.double().square()
     total = energy.sum(-1)

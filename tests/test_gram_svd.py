@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+import semu_fast as sf
+from semu_fast import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _batch(gen, b, m, n, dtype=torch.float32):
+    G = torch.randn(b, m, n, generator=gen, dtype=torch.float64)
+    if b > 2:
+        G[1] = 0  # a dead input channel
+        G[2] = torch.randn(m, 1, generator=gen, dtype=torch.float64) @ torch.randn(1, n, generator=gen,
+                                                                                 dtype=torch.float64)
+    return G.to(dtype)
+
+
+def _check_against_float64_svd(G, U, S, Vh):
+    U64, S64, Vh64 = torch.linalg.svd(G.double(), full_matrices=False)
+    scale = S64[..., :1].clamp(min=1e-300)
+    tol = 1e-12 if S.dtype == torch.float64 else 2e-6
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert ((S.double() - S64).abs() / scale).max() <= tol
+    # Up to sign, per resolved singular value: compare the rank-one pieces u s v^T, free of the sign choice.
+    resolved = S64 > 1e-6 * scale
+    piece = lambda u, s, vh: u.unsqueeze(-1) * (s.unsqueeze(-1) * vh).unsqueeze(-2)  # noqa: E731
+    mine = piece(U.double().transpose(-1, -2), S.double(), Vh.double())
+    ref = piece(U64.transpose(-1, -2), S64, Vh64)
+    err = ((mine - ref).abs().amax((-1, -2)) / scale)[resolved]
+    # Repeated singular values have no unique pieces; random matrices have none.
+    assert err.numel() == 0 or err.max() <= 100 * tol
+    # Vh rows are orthonormal even for null directions; U columns are for resolved ones, zero otherwise.
+    q = S.shape[-1]
+    assert torch.allclose(Vh.double() @ Vh.double().transpose(-1, -2), torch.eye(q, dtype=torch.float64).expand_as(
+        Vh @ Vh.transpose(-1, -2)), atol=100 * tol)
+    assert (U[~(S > 0).unsqueeze(-2).expand_as(U)] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b, m, n", [(6, 64, 9), (4, 512, 9), (3, 16, 1), (5, 64, 49), (4, 6, 9), (2, 9, 9),
+                                      (3, 128, 25)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_svd_matches_torch_svd_up_to_sign(gen, device, b, m, n, dtype):
+    G = _batch(gen, b, m, n, dtype).to(device)
+    U, S, Vh = sf.ops.gram_svd(G)
+    q = min(m, n)
+    assert U.shape == (b, m, q) and S.shape == (b, q) and Vh.shape == (b, q, n) and S.dtype == dtype
+    assert (S[:, :-1] >= S[:, 1:]).all()
+    _check_against_float64_svd(G.cpu(), U.cpu(), S.cpu(), Vh.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_svd_low_precision_input_computes_in_float32(gen, dtype):
+    G = _batch(gen, 3, 32, 9, dtype)
+    U, S, Vh = sf.ops.gram_svd(G)
+    assert S.dtype == torch.float32
+    _check_against_float64_svd(G.float(), U, S, Vh)
+
+
+def test_gram_svd_rank_deficient_channels_get_exact_zeros(gen):
+    G = _batch(gen, 4, 32, 9)
+    _, S, _ = sf.ops.gram_svd(G)
+    assert (S[1] == 0).all()
+    assert S[2, 0] > 0 and (S[2, 1:] == 0).all()
+
+
+def test_gram_svd_is_deterministic(gen):
+    G = _batch(gen, 8, 64, 9)
+    a, b = sf.ops.gram_svd(G), sf.ops.gram_svd(G)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_gram_svd_torch_fallback_agrees(gen):
+    G = _batch(gen, 5, 40, 9)
+    _check_against_float64_svd(G, *ops._gram_svd_torch(G))
+
+
+@pytest.mark.parametrize("G", [torch.randn(3, 4), torch.randn(2, 5, 65), torch.ones(2, 3, 3, dtype=torch.int32),
+                               torch.randn(2, 0, 3)])
+def test_gram_svd_rejects_bad_input(G):
+    with pytest.raises(ValueError, match="gram_svd: G must be"):
+        sf.ops.gram_svd(G)
+
+
+def test_cpp_gram_svd_checks_arguments_itself():
+    with pytest.raises(RuntimeError, match="last dim n must be in"):
+        torch.ops.semu_fast.gram_svd(torch.randn(2, 5, 65))
+
+
+def test_opcheck_gram_svd(gen):
+    torch.library.opcheck(torch.ops.semu_fast.gram_svd.default, (torch.randn(3, 8, 4, generator=gen),))
+
+
+def test_truncated_svd_of_conv_batches_uses_gram_and_agrees_with_exact(gen):
+    G = _batch(gen, 16, 64, 9)
+    fast = sf.ops.truncated_svd(G, 0.9)
+    exact = sf.ops.truncated_svd(G, 0.9, method="exact")
+    assert torch.equal(fast.ranks, exact.ranks)
+    # fp32 LAPACK leaves ~eps * sigma_max where gram_svd returns exact zeros.
+    assert torch.allclose(fast.S, exact.S, rtol=1e-5, atol=1e-5 * exact.S.max().item())
+    assert torch.allclose(fast.captured_energy, exact.captured_energy, rtol=1e-6)
