@@ -24,6 +24,7 @@ _lib = torch.library.Library("semu_fast", "FRAGMENT")
 SCHEMAS = {
     "accumulate_": "accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()",
     "gram_svd": "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)",
+    "project_perpendicular_": "project_perpendicular_(Tensor(a!)[] grads, Tensor[] weights, str projection) -> Tensor",
 }
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
@@ -72,9 +73,35 @@ def _gram_svd_fake(G):
             G.new_empty(G.shape[0], q, G.shape[2], dtype=dtype))
 
 
+def _check_project(grads, weights, mode):
+    _check_choice("mode", mode, PROJECTIONS)
+    grads, weights = check_tensor_lists("grads", grads, "weights", weights)
+    for i, g in enumerate(grads):
+        if g.dtype != torch.float32 or not g.is_contiguous():
+            raise TypeError(f"project_perpendicular_: grads[{i}] must be a contiguous float32 tensor (an "
+                            f"accumulator), got {g.dtype}{'' if g.is_contiguous() else ', non-contiguous'}")
+    return grads, weights
+
+
+def _project_torch(grads, weights, projection):
+    grads, weights = _check_project(grads, weights, projection)
+    energies = []
+    for g, w in zip(grads, weights):
+        g.copy_(g.double() - reference.projection_coefficient(g, w, projection) * w.double())
+        energies.append(g.double().square().sum())
+    return torch.stack(energies) if energies else torch.empty(0, dtype=torch.float64)
+
+
+def _project_fake(grads, weights, projection):
+    return (grads[0].new_empty(len(grads), dtype=torch.float64) if grads
+            else torch.empty(0, dtype=torch.float64))
+
+
 _PYTHON_IMPLS = {"accumulate_": {"torch": _accumulate_torch, "triton": _accumulate_triton},
-                 "gram_svd": {"torch": _gram_svd_torch}}
-_FAKES = {"accumulate_": lambda accumulators, grads: None, "gram_svd": _gram_svd_fake}
+                 "gram_svd": {"torch": _gram_svd_torch},
+                 "project_perpendicular_": {"torch": _project_torch}}
+_FAKES = {"accumulate_": lambda accumulators, grads: None, "gram_svd": _gram_svd_fake,
+          "project_perpendicular_": _project_fake}
 
 
 def _availability(op: str, device: str, backend: str) -> str:
@@ -129,7 +156,9 @@ def _(grads, weights, mode):
 
 
 for _device in _PREFERENCE:
-    _backends.record("project_perpendicular", _device, "torch", {"cpp": "no C++ kernel yet", "triton": "no Triton kernel yet"})
+    _backends.record("project_perpendicular", _device, "torch", {
+        b: "none: this out-of-place op is the float64 reference; project_perpendicular_ is the fast in-place one"
+        for b in ("cpp" if _device == "CPU" else "cuda", "triton")})
 
 
 def accumulate_(accumulators, grads) -> None:
@@ -148,6 +177,15 @@ def gram_svd(G: torch.Tensor):
     columns (Gram squaring cannot resolve them; float32 could not either)."""
     _check_gram_svd(G)
     return torch.ops.semu_fast.gram_svd(G)
+
+
+def project_perpendicular_(grads, weights, mode: str = "orthogonal") -> torch.Tensor:
+    """In place: grads[i] -= c_i weights[i] (c as in project_perpendicular), for all layers in one call.
+
+    grads: contiguous float32 tensors (the gradient accumulators); weights: same shapes, any float dtype.
+    The reduction runs in float64. Returns the float64 energies ||grads[i]||_F^2 after the projection (the total
+    variance each layer's rank rule needs), computed in the same pass."""
+    return torch.ops.semu_fast.project_perpendicular_(*_check_project(grads, weights, mode), mode)
 
 
 def project_perpendicular(grads, weights, mode: str = "orthogonal") -> list[torch.Tensor]:

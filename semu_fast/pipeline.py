@@ -72,8 +72,8 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
 
     start = time.perf_counter()
     names = list(grads)
-    projected = ops.project_perpendicular([grads.pop(n) for n in names],
-                                          [layers[n].weight.detach() for n in names], config.projection)
+    projected = [grads.pop(n) for n in names]  # the fp32 accumulators, projected in place
+    ops.project_perpendicular_(projected, [layers[n].weight.detach() for n in names], config.projection)
     _sync(device)
     timings["projection"] = time.perf_counter() - start
 

@@ -80,3 +80,56 @@ def test_projection_rejects_bad_input(grads, weights, mode, error, match):
 def test_opcheck_project_perpendicular(gen):
     g, w = _pair(gen, (5, 3))
     torch.library.opcheck(torch.ops.semu_fast.project_perpendicular.default, ([g], [w], "orthogonal"))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["orthogonal", "official", "none"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_inplace_projection_matches_reference_and_returns_energies(gen, device, mode, wdtype):
+    pairs = [_pair(gen, s, torch.float32, strided=True) for s in SHAPES + [(300, 257)]]
+    grads = [g.contiguous().to(device) for g, _ in pairs]
+    weights = [w.to(wdtype).to(device) for _, w in pairs]  # strided (transposed) weights
+    weights[1] = torch.zeros_like(weights[1])  # a zero weight leaves its gradient alone
+    expected = reference.project_perpendicular([g.cpu() for g in grads], [w.cpu() for w in weights], mode)
+    energies = sf.ops.project_perpendicular_(grads, weights, mode)
+    assert energies.dtype == torch.float64 and energies.shape == (len(grads),)
+    for got, want, energy in zip(grads, expected, energies.cpu()):
+        # The same float64 formula; only the reduction order differs: within an ulp of float32.
+        assert torch.allclose(got.cpu(), want, rtol=2e-7, atol=2e-7 * want.abs().max().item())
+        assert energy.item() == pytest.approx(got.double().square().sum().item(), rel=1e-12)
+
+
+def test_inplace_projection_torch_fallback_agrees_with_the_kernel(gen):
+    from semu_fast import ops
+
+    g, w = _pair(gen, (64, 3, 3, 3))
+    a, b = g.clone(), g.clone()
+    ea = sf.ops.project_perpendicular_([a], [w])
+    eb = ops._project_torch([b], [w], "orthogonal")
+    assert torch.allclose(a, b, rtol=2e-7, atol=1e-7) and torch.allclose(ea, eb, rtol=1e-10)
+
+
+@pytest.mark.parametrize("grads, error, match", [
+    ([torch.zeros(3, 3, dtype=torch.float64)], TypeError, "contiguous float32"),
+    ([torch.zeros(3, 3).t()], TypeError, "non-contiguous"),
+])
+def test_inplace_projection_rejects_bad_accumulators(grads, error, match):
+    with pytest.raises(error, match=match):
+        sf.ops.project_perpendicular_(grads, [torch.zeros(3, 3)])
+
+
+def test_cpp_projection_checks_arguments_itself():
+    g = torch.ones(3)
+    with pytest.raises(RuntimeError, match="mode must be"):
+        torch.ops.semu_fast.project_perpendicular_([g], [torch.ones(3)], "sideways")
+    with pytest.raises(RuntimeError, match="has shape"):
+        torch.ops.semu_fast.project_perpendicular_([g], [torch.ones(4)], "orthogonal")
+    assert torch.equal(g, torch.ones(3))
+
+
+def test_opcheck_inplace_projection(gen):
+    g, w = _pair(gen, (6, 5))
+    torch.library.opcheck(torch.ops.semu_fast.project_perpendicular_.default, ([g], [w], "official"))
