@@ -69,12 +69,14 @@ def range_finder(A: torch.Tensor, columns_needed, target_energy: float, block: i
         if needed == 0:
             return RangeFinderResult(Q, B, True)
         if needed is None:
-            # Energy still missing, at the rate the last block found it (rates fall as the spectrum decays): a
-            # lower bound on the columns still needed. When even that passes max_rank, give up now.
+            # Each new column captures at most about the smallest singular value found so far, squared (the
+            # spectrum only falls), so missing / S[-1]^2 is a lower bound on the columns still needed. When even
+            # that passes max_rank, the spectrum is too flat for this method: give up now, not blocks later.
             missing = target_energy - float(S.double().square().sum())
-            rate = float(torch.linalg.vector_norm(B_new, dtype=torch.float64).square()) / b
-            if rate <= 0 or Q.shape[1] + math.ceil(missing / rate) > max_rank:
+            floor = float(S[-1].double().square()) if len(S) else 0.0
+            bound = math.ceil(missing / floor) if floor > 0 else max_rank + 1
+            if Q.shape[1] + bound > max_rank:
                 return RangeFinderResult(Q, B, False)
-            needed = max(block, math.ceil(missing / rate))
+            needed = max(block, bound)
         # Every block costs a few full passes over A whatever its width, so size it to what is still needed.
         b = min(_round_width(needed), 2 * block)

@@ -229,3 +229,19 @@ def test_prepare_on_other_dtypes(dtype):
     sm = sf.prepare(model, forget_batches(dtype=dtype))
     assert torch.equal(sm(x), expected)
     assert all(a.U.dtype == torch.float32 for a in sm.adapters.values())
+
+
+def test_default_fast_path_agrees_with_exact_svd_on_large_layers():
+    """Large Linear gradients take the randomized SVD under svd="auto": same ranks, same subspaces as exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 280), nn.Tanh(), nn.Linear(280, 4))
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 300, generator=gen), torch.randint(0, 4, (64,), generator=gen)) for _ in range(2)]
+    fast = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9))
+    fast_adapters = {n: (a.rank, a.U.clone()) for n, a in fast.adapters.items()}
+    fast.unload()
+    exact = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9, svd="exact"))
+    for name, adapter in exact.adapters.items():
+        k, U = fast_adapters[name]
+        assert k == adapter.rank, name
+        assert _projector_distance(U.double(), adapter.U.double()) < 1e-2, name

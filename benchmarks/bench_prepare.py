@@ -1,0 +1,123 @@
+"""sf.prepare end to end, phase by phase, against its anchor in one run: (a) a CIFAR ResNet-18 (SalUn's: 3x3 stem,
+no max-pool) with 512 random forget samples, (b) a 4-layer Llama-style MLP stack with 2048 x 5632 weights.
+
+Anchor: the same pipeline with svd="exact" and the official clone-and-sum gradient pass. Also the gradient pass
+against a plain forward+backward over the same data (the floor: what any method must pay)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import semu_fast as sf  # noqa: E402
+from common import device_name, emit  # noqa: E402
+
+
+def cifar_resnet18(num_classes=10):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, dim=2048, hidden=5632):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def mse_to_zero(model, batch):
+    return model(batch[0]).float().square().mean()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_backward(model, loader, loss_fn, device):
+    """Forward + backward over the loader with PyTorch's own .grad accumulation: the floor of any gradient pass."""
+    start = time.perf_counter()
+    for batch in loader:
+        loss_fn(model, batch).backward()
+    _sync(device)
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def clone_and_sum(model, loader, loss_fn, device):
+    """The official gradient pass: per-batch gradients cloned, then summed."""
+    start = time.perf_counter()
+    total = None
+    for batch in loader:
+        model.zero_grad()
+        loss_fn(model, batch).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
+    _sync(device)
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def run_case(name, model, loader, loss_fn, device, gamma):
+    from semu_fast.gradients import cross_entropy_loss
+
+    loss_fn = loss_fn or cross_entropy_loss
+    model.to(device).eval()
+    floor = plain_backward(model, loader, loss_fn, device)
+    official_grad = clone_and_sum(model, loader, loss_fn, device)
+    results = {}
+    for svd in ("auto", "exact"):
+        sm = sf.prepare(model, loader, loss_fn=loss_fn, config=sf.SEMUConfig(gamma=gamma, svd=svd))
+        results[svd] = (sm.report, sm.report.timings)
+        sm.unload()
+    ours, (exact_report, exact_t) = results["auto"][1], results["exact"]
+    anchor_total = official_grad + exact_t["projection"] + exact_t["svd"] + exact_t["install"]
+    ours_total = sum(ours.values())
+    ks_equal = [a.k for a in results["auto"][0].layers] == [b.k for b in exact_report.layers]
+    return {"case": name, "plain fwd+bwd s": floor, "grad s": ours["gradients"],
+            "grad overhead vs plain": ours["gradients"] / floor - 1, "official grad s": official_grad,
+            "projection s": ours["projection"], "svd s": ours["svd"], "exact svd s": exact_t["svd"],
+            "total s": ours_total, "anchor total s": anchor_total, "speedup": anchor_total / ours_total,
+            "same k as exact": ks_equal, "trainable %": results["auto"][0].trainable_share}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--forget", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.forget, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (args.forget,), generator=gen)
+    image_loader = [(images[i:i + args.batch].to(device), labels[i:i + args.batch].to(device))
+                    for i in range(0, args.forget, args.batch)]
+    tokens = [(torch.randn(4, 128, 2048, generator=gen).to(device),) for _ in range(4)]
+    torch.manual_seed(0)
+    rows = [run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
+                     device, args.gamma),
+            run_case("Llama MLP x4 (2048 x 5632), 4 x 512 tokens", nn.Sequential(*[LlamaMLP() for _ in range(4)]),
+                     tokens, mse_to_zero, device, args.gamma)]
+    emit(rows, f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
+               f"{device_name(device)}", args.json)
+
+
+if __name__ == "__main__":
+    main()
