@@ -101,6 +101,10 @@ def main(argv=None):
     parser.add_argument("--forget", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--tokens", default="256,2048",
+                        help="forget tokens for the Llama case(s): few tokens give low-rank gradients (the randomized "
+                             "SVD's ground), many give nearly flat spectra (the exact SVD's)")
+    parser.add_argument("--cases", default="resnet,llama")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -109,12 +113,16 @@ def main(argv=None):
     labels = torch.randint(0, 10, (args.forget,), generator=gen)
     image_loader = [(images[i:i + args.batch].to(device), labels[i:i + args.batch].to(device))
                     for i in range(0, args.forget, args.batch)]
-    tokens = [(torch.randn(4, 128, 2048, generator=gen).to(device),) for _ in range(4)]
-    torch.manual_seed(0)
-    rows = [run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
-                     device, args.gamma),
-            run_case("Llama MLP x4 (2048 x 5632), 4 x 512 tokens", nn.Sequential(*[LlamaMLP() for _ in range(4)]),
-                     tokens, mse_to_zero, device, args.gamma)]
+    rows = []
+    if "resnet" in args.cases:
+        torch.manual_seed(0)
+        rows.append(run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
+                             device, args.gamma))
+    for n_tokens in map(int, args.tokens.split(",") if "llama" in args.cases else []):
+        tokens = [(torch.randn(1, n_tokens // 4, 2048, generator=gen).to(device),) for _ in range(4)]
+        torch.manual_seed(0)
+        rows.append(run_case(f"Llama MLP x4 (2048 x 5632), {n_tokens} tokens",
+                             nn.Sequential(*[LlamaMLP() for _ in range(4)]), tokens, mse_to_zero, device, args.gamma))
     emit(rows, f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
                f"{device_name(device)}", args.json)
 

@@ -65,12 +65,16 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval") -> dict[str, torch.Tensor]:
     """{name: sum over batches of d loss / d weight} as float32 tensors.
 
-    Each weight's gradient is added to its accumulator by a post-accumulate-grad hook and freed at once, so the
-    pass holds the accumulators plus one layer's gradient. The model's modes, requires_grad flags and existing
-    gradients are restored afterwards, also on error. Raises ValueError for an empty loader, TypeError for a loss
+    A contiguous float32 weight accumulates in its own .grad, exactly as a plain backward does (the first batch's
+    gradient is kept, later ones are added in place): no copy, no extra pass. Any other weight's gradient is added
+    to a float32 accumulator by a post-accumulate-grad hook and freed at once. Either way the pass holds the accumulators plus one layer's
+    fresh gradient. The model's modes, requires_grad flags and existing gradients are restored afterwards, also
+    on error. Raises ValueError for an empty loader, TypeError for a loss
     that is not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
-    accumulators = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    direct = {name for name, w in weights.items() if w.dtype == torch.float32 and w.is_contiguous()}
+    accumulators = {name: None if name in direct else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                    for name, w in weights.items()}
     state = _ModelState(model)
     hooks = []
 
@@ -86,7 +90,8 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
             param.grad = None
         for name, weight in weights.items():
             weight.requires_grad_(True)
-            hooks.append(weight.register_post_accumulate_grad_hook(hook_for(accumulators[name])))
+            if name not in direct:
+                hooks.append(weight.register_post_accumulate_grad_hook(hook_for(accumulators[name])))
         set_norm_mode(model, norm_mode)
         batches = 0
         for batch in loader:
@@ -97,13 +102,25 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
                 raise ValueError("the loss does not depend on any selected layer's weight (no gradient flows)")
             loss.reshape(()).backward()
             batches += 1
+            for name in direct:
+                grad = weights[name].grad
+                if accumulators[name] is None:
+                    accumulators[name] = grad
+                elif grad is not accumulators[name]:
+                    raise RuntimeError(f"the gradient of layer {name!r} was replaced during the pass (does loss_fn "
+                                       f"call zero_grad?); loss_fn must only compute the loss")
         if batches == 0:
             raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
     finally:
         for hook in hooks:
             hook.remove()
         state.restore()
+    for name in direct:
+        acc = accumulators[name]
+        w = weights[name]
+        accumulators[name] = torch.zeros_like(w) if acc is None else acc.contiguous()
     for name, acc in accumulators.items():
-        if not torch.isfinite(acc).all():
+        # A norm is a fast test (NaN and Inf reach it); only when it overflows is each element checked.
+        if not torch.isfinite(torch.linalg.vector_norm(acc)) and not torch.isfinite(acc).all():
             raise FloatingPointError(f"the summed forget gradient of layer {name!r} holds NaN or Inf")
     return accumulators

@@ -16,7 +16,7 @@ METHODS = SVD_METHODS
 RANDOMIZED_MIN_DIM = 256
 # Randomized path: block width, power iterations per block, and when to give up for the exact SVD (a basis wider
 # than this share of min(m, n) costs about what the full SVD does).
-BLOCK, POWER_ITERS, MAX_RANK_SHARE = 64, 2, 0.3
+BLOCK, POWER_ITERS, MAX_RANK_SHARE = 64, 2, 0.25
 
 
 def oversampling(k: int) -> int:
