@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from functools import lru_cache
 from typing import Optional
 
@@ -42,9 +43,11 @@ def has_cpp_kernel(op: str, device: str) -> bool:
 
 
 def forced() -> Optional[str]:
+    """The backend SEMU_FAST_IMPL asks for, or None. An unknown name is ignored with a warning: import never fails."""
     value = os.environ.get(IMPL_ENV)
     if value and value not in BACKENDS:
-        raise ValueError(f"{IMPL_ENV} must be one of {', '.join(BACKENDS)}, got {value!r}")
+        warnings.warn(f"{IMPL_ENV} must be one of {', '.join(BACKENDS)}, got {value!r}; ignoring it")
+        return None
     return value or None
 
 

@@ -92,3 +92,14 @@ def test_unload_after_merge_restores_the_original_bit_exact():
     sm.merge_adapters()
     model = sm.unload()
     assert_same_state(model, original)
+
+
+def test_adapted_model_compiles_without_graph_breaks():
+    sm, _ = _prepared()
+    x = forget_batches(seed=8)[0][0]
+    expected = sm(x)
+    compiled = torch.compile(sm, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), expected, atol=1e-6)
+    loss = compiled(x).square().mean()
+    loss.backward()
+    assert all(a.R.grad is not None and a.R.grad.abs().sum() > 0 for a in sm.adapters.values())

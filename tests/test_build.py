@@ -65,3 +65,11 @@ def test_triton_kernels_folder_is_not_a_top_level_package():
         where = subprocess.run([sys.executable, "-c", "import triton_kernels; print(triton_kernels.__file__)"],
                                capture_output=True, text=True, cwd="/").stdout
         assert "semu" not in where and not where.startswith(os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_unknown_forced_backend_warns_and_imports():
+    script = "import warnings, semu_fast as sf; print(sf.backends()['accumulate_']['CPU']['chosen'])"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SEMU_FAST_IMPL": "fortran"})
+    assert out.returncode == 0, out.stderr
+    assert "SEMU_FAST_IMPL must be one of" in out.stderr and out.stdout.strip() == "cpp"
