@@ -6,7 +6,6 @@ Anchors: the plain PyTorch loops of semu_fast.reference (acc.add_(g.float()); fl
 official clone-and-sum. Reports ms, GB/s (bytes each op must move) and the ratio to our op."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -16,15 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, timeit  # noqa: E402
+from common import backend, device_name, emit, parser as make_parser, timeit  # noqa: E402
 from semu_fast import reference  # noqa: E402
 
 # (out, in) of one Llama-7B decoder layer: q, k, v, o, gate, up, down.
 LLAMA_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
-
-
-def _backend(op, device):
-    return sf.backends()[op]["CUDA" if device.type == "cuda" else "CPU"]["chosen"]
 
 
 def bench_ops(shapes, device, dtype, repeats):
@@ -44,14 +39,14 @@ def bench_ops(shapes, device, dtype, repeats):
             "accumulate: official clone-and-sum": (clone_and_sum, numel * (esize + 8))}
     times = {name: timeit(fn, device, repeats) for name, (fn, _) in runs.items()}
     for name, (_, moved) in runs.items():
-        label = f"accumulate_ ({_backend('accumulate_', device)})" if name == "accumulate_" else name
+        label = f"accumulate_ ({backend('accumulate_', device)})" if name == "accumulate_" else name
         rows.append({"op": label, "ms": times[name] * 1e3, "GB/s": moved / times[name] / 1e9,
                      "time vs ours": times[name] / times["accumulate_"]})
     # Projection: read G and W for the reductions, then read G, W and write G.
     moved = numel * (4 + esize) * 2 + numel * 4
     t_ours = timeit(lambda: sf.ops.project_perpendicular_(accs, weights, "orthogonal"), device, repeats)
     t_ref = timeit(lambda: reference.project_perpendicular(accs, weights, "orthogonal"), device, repeats)
-    rows.append({"op": f"project_perpendicular_ ({_backend('project_perpendicular_', device)})", "ms": t_ours * 1e3,
+    rows.append({"op": f"project_perpendicular_ ({backend('project_perpendicular_', device)})", "ms": t_ours * 1e3,
                  "GB/s": moved / t_ours / 1e9, "time vs ours": 1.0})
     rows.append({"op": "project: float64 reference", "ms": t_ref * 1e3, "GB/s": moved / t_ref / 1e9,
                  "time vs ours": t_ref / t_ours})
@@ -103,13 +98,10 @@ def bench_memory(shapes, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = make_parser(__doc__, repeats=5)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 1 on CPU, 8 on GPU)")
     parser.add_argument("--scale", type=float, default=None, help="shrink each dim (default 0.5 on CPU, 1 on GPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     layers = args.layers or (8 if device.type == "cuda" else 1)

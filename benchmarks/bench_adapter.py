@@ -3,7 +3,6 @@ the frozen nn.Linear (the floor), the official adapter that materialises A + U R
 peft-style unfused LoRA chain. Ours is sf.ops.lowrank_linear (composed PyTorch today; issue 4 owns the kernels)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,18 +11,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, timeit  # noqa: E402
+from common import device_name, emit, parser as make_parser, timeit  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = make_parser(__doc__, repeats=3)
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--shapes", default="4096x4096", help="out x in, comma-separated")
     parser.add_argument("--tokens", default="2048")
     parser.add_argument("--ranks", default="8,64,256")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -3,7 +3,6 @@ conv gradient shapes of the CIFAR ResNet-18: (out, in, kh, kw) split per input c
 out x (kh*kw)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -11,22 +10,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, timeit  # noqa: E402
+from common import backend, device_name, emit, parser as make_parser, timeit  # noqa: E402
 
 RESNET18_CONVS = [(64, 3, 3), (64, 64, 3), (128, 64, 3), (128, 128, 3), (128, 64, 1), (256, 128, 3),
                   (256, 256, 3), (256, 128, 1), (512, 256, 3), (512, 512, 3), (512, 256, 1)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None)
+    parser = make_parser(__doc__, repeats=5)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows, total_ours, total_ref = [], 0.0, 0.0
-    backend = sf.backends()["gram_svd"]["CUDA" if device.type == "cuda" else "CPU"]["chosen"]
+    served_by = backend("gram_svd", device)
     for out, cin, ks in RESNET18_CONVS:
         G = torch.randn(out, cin, ks, ks, generator=gen, device=device).permute(1, 0, 2, 3).flatten(2)
         t_ref = timeit(lambda: torch.linalg.svd(G, full_matrices=False), device, args.repeats)
@@ -39,7 +35,7 @@ def main(argv=None):
                      "S max rel err": float(((S.double() - S_ref).abs() / S_ref[:, :1]).max())})
     rows.append({"batch x m x n": "all layers", "gram_svd ms": total_ours * 1e3, "linalg.svd ms": total_ref * 1e3,
                  "speedup": total_ref / total_ours, "S max rel err": max(r["S max rel err"] for r in rows)})
-    emit(rows, f"gram_svd ({backend}) vs torch.linalg.svd, ResNet-18 conv gradients, {device_name(device)}",
+    emit(rows, f"gram_svd ({served_by}) vs torch.linalg.svd, ResNet-18 conv gradients, {device_name(device)}",
          args.json)
 
 

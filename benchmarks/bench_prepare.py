@@ -5,7 +5,6 @@ Anchor: the same pipeline with svd="exact" and the official clone-and-sum gradie
 against a plain forward+backward over the same data (the floor: what any method must pay)."""
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit  # noqa: E402
+from common import device_name, emit, parser as make_parser  # noqa: E402
 
 
 def cifar_resnet18(num_classes=10):
@@ -113,8 +112,7 @@ def run_case(name, model, loader, loss_fn, device, gamma, repeats=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = make_parser(__doc__, repeats=3)
     parser.add_argument("--forget", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--gamma", type=float, default=0.95)
@@ -122,7 +120,6 @@ def main(argv=None):
                         help="forget tokens for the Llama case(s): few tokens give low-rank gradients (the randomized "
                              "SVD's ground), many give nearly flat spectra (the exact SVD's)")
     parser.add_argument("--cases", default="resnet,llama")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -134,12 +131,13 @@ def main(argv=None):
     if "resnet" in args.cases:
         torch.manual_seed(0)
         rows.append(run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
-                             device, args.gamma))
+                             device, args.gamma, args.repeats))
     for n_tokens in map(int, args.tokens.split(",") if "llama" in args.cases else []):
         tokens = [(torch.randn(1, n_tokens // 4, 2048, generator=gen).to(device),) for _ in range(4)]
         torch.manual_seed(0)
         rows.append(run_case(f"Llama MLP x4 (2048 x 5632), {n_tokens} tokens",
-                             nn.Sequential(*[LlamaMLP() for _ in range(4)]), tokens, mse_to_zero, device, args.gamma))
+                             nn.Sequential(*[LlamaMLP() for _ in range(4)]), tokens, mse_to_zero, device, args.gamma,
+                             args.repeats))
     emit(rows, f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
                f"{device_name(device)}", args.json)
 

@@ -4,7 +4,6 @@ advance (q = k + 32, niter = 2). Also checks the contract: captured variance >= 
 exact k, and the relative error of the leading singular values."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, timeit  # noqa: E402
+from common import device_name, emit, parser as make_parser, timeit  # noqa: E402
 from semu_fast.svd import select_rank  # noqa: E402
 
 
@@ -30,12 +29,9 @@ def gradient_like(m: int, n: int, device, seed: int = 0, decay: float = 0.015, n
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = make_parser(__doc__, repeats=3)
     parser.add_argument("--shapes", default="4096x4096,4096x11008")
     parser.add_argument("--gammas", default="0.9,0.95")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []

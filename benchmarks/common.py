@@ -1,12 +1,29 @@
 """Shared benchmark helpers: timing (median of repeats, synchronised on GPU), the device's name, result rows."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
 import time
 
 import torch
+
+
+def parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device (default: CUDA when present), --repeats, --json."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return p
+
+
+def backend(op: str, device: torch.device) -> str:
+    """The backend that serves semu_fast op `op` on this device."""
+    import semu_fast as sf
+
+    return sf.backends()[op]["CUDA" if device.type == "cuda" else "CPU"]["chosen"]
 
 
 def device_name(device: torch.device) -> str:

@@ -67,10 +67,10 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
 
     A contiguous float32 weight accumulates in its own .grad, exactly as a plain backward does (the first batch's
     gradient is kept, later ones are added in place): no copy, no extra pass. Any other weight's gradient is added
-    to a float32 accumulator by a post-accumulate-grad hook and freed at once. Either way the pass holds the accumulators plus one layer's
-    fresh gradient. The model's modes, requires_grad flags and existing gradients are restored afterwards, also
-    on error. Raises ValueError for an empty loader, TypeError for a loss
-    that is not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
+    to a float32 accumulator by a post-accumulate-grad hook and freed at once. Either way the pass holds the
+    accumulators plus one layer's fresh gradient. The model's modes, requires_grad flags and existing gradients
+    are restored afterwards, also on error. Raises ValueError for an empty loader, TypeError for a loss that is
+    not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
     direct = {name for name, w in weights.items() if w.dtype == torch.float32 and w.is_contiguous()}
     accumulators = {name: None if name in direct else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
