@@ -1,8 +1,15 @@
-"""The SEMU Linear adapter, forward + backward while training R (x requires grad), against its anchors in one run:
-the frozen nn.Linear (the floor), the official adapter that materialises A + U R Vh on every forward, and a
-peft-style unfused LoRA chain. Ours is sf.ops.lowrank_linear (composed PyTorch today; issue 4 owns the kernels)."""
+"""The SEMU adapters, forward + backward while training R (x requires grad), against their anchors in one run.
+
+Linear: the frozen nn.Linear (the floor), the official adapter that materialises A + U R Vh on every forward, a
+peft-style unfused LoRA chain through autograd, and sf.ops.lowrank_linear (the custom op: the low-rank term
+accumulated into the same output as x A^T, dR from the thin products). --memory adds each one's peak memory
+(CUDA: max_memory_allocated; CPU: the growth of the peak RSS of a fresh process doing one step).
+Conv: CIFAR ResNet-18 3x3 convs at batch 128, 32x32 input: the frozen conv, the official adapter (materialised
+A + dW through autograd) and sf.ops.lowrank_conv2d."""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,48 +18,133 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, parser as make_parser, timeit  # noqa: E402
+from common import alternate, backend, device_name, emit, parser as make_parser  # noqa: E402
+from semu_fast import reference  # noqa: E402
+
+LINEAR_IMPLS = {
+    "frozen nn.Linear": lambda x, W, U, R, Vh: F.linear(x, W),
+    "official (materialise)": lambda x, W, U, R, Vh: F.linear(x, W + U @ R @ Vh),
+    "peft-style chain": lambda x, W, U, R, Vh: F.linear(x, W) + F.linear(F.linear(F.linear(x, Vh), R), U),
+    "sf.ops.lowrank_linear": sf.ops.lowrank_linear,
+}
+# (channels, spatial size, stride) of the CIFAR ResNet-18's 3x3 convs at 32x32 input.
+RESNET18_CONVS = [(64, 32, 1), (128, 16, 1), (256, 8, 1), (512, 4, 1), (64, 32, 2)]
+CONV_IMPLS = {
+    "frozen conv": lambda x, W, U, R, Vh, s: F.conv2d(x, W, None, s, 1),
+    "official (materialise)": lambda x, W, U, R, Vh, s: reference.lowrank_conv2d(x, W, U, R, Vh, None, s, 1),
+    "sf.ops.lowrank_conv2d": lambda x, W, U, R, Vh, s: sf.ops.lowrank_conv2d(x, W, U, R, Vh, None, s, 1),
+}
+
+
+def _linear_case(out, inp, tokens, k, device, dtype):
+    W = torch.randn(out, inp, device=device, dtype=dtype) / inp ** 0.5
+    x = torch.randn(tokens, inp, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, out, device=device, dtype=dtype)
+    U = torch.linalg.qr(torch.randn(out, k, device=device)).Q.to(dtype)
+    Vh = torch.linalg.qr(torch.randn(inp, k, device=device)).Q.T.contiguous().to(dtype)
+    R = torch.zeros(k, k, device=device, dtype=dtype, requires_grad=True)
+    return x, W, U, R, Vh, dy
+
+
+def _step(fn, x, W, U, R, Vh, dy):
+    x.grad = R.grad = None
+    fn(x, W, U, R, Vh).backward(dy)
+
+
+def peak_memory_mb(impl, out, inp, tokens, k, device, dtype) -> float:
+    """Peak memory of one training step beyond its inputs, in MiB."""
+    if device.type == "cuda":
+        args = _linear_case(out, inp, tokens, k, device, dtype)
+        _step(LINEAR_IMPLS[impl], *args)  # warm up (cuBLAS workspaces)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _step(LINEAR_IMPLS[impl], *args)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    # CPU: a fresh process, so that earlier cases' high-water mark does not hide this one's.
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_adapter as b, torch, "
+              f"resource; a = b._linear_case({out}, {inp}, {tokens}, {k}, torch.device('cpu'), torch.{dtype}); "
+              "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+              f"b._step(b.LINEAR_IMPLS[{impl!r}], *a); "
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def bench_linear(args, device, dtype):
+    rows = []
+    for shape in args.shapes.split(","):
+        out, inp = map(int, shape.split("x"))
+        for tokens in map(int, args.tokens.split(",")):
+            for k in map(int, args.ranks.split(",")):
+                case = _linear_case(out, inp, tokens, k, device, dtype)
+                t = alternate({name: lambda fn=fn: _step(fn, *case) for name, fn in LINEAR_IMPLS.items()}, device,
+                              args.repeats)
+                ours = t["sf.ops.lowrank_linear"]
+                row = {"shape": shape, "tokens": tokens, "k": k, "ours ms": ours * 1e3,
+                       "ours / frozen (goal <= 1.10 CPU fp32, 1.05 GPU bf16)": ours / t["frozen nn.Linear"],
+                       "official / ours (goal >= 1.3 CPU)": t["official (materialise)"] / ours,
+                       "peft chain / ours": t["peft-style chain"] / ours}
+                if args.memory:
+                    mem = {name: peak_memory_mb(name, out, inp, tokens, k, device, dtype)
+                           for name in ("frozen nn.Linear", "official (materialise)", "sf.ops.lowrank_linear")}
+                    row.update({"peak MiB ours": mem["sf.ops.lowrank_linear"],
+                                "peak MiB official": mem["official (materialise)"],
+                                "peak MiB frozen": mem["frozen nn.Linear"]})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    emit(rows, f"Linear adapter fwd+bwd (train R, x requires grad), {dtype}, dual_matmul backend "
+               f"{backend('dual_matmul', device)}, {device_name(device)}", args.json)
+    return rows
+
+
+def bench_conv(args, device, dtype):
+    rows = []
+    for channels, size, stride in RESNET18_CONVS:
+        cin = channels // stride  # the strided conv of each stage halves the size and doubles the channels
+        W = torch.randn(channels, cin, 3, 3, device=device, dtype=dtype) / (9 * cin) ** 0.5
+        x = torch.randn(args.batch, cin, size, size, device=device, dtype=dtype, requires_grad=True)
+        for k in map(int, args.conv_ranks.split(",")):
+            U = torch.linalg.qr(torch.randn(cin, channels, k, device=device)).Q.to(dtype)
+            Vh = torch.linalg.qr(torch.randn(cin, 9, k, device=device)).Q.transpose(1, 2).contiguous().to(dtype)
+            R = torch.zeros(cin, k, k, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.empty_like(F.conv2d(x.detach(), W, None, stride, 1)).normal_()
+
+            def step(fn):
+                x.grad = R.grad = None
+                fn(x, W, U, R, Vh, stride).backward(dy)
+
+            t = alternate({name: lambda fn=fn: step(fn) for name, fn in CONV_IMPLS.items()}, device, args.repeats)
+            ours = t["sf.ops.lowrank_conv2d"]
+            rows.append({"conv": f"{cin}->{channels} @{size} s{stride}", "k": k, "ours ms": ours * 1e3,
+                         "ours / frozen (goal <= 1.15)": ours / t["frozen conv"],
+                         "official / ours": t["official (materialise)"] / ours})
+            print(json.dumps(rows[-1]), flush=True)
+    emit(rows, f"Conv adapter fwd+bwd (train R, x requires grad), batch {args.batch}, {dtype}, conv_delta backends "
+               f"{backend('conv_delta_add', device)}/{backend('conv_delta_contract', device)}, "
+               f"{device_name(device)}", args.json and args.json.replace(".json", "_conv.json"))
+    return rows
 
 
 def main(argv=None):
     parser = make_parser(__doc__, repeats=3)
+    parser.add_argument("--layer", choices=("linear", "conv", "both"), default="both")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--shapes", default="4096x4096", help="out x in, comma-separated")
-    parser.add_argument("--tokens", default="2048")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008", help="Linear out x in, comma-separated")
+    parser.add_argument("--tokens", default=None, help="default 2048 on CPU, 2048,8192 on GPU")
     parser.add_argument("--ranks", default="8,64,256")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory of the Linear adapters")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--conv-ranks", default="3,9", help="k per input channel (9 = full rank of a 3x3 kernel)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    rows = []
-    for shape in args.shapes.split(","):
-        out, inp = map(int, shape.split("x"))
-        W = torch.randn(out, inp, device=device, dtype=dtype) / inp ** 0.5
-        for tokens in map(int, args.tokens.split(",")):
-            x = torch.randn(tokens, inp, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(tokens, out, device=device, dtype=dtype)
-            for k in map(int, args.ranks.split(",")):
-                U = torch.linalg.qr(torch.randn(out, k, device=device)).Q.to(dtype)
-                Vh = torch.linalg.qr(torch.randn(inp, k, device=device)).Q.T.contiguous().to(dtype)
-                R = torch.zeros(k, k, device=device, dtype=dtype, requires_grad=True)
-
-                def step(fn):
-                    x.grad = R.grad = None
-                    fn().backward(dy)
-
-                impls = {
-                    "frozen nn.Linear": lambda: F.linear(x, W),
-                    "official (materialise)": lambda: F.linear(x, W + U @ R @ Vh),
-                    "peft-style chain": lambda: F.linear(x, W) + (x @ Vh.T) @ R.T @ U.T,
-                    "sf.ops.lowrank_linear": lambda: sf.ops.lowrank_linear(x, W, U, R, Vh),
-                }
-                t = {name: timeit(lambda fn=fn: step(fn), device, args.repeats) for name, fn in impls.items()}
-                ours = t["sf.ops.lowrank_linear"]
-                rows.append({"shape": shape, "tokens": tokens, "k": k, "ours ms": ours * 1e3,
-                             "vs frozen (goal <= 1.10 CPU, 1.05 GPU)": ours / t["frozen nn.Linear"],
-                             "official / ours (goal >= 1.3 CPU)": t["official (materialise)"] / ours,
-                             "peft chain / ours": t["peft-style chain"] / ours})
-                print(rows[-1], flush=True)
-    emit(rows, f"Linear adapter fwd+bwd (train R, x requires grad), {dtype}, {device_name(device)}", args.json)
+    args.tokens = args.tokens or ("2048,8192" if device.type == "cuda" else "2048")
+    if args.layer in ("linear", "both"):
+        bench_linear(args, device, dtype)
+    if args.layer in ("conv", "both"):
+        bench_conv(args, device, dtype)
 
 
 if __name__ == "__main__":

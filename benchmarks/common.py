@@ -50,6 +50,18 @@ def timeit(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def alternate(fns: dict, device: torch.device, repeats: int = 3) -> dict:
+    """Median time of each fn() in seconds, the fns interleaved within each repeat so that machine noise (these
+    machines drift by 15-20%) hits them all alike."""
+    for fn in fns.values():
+        fn()  # warm up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timeit(fn, device, 1, warmup=0))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def emit(rows: list[dict], title: str, json_path=None) -> None:
     """Print rows as a table and optionally write them as JSON."""
     print(f"\n## {title}")

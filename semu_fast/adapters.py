@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .reference import conv_delta_weight
@@ -104,8 +105,8 @@ class SEMUConv2d(SEMUAdapter):
 
     def adapted_forward(self, x):
         base = self.base_layer
-        if base.padding_mode == "zeros":
-            return ops.lowrank_conv2d(x, base.weight, self.U, self.R, self.Vh, base.bias, base.stride,
-                                      base.padding, base.dilation)
-        # Non-zero padding modes pad explicitly inside nn.Conv2d; reuse that path with the adapted weight.
-        return base._conv_forward(x, base.weight + self.delta_weight().to(base.weight.dtype), base.bias)
+        padding = base.padding
+        if base.padding_mode != "zeros":  # reflect/replicate/circular: pad as nn.Conv2d does, then convolve unpadded
+            x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
+        return ops.lowrank_conv2d(x, base.weight, self.U, self.R, self.Vh, base.bias, base.stride, padding,
+                                  base.dilation)

@@ -15,6 +15,7 @@ from . import _backends
 from . import reference
 from ._checks import check_tensor_lists
 from .config import PROJECTIONS, _check_choice
+from .lowrank import KERNEL_FAKES, KERNEL_IMPLS, KERNEL_SCHEMAS
 from .lowrank import lowrank_conv2d, lowrank_linear  # noqa: F401  (public ops)
 from .svd import truncated_svd  # noqa: F401  (public op)
 
@@ -31,6 +32,10 @@ GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
 
 # Preference per dispatch key; "triton" on CPU only when forced (it needs TRITON_INTERPRET=1 there).
 _PREFERENCE = {"CPU": ("cpp", "torch"), "CUDA": ("cuda", "triton", "torch")}
+# Kernels that stay behind composed cuBLAS until a GPU run shows they win (benchmarks/bench_adapter.py).
+_NOT_YET_FASTER = {"dual_matmul", "conv_delta_add", "conv_delta_contract"}
+_TRITON_MODULE = {"accumulate_": "accumulate", "dual_matmul": "lowrank", "conv_delta_add": "lowrank",
+                  "conv_delta_contract": "lowrank"}
 
 
 def _check_accumulate(accumulators, grads):
@@ -97,11 +102,21 @@ def _project_fake(grads, weights, projection):
             else torch.empty(0, dtype=torch.float64))
 
 
+def _lowrank_triton(name):
+    """The Triton kernel of a lowrank kernel op; float64 (which it does not serve) goes to the composed one."""
+    def impl(*args):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            return KERNEL_IMPLS[name](*args)
+        return getattr(_backends.triton_module("lowrank")[0], name)(*args)
+    return impl
+
+
 _PYTHON_IMPLS = {"accumulate_": {"torch": _accumulate_torch, "triton": _accumulate_triton},
                  "gram_svd": {"torch": _gram_svd_torch},
-                 "project_perpendicular_": {"torch": _project_torch}}
+                 "project_perpendicular_": {"torch": _project_torch},
+                 **{name: {"torch": fn, "triton": _lowrank_triton(name)} for name, fn in KERNEL_IMPLS.items()}}
 _FAKES = {"accumulate_": lambda accumulators, grads: None, "gram_svd": _gram_svd_fake,
-          "project_perpendicular_": _project_fake}
+          "project_perpendicular_": _project_fake, **KERNEL_FAKES}
 
 
 def _availability(op: str, device: str, backend: str) -> str:
@@ -116,7 +131,7 @@ def _availability(op: str, device: str, backend: str) -> str:
             return "no Triton kernel for this op"
         if device == "CPU" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
-        return _backends.triton_module(op.rstrip("_"))[1]
+        return _backends.triton_module(_TRITON_MODULE[op])[1]
     return ""
 
 
@@ -125,10 +140,13 @@ def _register_backends(op: str) -> None:
     for device, preference in _PREFERENCE.items():
         candidates = [b for b in _backends.BACKENDS if b != ("cuda" if device == "CPU" else "cpp")]
         reasons = {b: _availability(op, device, b) for b in candidates}
+        if op in _NOT_YET_FASTER and device == "CUDA" and not reasons["triton"]:
+            reasons["triton"] = ("not yet measured faster than composed cuBLAS calls on a GPU; "
+                                 f"{_backends.IMPL_ENV}=triton uses it")
         usable = [b for b in preference if not reasons[b]]
         chosen = usable[0]  # "torch" is always usable
         if force in reasons:
-            if reasons[force]:
+            if reasons[force] and not reasons[force].startswith("not yet measured"):
                 warnings.warn(f"{_backends.IMPL_ENV}={force} cannot serve {op} on {device}: {reasons[force]}; "
                               f"using {chosen}")
             else:
@@ -138,8 +156,8 @@ def _register_backends(op: str) -> None:
         _backends.record(op, device, chosen, {b: r for b, r in reasons.items() if r and b != chosen})
 
 
-for _op, _schema in SCHEMAS.items():
-    if _backends.extension()[0] is None:
+for _op, _schema in {**SCHEMAS, **KERNEL_SCHEMAS}.items():
+    if _op in KERNEL_SCHEMAS or _backends.extension()[0] is None:
         _lib.define(_schema)
     torch.library.register_fake(f"semu_fast::{_op}", _FAKES[_op], lib=_lib)
     _register_backends(_op)

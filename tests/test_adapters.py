@@ -3,6 +3,7 @@ import torch
 
 import semu_fast as sf
 from semu_fast import reference
+from semu_fast.adapters import SEMUConv2d
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -31,6 +32,24 @@ def test_adapted_forward_equals_materialised_weights():
     expected = reference.lowrank_conv2d(x, b.weight, conv.U.double(), conv.R.double(), conv.Vh.double(), b.bias,
                                         b.stride, b.padding, b.dilation)
     assert torch.allclose(conv(x), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular", "zeros"])
+def test_conv_adapter_honours_padding_modes(padding_mode):
+    """The adapted conv equals nn.Conv2d (same padding mode) with the merged weight A + dW."""
+    gen = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=(1, 2), padding_mode=padding_mode, dilation=(1, 2)).double()
+    U, R, Vh = (torch.randn(3, 5, 2, generator=gen), torch.randn(3, 2, 2, generator=gen),
+                torch.randn(3, 2, 9, generator=gen))
+    adapter = SEMUConv2d(conv, U, Vh)
+    with torch.no_grad():
+        adapter.R.copy_(R)
+    x = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64)
+    merged = torch.nn.Conv2d(3, 5, 3, padding=(1, 2), padding_mode=padding_mode, dilation=(1, 2)).double()
+    merged.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        merged.weight += reference.conv_delta_weight(U.double(), R.double(), Vh.double(), (3, 3))
+    torch.testing.assert_close(adapter(x), merged(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

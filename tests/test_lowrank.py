@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,24 +16,43 @@ def _linear_args(gen, out, inp, k, dtype=torch.float64):
     return r(out, inp).to(dtype), r(out, k), r(k, k), r(k, inp), r(out).to(dtype)
 
 
+def _train_step(fn, x, params, dy):
+    """y = fn(x, *params) and the gradients of <y, dy> for x and R (params[2])."""
+    x = x.detach().requires_grad_(True)
+    R = params[2].detach().requires_grad_(True)
+    y = fn(x, *params[:2], R, *params[3:])
+    y.backward(dy.to(y.dtype))
+    return y, x.grad, R.grad
+
+
 @pytest.mark.parametrize("out, inp, k, lead", [(7, 5, 1, (3,)), (33, 17, 8, (2, 4)), (16, 64, 16, (5,)),
-                                               (10, 3, 3, ())])
+                                               (10, 3, 3, ()), (257, 300, 256, (9,)), (65, 129, 64, (3, 7))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lowrank_linear_matches_materialised_reference(gen, out, inp, k, lead, dtype):
+def test_lowrank_linear_forward_and_backward_match_reference(gen, out, inp, k, lead, dtype):
+    """y, dx and dR in each dtype against the float64 materialised adapter (R random so every term counts)."""
     W, U, R, Vh, b = _linear_args(gen, out, inp, k)
     x = torch.randn(*lead, inp, generator=gen, dtype=torch.float64)
-    ref64 = reference.lowrank_linear(x, W, U, R, Vh, b)
-    cast = [t.to(dtype) for t in (x, W, U, R, Vh, b)]
-    plain = reference.lowrank_linear(*cast)
-    got = sf.ops.lowrank_linear(cast[0], cast[1], U.float(), R.float(), Vh.float(), cast[5])
-    assert got.dtype == dtype
-    assert_close_to_reference(got, plain, ref64)
+    dy = torch.randn(*lead, out, generator=gen, dtype=torch.float64)
+    refs = _train_step(reference.lowrank_linear, x, (W, U, R, Vh, b), dy)
+    plains = _train_step(reference.lowrank_linear, x.to(dtype), [t.to(dtype) for t in (W, U, R, Vh, b)], dy)
+    factors = (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype))
+    gots = _train_step(sf.ops.lowrank_linear, x.to(dtype), factors, dy)
+    assert gots[0].dtype == gots[1].dtype == dtype and gots[2].dtype == torch.float32
+    for what, got, plain, ref in zip(("y", "dx", "dR"), gots, plains, refs):
+        assert_close_to_reference(got if what != "dR" else got.to(dtype), plain, ref, what)
 
 
-def test_lowrank_linear_noncontiguous_input(gen):
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded-3d"])
+def test_lowrank_linear_noncontiguous_input(gen, layout):
     W, U, R, Vh, b = _linear_args(gen, 12, 9, 4)
-    x = torch.randn(9, 6, generator=gen, dtype=torch.float64).t()
-    assert torch.allclose(sf.ops.lowrank_linear(x, W, U, R, Vh, b), reference.lowrank_linear(x, W, U, R, Vh, b))
+    base = torch.randn(9, 14, generator=gen, dtype=torch.float64)
+    x = {"transposed": base.t(), "sliced": base.t()[::2],
+         "expanded-3d": base.t()[:3].unsqueeze(0).expand(2, 3, 9)}[layout]
+    assert not x.is_contiguous()
+    dy = torch.randn(*x.shape[:-1], 12, generator=gen, dtype=torch.float64)
+    for got, ref in zip(_train_step(sf.ops.lowrank_linear, x, (W, U, R, Vh, b), dy),
+                        _train_step(reference.lowrank_linear, x, (W, U, R, Vh, b), dy)):
+        torch.testing.assert_close(got, ref)
 
 
 def test_lowrank_linear_gradients_by_gradcheck(gen):
@@ -54,6 +77,28 @@ def test_lowrank_conv2d_matches_reference(gen, cin, out, kernel, k, stride, padd
     plain = reference.lowrank_conv2d(*cast, **args)
     got = sf.ops.lowrank_conv2d(*cast, **args)
     assert_close_to_reference(got, plain, ref64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel, padding, dilation, unbatched", [(3, 1, 1, False), ((2, 4), "same", 1, False),
+                                                                  (3, "same", 2, True), (1, "valid", 1, False)])
+def test_lowrank_conv2d_gradients_match_reference(gen, dtype, kernel, padding, dilation, unbatched):
+    """dx and dR through the conv weight gradient contracted with U and Vh, in each dtype."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    cin, out, k = 4, 70, min(3, kh * kw)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    W, U, R, Vh, b = r(out, cin, kh, kw), r(cin, out, k), r(cin, k, k), r(cin, k, kh * kw), r(out)
+    x = r(cin, 7, 8) if unbatched else r(2, cin, 7, 8)
+    args = dict(padding=padding, dilation=dilation)
+    ref_fn = lambda x, *p: reference.lowrank_conv2d(x, *p, **args)  # noqa: E731
+    dy = ref_fn(x, W, U, R, Vh, b).detach().clone().normal_(generator=gen)
+    refs = _train_step(ref_fn, x, (W, U, R, Vh, b), dy)
+    plains = _train_step(ref_fn, x.to(dtype), [t.to(dtype) for t in (W, U, R, Vh, b)], dy)
+    gots = _train_step(lambda x, *p: sf.ops.lowrank_conv2d(x, *p, **args), x.to(dtype),
+                       (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype)), dy)
+    assert gots[2].dtype == torch.float32
+    for what, got, plain, ref in zip(("y", "dx", "dR"), gots, plains, refs):
+        assert_close_to_reference(got.to(dtype), plain, ref, what)
 
 
 def test_conv_delta_is_per_input_channel_product(gen):
@@ -108,3 +153,123 @@ def test_lowrank_linear_never_forms_the_weight(gen):
         sf.ops.lowrank_linear(x, W, U, R, Vh, b)
     assert shapes and (4, 300) in shapes, shapes
     assert (300, 200) not in shapes, shapes
+
+
+def test_lowrank_linear_backward_never_forms_the_weight_gradient(gen):
+    """Every ATen op of forward and backward (training R, x requiring grad): none makes an (out, in) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    W, U, R, Vh, b = (t.float() for t in _linear_args(gen, 300, 200, 2, torch.float32))
+    x = torch.randn(4, 200, requires_grad=True)
+    R.requires_grad_(True)
+    shapes = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor):
+                    shapes.append((str(func), tuple(t.shape)))
+            return result
+
+    with Spy():
+        sf.ops.lowrank_linear(x, W, U, R, Vh, b).sum().backward()
+    assert x.grad is not None and R.grad is not None
+    big = [s for s in shapes if s[1] in ((300, 200), (200, 300))]
+    assert len(shapes) > 8 and not big, big
+
+
+def test_lowrank_ops_pass_opcheck(gen):
+    """Schema, fake, autograd registration and aliasing of both custom ops (torch.library.opcheck)."""
+    W, U, R, Vh, b = (t.float() for t in _linear_args(gen, 6, 5, 3))
+    x = torch.randn(4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.semu_fast.lowrank_linear.default, (x, W, U, R.requires_grad_(True), Vh, b))
+    conv = (torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3), torch.randn(3, 4, 2),
+            torch.randn(3, 2, 2, requires_grad=True), torch.randn(3, 2, 9), None, [1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.semu_fast.lowrank_conv2d.default, conv)
+    for name, args in {"dual_matmul": (torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 2), torch.randn(2, 5),
+                                       torch.randn(5)),
+                       "conv_delta_add": [t.detach() for t in conv[1:5]],
+                       "conv_delta_contract": (torch.randn(4, 3, 3, 3), conv[2], conv[4])
+                       }.items():
+        torch.library.opcheck(getattr(torch.ops.semu_fast, name).default, args)
+
+
+def test_lowrank_ops_compile_without_graph_breaks(gen):
+    W, U, R, Vh, b = (t.float() for t in _linear_args(gen, 6, 5, 3))
+    R.requires_grad_(True)
+    convR = torch.randn(3, 2, 2, requires_grad=True)
+    conv = (torch.randn(4, 3, 3, 3), torch.randn(3, 4, 2), convR, torch.randn(3, 2, 9))
+
+    def f(x, img):
+        h = sf.ops.lowrank_linear(x, W, U, R, Vh, b)
+        return h.square().sum() + sf.ops.lowrank_conv2d(img, *conv, padding="same").square().sum()
+
+    x, img = torch.randn(2, 7, 5), torch.randn(2, 3, 6, 6)
+    f(x, img).backward()
+    expected = (R.grad.clone(), convR.grad.clone())
+    R.grad = convR.grad = None
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x, img).backward()
+    torch.testing.assert_close(R.grad, expected[0])
+    torch.testing.assert_close(convR.grad, expected[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K1, K2, bias, transposed", [(5, 7, 9, 1, True, False), (40, 33, 70, 17, False, True),
+                                                            (1, 64, 16, 16, True, True)])
+def test_triton_dual_matmul_matches_reference(gen, dtype, M, N, K1, K2, bias, transposed):
+    triton_lowrank = pytest.importorskip("semu_fast.triton_kernels.lowrank")
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    a1, a2, bb = r(M, K1), r(M, K2), r(N) if bias else None
+    b1, b2 = (r(N, K1).t(), r(N, K2).t()) if transposed else (r(K1, N), r(K2, N))
+    ref64 = a1 @ b1 + a2 @ b2 + (0 if bb is None else bb)
+    cast = [None if t is None else t.to(dtype) for t in (a1, b1, a2, b2, bb)]
+    plain = cast[0] @ cast[1] + cast[2] @ cast[3] + (0 if bb is None else cast[4])
+    got = triton_lowrank.dual_matmul(*cast)
+    assert got.dtype == dtype
+    assert_close_to_reference(got, plain, ref64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cin, out, kernel, k", [(3, 5, (3, 3), 2), (2, 70, (3, 3), 9), (4, 17, (1, 1), 1),
+                                                  (2, 33, (5, 5), 20)])
+def test_triton_conv_delta_kernels_match_reference(gen, dtype, cin, out, kernel, k):
+    triton_lowrank = pytest.importorskip("semu_fast.triton_kernels.lowrank")
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    P = kernel[0] * kernel[1]
+    A, U, R, Vh, dW = r(out, cin, *kernel), r(cin, out, k), r(cin, k, k), r(cin, k, P), r(out, cin, *kernel)
+    ref64 = A + reference.conv_delta_weight(U, R, Vh, kernel)
+    plain = A.to(dtype) + reference.conv_delta_weight(U.to(dtype), R.to(dtype), Vh.to(dtype), kernel)
+    assert_close_to_reference(triton_lowrank.conv_delta_add(A.to(dtype), U.float(), R.float(), Vh.float()), plain,
+                              ref64, "A + dW")
+    Gn = dW.permute(1, 0, 2, 3).flatten(2)
+    ref64 = U.transpose(1, 2) @ Gn @ Vh.transpose(1, 2)
+    plain = (U.to(dtype).transpose(1, 2) @ Gn.to(dtype) @ Vh.to(dtype).transpose(1, 2))
+    got = triton_lowrank.conv_delta_contract(dW.to(dtype), U.float(), Vh.float())
+    assert got.dtype == torch.float32
+    assert_close_to_reference(got.to(dtype), plain, ref64, "dR")
+
+
+def test_forcing_triton_serves_the_adapter_ops_end_to_end():
+    """SEMU_FAST_IMPL=triton routes the adapters' products through the Triton kernels (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    script = (
+        "import torch, semu_fast as sf\n"
+        "from semu_fast import reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "r = lambda *s: torch.randn(*s, generator=g)\n"
+        "for fn, ref, args in ((sf.ops.lowrank_linear, reference.lowrank_linear, (r(3, 5), r(6, 5), r(6, 2), r(2, 2), r(2, 5), r(6))),\n"
+        "                      (sf.ops.lowrank_conv2d, reference.lowrank_conv2d, (r(2, 3, 5, 5), r(4, 3, 3, 3), r(3, 4, 2), r(3, 2, 2), r(3, 2, 9), r(4)))):\n"
+        "    grads = []\n"
+        "    for f in (fn, ref):\n"
+        "        x, R = args[0].clone().requires_grad_(), args[3].clone().requires_grad_()\n"
+        "        y = f(x, args[1], args[2], R, *args[4:])\n"
+        "        y.square().sum().backward()\n"
+        "        grads.append((y, x.grad, R.grad))\n"
+        "    for a, b in zip(*grads):\n"
+        "        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)\n"
+        "print(sorted({sf.backends()[op]['CPU']['chosen'] for op in ('dual_matmul', 'conv_delta_add', 'conv_delta_contract')}))\n"
+    )
+    env = {**os.environ, "SEMU_FAST_IMPL": "triton", "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "['triton']"
