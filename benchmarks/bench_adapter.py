@@ -3,12 +3,14 @@
 Linear: the frozen nn.Linear (the floor), the official adapter that materialises A + U R Vh on every forward, a
 peft-style unfused LoRA chain through autograd, and sf.ops.lowrank_linear (the custom op: the low-rank term
 accumulated into the same output as x A^T, dR from the thin products). --memory adds each one's peak memory
-(CUDA: max_memory_allocated; CPU: the growth of the peak RSS of a fresh process doing one step).
+(CUDA: max_memory_allocated; CPU (Linux): a fresh process's peak RSS during one step, after a warm-up
+step, minus its RSS before).
 Conv: CIFAR ResNet-18 3x3 convs at batch 128, 32x32 input: the frozen conv, the official adapter (materialised
 A + dW through autograd) and sf.ops.lowrank_conv2d."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +64,19 @@ def peak_memory_mb(impl, out, inp, tokens, k, device, dtype) -> float:
         _step(LINEAR_IMPLS[impl], *args)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    # CPU: a fresh process, so that earlier cases' high-water mark does not hide this one's.
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_adapter as b, torch, "
-              f"resource; a = b._linear_case({out}, {inp}, {tokens}, {k}, torch.device('cpu'), torch.{dtype}); "
-              "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-              f"b._step(b.LINEAR_IMPLS[{impl!r}], *a); "
-              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    # CPU (Linux): a fresh process; after a warm-up step, reset its RSS high-water mark (clear_refs 5) and read it
+    # back after one more step.
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_adapter as b, torch\n"
+              f"a = b._linear_case({out}, {inp}, {tokens}, {k}, torch.device('cpu'), {dtype})\n"
+              f"step = lambda: b._step(b.LINEAR_IMPLS[{impl!r}], *a)\n"
+              "step(); a[0].grad = a[3].grad = None\n"
+              "kib = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+              "before = kib('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')\n"
+              "step(); print((kib('VmHWM:') - before) / 1024)\n")
+    # A fixed mmap threshold: every tensor-sized block is mapped on allocation and unmapped on free, so RSS follows
+    # the live tensors (glibc otherwise keeps freed blocks of up to 32 MiB resident for reuse).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     return float(res.stdout.strip().splitlines()[-1])
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import distributed, ops
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -62,14 +62,16 @@ class _ModelState:
 
 
 def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, torch.Tensor],
-                         loss_fn: Optional[LossFn] = None, norm_mode: str = "eval") -> dict[str, torch.Tensor]:
+                         loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
+                         group: Optional[distributed.Group] = None) -> dict[str, torch.Tensor]:
     """{name: sum over batches of d loss / d weight} as float32 tensors.
 
     A contiguous float32 weight accumulates in its own .grad, exactly as a plain backward does (the first batch's
     gradient is kept, later ones are added in place): no copy, no extra pass. Any other weight's gradient is added
     to a float32 accumulator by a post-accumulate-grad hook and freed at once. Either way the pass holds the
     accumulators plus one layer's fresh gradient. The model's modes, requires_grad flags and existing gradients
-    are restored afterwards, also on error. Raises ValueError for an empty loader, TypeError for a loss that is
+    are restored afterwards, also on error. With a distributed group, each rank passes its shard and the sums are
+    all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises ValueError for an empty loader, TypeError for a loss that is
     not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
     direct = {name for name, w in weights.items() if w.dtype == torch.float32 and w.is_contiguous()}
@@ -109,8 +111,6 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
                 elif grad is not accumulators[name]:
                     raise RuntimeError(f"the gradient of layer {name!r} was replaced during the pass (does loss_fn "
                                        f"call zero_grad?); loss_fn must only compute the loss")
-        if batches == 0:
-            raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
     finally:
         for hook in hooks:
             hook.remove()
@@ -119,6 +119,12 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
         acc = accumulators[name]
         w = weights[name]
         accumulators[name] = torch.zeros_like(w) if acc is None else acc.contiguous()
+    if group is not None:  # a rank may hold no batch; only the whole forget set must
+        count = torch.tensor([float(batches)], device=next(iter(weights.values())).device)
+        distributed.all_reduce_sum_([*accumulators.values(), count], group)
+        batches = int(count.item())
+    if batches == 0:
+        raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
     for name, acc in accumulators.items():
         # A norm is a fast test (NaN and Inf reach it); only when it overflows is each element checked.
         if not torch.isfinite(torch.linalg.vector_norm(acc)) and not torch.isfinite(acc).all():

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterable
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from . import distributed as distributed_setup
 from . import ops
 from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
@@ -23,24 +25,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _layer_svd(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig, generator: torch.Generator):
-    """(adapter or None, LayerReport) for one layer from its projected gradient G."""
+def _layer_seed(seed: int, name: str) -> int:
+    """Each layer's own random stream: its factors do not depend on which layers ran before it (or on which rank)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 62
+
+
+def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig) -> dict:
+    """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance."""
     gamma = config.gamma_for(name)
     is_conv = isinstance(layer, nn.Conv2d)
     matrices = conv_gradient_matrices(G) if is_conv else G
     method = "exact" if is_conv and config.svd == "randomized" else config.svd  # conv: a batch of small SVDs
+    generator = torch.Generator(device=G.device).manual_seed(_layer_seed(config.seed, name))
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator)
     U, _, Vh = result
     total = float(result.total_energy.sum())
     captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0
+    return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if is_conv else None}
+
+
+def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
+    """(adapter or None, LayerReport) for one layer from its factors."""
+    U, Vh, ranks, captured = factors["U"], factors["Vh"], factors["ranks"], factors["captured"]
     k = U.shape[-1]
-    ranks = result.ranks.tolist() if is_conv else None
-    kind = "conv2d" if is_conv else "linear"
+    gamma = config.gamma_for(name)
+    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
     if k == 0:
         report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, 0, captured, 0, ranks,
                              note="zero gradient: no adapter")
         return None, report
-    if is_conv:
+    if kind == "conv2d":
         adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
     else:
         adapter = SEMULinear(layer, U, Vh)
@@ -49,44 +63,59 @@ def _layer_svd(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig,
 
 
 def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn] = None,
-            config: Optional[SEMUConfig] = None) -> SEMUModel:
+            config: Optional[SEMUConfig] = None, *, distributed: Optional[bool] = None,
+            process_group=None) -> SEMUModel:
     """Install SEMU adapters on `model` (in place) from the gradients of `loss_fn` over `forget_loader`.
 
     loss_fn(model, batch) -> scalar; None means cross-entropy on (inputs, targets) batches. Base weights are never
     written; every check runs before the model is changed. Returns a SEMUModel whose .report lists per layer the
-    shape, rank k, captured variance and trainable parameters, the totals and the time of each phase."""
+    shape, rank k, captured variance and trainable parameters, the totals and the time of each phase.
+
+    distributed: None (default) runs on torch.distributed when it is initialised with several processes, True
+    requires it, False never uses it. Then each rank passes its own shard of the forget data, the gradients are
+    summed across ranks, each rank computes the SVDs of the layers it owns and all ranks end with the same
+    adapters (semu_fast.distributed). A DistributedDataParallel model is unwrapped: the adapters go into .module."""
     config = config if config is not None else SEMUConfig()
     if not isinstance(config, SEMUConfig):
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    group = distributed_setup.resolve(distributed, process_group)
+    model = distributed_setup.unwrap(model)
     layers = select_layers(model, config)
     device = layers[next(iter(layers))].weight.device
     timings = {}
 
     start = time.perf_counter()
     grads = accumulate_gradients(model, forget_loader, {n: m.weight for n, m in layers.items()}, loss_fn,
-                                 config.norm_mode)
+                                 config.norm_mode, group)
     _sync(device)
     timings["gradients"] = time.perf_counter() - start
 
     start = time.perf_counter()
     names = list(grads)
-    projected = [grads.pop(n) for n in names]  # the fp32 accumulators, projected in place
-    ops.project_perpendicular_(projected, [layers[n].weight.detach() for n in names], config.projection)
+    # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
+    owners = (distributed_setup.assign_owners({n: tuple(layers[n].weight.shape) for n in names}, group.size)
+              if group is not None else dict.fromkeys(names, 0))
+    mine = [n for n in names if owners[n] == (group.rank if group is not None else 0)]
+    ops.project_perpendicular_([grads[n] for n in mine], [layers[n].weight.detach() for n in mine],
+                               config.projection)
     _sync(device)
     timings["projection"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    factors = {n: _layer_factors(n, layers[n], grads.pop(n), config) if n in mine else None for n in names}
+    grads.clear()
+    if group is not None:
+        factors = distributed_setup.broadcast_factors(factors, owners, group, device)
     adapters: dict[str, SEMUAdapter] = {}
     report = SEMUReport(total_params=sum(p.numel() for p in model.parameters()))
-    for name, G in zip(names, projected):
-        adapter, layer_report = _layer_svd(name, layers[name], G, config, generator)
+    for name in names:
+        adapter, layer_report = _install(name, layers[name], factors[name], config)
         report.layers.append(layer_report)
         if adapter is not None:
             adapters[name] = adapter
-    del projected
+    del factors
     _sync(device)
     timings["svd"] = time.perf_counter() - start
 

@@ -11,8 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as distributed_setup
+from .checkpoint import Checkpoint
 from .config import SEMUConfig
 from .gradients import LossFn, model_device, set_norm_mode, split_batch
+from .io import load_adapters
 from .model import SEMUModel
 from .pipeline import prepare
 from .report import SEMUReport
@@ -41,8 +44,9 @@ def true_label_loss(model: nn.Module, batch, generator: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy in percent over (inputs, targets) batches, in eval mode (the mode is restored)."""
+def accuracy(model: nn.Module, loader: Iterable, group: Optional[distributed_setup.Group] = None) -> float:
+    """Top-1 accuracy in percent over (inputs, targets) batches, in eval mode (the mode is restored); with a
+    distributed group, over the union of every rank's loader."""
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -54,6 +58,10 @@ def accuracy(model: nn.Module, loader: Iterable) -> float:
             total += targets.numel()
     finally:
         model.train(was_training)
+    if group is not None:
+        counts = torch.tensor([float(correct), float(total)], device=device)
+        distributed_setup.all_reduce_sum_([counts], group)
+        correct, total = counts.tolist()
     return 100.0 * correct / max(total, 1)
 
 
@@ -64,6 +72,13 @@ def _interleave(forget: Iterable, retain: Optional[Iterable]):
         streams.append((("retain", b) for b in retain))
     for group in itertools.zip_longest(*streams):
         yield from (item for item in group if item is not None)
+
+
+def _average_gradients(params: list[torch.Tensor], group: distributed_setup.Group) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    distributed_setup.all_reduce_sum_(grads, group)
+    for g in grads:
+        g.div_(group.size)
 
 
 def _check_training_args(optimizer, lr, epochs, momentum, weight_decay):
@@ -80,7 +95,9 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             config: Optional[SEMUConfig] = None, *, loss_fn: Optional[LossFn] = None,
             train_loss_fn: Optional[TrainLossFn] = None, optimizer: str = "sgd", lr: float = 1e-5,
             epochs: int = 10, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
-            patience: Optional[int] = None, progress: bool = True) -> tuple[SEMUModel, SEMUReport]:
+            patience: Optional[int] = None, progress: bool = True, checkpoint_dir=None,
+            checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
+            process_group=None) -> tuple[SEMUModel, SEMUReport]:
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
     interleaved, when given). Returns (SEMUModel, report).
 
@@ -89,12 +106,29 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     cross-entropy with their true labels. optimizer "sgd" (with momentum, weight_decay) or "adam".
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
     (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved for
-    this many epochs (classification only; None = run every epoch). progress: show a tqdm bar."""
+    this many epochs (classification only; None = run every epoch). progress: show a tqdm bar.
+
+    checkpoint_dir: keep the adapters (after prepare) and the training state (R, optimizer, random stream, epoch
+    and step, history, buffers) there, rewritten atomically every `checkpoint_every` steps (None: at the end of
+    each epoch). With resume=True a run that finds a checkpoint there skips prepare and continues from it: with
+    loaders that yield the same batches in the same order, the result equals an uninterrupted run's bit for bit.
+    distributed, process_group: as in prepare; while training R the gradients of R are averaged across ranks at
+    every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()
     _check_training_args(optimizer, lr, epochs, momentum, weight_decay)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive int or None, got {patience!r}")
-    semu_model = prepare(model, forget_loader, loss_fn=loss_fn, config=config)
+    checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {"optimizer": optimizer, "lr": lr,
+                                                               "momentum": momentum, "weight_decay": weight_decay,
+                                                               "seed": config.seed})
+    group = distributed_setup.resolve(distributed, process_group)
+    saved = checkpoint.load() if resume else None
+    if saved is not None:
+        semu_model = load_adapters(distributed_setup.unwrap(model), checkpoint.adapters_dir)
+    else:
+        semu_model = prepare(model, forget_loader, loss_fn=loss_fn, config=config, distributed=distributed,
+                             process_group=process_group)
+        checkpoint.save_adapters(semu_model, group)
     report = semu_model.report
     params = semu_model.trainable_parameters()
     if not params:
@@ -107,35 +141,48 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     generator = torch.Generator().manual_seed(config.seed)
     forget_loss = train_loss_fn or random_label_loss
     classify = train_loss_fn is None
-    history, best_score, best_state, best_epoch = [], None, None, None
+    run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
+           "best_state": None}
+    if saved is not None:
+        run = checkpoint.restore(saved, semu_model, opt, generator)
 
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="SEMU unlearn", disable=not progress)
+    bar = tqdm(range(run["epoch"], epochs), desc="SEMU unlearn", disable=not progress)
     for epoch in bar:
         set_norm_mode(semu_model, config.norm_mode)
-        losses = []
-        for kind, batch in _interleave(forget_loader, retain_loader):
+        for step, (kind, batch) in enumerate(_interleave(forget_loader, retain_loader)):
+            if step < run["step"]:  # done before the checkpoint this run resumes from
+                continue
             loss = (forget_loss if kind == "forget" else true_label_loss)(semu_model, batch, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if group is not None:
+                _average_gradients(params, group)
             opt.step()
-            losses.append(loss.item())
-        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)}
+            run["losses"].append(loss.item())
+            run["step"] = step + 1
+            if checkpoint.due(run["step"]):
+                checkpoint.save(run, semu_model, opt, generator, group)
+        entry = {"epoch": epoch + 1, "loss": sum(run["losses"]) / max(len(run["losses"]), 1)}
         if classify:
-            entry["forget_acc"] = accuracy(semu_model, forget_loader)
+            entry["forget_acc"] = accuracy(semu_model, forget_loader, group)
             if retain_loader is not None:
-                entry["retain_acc"] = accuracy(semu_model, retain_loader)
+                entry["retain_acc"] = accuracy(semu_model, retain_loader, group)
             retain = entry.get("retain_acc")
             entry["score"] = (100.0 - entry["forget_acc"] + retain) / 2 if retain is not None \
                 else 100.0 - entry["forget_acc"]
-            if best_score is None or entry["score"] > best_score:
-                best_score, best_epoch = entry["score"], epoch + 1
+            if run["best_score"] is None or entry["score"] > run["best_score"]:
+                run["best_score"], run["best_epoch"] = entry["score"], epoch + 1
                 if select_best:
-                    best_state = [p.detach().clone() for p in params]
-        history.append(entry)
+                    run["best_state"] = [p.detach().clone() for p in params]
+        run["history"].append(entry)
+        run.update(epoch=epoch + 1, step=0, losses=[])
+        if checkpoint.enabled:
+            checkpoint.save(run, semu_model, opt, generator, group)
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch"})
-        if patience is not None and best_epoch is not None and epoch + 1 - best_epoch >= patience:
+        if patience is not None and run["best_epoch"] is not None and epoch + 1 - run["best_epoch"] >= patience:
             break
+    history, best_state, best_epoch = run["history"], run["best_state"], run["best_epoch"]
     if best_state is not None:
         with torch.no_grad():
             for param, saved in zip(params, best_state):

@@ -1,0 +1,104 @@
+"""Checkpoints of sf.unlearn: the adapters once (after prepare), then the training state, rewritten atomically.
+
+A folder holds `adapters/` (sf.save_adapters: U, Vh and the layer report, so a resumed run skips the gradient pass
+and the SVDs) and `training_state.pt`: every R, the optimizer state, the random-label generator, the epoch and the
+step within it, the history, the best R so far, and the model's buffers (BatchNorm statistics move when
+norm_mode="train"). Resuming from it continues exactly where the last checkpoint stood."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .io import _atomic_write, save_adapters
+
+FORMAT = "semu_fast.training_state/1"
+STATE_NAME = "training_state.pt"
+ADAPTERS_NAME = "adapters"
+
+
+def _is_adapter_factor(name: str) -> bool:
+    return name.endswith((".U", ".Vh"))
+
+
+class Checkpoint:
+    """Where and how often sf.unlearn saves. folder None: disabled. every: steps between saves (None: at the end
+    of each epoch only). settings: the training arguments a resumed run must share."""
+
+    def __init__(self, folder, every: Optional[int], settings: dict):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {every!r}")
+        if every is not None and folder is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (where to write the checkpoints)")
+        self.folder = None if folder is None else Path(folder)
+        self.every = every
+        self.settings = settings
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.folder / ADAPTERS_NAME
+
+    def due(self, step: int) -> bool:
+        return self.enabled and self.every is not None and step % self.every == 0
+
+    def load(self) -> Optional[dict]:
+        """The saved state, or None when there is none. Refuses a corrupted one or one from other settings."""
+        if not self.enabled or not (self.folder / STATE_NAME).exists():
+            return None
+        path = self.folder / STATE_NAME
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a damaged file
+            raise ValueError(f"{path} is corrupted or truncated ({err}); delete it to start afresh") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+        differ = {k: (state["settings"].get(k), v) for k, v in self.settings.items() if state["settings"].get(k) != v}
+        if differ:
+            raise ValueError(f"{path} was written with other training settings (saved, now): {differ}; pass the "
+                             f"same ones, use another checkpoint_dir, or resume=False")
+        return state
+
+    def save_adapters(self, semu_model, group) -> None:
+        """After prepare: the adapters, and no stale training state from an earlier run."""
+        if not self.enabled or (group is not None and group.rank != 0):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / STATE_NAME).unlink(missing_ok=True)
+        save_adapters(semu_model, self.adapters_dir)
+
+    def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group) -> None:
+        if group is not None and group.rank != 0:  # every rank holds the same R
+            return
+        state = {
+            "format": FORMAT, "settings": self.settings, "run": run,
+            "R": {name: a.R.detach().cpu() for name, a in semu_model.adapters.items()},
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "buffers": {n: b.detach().cpu() for n, b in semu_model.named_buffers() if not _is_adapter_factor(n)},
+        }
+        _atomic_write(self.folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
+
+    @staticmethod
+    def restore(state: dict, semu_model, optimizer, generator: torch.Generator) -> dict:
+        """Put a saved state back into the model, optimizer and generator; returns the run record."""
+        adapters = semu_model.adapters
+        if set(state["R"]) != set(adapters):
+            raise ValueError(f"the checkpoint holds R for layers {sorted(state['R'])} but the adapters are "
+                             f"{sorted(adapters)}")
+        with torch.no_grad():
+            for name, R in state["R"].items():
+                adapters[name].R.copy_(R)
+            buffers = dict(semu_model.named_buffers())
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        run = dict(state["run"])
+        device = next(iter(adapters.values())).R.device
+        if run["best_state"] is not None:
+            run["best_state"] = [t.to(device) for t in run["best_state"]]
+        return run

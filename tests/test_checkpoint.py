@@ -1,0 +1,79 @@
+"""sf.unlearn checkpoints: an interrupted run resumed from its folder ends exactly where an uninterrupted one does."""
+import pytest
+import torch
+
+import semu_fast as sf
+from helpers import forget_batches, small_cnn
+
+
+class Interrupting:
+    """A loader that raises KeyboardInterrupt once `budget` batches have been drawn from any loader sharing the
+    counter: the run dies mid-epoch, as a killed job would."""
+
+    def __init__(self, batches, counter, budget=None):
+        self.batches, self.counter, self.budget = batches, counter, budget
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.counter[0] += 1
+            if self.budget is not None and self.counter[0] > self.budget:
+                raise KeyboardInterrupt("simulated kill")
+            yield batch
+
+
+def _unlearn(folder=None, budget=None, **overrides):
+    counter = [0]
+    args = dict(config=sf.SEMUConfig(gamma=0.9, norm_mode="train", seed=4), optimizer="adam", lr=1e-2, epochs=3,
+                progress=False, checkpoint_dir=folder, checkpoint_every=2 if folder else None)
+    args.update(overrides)
+    model = small_cnn(seed=1)
+    return sf.unlearn(model, Interrupting(forget_batches(), counter, budget),
+                      Interrupting(forget_batches(seed=9), counter, budget), **args)
+
+
+def _state(sm):
+    return {k: v.clone() for k, v in sm.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("budget", [8, 14, 30])  # epoch 1 step 5, epoch 1 evaluation, epoch 3 step 3
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
+    expected_model, expected_report = _unlearn()
+    with pytest.raises(KeyboardInterrupt):
+        _unlearn(tmp_path, budget)
+    assert (tmp_path / "training_state.pt").exists() and (tmp_path / "adapters").is_dir()
+    resumed_model, resumed_report = _unlearn(tmp_path)
+    expected, got = _state(expected_model), _state(resumed_model)
+    assert expected.keys() == got.keys()
+    for key in expected:  # R, BatchNorm statistics (norm_mode="train"), U, Vh, base weights
+        assert torch.equal(expected[key], got[key]), key
+    assert resumed_report.training["history"] == expected_report.training["history"]
+    assert resumed_report.training["best_epoch"] == expected_report.training["best_epoch"]
+
+
+def test_a_finished_checkpoint_resumes_to_the_same_result(tmp_path):
+    first, _ = _unlearn(tmp_path)
+    again, report = _unlearn(tmp_path)
+    for key, value in _state(first).items():
+        assert torch.equal(_state(again)[key], value), key
+    assert len(report.training["history"]) == 3
+
+
+def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _unlearn(tmp_path, 14)
+    with pytest.raises(ValueError, match="other training settings.*lr"):
+        _unlearn(tmp_path, lr=1e-3)
+    state = tmp_path / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        _unlearn(tmp_path)
+    _unlearn(tmp_path, resume=False)  # starts afresh and overwrites
+    assert sf.load_adapters(small_cnn(seed=1), tmp_path / "adapters").adapters
+
+
+def test_checkpoint_arguments_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        _unlearn(tmp_path, checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
+        _unlearn(None, checkpoint_every=3)
+    assert not any(tmp_path.iterdir())

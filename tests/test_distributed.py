@@ -1,0 +1,102 @@
+"""SEMU on torch.distributed: 2 processes (gloo, CPU) against one process over the whole forget set."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import semu_fast as sf
+from semu_fast import distributed
+from helpers import forget_batches, small_cnn
+
+WORLD = 2
+CONFIG = dict(gamma=0.9, seed=3)
+
+
+def _model():
+    """small_cnn plus a Linear big enough (300 x 260) for the randomized SVD path."""
+    torch.manual_seed(0)
+    return nn.Sequential(small_cnn(num_classes=300), nn.ReLU(), nn.Linear(300, 260))
+
+
+def _batches():
+    return forget_batches(n=64, batch=8, num_classes=260)
+
+
+def _factors(sm):
+    return {name: (a.U.clone(), a.Vh.clone(), a.ranks) for name, a in sm.adapters.items()}
+
+
+def _worker(rank, init_file, out_dir, mode):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        shard = _batches()[rank::WORLD]  # as a DistributedSampler would split it
+        model = _model()
+        if mode == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        if mode == "unlearn":
+            sm, _ = sf.unlearn(model, shard, config=sf.SEMUConfig(**CONFIG), optimizer="adam", lr=1e-2, epochs=2,
+                               progress=False)
+            result = {"R": {n: a.R.detach().clone() for n, a in sm.adapters.items()}}
+        else:
+            sm = sf.prepare(model, shard, config=sf.SEMUConfig(**CONFIG))
+            result = {"factors": _factors(sm), "timings": sm.report.timings}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, mode):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("mode", ["plain", "ddp"])
+def test_two_ranks_give_the_single_process_adapters(tmp_path, mode):
+    results = _run(tmp_path, mode)
+    single = _factors(sf.prepare(_model(), _batches(), config=sf.SEMUConfig(**CONFIG)))
+    for result in results:
+        assert result["factors"].keys() == single.keys()
+        for name, (U, Vh, ranks) in single.items():
+            U2, Vh2, ranks2 = result["factors"][name]
+            assert U2.shape == U.shape and ranks2 == ranks, name
+            # Same subspaces: the gradients' sums differ only in the order of float additions.
+            torch.testing.assert_close(U2 @ (U2.transpose(-1, -2) @ U), U, atol=2e-3, rtol=0)
+            torch.testing.assert_close(Vh2.transpose(-1, -2) @ (Vh2 @ Vh.transpose(-1, -2)), Vh.transpose(-1, -2),
+                                       atol=2e-3, rtol=0)
+    for name in single:  # the ranks hold identical factors (broadcast from each layer's owner)
+        assert all(torch.equal(results[0]["factors"][name][i], results[1]["factors"][name][i]) for i in (0, 1))
+
+
+def test_training_R_on_two_ranks_keeps_them_in_sync(tmp_path):
+    r0, r1 = _run(tmp_path, "unlearn")
+    assert r0["R"].keys() == r1["R"].keys() and r0["R"]
+    for name in r0["R"]:
+        assert torch.equal(r0["R"][name], r1["R"][name]), name
+    assert any(R.abs().sum() > 0 for R in r0["R"].values())
+
+
+def test_layers_are_shared_out_by_cost():
+    shapes = {"big": (4096, 4096), "mid": (2048, 2048), "a": (1024, 1024), "conv": (64, 64, 3, 3)}
+    owners = distributed.assign_owners(shapes, 2)
+    assert owners["big"] != owners["mid"] and set(owners.values()) == {0, 1}
+    assert distributed.assign_owners(shapes, 1) == dict.fromkeys(shapes, 0)
+
+
+def test_all_reduce_buckets_by_dtype_and_size(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed, "BUCKET_BYTES", 64)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: calls.append((t.dtype, t.numel())) or t)
+    tensors = [torch.ones(4), torch.ones(4), torch.ones(20), torch.ones(3, dtype=torch.float64)]
+    distributed.all_reduce_sum_(tensors, distributed.Group(None, 0, 2))
+    assert calls == [(torch.float32, 8), (torch.float32, 20), (torch.float64, 3)]
+
+
+def test_distributed_true_without_a_process_group_is_refused():
+    with pytest.raises(RuntimeError, match="distributed=True needs torch.distributed initialised"):
+        sf.prepare(small_cnn(), forget_batches(), distributed=True)
+    with pytest.raises(TypeError, match="distributed must be True, False or None"):
+        sf.prepare(small_cnn(), forget_batches(), distributed="yes")
