@@ -245,3 +245,19 @@ def test_default_fast_path_agrees_with_exact_svd_on_large_layers():
         k, U = fast_adapters[name]
         assert k == adapter.rank, name
         assert _projector_distance(U.double(), adapter.U.double()) < 1e-2, name
+
+
+def test_a_fixed_seed_gives_identical_ranks_and_adapters():
+    """Twice on fresh copies, with the randomized SVD in play (a Linear above RANDOMIZED_MIN_DIM)."""
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 280), nn.Tanh(), nn.Linear(280, 5))
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(64, 300, generator=gen), torch.randint(0, 5, (64,), generator=gen))]
+        sm = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9, svd="randomized", seed=7))
+        return {n: (a.U, a.Vh, a.rank) for n, a in sm.adapters.items()}
+
+    first, second = run(), run()
+    assert first.keys() == second.keys() and "0" in first
+    for name, (U, Vh, k) in first.items():
+        assert k == second[name][2] and torch.equal(U, second[name][0]) and torch.equal(Vh, second[name][1])

@@ -1,0 +1,91 @@
+"""Every public op refuses integer tensors, mismatched shapes and mixed devices with an error naming the argument,
+before writing anything (the "meta" device stands in for a second device on a CPU-only machine)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import semu_fast as sf
+from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+
+def _linear(**change):
+    args = dict(x=torch.randn(2, 5), weight=torch.randn(6, 5), U=torch.randn(6, 2), R=torch.randn(2, 2),
+                Vh=torch.randn(2, 5), bias=torch.randn(6))
+    args.update(change)
+    return args
+
+
+def _conv(**change):
+    args = dict(x=torch.randn(1, 3, 5, 5), weight=torch.randn(4, 3, 3, 3), U=torch.randn(3, 4, 2),
+                R=torch.randn(3, 2, 2), Vh=torch.randn(3, 2, 9), bias=torch.randn(4))
+    args.update(change)
+    return args
+
+
+BAD_CALLS = [
+    ("lowrank_linear int x", lambda: sf.ops.lowrank_linear(**_linear(x=torch.ones(2, 5, dtype=torch.int64))),
+     TypeError, "x must be a floating tensor"),
+    ("lowrank_linear int R", lambda: sf.ops.lowrank_linear(**_linear(R=torch.ones(2, 2, dtype=torch.int32))),
+     TypeError, "R must be a floating tensor"),
+    ("lowrank_linear bias shape", lambda: sf.ops.lowrank_linear(**_linear(bias=torch.randn(5))), ValueError,
+     "bias has 5 entries"),
+    ("lowrank_linear devices", lambda: sf.ops.lowrank_linear(**_linear(U=torch.randn(6, 2, device="meta"))),
+     ValueError, "one device.*U on meta"),
+    ("lowrank_conv2d int weight", lambda: sf.ops.lowrank_conv2d(**_conv(weight=torch.ones(4, 3, 3, 3).long())),
+     TypeError, "weight must be a floating tensor"),
+    ("lowrank_conv2d Vh shape", lambda: sf.ops.lowrank_conv2d(**_conv(Vh=torch.randn(3, 2, 4))), ValueError,
+     "must match weight"),
+    ("lowrank_conv2d devices", lambda: sf.ops.lowrank_conv2d(**_conv(x=torch.randn(1, 3, 5, 5, device="meta"))),
+     ValueError, "one device"),
+    ("lowrank_conv2d stride", lambda: sf.ops.lowrank_conv2d(**_conv(), stride=(1, 2, 3)), ValueError,
+     "stride must be an int or a pair"),
+    ("accumulate_ devices", lambda: sf.ops.accumulate_([torch.zeros(3)], [torch.ones(3, device="meta")]),
+     ValueError, "one device"),
+    ("accumulate_ int", lambda: sf.ops.accumulate_([torch.zeros(3)], [torch.ones(3, dtype=torch.int64)]),
+     TypeError, r"grads\[0\] must be a floating tensor"),
+    ("project_perpendicular_ devices",
+     lambda: sf.ops.project_perpendicular_([torch.zeros(3)], [torch.ones(3, device="meta")]), ValueError,
+     "one device"),
+    ("project_perpendicular int", lambda: sf.ops.project_perpendicular([torch.ones(3).long()], [torch.ones(3)]),
+     TypeError, "floating"),
+    ("gram_svd int", lambda: sf.ops.gram_svd(torch.ones(2, 4, 3, dtype=torch.int64)), ValueError, "floating"),
+    ("truncated_svd int", lambda: sf.ops.truncated_svd(torch.ones(4, 3, dtype=torch.int64), 0.9), TypeError,
+     "floating"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_ops_refuse_bad_input_by_name(what, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_accumulate_refuses_before_writing_any_accumulator():
+    accs = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError):
+        sf.ops.accumulate_(accs, [torch.ones(3), torch.ones(2, device="meta")])
+    assert all((a == 0).all() for a in accs)
+
+
+@pytest.mark.parametrize("layer, match", [(nn.ConvTranspose2d(3, 3, 3), "ConvTranspose2d is not supported"),
+                                          (nn.Conv2d(3, 3, 3, groups=3), "grouped Conv2d")])
+def test_unsupported_layer_named_explicitly_leaves_the_model_untouched(layer, match):
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 3, 6, 6))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        sf.prepare(model, [(torch.randn(2, 3, 6, 6), torch.zeros(2, dtype=torch.long))],
+                   config=sf.SEMUConfig(target_modules=["^0$"]))
+    assert_same_state(model, before)
+
+
+def test_batches_the_loss_cannot_use_leave_the_model_untouched():
+    model = small_cnn()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"expects batches of \(inputs, targets\)"):
+        sf.prepare(model, [torch.randn(4, 3, 6, 6)])
+    with pytest.raises(ValueError, match="yielded no batches"):
+        sf.prepare(model, [])
+    assert_same_state(model, before)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    sf.prepare(model, forget_batches())  # and it still works afterwards
