@@ -38,27 +38,31 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     method = "exact" if is_conv and config.svd == "randomized" else config.svd  # conv: a batch of small SVDs
     generator = torch.Generator(device=G.device).manual_seed(_layer_seed(config.seed, name))
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator)
-    U, _, Vh = result
+    U, S, Vh = result
     total = float(result.total_energy.sum())
     captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0
-    return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if is_conv else None}
+    spectrum = S.double().square().sum(0).sqrt() if is_conv else S.double()
+    return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if is_conv else None,
+            "singular_values": spectrum.tolist(), "total_energy": total}
 
 
 def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     """(adapter or None, LayerReport) for one layer from its factors."""
     U, Vh, ranks, captured = factors["U"], factors["Vh"], factors["ranks"], factors["captured"]
+    spectrum = {"singular_values": factors["singular_values"], "total_energy": factors["total_energy"]}
     k = U.shape[-1]
     gamma = config.gamma_for(name)
     kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
     if k == 0:
         report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, 0, captured, 0, ranks,
-                             note="zero gradient: no adapter")
+                             note="zero gradient: no adapter", **spectrum)
         return None, report
     if kind == "conv2d":
         adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
     else:
         adapter = SEMULinear(layer, U, Vh)
-    report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, k, captured, adapter.trainable_params(), ranks)
+    report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, k, captured, adapter.trainable_params(), ranks,
+                         **spectrum)
     return adapter, report
 
 

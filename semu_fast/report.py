@@ -16,6 +16,8 @@ class LayerReport:
     trainable_params: int
     ranks: Optional[list] = None   # conv: each input channel's own k
     note: str = ""                 # e.g. why no adapter was installed
+    singular_values: Optional[list] = None  # the leading ones, up to k (conv: root of the energy over channels)
+    total_energy: Optional[float] = None    # ||G_perp||^2: with singular_values, the explained-variance curve
 
 
 @dataclass

@@ -93,20 +93,23 @@ def _check_training_args(optimizer, lr, epochs, momentum, weight_decay):
 
 def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[Iterable] = None,
             config: Optional[SEMUConfig] = None, *, loss_fn: Optional[LossFn] = None,
-            train_loss_fn: Optional[TrainLossFn] = None, optimizer: str = "sgd", lr: float = 1e-5,
+            train_loss_fn: Optional[TrainLossFn] = None, retain_loss_fn: Optional[TrainLossFn] = None,
+            optimizer: str = "sgd", lr: float = 1e-5,
             epochs: int = 10, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
-            patience: Optional[int] = None, progress: bool = True, checkpoint_dir=None,
+            patience: Optional[int] = None, progress: bool = True, on_epoch=None, checkpoint_dir=None,
             checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
             process_group=None) -> tuple[SEMUModel, SEMUReport]:
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
     interleaved, when given). Returns (SEMUModel, report).
 
     loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget
-    loss while training R; None means cross-entropy against random labels != the true ones. Retain batches use
-    cross-entropy with their true labels. optimizer "sgd" (with momentum, weight_decay) or "adam".
+    loss while training R; None means cross-entropy against random labels != the true ones. retain_loss_fn, same
+    signature, for retain batches; None means cross-entropy with their true labels. optimizer "sgd" (with momentum, weight_decay) or "adam".
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
     (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved for
     this many epochs (classification only; None = run every epoch). progress: show a tqdm bar.
+    on_epoch(epoch, semu_model) -> dict or None: called after each epoch; what it returns joins that epoch's history
+    entry (e.g. accuracies on data the run does not train on).
 
     checkpoint_dir: keep the adapters (after prepare) and the training state (R, optimizer, random stream, epoch
     and step, history, buffers) there, rewritten atomically every `checkpoint_every` steps (None: at the end of
@@ -140,6 +143,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     forget_loss = train_loss_fn or random_label_loss
+    retain_loss = retain_loss_fn or true_label_loss
     classify = train_loss_fn is None
     run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
            "best_state": None}
@@ -153,7 +157,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         for step, (kind, batch) in enumerate(_interleave(forget_loader, retain_loader)):
             if step < run["step"]:  # done before the checkpoint this run resumes from
                 continue
-            loss = (forget_loss if kind == "forget" else true_label_loss)(semu_model, batch, generator)
+            loss = (forget_loss if kind == "forget" else retain_loss)(semu_model, batch, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if group is not None:
@@ -175,6 +179,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
                 run["best_score"], run["best_epoch"] = entry["score"], epoch + 1
                 if select_best:
                     run["best_state"] = [p.detach().clone() for p in params]
+        if on_epoch is not None:
+            entry.update(on_epoch(epoch + 1, semu_model) or {})
         run["history"].append(entry)
         run.update(epoch=epoch + 1, step=0, losses=[])
         if checkpoint.enabled:

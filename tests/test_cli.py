@@ -6,17 +6,70 @@ import sys
 import pytest
 
 
-def test_main_job_runs_end_to_end_and_forgets(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "semu_fast", "unlearn", "--quiet", "--forget-class", "3",
-                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
+def run_cli(*args, cwd=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "semu_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
+    """`semu-fast unlearn` as the README runs it (no flags but a cache and quiet), in a fresh folder."""
+    out = run_cli("unlearn", "--quiet", "--cache-dir", tmp_path / "cache", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "trainable:" in out.stdout and "conv2d" in out.stdout
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["original"]["forget_acc"] > 95
-    assert summary["semu"]["forget_acc"] < 10 and summary["semu"]["retain_acc"] > 85
-    assert (tmp_path / "out" / "adapters" / "adapters.safetensors").exists()
-    assert list((tmp_path / "cache").glob("digits_cnn_seed0.pt"))
+    folder = tmp_path / "semu_fast_out"
+    table = json.loads((folder / "metrics.json").read_text())
+    assert list(table) == ["original", "semu", "ga", "rl", "retrain"]  # FT needs retain data: skipped
+    for values in table.values():
+        assert {"UA", "RA", "TA", "MIA", "trainable_share", "seconds", "avg_gap"} <= set(values)
+    assert table["original"]["UA"] < 5 and table["original"]["TA"] > 98
+    assert table["semu"]["UA"] > 90 and table["semu"]["RA"] > 85 and 0 < table["semu"]["trainable_share"] < 5
+    for name in ("report.md", "run.json", "accuracy_per_epoch.png", "spectra.png", "trainable_share.png",
+                 "adapters/adapters.safetensors"):
+        assert (folder / name).exists(), name
+    assert "Avg. Gap" in out.stdout and "retrain" in out.stdout
+    assert list((tmp_path / "cache").glob("digits-digits-cnn-seed0.pt"))
+
+    # eval reads the saved adapters back onto the cached model and gets SEMU's numbers again
+    ev = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
+                 "--json", tmp_path / "eval.json")
+    assert ev.returncode == 0, ev.stderr
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    for key in ("UA", "RA", "TA", "MIA"):
+        assert evaluated["semu"][key] == pytest.approx(table["semu"][key], abs=1e-9)
+        assert evaluated["original"][key] == pytest.approx(table["original"][key], abs=1e-9)
+
+    # report rebuilds report.md and the plots from the JSON files
+    (folder / "report.md").unlink()
+    rep = run_cli("report", folder)
+    assert rep.returncode == 0, rep.stderr
+    assert "| semu |" in (folder / "report.md").read_text()
+
+
+def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path):
+    from test_classification import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", classes=3, per_class=8, size=8)
+    out = run_cli("unlearn", "--quiet", "--dataset", "imagefolder", "--data", root, "--image-size", "8",
+                  "--arch", "resnet18-cifar", "--train-epochs", "1", "--num-forget", "4", "--retain-fraction", "0.5",
+                  "--epochs", "1", "--baselines", "ft", "--retrain", "--cache-dir", tmp_path / "cache",
+                  "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    table = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(table) == ["original", "semu", "ft", "retrain"]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["scenario"]["forget_samples"] == 4 and run["scenario"]["forget_class"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (("unlearn", "--forget-class", "12"), "--forget-class"),
+    (("unlearn", "--retain-fraction", "1.5"), "--retain-fraction"),
+    (("unlearn", "--baselines", "ft,salun"), "--baselines"),
+    (("unlearn", "--dataset", "cifar10"), "--data"),
+    (("unlearn", "--dataset", "cifar10", "--data", "/nonexistent"), "no cifar10 there"),
+    (("report", "/nonexistent"), "not a semu-fast results folder"),
+])
+def test_bad_flags_are_rejected_with_the_flag_named(args, message):
+    out = run_cli(*args, timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
 def test_console_script_is_installed():
@@ -25,9 +78,3 @@ def test_console_script_is_installed():
         pytest.skip("semu-fast is not on PATH (package not installed with pip)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "unlearn" in out.stdout
-
-
-def test_bad_flag_value_is_rejected_with_the_flag_named():
-    out = subprocess.run([sys.executable, "-m", "semu_fast", "unlearn", "--forget-class", "12"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "--forget-class" in out.stderr

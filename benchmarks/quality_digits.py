@@ -1,0 +1,68 @@
+"""Unlearning quality on the bundled digits (issue 5's goals): SEMU forgets each class in turn, for several seeds,
+data-free and with a share of the retain set; prints mean, std and worst UA, RA, TA and MIA per setting.
+
+    python benchmarks/quality_digits.py [--seeds 0,1,2] [--classes 0-9] [--retain-fractions 0,0.1] [--json F]"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import semu_fast as sf
+from semu_fast import classification as C
+
+GOALS = {0.0: {"UA": 99, "RA": 90}, 0.1: {"UA": 99, "RA": 95, "TA": 95}}
+
+
+def _ints(text):
+    if "-" in text:
+        low, high = map(int, text.split("-"))
+        return list(range(low, high + 1))
+    return [int(t) for t in text.split(",")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    parser.add_argument("--classes", type=_ints, default=list(range(10)))
+    parser.add_argument("--retain-fractions", default="0,0.1")
+    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for fraction in map(float, args.retain_fractions.split(",")):
+        runs = []
+        for seed in args.seeds:
+            task = C.load_task("digits", seed=seed)
+            model = C.original_model(task, cache_dir=args.cache_dir, seed=seed)
+            for cls in args.classes:
+                split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), cls, None,
+                                       fraction, seed)
+                out = C.run(task, model, split, config=sf.SEMUConfig(gamma=args.gamma, seed=seed),
+                            semu_settings={"optimizer": "adam", "lr": args.lr, "epochs": args.epochs},
+                            methods=(), seed=seed, progress=False)
+                runs.append({"seed": seed, "class": cls, "original TA": out["metrics"]["original"]["TA"],
+                             **{k: out["metrics"]["semu"][k] for k in ("UA", "RA", "TA", "MIA", "trainable_share")}})
+                print(json.dumps(runs[-1]), flush=True)
+        row = {"retain fraction": fraction, "runs": len(runs)}
+        for key in ("UA", "RA", "TA", "MIA", "trainable_share", "original TA"):
+            values = [r[key] for r in runs]
+            row[key] = f"{statistics.mean(values):.2f} +- {statistics.pstdev(values):.2f} (worst {min(values):.1f})"
+        goals = GOALS.get(fraction, {})
+        row["goals"] = ", ".join(f"{k} >= {v}: {'met' if statistics.mean(r[k] for r in runs) >= v else 'MISSED'}"
+                                 for k, v in goals.items())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

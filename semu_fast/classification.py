@@ -1,0 +1,325 @@
+"""Classification unlearning as SalUn sets it up: tasks (bundled digits, CIFAR-10/100, any ImageFolder), models
+(the digits CNN, SalUn's CIFAR ResNet-18, torchvision classifiers), checkpoints, the forget/retain/test split, and
+`run`: SEMU and the baselines side by side with SalUn's metrics."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from . import baselines, metrics
+from .config import SEMUConfig
+from .training import accuracy, unlearn
+
+log = logging.getLogger("semu_fast")
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std inside the model, as SalUn's models do (buffers "mean" and "std")."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+def resnet18_cifar(num_classes: int = 10, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
+    """SalUn's CIFAR ResNet-18: torchvision's ResNet-18 with a 3x3 stride-1 stem, no max-pool and the input
+    normalisation as its first module; its state dict keys match SalUn's checkpoints."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class CifarResNet18(ResNet):
+        def __init__(self):
+            super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+            self.normalize = Normalize(mean, std)
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+
+        def forward(self, x):
+            return super().forward(self.normalize(x))
+
+    return CifarResNet18()
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """"digits-cnn", "resnet18-cifar", or any torchvision classification model name (e.g. "resnet50")."""
+    from .digits import digits_cnn
+
+    if arch == "digits-cnn":
+        if in_channels != 1:
+            raise ValueError(f"arch 'digits-cnn' takes 1-channel 8x8 images, the data has {in_channels} channels")
+        return digits_cnn(num_classes)
+    if arch == "resnet18-cifar":
+        return resnet18_cifar(num_classes)
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"arch must be 'digits-cnn', 'resnet18-cifar' or a torchvision classification model "
+                         f"name, got {arch!r}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def load_checkpoint(model: nn.Module, path) -> nn.Module:
+    """Load a plain state dict or a SalUn checkpoint (a dict with "state_dict", e.g. `*.pth.tar`) into model;
+    a DataParallel "module." prefix is stripped. Keys must match exactly (a SalUn model without the normalisation
+    buffers keeps this model's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled objects other than tensors and containers
+        raise ValueError(f"checkpoint {str(path)!r} could not be read as tensors only ({err}); re-save its "
+                         f"state dict with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {str(path)!r} holds no state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    for key in ("normalize.mean", "normalize.std"):
+        if key in own and key not in state:
+            state[key] = own[key]
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or resized:  # checked first: a failed load must not leave the model half-written
+        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, other shapes {[(k, tuple(state[k].shape)) for k in resized[:5]]}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """A classification dataset with its train/test split and the recipe that trains its models."""
+
+    name: str
+    train_set: Dataset
+    test_set: Dataset
+    num_classes: int
+    in_channels: int
+    default_arch: str
+    train_epochs: int = 30        # the recipe for the original model (when trained here) and Retrain
+    train_lr: float = 3e-3
+    train_batch_size: int = 64
+    batch_size: int = 256         # unlearning and evaluation
+
+
+def _image_folder(root: Path, image_size: int):
+    import torchvision
+    from torchvision import transforms
+
+    splits = {}
+    for split, names in (("train", ("train",)), ("test", ("test", "val"))):
+        folder = next((root / n for n in names if (root / n).is_dir()), None)
+        if folder is None:
+            raise FileNotFoundError(f"--data {str(root)!r}: an ImageFolder root needs a 'train' and a 'test' (or "
+                                    f"'val') folder, each with one folder of images per class")
+        splits[split] = torchvision.datasets.ImageFolder(folder, transform=transforms.Compose(
+            [transforms.Resize((image_size, image_size)), transforms.ToTensor()]))
+    if splits["train"].classes != splits["test"].classes:
+        raise ValueError(f"--data {str(root)!r}: train and test hold different classes")
+    return splits["train"], splits["test"], len(splits["train"].classes)
+
+
+def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 0, image_size: int = 32) -> Task:
+    """The task for `dataset` in DATASETS; CIFAR and ImageFolder read from the local root `data` (never download)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if dataset == "digits":
+        from .digits import load_digits_split
+
+        (x_train, y_train), (x_test, y_test) = load_digits_split(seed)
+        return Task("digits", TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), 10, 1, "digits-cnn")
+    if data is None:
+        raise ValueError(f"dataset {dataset!r} needs --data: the local folder that holds it (nothing is downloaded)")
+    data = Path(data)
+    if dataset == "imagefolder":
+        train, test, num_classes = _image_folder(data, image_size)
+        return Task("imagefolder", train, test, num_classes, 3, "resnet18-cifar")
+    import torchvision
+    from torchvision import transforms
+
+    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train, test = (cls(str(data), train=t, download=False, transform=transforms.ToTensor()) for t in (True, False))
+    except RuntimeError as err:
+        raise FileNotFoundError(f"--data {str(data)!r}: no {dataset} there ({err}); put the python version of the "
+                                f"dataset (e.g. cifar-10-batches-py/) in that folder") from None
+    return Task(dataset, train, test, 10 if dataset == "cifar10" else 100, 3, "resnet18-cifar")
+
+
+def targets_of(dataset: Dataset) -> torch.Tensor:
+    """The integer labels of a TensorDataset, a torchvision dataset or a Subset of either, without loading images."""
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets, dtype=torch.long)
+    raise TypeError(f"cannot read the labels of a {type(dataset).__name__} without loading it")
+
+
+@dataclass
+class Split:
+    """Indices into the train set (forget, full retain, the retain subset unlearning may use) and into the test
+    set (the forgotten class removed for class-wise forgetting)."""
+
+    forget: torch.Tensor
+    retain: torch.Tensor
+    retain_subset: Optional[torch.Tensor]
+    test: torch.Tensor
+
+
+def forget_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_class: Optional[int] = None,
+                 num_forget: Optional[int] = None, retain_fraction: float = 0.0, seed: int = 0) -> Split:
+    """SalUn's scenarios: class-wise (every sample of forget_class), a random `num_forget` samples of that class,
+    or a random `num_forget` samples of the whole train set (forget_class None). Seeded."""
+    num_classes = int(max(train_targets.max(), test_targets.max())) + 1
+    if forget_class is None and num_forget is None:
+        raise ValueError("pass forget_class (class-wise forgetting) or num_forget (random forgetting), or both")
+    if forget_class is not None and not 0 <= forget_class < num_classes:
+        raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
+    if not 0.0 <= retain_fraction <= 1.0:
+        raise ValueError(f"retain_fraction must be in [0, 1], got {retain_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    pool = (train_targets == forget_class).nonzero().flatten() if forget_class is not None \
+        else torch.arange(len(train_targets))
+    if num_forget is not None:
+        if not 0 < num_forget <= len(pool):
+            raise ValueError(f"num_forget must be in [1, {len(pool)}] (the samples to choose from), got {num_forget}")
+        pool = pool[torch.randperm(len(pool), generator=generator)[:num_forget]].sort().values
+    in_forget = torch.zeros(len(train_targets), dtype=torch.bool)
+    in_forget[pool] = True
+    retain = (~in_forget).nonzero().flatten()
+    subset = None
+    if retain_fraction > 0:
+        count = max(1, round(retain_fraction * len(retain)))
+        subset = retain[torch.randperm(len(retain), generator=generator)[:count]].sort().values
+    classwise = forget_class is not None and num_forget is None
+    test = (test_targets != forget_class).nonzero().flatten() if classwise else torch.arange(len(test_targets))
+    return Split(pool, retain, subset, test)
+
+
+def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, seed: int = 0,
+                epochs: Optional[int] = None, progress: bool = False, desc: str = "train") -> nn.Module:
+    """A fresh `arch` trained with the task's recipe on its train set (or the train samples at `indices`)."""
+    torch.manual_seed(seed)  # the initial weights
+    model = build_model(arch, task.num_classes, task.in_channels)
+    data = task.train_set if indices is None else Subset(task.train_set, indices.tolist())
+    loader = DataLoader(data, batch_size=task.train_batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    baselines.fit(model, loader, epochs or task.train_epochs, task.train_lr, seed, progress=progress, desc=desc)
+    return model
+
+
+def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cache_dir=None, seed: int = 0,
+                   train_epochs: Optional[int] = None, progress: bool = False) -> nn.Module:
+    """The model to unlearn from: `checkpoint` when given; else the one cached under cache_dir; else trained here
+    (digits always; other tasks only with train_epochs, as a ResNet on CIFAR takes hours on a CPU) and cached."""
+    arch = arch or task.default_arch
+    model = build_model(arch, task.num_classes, task.in_channels)
+    if checkpoint is not None:
+        return load_checkpoint(model, checkpoint)
+    path = Path(cache_dir) / f"{task.name}-{arch}-seed{seed}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        log.info("loaded the original model from %s", path)
+        return load_checkpoint(model, path)
+    if task.name != "digits" and train_epochs is None:
+        raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
+                         f".pth.tar) or --train-epochs N to train one here")
+    model = train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress, desc="train original")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+# --- the side-by-side run -----------------------------------------------------------------------------------------
+
+@dataclass
+class Loaders:
+    forget: DataLoader            # shuffled: what unlearning trains on
+    retain_subset: Optional[DataLoader]
+    forget_eval: DataLoader       # unshuffled: what metrics read
+    retain_eval: DataLoader
+    test_eval: DataLoader
+
+
+def make_loaders(task: Task, split: Split, seed: int = 0, batch_size: Optional[int] = None) -> Loaders:
+    batch_size = batch_size or task.batch_size
+
+    def loader(dataset, idx, shuffle=False):
+        return DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+    subset = loader(task.train_set, split.retain_subset, True) if split.retain_subset is not None else None
+    return Loaders(loader(task.train_set, split.forget, True), subset, loader(task.train_set, split.forget),
+                   loader(task.train_set, split.retain), loader(task.test_set, split.test))
+
+
+def _epoch_hook(loaders: Loaders):
+    """Per-epoch forget and retain accuracy for the accuracy-per-epoch plot."""
+    def hook(epoch, model):
+        return {"forget_acc": accuracy(model, loaders.forget_eval), "retain_acc": accuracy(model, loaders.retain_eval)}
+    return hook
+
+
+def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_settings: Optional[dict] = None,
+        methods=("ft", "ga", "rl"), baseline_settings: Optional[dict] = None,
+        retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0, progress: bool = True) -> dict:
+    """SEMU and `methods` (baselines.METHODS keys) each on their own copy of `model` (never changed), evaluated with
+    SalUn's metrics. retrain: a callable returning the Retrain model (trained here or loaded); with it every method
+    gets its "avg_gap". Returns {"metrics": {method: {UA, RA, TA, MIA, trainable_share, seconds}}, "history":
+    {method: per-epoch list}, "semu_report": SEMUReport.to_dict(), "semu_model": the SEMUModel}; FT is skipped
+    without retain data."""
+    unknown = [m for m in methods if m not in baselines.METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {', '.join(baselines.METHODS)}, got {unknown}")
+    loaders = make_loaders(task, split, seed)
+    hook = _epoch_hook(loaders)
+    evaluate = lambda m: metrics.evaluate(m, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)  # noqa
+    results, history = {}, {}
+
+    results["original"] = {**evaluate(model), "trainable_share": 0.0, "seconds": 0.0}
+    start = time.perf_counter()
+    semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, loaders.retain_subset, config=config,
+                                 progress=progress, on_epoch=hook, **(semu_settings or {}))
+    seconds = time.perf_counter() - start
+    results["semu"] = {**evaluate(semu_model), "trainable_share": report.trainable_share, "seconds": seconds}
+    history["semu"] = report.training.get("history", [])
+    for method in methods:
+        settings = {**baselines.DEFAULTS[method], **(baseline_settings or {}).get(method, {})}
+        if method == "ft" and loaders.retain_subset is None:
+            log.warning("FT skipped: it fine-tunes on retain data and the retain fraction is 0")
+            continue
+        candidate = copy.deepcopy(model)
+        start = time.perf_counter()
+        history[method] = baselines.METHODS[method](candidate, loaders.forget, loaders.retain_subset, seed=seed,
+                                                    on_epoch=hook, progress=progress, **settings)
+        results[method] = {**evaluate(candidate), "trainable_share": 100.0, "seconds": time.perf_counter() - start}
+    if retrain is not None:
+        start = time.perf_counter()
+        retrained = retrain()
+        results["retrain"] = {**evaluate(retrained), "trainable_share": 100.0,
+                              "seconds": time.perf_counter() - start}
+        for entry in results.values():
+            entry["avg_gap"] = metrics.avg_gap(entry, results["retrain"])
+    return {"metrics": results, "history": history, "semu_report": report.to_dict(), "semu_model": semu_model}

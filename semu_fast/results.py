@@ -1,0 +1,88 @@
+"""What a classification run leaves behind: metrics.json (method -> UA, RA, TA, MIA, trainable_share, seconds
+[, avg_gap]), run.json (the scenario, per-epoch histories, SEMU's per-layer report), report.md and the plots;
+and the table the command prints. `render` rebuilds report.md and the plots from the two JSON files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import plots
+from .io import _atomic_write
+
+COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"),
+           ("trainable_share", "trainable %"), ("seconds", "seconds"))
+FIGURES = {"accuracy_per_epoch.png": ("history", plots.accuracy_per_epoch),
+           "spectra.png": ("semu_report", plots.spectra),
+           "trainable_share.png": ("semu_report", plots.trainable_share)}
+
+
+def _columns(metrics: dict):
+    return [(key, title) for key, title in COLUMNS if any(key in m for m in metrics.values())]
+
+
+def format_table(metrics: dict) -> str:
+    """Fixed-width text: one row per method, percentages with 2 decimals."""
+    columns = _columns(metrics)
+    rows = [f"{'method':10s}" + "".join(f"{title:>12s}" for _, title in columns)]
+    for method, values in metrics.items():
+        rows.append(f"{method:10s}" + "".join(f"{values[key]:12.2f}" if key in values else f"{'':>12s}"
+                                              for key, _ in columns))
+    return "\n".join(rows)
+
+
+def markdown_table(metrics: dict) -> str:
+    columns = _columns(metrics)
+    lines = ["| method | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for method, values in metrics.items():
+        cells = [f"{values[key]:.2f}" if key in values else "" for key, _ in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _report_md(metrics: dict, run: dict, figures: list[str]) -> str:
+    scenario = run.get("scenario", {})
+    semu = run.get("semu_report", {})
+    lines = ["# SEMU unlearning report", "",
+             "Scenario: " + ", ".join(f"{k} = {v}" for k, v in scenario.items()), "",
+             "Metrics in percent, as SalUn computes them: UA = 100 - forget accuracy, RA = retain accuracy, "
+             "TA = test accuracy (the forgotten class removed for class-wise forgetting), MIA = MIA-efficacy (share "
+             "of forget samples an SVC on confidence calls non-members). Avg. Gap: mean |difference| to Retrain "
+             "over those four. Trainable %: share of all weights the method trains.", "",
+             markdown_table(metrics), ""]
+    if semu.get("layers"):
+        lines += ["## SEMU per layer", "", "| layer | kind | shape | gamma | k | captured variance | trainable |",
+                  "|---|---|---|---|---|---|---|"]
+        for layer in semu["layers"]:
+            lines.append(f"| {layer['name']} | {layer['kind']} | {tuple(layer['shape'])} | {layer['gamma']:g} | "
+                         f"{layer['k']} | {layer['captured_variance']:.4f} | {layer['trainable_params']} |")
+        lines += ["", f"Trainable: {semu.get('trainable_params', 0)} of {semu.get('total_params', 0)} parameters "
+                      f"({semu.get('trainable_share', 0):.3f}%).", ""]
+    for name in figures:
+        lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
+    return "\n".join(lines)
+
+
+def render(out) -> list[str]:
+    """Write report.md and the figures in folder `out` from its metrics.json and run.json; returns the files."""
+    out = Path(out)
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+        run = json.loads((out / "run.json").read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{str(out)!r} is not a semu-fast results folder: {err.filename} is missing") from None
+    figures = [name for name, (key, draw) in FIGURES.items() if draw(run.get(key, {}), out / name)]
+    text = _report_md(metrics, run, figures)
+    _atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
+    return ["report.md", *figures]
+
+
+def write(out, result: dict, scenario: dict) -> list[str]:
+    """Write everything for `result` (classification.run's return value) into folder `out`; returns the files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"scenario": scenario, "history": result["history"], "semu_report": result["semu_report"]}
+    for name, data in (("metrics.json", result["metrics"]), ("run.json", run)):
+        text = json.dumps(data, indent=2)
+        _atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
+    return ["metrics.json", "run.json", *render(out)]

@@ -1,0 +1,265 @@
+"""The classification workflow: SalUn's metrics, scenarios, models and checkpoints, baselines, the side-by-side run
+and what it writes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import semu_fast as sf
+from semu_fast import baselines, classification as C, metrics, results
+from helpers import assert_same_state, small_cnn, snapshot
+
+
+def toy_task(n_train=120, n_test=60, num_classes=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 3, 6, 6, generator=gen)
+    y = torch.arange(n_train + n_test) % num_classes
+    x += y.view(-1, 1, 1, 1) * 0.5  # learnable: the label shifts the mean
+    train, test = TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+    return C.Task("toy", train, test, num_classes, 3, "resnet18-cifar", train_epochs=3, batch_size=32)
+
+
+def trained_small_cnn(task):
+    model = small_cnn()
+    baselines.fit(model, DataLoader(task.train_set, batch_size=32, shuffle=True,
+                                    generator=torch.Generator().manual_seed(0)), epochs=15, lr=1e-2)
+    return model
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+def test_mia_efficacy_matches_salun_formula_computed_independently():
+    from sklearn.svm import SVC
+
+    task = toy_task()
+    model = trained_small_cnn(task)
+    x_tr, y_tr = task.train_set.tensors
+    x_te, y_te = task.test_set.tensors
+    forget = (x_tr[:20], y_tr[:20])
+    retain = (x_tr[20:], y_tr[20:])
+
+    def conf(x, y):
+        with torch.no_grad():
+            return torch.softmax(model.eval()(x).double(), -1)[torch.arange(len(y)), y].numpy()
+
+    members = conf(*retain)[:len(y_te)]  # SalUn: the first len(test) retain samples
+    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(
+        np.concatenate([members, conf(x_te, y_te)]).reshape(-1, 1),
+        np.concatenate([np.ones(len(members)), np.zeros(len(y_te))]))
+    expected = 100 * (1 - clf.predict(conf(*forget).reshape(-1, 1)).mean())
+    loader = lambda x, y: DataLoader(TensorDataset(x, y), batch_size=7)  # noqa: E731
+    got = metrics.mia_efficacy(model, loader(*retain), loader(x_te, y_te), loader(*forget))
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_svc_mia_separates_members_from_non_members():
+    rng = np.random.default_rng(0)
+    members, non_members = rng.uniform(0.9, 1.0, 200), rng.uniform(0.0, 0.5, 200)
+    assert metrics.svc_mia(members, non_members, rng.uniform(0.9, 1.0, 50)) < 0.05   # looks like training data
+    assert metrics.svc_mia(members, non_members, rng.uniform(0.0, 0.5, 50)) > 0.95   # looks unseen: forgotten
+    with pytest.raises(ValueError, match="needs members"):
+        metrics.svc_mia(members, np.empty(0), members)
+
+
+def test_evaluate_and_avg_gap():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    loader = DataLoader(task.test_set, batch_size=16)
+    m = metrics.evaluate(model, loader, loader, loader)
+    assert set(m) == {"UA", "RA", "TA", "MIA"}
+    assert m["UA"] == pytest.approx(100 - m["TA"]) and m["RA"] == m["TA"]
+    assert all(0 <= v <= 100 for v in m.values())
+    assert metrics.avg_gap({"UA": 10, "RA": 90, "TA": 80, "MIA": 20}, {"UA": 14, "RA": 92, "TA": 80, "MIA": 10}) \
+        == pytest.approx(4.0)
+
+
+# --- scenarios ----------------------------------------------------------------------------------------------------
+
+def test_classwise_split_forgets_the_class_and_drops_it_from_the_test_set():
+    train, test = torch.arange(100) % 4, torch.arange(40) % 4
+    s = C.forget_split(train, test, forget_class=2)
+    assert (train[s.forget] == 2).all() and len(s.forget) == 25
+    assert not (train[s.retain] == 2).any() and len(s.retain) == 75
+    assert s.retain_subset is None
+    assert not (test[s.test] == 2).any() and len(s.test) == 30
+
+
+def test_random_splits_are_seeded_and_disjoint():
+    train, test = torch.arange(100) % 4, torch.arange(40) % 4
+    s = C.forget_split(train, test, num_forget=10, retain_fraction=0.2, seed=3)
+    assert len(s.forget) == 10 and len(s.test) == 40  # random forgetting keeps the whole test set
+    assert len(set(s.forget.tolist()) | set(s.retain.tolist())) == 100
+    assert not set(s.forget.tolist()) & set(s.retain.tolist())
+    assert len(s.retain_subset) == 18 and set(s.retain_subset.tolist()) <= set(s.retain.tolist())
+    again = C.forget_split(train, test, num_forget=10, retain_fraction=0.2, seed=3)
+    assert torch.equal(s.forget, again.forget) and torch.equal(s.retain_subset, again.retain_subset)
+    assert not torch.equal(s.forget, C.forget_split(train, test, num_forget=10, seed=4).forget)
+    within = C.forget_split(train, test, forget_class=1, num_forget=5)
+    assert len(within.forget) == 5 and (train[within.forget] == 1).all() and len(within.test) == 40
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "pass forget_class"), ({"forget_class": 4}, "forget_class must be in"),
+    ({"forget_class": 0, "num_forget": 26}, "num_forget must be in"),
+    ({"forget_class": 0, "retain_fraction": 1.5}, "retain_fraction must be in")])
+def test_bad_scenarios_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        C.forget_split(torch.arange(100) % 4, torch.arange(40) % 4, **kwargs)
+
+
+# --- models, checkpoints and data ---------------------------------------------------------------------------------
+
+def test_salun_resnet18_has_the_cifar_stem_and_loads_salun_checkpoints(tmp_path):
+    model = C.resnet18_cifar(10)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    state = model.state_dict()
+    assert {"normalize.mean", "normalize.std", "fc.weight", "layer4.1.conv2.weight"} <= set(state)
+
+    torch.manual_seed(1)
+    source = C.resnet18_cifar(10)
+    # SalUn saves {"state_dict": ..., ...}; DataParallel adds "module."
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
+               tmp_path / "model_SA_best.pth.tar")
+    loaded = C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "model_SA_best.pth.tar")
+    assert_same_state(loaded, snapshot(source))
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    assert_same_state(C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "plain.pt"), snapshot(source))
+
+
+def test_bad_checkpoints_are_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "missing.pt")
+    torch.save(C.resnet18_cifar(100).state_dict(), tmp_path / "cifar100.pt")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "cifar100.pt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": object.__new__(C.Split)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="tensors only"):
+        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "pickled.pt")
+
+
+def test_build_model_knows_torchvision_names_and_refuses_others():
+    assert C.build_model("resnet18", 7).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 7)
+    with pytest.raises(ValueError, match="arch must be"):
+        C.build_model("no-such-net", 10)
+    with pytest.raises(ValueError, match="1-channel"):
+        C.build_model("digits-cnn", 10, in_channels=3)
+
+
+def make_image_folder(root, classes=3, per_class=6, size=10):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(rng.normal(60 * c + 40, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_task_reads_local_folders(tmp_path):
+    task = C.load_task("imagefolder", make_image_folder(tmp_path / "imgs"), image_size=8)
+    assert task.num_classes == 3 and len(task.train_set) == 18 and len(task.test_set) == 18
+    x, y = task.train_set[0]
+    assert x.shape == (3, 8, 8) and C.targets_of(task.train_set).tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    with pytest.raises(FileNotFoundError, match="needs a 'train' and a 'test'"):
+        C.load_task("imagefolder", tmp_path / "imgs" / "train")
+
+
+def test_cifar_and_unknown_datasets_fail_clearly_without_downloading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no cifar10 there"):
+        C.load_task("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="needs --data"):
+        C.load_task("cifar100")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        C.load_task("mnist")
+
+
+def test_original_model_is_trained_once_then_cached(tmp_path):
+    task = toy_task()
+    with pytest.raises(ValueError, match="pass --checkpoint"):
+        C.original_model(task, "resnet18", cache_dir=tmp_path)
+    model = C.original_model(task, "resnet18", cache_dir=tmp_path, train_epochs=1)
+    assert (tmp_path / "toy-resnet18-seed0.pt").exists()
+    assert_same_state(C.original_model(task, "resnet18", cache_dir=tmp_path), snapshot(model))
+
+
+# --- baselines ----------------------------------------------------------------------------------------------------
+
+def test_baselines_move_the_model_the_way_they_should():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    forget = DataLoader(TensorDataset(*[t[:30] for t in task.train_set.tensors]), batch_size=10)
+    retain = DataLoader(TensorDataset(*[t[30:] for t in task.train_set.tensors]), batch_size=30)
+    before = 100 - sf.training.accuracy(model, forget)
+    ga = C.copy.deepcopy(model)
+    history = baselines.gradient_ascent(ga, forget, None, epochs=3, lr=1e-2)
+    assert len(history) == 3 and 100 - sf.training.accuracy(ga, forget) > before
+    rl = C.copy.deepcopy(model)
+    baselines.random_labels(rl, forget, retain, epochs=3, lr=1e-2,
+                            on_epoch=lambda e, m: {"seen": e})
+    assert not torch.equal(rl[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match="FT needs retain data"):
+        baselines.finetune(C.copy.deepcopy(model), forget, None, epochs=1, lr=1e-3)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        baselines.gradient_ascent(C.copy.deepcopy(model), forget, None, epochs=1, lr=0)
+
+
+# --- the side-by-side run and its files ---------------------------------------------------------------------------
+
+def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp_path):
+    task = toy_task()
+    model = trained_small_cnn(task)
+    saved = snapshot(model)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=1,
+                           retain_fraction=0.25)
+    out = C.run(task, model, split, config=sf.SEMUConfig(gamma=0.9), methods=("ft", "ga", "rl"),
+                semu_settings={"optimizer": "adam", "lr": 1e-2, "epochs": 2},
+                baseline_settings={m: {"epochs": 1} for m in ("ft", "ga", "rl")},
+                retrain=lambda: trained_small_cnn(task), progress=False)
+    assert_same_state(model, saved)
+    table = out["metrics"]
+    assert list(table) == ["original", "semu", "ft", "ga", "rl", "retrain"]
+    for method, values in table.items():
+        assert {"UA", "RA", "TA", "MIA", "trainable_share", "seconds", "avg_gap"} <= set(values)
+        assert all(np.isfinite(v) for v in values.values())
+    assert table["retrain"]["avg_gap"] == 0
+    assert 0 < table["semu"]["trainable_share"] < 100 and table["original"]["trainable_share"] == 0
+    assert [e["epoch"] for e in out["history"]["semu"]] == [1, 2]
+    assert {"forget_acc", "retain_acc"} <= set(out["history"]["rl"][0])
+    layer = out["semu_report"]["layers"][0]
+    assert layer["singular_values"] and layer["total_energy"] > 0
+
+    files = results.write(tmp_path, out, {"dataset": "toy"})
+    for name in ("metrics.json", "run.json", "report.md", "accuracy_per_epoch.png", "spectra.png",
+                 "trainable_share.png"):
+        assert name in files and (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == table  # floats survive JSON exactly
+    report = (tmp_path / "report.md").read_text()
+    assert "| semu |" in report and "Avg. Gap" in report and "![spectra](spectra.png)" in report
+    (tmp_path / "report.md").unlink()
+    assert results.render(tmp_path)[0] == "report.md" and (tmp_path / "report.md").read_text() == report
+    assert "semu" in results.format_table(table)
+
+
+def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=0)
+    out = C.run(task, model, split, config=sf.SEMUConfig(), methods=("ft",),
+                semu_settings={"epochs": 1}, progress=False)
+    assert list(out["metrics"]) == ["original", "semu"]
+    with pytest.raises(ValueError, match="methods must be among"):
+        C.run(task, model, split, config=sf.SEMUConfig(), methods=("salun",), progress=False)
+
+
+def test_render_names_a_folder_that_is_not_a_results_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a semu-fast results folder"):
+        results.render(tmp_path)
