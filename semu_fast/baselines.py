@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .training import _interleave, _check_training_args, random_label_loss, true_label_loss
+from .training import _interleave, check_training_args, random_label_loss, true_label_loss
 
 BASELINES = ("ft", "ga", "rl", "retrain")
 # Adam settings that unlearn the bundled digits task without wrecking it (see README's table); override per run.
@@ -27,7 +27,7 @@ def _ascent_loss(model, batch, generator):
 
 def _run(model: nn.Module, forget: Optional[Iterable], retain: Optional[Iterable], forget_loss, epochs: int,
          lr: float, seed: int, on_epoch: EpochHook, progress: bool, desc: str) -> list[dict]:
-    _check_training_args("adam", lr, epochs, 0.0, 0.0)
+    check_training_args("adam", lr, epochs, 0.0, 0.0)
     torch.manual_seed(seed)  # dropout and any other global randomness of the model
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]

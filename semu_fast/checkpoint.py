@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .io import _atomic_write, save_adapters
+from .io import atomic_write, save_adapters
 
 FORMAT = "semu_fast.training_state/1"
 STATE_NAME = "training_state.pt"
@@ -80,7 +80,7 @@ class Checkpoint:
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
             "buffers": {n: b.detach().cpu() for n, b in semu_model.named_buffers() if not _is_adapter_factor(n)},
         }
-        _atomic_write(self.folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
 
     @staticmethod
     def restore(state: dict, semu_model, optimizer, generator: torch.Generator) -> dict:

@@ -8,38 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from semu_fast import cli_args, cli_diffusion, cli_llm
+from semu_fast.cli_args import fraction, gamma, positive
+
 log = logging.getLogger("semu_fast")
-
-
-def _gamma(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def _default_cache() -> Path:
-    return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def _methods(text: str) -> tuple:
@@ -154,19 +129,19 @@ def _data_flags() -> argparse.ArgumentParser:
                    help="digits is bundled with scikit-learn; the others read --data (nothing is downloaded)")
     g.add_argument("--data", type=Path, default=None, help="local root of CIFAR (python version) or an ImageFolder "
                    "with train/ and test/ (or val/)")
-    g.add_argument("--image-size", type=_positive(int), default=32, help="ImageFolder images are resized to this")
+    g.add_argument("--image-size", type=positive(int), default=32, help="ImageFolder images are resized to this")
     g.add_argument("--arch", default=None, help="digits-cnn, resnet18-cifar (SalUn's) or a torchvision model name; "
                    "default: digits-cnn for digits, resnet18-cifar otherwise")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="the trained model: a state dict or a SalUn checkpoint (.pth.tar with 'state_dict')")
-    g.add_argument("--train-epochs", type=_positive(int), default=None,
+    g.add_argument("--train-epochs", type=positive(int), default=None,
                    help="train the original (and Retrain) here for this many epochs when there is no checkpoint")
     g.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"where models trained here are cached (default {_default_cache()})")
+                   help=f"where models trained here are cached (default {cli_args.default_cache()})")
     g = p.add_argument_group("scenario (as SalUn)")
     g.add_argument("--forget-class", type=int, default=None, metavar="C",
                    help="class-wise forgetting of class C (default 0 unless --num-forget is given alone)")
-    g.add_argument("--num-forget", type=_positive(int), default=None, metavar="N",
+    g.add_argument("--num-forget", type=positive(int), default=None, metavar="N",
                    help="forget N random samples (of class C when --forget-class is given too)")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the models trained here and SEMU")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -179,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = _data_flags()
     un = sub.add_parser("unlearn", parents=[data], help="forget with SEMU next to the baselines, write a report "
                         "(default: the bundled digits)")
-    un.add_argument("--retain-fraction", type=_fraction, default=0.0, metavar="F",
+    un.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
                     help="share of the retain set unlearning may use (0 = data-free, the default)")
-    un.add_argument("--gamma", type=_gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    un.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
     un.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    un.add_argument("--lr", type=_positive(float), default=5e-3, help="SEMU's learning rate for R")
-    un.add_argument("--epochs", type=_positive(int), default=15, help="SEMU's epochs over the forget set")
+    un.add_argument("--lr", type=positive(float), default=5e-3, help="SEMU's learning rate for R")
+    un.add_argument("--epochs", type=positive(int), default=15, help="SEMU's epochs over the forget set")
     un.add_argument("--baselines", type=_methods, default=("ft", "ga", "rl"),
                     help="comma-separated among ft, ga, rl, or 'none' (default ft,ga,rl)")
     un.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=None,
@@ -203,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_report)
     info = sub.add_parser("info", help="which backend serves each op here, and why the others do not")
     info.set_defaults(func=_info)
+    cli_llm.register(sub)
+    cli_diffusion.register(sub)
     return parser
 
 
@@ -210,7 +187,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "cache_dir", "unset") is None:
-        args.cache_dir = _default_cache()
+        args.cache_dir = cli_args.default_cache()
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(name)s: %(message)s")
     command = parser._subparsers._group_actions[0].choices[args.command]

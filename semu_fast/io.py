@@ -23,7 +23,7 @@ WEIGHTS_NAME = "adapters.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -46,8 +46,8 @@ def save_adapters(semu_model: SEMUModel, path) -> None:
                         "shape": list(adapter.base_layer.weight.shape), "k": adapter.rank, "ranks": adapter.ranks}
     config = {"format": FORMAT, "semu_config": semu_model.config.to_dict(), "layers": layers,
               "report": semu_model.report.to_dict()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def _read(folder: Path):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from . import plots
-from .io import _atomic_write
+from .io import atomic_write
 
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"),
            ("trainable_share", "trainable %"), ("seconds", "seconds"))
@@ -73,7 +73,7 @@ def render(out) -> list[str]:
         raise FileNotFoundError(f"{str(out)!r} is not a semu-fast results folder: {err.filename} is missing") from None
     figures = [name for name, (key, draw) in FIGURES.items() if draw(run.get(key, {}), out / name)]
     text = _report_md(metrics, run, figures)
-    _atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
     return ["report.md", *figures]
 
 
@@ -84,5 +84,5 @@ def write(out, result: dict, scenario: dict) -> list[str]:
     run = {"scenario": scenario, "history": result["history"], "semu_report": result["semu_report"]}
     for name, data in (("metrics.json", result["metrics"]), ("run.json", run)):
         text = json.dumps(data, indent=2)
-        _atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
+        atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
     return ["metrics.json", "run.json", *render(out)]

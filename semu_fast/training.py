@@ -81,7 +81,7 @@ def _average_gradients(params: list[torch.Tensor], group: distributed_setup.Grou
         g.div_(group.size)
 
 
-def _check_training_args(optimizer, lr, epochs, momentum, weight_decay):
+def check_training_args(optimizer, lr, epochs, momentum, weight_decay):
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
     for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, None), ("weight_decay", weight_decay, None)):
@@ -118,7 +118,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     distributed, process_group: as in prepare; while training R the gradients of R are averaged across ranks at
     every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()
-    _check_training_args(optimizer, lr, epochs, momentum, weight_decay)
+    check_training_args(optimizer, lr, epochs, momentum, weight_decay)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive int or None, got {patience!r}")
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {"optimizer": optimizer, "lr": lr,

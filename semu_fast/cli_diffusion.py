@@ -1,0 +1,208 @@
+"""`semu-fast unlearn-ddpm` and `semu-fast unlearn-sd`: SEMU on diffusion models (diffusers).
+
+    semu-fast unlearn-ddpm --forget-class 3 --out ddpm_out
+    semu-fast unlearn-sd --model ./sd-folder --forget-prompt "a photo of a cat" --anchor-prompt "a photo" --out sd_out
+
+unlearn-ddpm: the embedded digits DDPM (a tiny class-conditional UNet2DModel trained on scikit-learn's 8x8 digits,
+cached) forgets --forget-class; a digits classifier labels samples of every class before and after; writes
+out/metrics.json and out/adapters (sf.load_adapters). unlearn-sd: concept removal on a local Stable-Diffusion-style
+folder (unet/, text_encoder/, tokenizer/; scheduler/ optional); writes out/metrics.json, out/adapters and, with
+--save-unet, the merged UNet in out/unet. Nothing is downloaded."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from semu_fast.cli_args import default_cache, gamma, layers, non_negative, positive, settings, write_json
+
+log = logging.getLogger("semu_fast")
+
+
+def _quiet(args) -> None:
+    if args.quiet:
+        logging.getLogger("semu_fast").setLevel(logging.WARNING)
+        try:
+            from diffusers.utils import logging as diffusers_logging
+            diffusers_logging.set_verbosity_error()
+            diffusers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _require(parser, *modules) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            parser.error(f"this command needs the {module} package: pip install {module}")
+
+
+def register(subparsers) -> dict:
+    """Add the `unlearn-ddpm` and `unlearn-sd` subcommands to an argparse subparsers object; returns
+    {name: parser}."""
+    from semu_fast.diffusion import DIGITS_TRAIN_STEPS, SD_PRESETS
+
+    ddpm = subparsers.add_parser("unlearn-ddpm", help="forget a class of the embedded digits DDPM with SEMU",
+                                 description="The embedded digits DDPM forgets --forget-class with SEMU; a digits "
+                                 "classifier labels generated samples before and after.")
+    g = ddpm.add_argument_group("model")
+    g.add_argument("--forget-class", type=int, default=0, help="digit to forget (default 0)")
+    g.add_argument("--cache-dir", type=Path, default=None, help="where the trained DDPM and classifier are cached "
+                   "(default $SEMU_FAST_CACHE or ~/.cache/semu_fast)")
+    g.add_argument("--train-steps", type=positive(int), default=DIGITS_TRAIN_STEPS,
+                   help=f"training steps of the digits DDPM when it is not cached (default {DIGITS_TRAIN_STEPS})")
+    g.add_argument("--classifier", type=Path, default=None, metavar="FILE",
+                   help="state dict of semu_fast.digits.digits_cnn to label samples (default: the cached one, "
+                   "trained here the first time)")
+    g = ddpm.add_argument_group("SEMU")
+    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
+                   "(default 1.0: full rank, as the official DDPM code)")
+    g.add_argument("--alpha", type=non_negative, default=1.0,
+                   help="weight of the remain loss (standard loss on the other classes); 0: forget loss only")
+    g.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate for R (default 1e-3)")
+    g.add_argument("--steps", type=positive(int), default=300,
+                   help="optimizer steps, rounded up to whole passes over the forget class (official: 1000)")
+    g.add_argument("--batch-size", type=positive(int), default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g = ddpm.add_argument_group("evaluation")
+    g.add_argument("--samples-per-class", type=positive(int), default=50)
+    g.add_argument("--inference-steps", type=positive(int), default=50, help="DDIM steps per sample")
+    g.add_argument("--guidance-scale", type=non_negative, default=1.0,
+                   help="classifier-free guidance of the samples (default 1: none)")
+    g.add_argument("--out", type=Path, default=Path("semu_fast_ddpm_out"),
+                   help="folder for metrics.json and adapters/ (default ./semu_fast_ddpm_out)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    ddpm.set_defaults(func=run_ddpm)
+
+    sd = subparsers.add_parser("unlearn-sd", help="remove a concept from a local Stable Diffusion UNet with SEMU",
+                               description="Concept removal: the noise prediction under the forget prompt is "
+                               "pulled towards the prediction under the anchor prompt; only the preset's layers "
+                               "change.")
+    g = sd.add_argument_group("model and prompts")
+    g.add_argument("--model", type=Path, required=True, help="local folder with unet/, text_encoder/ and "
+                   "tokenizer/ subfolders (scheduler/ optional), as a diffusers pipeline saves them")
+    g.add_argument("--forget-prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt of the concept to remove; repeat for several")
+    g.add_argument("--anchor-prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt to steer to (paired with the forget prompts when as many, else one or random); "
+                   "default: the empty prompt")
+    g.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda when available)")
+    g = sd.add_argument_group("SEMU")
+    g.add_argument("--preset", choices=tuple(SD_PRESETS), default="xattn",
+                   help="layers to change: xattn (every attn2 projection), xattn-kv (attn2.to_k/to_v), all")
+    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    g.add_argument("--attention-gamma", type=gamma, default=None,
+                   help="gamma of the attention projections (default: same as --gamma)")
+    g.add_argument("--num-latents", type=positive(int), default=16,
+                   help="latents of the concept, sampled from the frozen UNet under the forget prompts")
+    g.add_argument("--sample-steps", type=positive(int), default=20, help="DDIM steps to sample them")
+    g.add_argument("--guidance", type=non_negative, default=7.5,
+                   help="guidance scale for sampling the latents and in the gradient pass (official 7.5)")
+    g.add_argument("--lr", type=positive(float), default=1e-5, help="Adam learning rate for R (official 1e-5)")
+    g.add_argument("--epochs", type=positive(int), default=5)
+    g.add_argument("--batch-size", type=positive(int), default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g = sd.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("semu_fast_sd_out"),
+                   help="folder for metrics.json, adapters/ (and unet/) (default ./semu_fast_sd_out)")
+    g.add_argument("--save-unet", action="store_true", help="also save the UNet with R merged in, out/unet")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    sd.set_defaults(func=run_sd)
+    return {"unlearn-ddpm": ddpm, "unlearn-sd": sd}
+
+
+def run_ddpm(args, parser) -> int:
+    import torch
+
+    from semu_fast import diffusion as D
+    from semu_fast.digits import digits_cnn, pretrained_digits_cnn
+
+    _require(parser, "diffusers")
+    _quiet(args)
+    if not 0 <= args.forget_class < D.DIGITS_NUM_CLASSES:
+        parser.error(f"argument --forget-class: must be in [0, {D.DIGITS_NUM_CLASSES}), got {args.forget_class}")
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
+    if args.classifier is not None:
+        classifier = digits_cnn()
+        try:
+            classifier.load_state_dict(torch.load(args.classifier, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError) as err:
+            parser.error(f"argument --classifier: cannot load a digits_cnn state dict from {args.classifier} "
+                         f"({err})")
+    else:
+        classifier = pretrained_digits_cnn(cache_dir, args.seed, progress=not args.quiet)
+    classifier.eval()
+    torch.manual_seed(args.seed)
+    unet, scheduler = D.pretrained_digits_ddpm(cache_dir, args.seed, args.train_steps, progress=not args.quiet)
+    evaluate = dict(samples_per_class=args.samples_per_class, num_inference_steps=args.inference_steps,
+                    guidance_scale=args.guidance_scale, seed=args.seed)
+    before = D.classifier_metrics(unet, scheduler, classifier, args.forget_class, **evaluate)
+    forget, remain = D.digits_loaders(args.seed, args.forget_class, args.batch_size)
+    semu_model, report = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
+                                        remain if args.alpha > 0 else None, num_classes=D.DIGITS_NUM_CLASSES,
+                                        alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
+                                        lr=args.lr, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    after = D.classifier_metrics(semu_model, scheduler, classifier, args.forget_class, **evaluate)
+    args.out.mkdir(parents=True, exist_ok=True)
+    semu_model.save_adapters(args.out / "adapters")
+    metrics = {"forget_class_rate_before": before["forget_class_rate"],
+               "forget_class_rate_after": after["forget_class_rate"],
+               "other_accuracy_before": before["other_accuracy"], "other_accuracy_after": after["other_accuracy"],
+               "other_accuracy_drop": before["other_accuracy"] - after["other_accuracy"],
+               "per_class_accuracy_before": before["per_class_accuracy"],
+               "per_class_accuracy_after": after["per_class_accuracy"],
+               "trainable_params": report.trainable_params, "total_params": report.total_params}
+    write_json(args.out / "metrics.json", {"settings": settings(args), "metrics": metrics, "layers": layers(report),
+                                           "training": report.training, "timings": report.timings})
+    print(f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}")
+    print(f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
+          f"{after['forget_class_rate']:8.1f}")
+    print(f"{'other classes':36s} {before['other_accuracy']:8.1f} {after['other_accuracy']:8.1f}")
+    print(f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers")
+    print(f"wrote metrics.json, adapters/ to {args.out}")
+    return 0
+
+
+def run_sd(args, parser) -> int:
+    from semu_fast import diffusion as D
+
+    _require(parser, "diffusers", "transformers")
+    _quiet(args)
+    if args.quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+    try:
+        unet, text_encoder, tokenizer, scheduler = D.load_sd(args.model, args.device)
+    except (OSError, ValueError) as err:
+        parser.error(f"argument --model: {err}")
+    anchors = args.anchor_prompt if args.anchor_prompt is not None else [""]
+    try:
+        semu_model, report, metrics = D.unlearn_sd(
+            unet, scheduler, text_encoder, tokenizer, args.forget_prompt, anchors, num_latents=args.num_latents,
+            sample_steps=args.sample_steps, sample_guidance=args.guidance, preset=args.preset, gamma=args.gamma,
+            attention_gamma=args.attention_gamma, gradient_guidance=args.guidance, lr=args.lr, epochs=args.epochs,
+            batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    except ValueError as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    semu_model.save_adapters(args.out / "adapters")
+    files = ["metrics.json", "adapters/"]
+    write_json(args.out / "metrics.json", {"settings": {**settings(args), "anchor_prompt": anchors}, "metrics": metrics,
+                                           "layers": layers(report), "training": report.training,
+                                           "timings": report.timings})
+    if args.save_unet:
+        semu_model.merge_and_unload().save_pretrained(args.out / "unet")
+        files.append("unet/")
+    print(f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
+          f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}")
+    print(f"trainable: {report.trainable_params} parameters in {len(metrics['adapted_layers'])} layers "
+          f"(preset {args.preset})")
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0

@@ -1,0 +1,116 @@
+"""`semu-fast unlearn-llm`: SEMU on a local transformers causal LM, forgetting the texts of a file.
+
+    semu-fast unlearn-llm --model ./my-llama --forget-texts forget.txt --retain-texts retain.txt --out out --lora
+
+writes out/adapters (sf.load_adapters), out/metrics.json (forget and retain perplexity before and after, settings,
+per-layer ranks) and, with --lora, out/lora (a peft LoRA adapter folder). Nothing is downloaded."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from semu_fast.cli_args import gamma, layers, positive, settings, write_json
+
+log = logging.getLogger("semu_fast")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _read_texts(path: Path, flag: str, parser) -> list:
+    """One text per line; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as err:
+        parser.error(f"argument {flag}: cannot read {path} ({err})")
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        parser.error(f"argument {flag}: {path} holds no text (one text per line)")
+    return texts
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `unlearn-llm` subcommand to an argparse subparsers object; returns its parser."""
+    from semu_fast.llm import FORGET_LOSSES
+
+    p = subparsers.add_parser("unlearn-llm", help="forget texts from a local transformers causal LM with SEMU",
+                              description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", type=Path, required=True, help="local folder of a transformers causal LM (and its "
+                   "tokenizer), as save_pretrained writes it")
+    g.add_argument("--forget-texts", type=Path, required=True, metavar="FILE", help="texts to forget, one a line")
+    g.add_argument("--retain-texts", type=Path, default=None, metavar="FILE",
+                   help="texts to keep, one a line: their perplexity is reported (and trained on with "
+                   "--train-on-retain)")
+    g.add_argument("--max-length", type=positive(int), default=256, help="tokens per text, at most")
+    g.add_argument("--batch-size", type=positive(int), default=8)
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="load the model in this dtype (auto: as saved)")
+    g.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda when available)")
+    g = p.add_argument_group("SEMU")
+    g.add_argument("--target-modules", action="append", default=None, metavar="PATTERN",
+                   help="regular expression searched in layer names; repeat for several (default mlp.down_proj)")
+    g.add_argument("--gamma", type=gamma, default=0.9, help="explained-variance threshold in (0, 1]")
+    g.add_argument("--forget-loss", choices=FORGET_LOSSES, default="ascent",
+                   help="ascent: -NLL on the forget texts; random: NLL towards random tokens != the true ones")
+    g.add_argument("--train-on-retain", action="store_true", help="also train R on the retain texts' NLL")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate for R")
+    g.add_argument("--epochs", type=positive(int), default=3, help="passes over the forget texts")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("semu_fast_llm_out"),
+                   help="folder for adapters/, metrics.json and lora/ (default ./semu_fast_llm_out)")
+    g.add_argument("--lora", action="store_true", help="also export the adapters as a peft LoRA folder out/lora")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args, parser) -> int:
+    import torch
+
+    from semu_fast import llm
+    from semu_fast.lora import export_lora
+
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    targets = list(args.target_modules or ("mlp.down_proj",))
+    forget_texts = _read_texts(args.forget_texts, "--forget-texts", parser)
+    retain_texts = _read_texts(args.retain_texts, "--retain-texts", parser) if args.retain_texts else None
+    if args.train_on_retain and retain_texts is None:
+        parser.error("argument --train-on-retain: needs --retain-texts")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        model, tokenizer = llm.load_causal_lm(args.model, dtype=dtype, device=device)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        parser.error(f"argument --model: {err}")
+    try:
+        forget = llm.make_batches(tokenizer, forget_texts, args.max_length, args.batch_size)
+        retain = llm.make_batches(tokenizer, retain_texts, args.max_length, args.batch_size) if retain_texts else None
+        semu_model, report, metrics = llm.unlearn_llm(
+            model, forget, retain, target_modules=tuple(targets), gamma=args.gamma,
+            forget_loss=args.forget_loss, train_on_retain=args.train_on_retain, optimizer=args.optimizer, lr=args.lr,
+            epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    except ValueError as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    semu_model.save_adapters(args.out / "adapters")
+    files = ["adapters/", "metrics.json"]
+    if args.lora:
+        export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
+        files.append("lora/")
+    write_json(args.out / "metrics.json", {"settings": {**settings(args), "target_modules": targets},
+                                           "metrics": metrics, "layers": layers(report),
+                                           "training": report.training, "timings": report.timings})
+    rows = [("forget", "forget_ppl_before", "forget_ppl_after")]
+    if retain is not None:
+        rows.append(("retain", "retain_ppl_before", "retain_ppl_after"))
+    print(f"{'perplexity':10s} {'before':>12s} {'after':>12s}")
+    for label, before, after in rows:
+        print(f"{label:10s} {metrics[before]:12.4g} {metrics[after]:12.4g}")
+    print(f"trainable: {metrics['trainable_params']} parameters ({metrics['trainable_share']:.4f}%) in "
+          f"{len(report.layers)} layers")
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0

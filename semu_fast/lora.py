@@ -1,0 +1,115 @@
+"""Export SEMU's Linear adapters as a standard LoRA (a peft adapter folder), so any LoRA runtime can apply them.
+
+A SEMU Linear delta U R Vh (U: out x k, R: k x k, Vh: k x in) is a LoRA of rank k with lora_A = Vh (k x in),
+lora_B = U R (out x k) and scaling lora_alpha / r = 1. SEMU picks k per layer, so the folder sets r and lora_alpha to
+the most common rank and gives every other layer its own r (and alpha = r) in peft's rank_pattern / alpha_pattern.
+The LoRA applies to the original base model (the delta is relative to the unadapted weights, whether or not the
+SEMU adapters are merged). A conv adapter has one R per input channel (dW[:, n] = U[n] R[n] Vh[n]): that is not a
+product B A of two matrices, so it has no LoRA form and is refused (or skipped with skip_conv=True).
+
+Files: adapter_config.json and adapter_model.safetensors with peft's key names
+base_model.model.<module>.lora_A.weight / lora_B.weight; load with peft.PeftModel.from_pretrained(base, folder).
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .adapters import SEMUConv2d, SEMULinear
+from .io import atomic_write
+from .model import SEMUModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel -> LoraModel (.base_model) -> the wrapped model (.model)
+
+
+def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
+                 dtype: torch.dtype = torch.float32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (lora_A (k, in), lora_B (out, k))} on the CPU in `dtype`, with lora_B @ lora_A == U R Vh.
+    Raises ValueError for a conv adapter unless skip_conv (then it is skipped with a warning)."""
+    if not isinstance(semu_model, SEMUModel):
+        raise TypeError(f"semu_model must be a SEMUModel, got {type(semu_model).__name__}")
+    adapters = semu_model.adapters
+    conv = [name for name, a in adapters.items() if isinstance(a, SEMUConv2d)]
+    if conv and not skip_conv:
+        raise ValueError(f"conv adapters have no LoRA form (SEMU's conv delta has one R per input channel, not a "
+                         f"product B A): {', '.join(conv)}; pass skip_conv=True to export the Linear ones only")
+    if conv:
+        warnings.warn(f"skipping {len(conv)} conv adapter(s) with no LoRA form: {', '.join(conv)}")
+    factors = {}
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            if not isinstance(adapter, SEMULinear):
+                continue
+            # U R in float32, the same product SEMU's own delta_weight and merge start from.
+            lora_B = (adapter.U.float() @ adapter.R.float()).to("cpu", dtype).contiguous()
+            lora_A = adapter.Vh.float().to("cpu", dtype).contiguous()
+            factors[name] = (lora_A, lora_B)
+    if not factors:
+        raise ValueError("semu_model has no Linear adapter to export as LoRA")
+    return factors
+
+
+def _pattern_key(keys, name: str) -> Optional[str]:
+    """peft's get_pattern_key: the first key that matches `name` as a dotted suffix (re.match, `(.*\\.)?(key)$`)."""
+    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_path, task_type) -> dict:
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank (the largest of equals)
+    # Longest names first: a name that is a dotted suffix of another must not take its pattern entry.
+    special = {name: k for name, k in sorted(ranks.items(), key=lambda item: -item[0].count(".")) if k != r}
+    targets = sorted(ranks)
+    # peft targets a module whose name is a target or ends with "." + a target: exclude any other such module.
+    adapter_parts = {f"{name}.{child}" for name in ranks for child, _ in
+                     semu_model.model.get_submodule(name).named_modules() if child}
+    exclude = sorted(name for name, _ in semu_model.model.named_modules()
+                     if name and name not in ranks and name not in adapter_parts
+                     and any(name.endswith("." + t) for t in targets))
+    for name, k in ranks.items():
+        if any(name == e or name.endswith("." + e) for e in exclude) or ranks.get(_pattern_key(special, name), r) != k:
+            raise ValueError(f"module {name!r} cannot be addressed unambiguously by peft's target_modules/"
+                             f"rank_pattern (its name is a dotted suffix of another module's)")
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": r, "rank_pattern": special, "alpha_pattern": dict(special),
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None,
+    }
+    if exclude:
+        config["exclude_modules"] = exclude
+    return config
+
+
+def export_lora(semu_model: SEMUModel, path, base_model_name_or_path: Optional[str] = None, *,
+                skip_conv: bool = False, dtype: torch.dtype = torch.float32,
+                task_type: Optional[str] = None) -> dict:
+    """Write semu_model's Linear adapters as a peft LoRA adapter folder `path` (created if needed); returns the
+    adapter config written. base_model_name_or_path: recorded as given (peft uses it to find the base model).
+    dtype: of the saved factors. task_type: peft's, e.g. "CAUSAL_LM" (None: a plain PeftModel)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        base_model_name_or_path = str(base_model_name_or_path)
+    factors = lora_factors(semu_model, skip_conv, dtype)
+    config = _config(semu_model, {name: A.shape[0] for name, (A, _) in factors.items()}, base_model_name_or_path,
+                     task_type)
+    tensors = {}
+    for name, (lora_A, lora_B) in factors.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return config

@@ -1,0 +1,377 @@
+"""SEMU on diffusers models: DDPM class forgetting and SD-style concept removal, on tiny random-initialised models."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+diffusers = pytest.importorskip("diffusers")
+
+import semu_fast as sf  # noqa: E402
+from semu_fast import diffusion as D  # noqa: E402
+
+NUM_CLASSES = 3
+
+
+def tiny_unet(seed: int = 0):
+    """Class-conditional UNet2DModel, 8x8, two levels (the 4x4 one with self-attention), ~30k parameters."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=NUM_CLASSES + 1,
+                                 norm_num_groups=4, attention_head_dim=8).eval()
+
+
+def scheduler():
+    return diffusers.DDPMScheduler(num_train_timesteps=100)
+
+
+def batches(label: int, n_batches: int = 2, batch: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + label)
+    return [(torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1, torch.full((batch,), label)) for _ in range(n_batches)]
+
+
+def reference_noisy(sched, x0, generator, antithetic):
+    """add_noise by hand: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, drawing as the library documents."""
+    noise = torch.randn(x0.shape, generator=generator)
+    T = sched.config.num_train_timesteps
+    if antithetic:
+        t = torch.randint(0, T, (len(x0) // 2 + 1,), generator=generator)
+        t = torch.cat([t, T - 1 - t])[:len(x0)]
+    else:
+        t = torch.randint(0, T, (len(x0),), generator=generator)
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, noise, t
+
+
+# --- DDPM losses ---------------------------------------------------------------------------------------------------
+
+def test_diffusion_loss_matches_hand_computed():
+    unet, sched = tiny_unet(), scheduler()
+    loss_fn = D.diffusion_loss(sched, seed=5)
+    g = torch.Generator().manual_seed(5)
+    for batch in batches(1, n_batches=2, batch=5):  # two calls: the second draws fresh noise and timesteps
+        x_t, noise, t = reference_noisy(sched, batch[0], g, antithetic=True)
+        expected = (unet(x_t, t, class_labels=batch[1]).sample - noise).square().mean()
+        torch.testing.assert_close(loss_fn(unet, batch), expected, rtol=1e-5, atol=1e-6)
+    # uniform timesteps
+    loss_fn = D.diffusion_loss(sched, seed=2, antithetic=False)
+    g = torch.Generator().manual_seed(2)
+    batch = batches(0, 1, 6)[0]
+    x_t, noise, t = reference_noisy(sched, batch[0], g, antithetic=False)
+    expected = F.mse_loss(unet(x_t, t, class_labels=batch[1]).sample, noise)
+    torch.testing.assert_close(loss_fn(unet, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_antithetic_timesteps_pair_up():
+    t = D.draw_timesteps(7, 100, torch.Generator().manual_seed(0))
+    assert t.shape == (7,) and t.min() >= 0 and t.max() < 100
+    torch.testing.assert_close(t[4:7], 99 - t[:3])
+
+
+def test_forget_loss_matches_hand_computed_and_detaches_the_target():
+    unet, sched = tiny_unet(), scheduler()
+    forget, remain = batches(1, 1, 6)[0], batches(2, 1, 6)[0]
+    loss_fn = D.ddpm_forget_loss(sched, 1, NUM_CLASSES, alpha=0.3)
+    params = [p for p in unet.parameters()]
+
+    loss = loss_fn(unet, forget, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    x_t, _, t = reference_noisy(sched, forget[0], g, antithetic=True)
+    allowed = torch.tensor([0, 2])
+    other = allowed[torch.randint(0, 2, (6,), generator=g)]
+    assert not (other == 1).any()
+    eps_forget = unet(x_t, t, class_labels=forget[1]).sample
+    eps_other = unet(x_t, t, class_labels=other).sample
+    torch.testing.assert_close(loss, F.mse_loss(eps_forget, eps_other), rtol=1e-5, atol=1e-6)
+    # the gradient flows only through the forget-class prediction
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    expected = torch.autograd.grad(F.mse_loss(eps_forget, eps_other.detach()), params, allow_unused=True)
+    for a, b in zip(grads, expected):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    # with a remain batch: + alpha * the standard loss, drawn after the forget part
+    loss = loss_fn(unet, (*forget, *remain), torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    x_t, _, t = reference_noisy(sched, forget[0], g, antithetic=True)
+    other = allowed[torch.randint(0, 2, (6,), generator=g)]
+    forget_part = F.mse_loss(unet(x_t, t, class_labels=forget[1]).sample,
+                             unet(x_t, t, class_labels=other).sample)
+    xr_t, noise_r, t_r = reference_noisy(sched, remain[0], g, antithetic=True)
+    remain_part = F.mse_loss(unet(xr_t, t_r, class_labels=remain[1]).sample, noise_r)
+    torch.testing.assert_close(loss, forget_part + 0.3 * remain_part, rtol=1e-5, atol=1e-6)
+
+
+def test_forget_loss_rejects_forgetting_every_class():
+    loss_fn = D.ddpm_forget_loss(scheduler(), [0, 1, 2], NUM_CLASSES)
+    with pytest.raises(ValueError, match="no class left"):
+        loss_fn(tiny_unet(), batches(0, 1)[0], torch.Generator())
+
+
+# --- unlearn_ddpm ------------------------------------------------------------------------------------------------
+
+def test_unlearn_ddpm_trains_only_R_and_attention_is_full_rank():
+    unet, sched = tiny_unet(), scheduler()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    t, c = torch.tensor([10, 50]), torch.tensor([1, 1])
+    with torch.no_grad():
+        out_before = unet(x, t, class_labels=c).sample
+    semu_model, report = D.unlearn_ddpm(unet, sched, batches(1, 2, 8), 1, batches(0, 3, 8),
+                                        num_classes=NUM_CLASSES, steps=4, lr=1e-2, progress=False)
+    assert semu_model.config.conv_rank == "per_channel"
+    assert set(map(id, (p for p in semu_model.parameters() if p.requires_grad))) == \
+        set(map(id, semu_model.trainable_parameters()))
+    assert any(a.R.abs().sum() > 0 for a in semu_model.adapters.values())
+    with torch.no_grad():
+        assert not torch.allclose(semu_model(x, t, class_labels=c).sample, out_before)
+    assert report.training["optimizer"] == "adam" and report.training["lr"] == 1e-2
+    assert report.training["epochs"] == 2  # 4 steps over 2 forget batches
+
+    attention = [layer for layer in report.layers if D.matches_attention(layer.name)]
+    assert {layer.name.rsplit(".", 1)[-1] for layer in attention} >= {"to_q", "to_k", "to_v", "0"}
+    for layer in attention:
+        assert layer.gamma == 1.0 and layer.k == min(layer.shape), layer
+    convs = [layer for layer in report.layers if layer.kind == "conv2d"]
+    assert convs and all(layer.ranks is not None and len(layer.ranks) == layer.shape[1] for layer in convs)
+    assert all(layer.gamma == 0.95 for layer in report.layers if not D.matches_attention(layer.name))
+
+    base = semu_model.unload()
+    assert base is unet
+    after = base.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_unlearn_ddpm_lowers_the_forget_loss():
+    unet, sched = tiny_unet(1), scheduler()
+    forget = batches(1, 2, 8)
+    probe = D.ddpm_forget_loss(sched, 1, NUM_CLASSES)
+
+    def measure(model):
+        with torch.no_grad():
+            return sum(probe(model, b, torch.Generator().manual_seed(3)).item() for b in forget)
+
+    start = measure(unet)
+    semu_model, _ = D.unlearn_ddpm(unet, sched, forget, 1, num_classes=NUM_CLASSES, steps=30, lr=1e-2,
+                                   gamma=0.9, progress=False)
+    assert measure(semu_model) < 0.5 * start
+
+
+def test_unlearn_ddpm_argument_errors():
+    with pytest.raises(ValueError, match="steps or epochs"):
+        D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1, steps=1, epochs=1, progress=False)
+
+
+def test_sample_is_seeded_and_adapters_with_zero_R_change_nothing():
+    unet, sched = tiny_unet(), scheduler()
+    labels = [0, 1, 2, 1]
+    a = D.sample(unet, sched, labels, 4, torch.Generator().manual_seed(0))
+    b = D.sample(unet, sched, labels, 4, torch.Generator().manual_seed(0))
+    assert a.shape == (4, 1, 8, 8) and torch.equal(a, b)
+    guided = D.sample(unet, sched, labels, 4, torch.Generator().manual_seed(0), guidance_scale=2.0)
+    assert guided.shape == a.shape and not torch.equal(guided, a)
+    ancestral = D.sample(unet, sched, labels, 4, torch.Generator().manual_seed(0), eta=1.0, batch_size=3)
+    assert ancestral.shape == a.shape and torch.isfinite(ancestral).all()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    semu_model = sf.prepare(unet, batches(1), D.diffusion_loss(sched), D.ddpm_config())
+    torch.testing.assert_close(D.sample(semu_model, sched, labels, 4, torch.Generator().manual_seed(0)), a)
+    assert not any(adapter.merged for adapter in semu_model.adapters.values())
+    semu_model.unload()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+
+
+# --- Stable Diffusion --------------------------------------------------------------------------------------------
+
+WORDS = "a an the photo picture of cat dog car tree house painting by van gogh monet".split()
+
+
+def tiny_sd_folder(path, seed: int = 0):
+    """unet/, text_encoder/ and tokenizer/ of a tiny random SD: UNet2DConditionModel (32, 64), cross-attention dim
+    32, 8x8 latents; a 2-layer CLIPTextModel; a word-level tokenizer built with `tokenizers`."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    unet.save_pretrained(path / "unet")
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    transformers.CLIPTextModel(config).save_pretrained(path / "text_encoder")
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                           special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                                     pad_token="<pad>", unk_token="<unk>", model_max_length=16)
+    tokenizer.save_pretrained(path / "tokenizer")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def tiny_cond_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def test_sd_presets_select_exactly_the_expected_layers():
+    unet = tiny_cond_unet()
+    linear_or_conv = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    xattn = [n for n in linear_or_conv if ".attn2." in n and n.split(".attn2.")[1] in ("to_q", "to_k", "to_v",
+                                                                                          "to_out.0")]
+    xattn_kv = [n for n in xattn if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert len(xattn) == 4 * 4 and len(xattn_kv) == 2 * 4  # transformer blocks: 1 down, 1 mid, 2 up
+    assert D.adapted_layer_names(unet, D.sd_config("xattn")) == xattn
+    assert D.adapted_layer_names(unet, D.sd_config("xattn-kv")) == xattn_kv
+    assert D.adapted_layer_names(unet, D.sd_config("all")) == linear_or_conv
+    for name in xattn_kv:  # the text side: cross_attention_dim inputs
+        assert unet.get_submodule(name).in_features == 32
+    with pytest.raises(ValueError, match="preset must be one of"):
+        D.sd_config("attn")
+
+
+def test_sd_attention_gamma_override():
+    cfg = D.sd_config("all", gamma=0.5, attention_gamma=1.0)
+    assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 1.0
+    assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0") == 1.0
+    assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2") == 0.5
+    assert cfg.gamma_for("down_blocks.0.resnets.0.conv1") == 0.5
+    assert D.sd_config("xattn", gamma=0.7).gamma_for("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == 0.7
+
+
+def test_sd_losses_match_hand_computed():
+    unet, sched = tiny_cond_unet(), diffusers.DDPMScheduler(num_train_timesteps=100)
+    g0 = torch.Generator().manual_seed(0)
+    forget_e, anchor_e, uncond_e = (torch.randn(n, 5, 32, generator=g0) for n in (2, 2, 1))
+    x0, index = torch.randn(3, 4, 8, 8, generator=g0), torch.tensor([0, 1, 1])
+
+    loss = D.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=2.0, seed=4)(unet, (x0, index))
+    g = torch.Generator().manual_seed(4)
+    x_t, noise, t = reference_noisy(sched, x0, g, antithetic=False)
+    eps_c = unet(x_t, t, encoder_hidden_states=forget_e[index]).sample
+    eps_u = unet(x_t, t, encoder_hidden_states=uncond_e.expand(3, 5, 32)).sample
+    torch.testing.assert_close(loss, -F.mse_loss(3.0 * eps_c - 2.0 * eps_u, noise), rtol=1e-5, atol=1e-6)
+    loss = D.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=0.0, seed=4)(unet, (x0, index))
+    torch.testing.assert_close(loss, -F.mse_loss(eps_c, noise), rtol=1e-5, atol=1e-6)
+
+    loss = D.sd_forget_loss(sched, forget_e, anchor_e)(unet, (x0, index), torch.Generator().manual_seed(4))
+    eps_a = unet(x_t, t, encoder_hidden_states=anchor_e[index]).sample  # paired anchors
+    torch.testing.assert_close(loss, F.mse_loss(eps_c, eps_a), rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, list(unet.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(F.mse_loss(eps_c, eps_a.detach()), list(unet.parameters()), allow_unused=True)
+    for a, b in zip(grads, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # one anchor for two forget prompts: broadcast
+    loss = D.sd_forget_loss(sched, forget_e, anchor_e[:1])(unet, (x0, index), torch.Generator().manual_seed(4))
+    eps_a = unet(x_t, t, encoder_hidden_states=anchor_e[:1].expand(3, 5, 32)).sample
+    torch.testing.assert_close(loss, F.mse_loss(eps_c, eps_a), rtol=1e-5, atol=1e-6)
+
+
+def test_sd_concept_removal_moves_forget_prediction_to_anchor(sd_folder):
+    unet, text_encoder, tokenizer, sched = D.load_sd(sd_folder, "cpu")
+    assert isinstance(unet, diffusers.UNet2DConditionModel)
+    assert sched.config.beta_schedule == "scaled_linear"
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    # A random text encoder maps prompts that share a prefix to nearly equal embeddings, so the anchor here is
+    # far from the forget prompts (the empty prompt), and the cross-attention keys/values are kept at full rank.
+    semu_model, report, metrics = D.unlearn_sd(
+        unet, sched, text_encoder, tokenizer, ["cat", "painting of a cat"], [""], num_latents=8, sample_steps=3,
+        preset="xattn-kv", attention_gamma=1.0, lr=1e-2, epochs=10, batch_size=4, progress=False)
+    assert metrics["forget_anchor_gap_before"] > 0
+    assert metrics["forget_anchor_gap_after"] < 0.6 * metrics["forget_anchor_gap_before"], metrics
+    assert metrics["forget_shift"] > 0
+    assert sorted(metrics["adapted_layers"]) == sorted(semu_model.adapters)
+    assert all(re.search(r"attn2\.to_(k|v)$", name) for name in semu_model.adapters)
+    semu_model.unload()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+
+
+def test_sd_given_latents_and_errors(sd_folder):
+    unet, text_encoder, tokenizer, sched = D.load_sd(sd_folder, "cpu")
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="latent_prompt_index"):
+        D.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], latents=latents,
+                     latent_prompt_index=[0, 1, 0, 0], progress=False)
+    with pytest.raises(ValueError, match="forget_prompts is empty"):
+        D.unlearn_sd(unet, sched, text_encoder, tokenizer, [], progress=False)
+    semu_model, report, metrics = D.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], ["", "dog"],
+                                               latents=latents, preset="xattn", epochs=1, batch_size=2, lr=1e-3,
+                                               gradient_guidance=0.0, progress=False)
+    assert metrics["num_latents"] == 4 and len(semu_model.adapters) == 16
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        D.load_sd(sd_folder / "unet")
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+def cli(argv):
+    from semu_fast.cli import main
+
+    return main(argv)
+
+
+def test_cli_unlearn_ddpm(tmp_path, capsys):
+    from semu_fast.digits import digits_cnn
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn().state_dict(), tmp_path / "clf.pt")  # untrained: the numbers are not the point here
+    out = tmp_path / "out"
+    assert cli(["unlearn-ddpm", "--forget-class", "2", "--cache-dir", str(tmp_path / "cache"), "--train-steps", "2",
+                "--classifier", str(tmp_path / "clf.pt"), "--steps", "2", "--samples-per-class", "2",
+                "--inference-steps", "2", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    metrics = result["metrics"]
+    for key in ("forget_class_rate_before", "forget_class_rate_after", "other_accuracy_before",
+                "other_accuracy_after"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert set(metrics["per_class_accuracy_after"]) == {str(c) for c in range(10)}
+    assert result["settings"]["forget_class"] == 2 and result["layers"]
+    assert (tmp_path / "cache" / "digits-ddpm-seed0-steps2.pt").exists()
+    unet, _ = D.pretrained_digits_ddpm(tmp_path / "cache", 0, train_steps=2)  # from the cache
+    loaded = sf.load_adapters(unet, out / "adapters")
+    assert len(loaded.adapters) == len([layer for layer in result["layers"] if layer["k"] > 0])
+    assert "forgotten class 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli(["unlearn-ddpm", "--forget-class", "10", "--out", str(out), "--quiet"])
+
+
+def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
+    out = tmp_path / "sd_out"
+    assert cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--forget-prompt", "dog",
+                "--anchor-prompt", "", "--preset", "xattn", "--attention-gamma", "1", "--num-latents", "4",
+                "--sample-steps", "2", "--epochs", "3", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu",
+                "--out", str(out), "--save-unet", "--quiet"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["metrics"]["forget_anchor_gap_after"] < result["metrics"]["forget_anchor_gap_before"]
+    assert result["settings"]["preset"] == "xattn" and len(result["metrics"]["adapted_layers"]) == 16
+    merged = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
+    unet, *_ = D.load_sd(sd_folder, "cpu")
+    expected = sf.load_adapters(unet, out / "adapters").merge_and_unload().state_dict()
+    assert merged.state_dict().keys() == expected.keys()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+    assert "prediction gap" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])

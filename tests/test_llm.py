@@ -1,0 +1,253 @@
+"""The LLM workflow: batches from texts, token NLL and perplexity, unlearn_llm and `semu-fast unlearn-llm`, on a tiny
+random Llama saved to a temporary folder with an offline tokenizer."""
+import json
+import math
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import semu_fast as sf  # noqa: E402
+from semu_fast import llm  # noqa: E402
+from semu_fast.adapters import SEMUAdapter  # noqa: E402
+from helpers import assert_same_state, snapshot  # noqa: E402
+from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llm_folder(tmp_path_factory):
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+@pytest.fixture
+def loaded(llm_folder):
+    return llm.load_causal_lm(llm_folder)
+
+
+def _data(tokenizer):
+    forget = llm.make_batches(tokenizer, random_texts(16, seed=0), max_length=16, batch_size=4)
+    retain = llm.make_batches(tokenizer, random_texts(16, seed=1), max_length=16, batch_size=4)
+    return forget, retain
+
+
+def test_make_batches_pads_on_the_right_and_masks_padding_labels():
+    tokenizer = tiny_tokenizer()
+    texts = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12 w13"]
+    batches = llm.make_batches(tokenizer, texts, max_length=5, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 4), (1, 5)]
+    ids = [tokenizer(t, truncation=True, max_length=5)["input_ids"] for t in texts]
+    rows = [row for b in batches for row in zip(b["input_ids"], b["attention_mask"], b["labels"])]
+    for expected, (input_ids, mask, labels) in zip(ids, rows):
+        n = len(expected)
+        assert input_ids[:n].tolist() == expected and mask[:n].all() and not mask[n:].any()
+        assert labels[:n].tolist() == expected and (labels[n:] == -100).all()
+        assert (input_ids[n:] == tokenizer.pad_token_id).all()
+    assert all(b[k].dtype == torch.long for b in batches for k in b)
+
+
+def test_make_batches_skips_texts_with_nothing_to_predict_and_leaves_the_tokenizer_alone():
+    class OneTokenPerWord:  # no BOS, no pad token: a one-word text predicts nothing
+        pad_token_id, eos_token_id = None, 7
+
+        def __call__(self, texts, truncation, max_length):
+            return {"input_ids": [[len(w) for w in t.split()][:max_length] for t in texts]}
+
+    tokenizer = OneTokenPerWord()
+    with pytest.warns(UserWarning, match="1 of 2 texts give fewer than 2 tokens"):
+        batches = llm.make_batches(tokenizer, ["alone", "two words"], max_length=8)
+    assert batches[0]["input_ids"].tolist() == [[3, 5]] and tokenizer.pad_token_id is None
+    with pytest.raises(ValueError, match="texts: every text gives fewer than 2 tokens"):
+        llm.make_batches(tokenizer, ["alone"], max_length=8)
+
+
+def test_nll_loss_equals_the_models_own_shifted_loss_and_perplexity_weights_tokens():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    batches = llm.make_batches(tokenizer, random_texts(7, seed=3), max_length=12, batch_size=3)
+    for batch in batches:
+        hf = model(**batch).loss
+        assert torch.allclose(llm.nll_loss(model, batch), hf, rtol=1e-6, atol=1e-6)
+    # token-weighted: the batches hold different token counts, so this differs from the mean of batch losses
+    sums = [(llm.nll_loss(model, b).item() * int((b["labels"][:, 1:] != -100).sum()),
+             int((b["labels"][:, 1:] != -100).sum())) for b in batches]
+    expected = math.exp(sum(s for s, _ in sums) / sum(c for _, c in sums))
+    model.train()
+    assert llm.perplexity(model, batches) == pytest.approx(expected, rel=1e-6)
+    assert model.training  # the mode is restored
+    # a batch of input_ids alone labels every position
+    ids = id_batches(1)[0]
+    assert torch.allclose(llm.nll_loss(model, ids), model(input_ids=ids["input_ids"], labels=ids["input_ids"]).loss,
+                          atol=1e-6)
+
+
+def test_random_token_loss_never_targets_the_true_token_and_ignores_padding(monkeypatch):
+    seen = {}
+    real = torch.nn.functional.cross_entropy
+
+    def spy(logits, targets, **kwargs):
+        seen["targets"] = targets
+        return real(logits, targets, **kwargs)
+
+    monkeypatch.setattr(llm.F, "cross_entropy", spy)
+    batch = llm.make_batches(tiny_tokenizer(), random_texts(8, seed=4, min_len=2, max_len=30), 32, 8)[0]
+    loss = llm.random_token_loss(tiny_llama(), batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    true = batch["labels"][:, 1:].flatten()
+    drawn = seen["targets"]
+    labelled = true != -100
+    assert (drawn[~labelled] == -100).all() and (~labelled).any()
+    assert (drawn[labelled] != true[labelled]).all() and drawn[labelled].unique().numel() > 20
+
+
+def test_unlearn_llm_raises_forget_perplexity_and_changes_only_R(loaded):
+    model, tokenizer = loaded
+    forget, retain = _data(tokenizer)
+    before = snapshot(model)
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, lr=3e-2, epochs=3, progress=False)
+    # retain texts come from the same distribution, yet the forget gradients' subspace leaves them almost alone
+    assert metrics["forget_ppl_after"] > 1.15 * metrics["forget_ppl_before"]
+    assert metrics["retain_ppl_after"] == pytest.approx(metrics["retain_ppl_before"], rel=0.02)
+    for part in ("forget", "retain"):
+        for when in ("before", "after"):
+            assert metrics[f"{part}_ppl_{when}"] == pytest.approx(math.exp(metrics[f"{part}_nll_{when}"]))
+    assert set(sm.adapters) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert all((a.R != 0).any() for a in sm.adapters.values())
+    assert [p for p in sm.parameters() if p.requires_grad] == sm.trainable_parameters()
+    assert metrics["trainable_params"] == report.trainable_params > 0 and 0 < metrics["trainable_share"] < 5
+    assert len(report.training["history"]) == 3 and report.training["best_epoch"] is None
+    base = sm.unload()
+    assert_same_state(base, before)
+    assert llm.mean_nll(base, forget) == metrics["forget_nll_before"]
+
+
+def test_random_forget_loss_with_retain_training_is_reproducible(loaded, llm_folder):
+    runs = []
+    for model, tokenizer in (loaded, llm.load_causal_lm(llm_folder)):
+        forget, retain = _data(tokenizer)
+        sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss="random", train_on_retain=True,
+                                              target_modules=["q_proj", "mlp.up_proj"], lr=1e-2, epochs=2,
+                                              seed=3, progress=False)
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert len(sm.adapters) == 4 and report.training["epochs"] == 2
+        runs.append({n: a.R.detach().clone() for n, a in sm.adapters.items()})
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_callable_forget_loss_is_used_on_every_forget_batch():
+    calls = []
+
+    def loss(model, batch, generator):
+        calls.append(batch)
+        return llm.ascent_loss(model, batch, generator)
+
+    forget = id_batches(3)
+    llm.unlearn_llm(tiny_llama(), forget, forget_loss=loss, epochs=2, progress=False)
+    assert len(calls) == 6 and all(c is f for c, f in zip(calls, forget * 2))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"forget_batches": []}, "forget_batches is empty"),
+    ({"forget_batches": None}, "forget_batches is required"),
+    ({"forget_batches": [(torch.zeros(2, 3, dtype=torch.long),)]}, r"forget_batches\[0\]: an LLM batch must be"),
+    ({"retain_batches": []}, "retain_batches is empty"),
+    ({"target_modules": "no_such_layer"}, "target_modules: 'no_such_layer' matches no nn.Linear"),
+    ({"target_modules": "embed_tokens"}, "target_modules: 'embed_tokens' matches no nn.Linear"),
+    ({"target_modules": ["mlp.down_proj", "("]}, "target_modules: '\\(' is not a valid regular expression"),
+    ({"target_modules": []}, "target_modules must be one or more"),
+    ({"target_modules": ".*"}, "target_modules selects 'model.embed_tokens', which SEMU cannot adapt"),
+    ({"forget_loss": "npo"}, "forget_loss must be one of 'ascent', 'random'"),
+    ({"train_on_retain": True}, "train_on_retain=True needs retain_batches"),
+    ({"gamma": 0.0}, "gamma must be a number in"),
+    ({"lr": 0}, "lr must be a positive"),
+    ({"epochs": 0}, "epochs must be a positive int"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+])
+def test_bad_unlearn_llm_arguments_raise_before_the_model_changes(change, match):
+    model = tiny_llama()
+    before = snapshot(model)
+    kwargs = {"forget_batches": id_batches(1), "retain_batches": None, **change}
+    with pytest.raises(ValueError, match=match):
+        llm.unlearn_llm(model, progress=False, **kwargs)
+    assert_same_state(model, before)
+    assert not any(isinstance(m, SEMUAdapter) for m in model.modules())
+
+
+@pytest.mark.parametrize("texts, kwargs, match", [
+    ([], {}, "texts is empty"),
+    ("w1 w2", {}, "texts must be a list of strings"),
+    (["w1", "  "], {}, r"texts\[1\] must be a non-blank string"),
+    (["w1 w2"], {"max_length": 1}, "max_length must be an int >= 2"),
+    (["w1 w2"], {"batch_size": 0}, "batch_size must be an int >= 1"),
+])
+def test_bad_make_batches_arguments_name_the_parameter(texts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llm.make_batches(tiny_tokenizer(), texts, **kwargs)
+
+
+def test_load_causal_lm_needs_a_local_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        llm.load_causal_lm(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        llm.load_causal_lm(tmp_path)
+
+
+def test_targeting_a_tied_weight_warns_that_merging_changes_the_embeddings():
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match="lm_head.weight is tied to model.embed_tokens.weight"):
+        llm._warn_tied(model, ("lm_head",))
+
+
+def _cli(argv):
+    from semu_fast.cli import main
+
+    return main(argv)
+
+
+def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, capsys):
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(8, seed=0)) + "\n\n")
+    (tmp_path / "retain.txt").write_text("\n".join(random_texts(8, seed=1)))
+    out = tmp_path / "out"
+    code = _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+                 "--retain-texts", str(tmp_path / "retain.txt"), "--target-modules", "mlp.down_proj",
+                 "--target-modules", "self_attn.v_proj", "--lr", "0.01", "--epochs", "2", "--max-length", "16",
+                 "--batch-size", "4", "--device", "cpu", "--lora", "--quiet", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "metrics.json").read_text())
+    metrics = data["metrics"]
+    assert metrics["forget_ppl_after"] > metrics["forget_ppl_before"] and "retain_ppl_after" in metrics
+    assert data["settings"]["target_modules"] == ["mlp.down_proj", "self_attn.v_proj"]
+    assert {layer["name"] for layer in data["layers"]} == {f"model.layers.{i}.{m}" for i in (0, 1)
+                                                           for m in ("mlp.down_proj", "self_attn.v_proj")}
+    assert "forget" in capsys.readouterr().out
+    lora_config = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert lora_config["base_model_name_or_path"] == str(llm_folder) and lora_config["task_type"] == "CAUSAL_LM"
+    # the saved adapters reproduce the run's forget perplexity on a freshly loaded model
+    model, tokenizer = llm.load_causal_lm(llm_folder)
+    forget = llm.make_batches(tokenizer, random_texts(8, seed=0), max_length=16, batch_size=4)
+    semu_model = sf.load_adapters(model, out / "adapters")
+    assert llm.mean_nll(semu_model, forget) == pytest.approx(metrics["forget_nll_after"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--forget-texts", "missing.txt"], "argument --forget-texts: cannot read"),
+    (["--forget-texts", "blank.txt"], "argument --forget-texts: .* holds no text"),
+    (["--target-modules", "nothing_here"], "target_modules: 'nothing_here' matches no nn.Linear"),
+    (["--train-on-retain"], "argument --train-on-retain: needs --retain-texts"),
+])
+def test_cli_unlearn_llm_reports_bad_input_as_a_usage_error(llm_folder, tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "forget.txt").write_text("w1 w2 w3\n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    base = ["unlearn-llm", "--model", str(llm_folder), "--forget-texts", "forget.txt", "--quiet", "--out", "out"]
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(base + argv)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,140 @@
+"""LoRA export: SEMU's Linear adapters written as a peft adapter folder that peft loads into the same model."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import semu_fast as sf  # noqa: E402
+from semu_fast import llm  # noqa: E402
+from semu_fast.lora import export_lora, lora_factors  # noqa: E402
+from helpers import forget_batches, small_cnn  # noqa: E402
+from llm_helpers import id_batches, tiny_llama  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+TARGETS = ("mlp.down_proj", "self_attn.q_proj")
+
+
+def _randomise_R(semu_model, seed=1, scale=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in semu_model.adapters.values():
+            adapter.R.copy_(scale * torch.randn(adapter.R.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """(original model copy, SEMUModel with random R) on a tiny Llama: down_proj and q_proj in both layers."""
+    model = tiny_llama()
+    base = copy.deepcopy(model)
+    sm = sf.prepare(model, id_batches(), loss_fn=llm.nll_loss,
+                    config=sf.SEMUConfig(gamma=0.9, target_modules=TARGETS))
+    _randomise_R(sm)
+    return base, sm
+
+
+def test_peft_loads_the_export_and_reproduces_semu_logits_and_merged_weights(prepared, tmp_path):
+    base, sm = prepared
+    ranks = {name: a.rank for name, a in sm.adapters.items()}
+    assert len(ranks) == 4 and len(set(ranks.values())) > 1  # per-layer ranks: rank_pattern is exercised
+    config = export_lora(sm, tmp_path / "lora", "tiny-llama", task_type="CAUSAL_LM")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text()) == config
+    assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"]
+    assert all(ranks[n] == config["rank_pattern"].get(n, config["r"]) for n in ranks)
+    assert config["base_model_name_or_path"] == "tiny-llama" and sorted(config["target_modules"]) == sorted(ranks)
+    tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert set(tensors) == {f"base_model.model.{n}.lora_{p}.weight" for n in ranks for p in "AB"}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    assert not [w for w in caught if "keys" in str(w.message)]  # no missing or unexpected adapter keys
+    for name, adapter in sm.adapters.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        assert layer.r["default"] == adapter.rank and layer.scaling["default"] == 1.0
+        assert torch.equal(layer.lora_A["default"].weight, adapter.Vh)
+        assert torch.equal(layer.lora_B["default"].weight, adapter.U @ adapter.R.detach())
+    ids = id_batches(2, seed=7)
+    with torch.no_grad():
+        for batch in ids:
+            expected = sm(input_ids=batch["input_ids"]).logits
+            got = peft_model(input_ids=batch["input_ids"]).logits
+            assert (expected - base(input_ids=batch["input_ids"]).logits).abs().max() > 1e-2  # R does something
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    merged = peft_model.merge_and_unload()
+    for name, adapter in sm.adapters.items():
+        with torch.no_grad():
+            expected = adapter.base_layer.weight + adapter.U @ adapter.R @ adapter.Vh
+        torch.testing.assert_close(merged.get_submodule(name).weight, expected, rtol=0, atol=1e-7)
+
+
+def test_export_of_merged_adapters_equals_the_unmerged_export(prepared):
+    _, sm = prepared
+    before = lora_factors(sm)
+    sm.merge_adapters()
+    try:
+        after = lora_factors(sm)
+    finally:
+        sm.unmerge_adapters()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(a, b) for k in before for a, b in zip(before[k], after[k]))
+
+
+def test_export_dtype_is_the_saved_dtype(prepared, tmp_path):
+    _, sm = prepared
+    export_lora(sm, tmp_path, dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(tmp_path / "adapter_model.safetensors").values()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        export_lora(sm, tmp_path, dtype=torch.int8)
+
+
+def test_conv_adapters_are_refused_or_skipped_and_the_linear_part_still_matches(tmp_path):
+    model = small_cnn().eval()
+    base = copy.deepcopy(model)
+    sm = sf.prepare(model, forget_batches(), config=sf.SEMUConfig(gamma=0.9))
+    _randomise_R(sm)
+    conv = [n for n, a in sm.adapters.items() if isinstance(a, sf.adapters.SEMUConv2d)]
+    assert conv
+    with pytest.raises(ValueError, match="conv adapters have no LoRA form"):
+        export_lora(sm, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning, match="skipping 2 conv adapter"):
+        config = export_lora(sm, tmp_path / "lora", skip_conv=True)
+    assert config["target_modules"] == ["7", "9"]
+    with torch.no_grad():  # with the conv deltas at zero the exported Linear deltas are the whole difference
+        for name in conv:
+            sm.adapters[name].R.zero_()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    x = forget_batches(seed=3)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), sm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unadapted_layer_with_the_same_name_suffix_is_excluded(tmp_path):
+    """peft targets every module whose name ends with ".<target>": `block.proj` must not get `proj`'s LoRA."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(6, 6))
+    model.add_module("block", nn.Sequential())
+    model.block.add_module("proj", nn.Linear(6, 6))
+    base = copy.deepcopy(model)
+    x = torch.randn(8, 6)
+    sm = sf.prepare(model, [(x, torch.randint(0, 6, (8,)))], config=sf.SEMUConfig(target_modules="^proj$"))
+    _randomise_R(sm)
+    config = export_lora(sm, tmp_path)
+    assert config["target_modules"] == ["proj"] and config["exclude_modules"] == ["block.proj"]
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    assert not hasattr(peft_model.base_model.model.block.proj, "lora_A")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), sm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_rejects_what_is_not_a_semu_model(tmp_path):
+    with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
+        export_lora(tiny_llama(), tmp_path)
