@@ -2,7 +2,8 @@
 
 `semu-fast unlearn` with no data arguments runs the embedded default: a small CNN trained on scikit-learn's bundled
 digits (cached) forgets class 0 with SEMU next to the FT, GA, RL and Retrain baselines; the metrics table is printed
-and report.md, metrics.json and plots are written to ./semu_fast_out."""
+and report.md, metrics.json and plots are written to ./semu_fast_out. `unlearn-llm` (cli_llm) and `unlearn-ddpm` /
+`unlearn-sd` (cli_diffusion) run the LLM and diffusion workflows."""
 from __future__ import annotations
 
 import argparse

@@ -25,6 +25,16 @@ def unsupported_reason(module: nn.Module) -> str:
     return "not a layer"
 
 
+def describe_names(names) -> str:
+    """The names for an error message: all of them when few, else their kinds with block indices as N
+    ("model.layers.N.mlp.down_proj"), so that an LLM's hundreds of layers stay readable."""
+    names = list(names)
+    if len(names) <= 20:
+        return ", ".join(names) or "(none)"
+    kinds = sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name) for name in names})
+    return f"{len(names)} layers of {len(kinds)} kinds: {', '.join(kinds)}"
+
+
 def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
     """{qualified name: module} for the layers to adapt, in model order. Raises ValueError, naming the pattern and
     the candidates, for a pattern that matches nothing, an explicitly named unsupported layer, or an empty choice."""
@@ -35,7 +45,7 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
     named = [(name, m) for name, m in model.named_modules() if name]
     supported = {name: m for name, m in named if not unsupported_reason(m)}
     with_weights = {name: m for name, m in named if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d))}
-    candidates = ", ".join(supported) or "(none)"
+    candidates = describe_names(supported)
 
     def matches(patterns, pool):
         for pattern in patterns:

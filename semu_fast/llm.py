@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .config import SEMUConfig
 from .gradients import model_device
-from .layers import select_layers
+from .layers import describe_names, select_layers
 from .model import SEMUModel
 from .report import SEMUReport
 
@@ -235,7 +235,6 @@ def _check_targets(model: nn.Module, target_modules) -> tuple:
     if not isinstance(target_modules, Iterable) or not (target_modules := tuple(target_modules)):
         raise ValueError(f"target_modules must be one or more name patterns, got {target_modules!r}")
     linear = _linear_layers(model)
-    kinds = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in linear})  # layers.0.mlp... -> layers.N.mlp...
     for pattern in target_modules:
         if not isinstance(pattern, str):
             raise ValueError(f"target_modules must hold strings (regular expressions), got {pattern!r}")
@@ -245,7 +244,7 @@ def _check_targets(model: nn.Module, target_modules) -> tuple:
             raise ValueError(f"target_modules: {pattern!r} is not a valid regular expression ({err})") from None
         if not hit:
             raise ValueError(f"target_modules: {pattern!r} matches no nn.Linear layer of the model; its Linear "
-                             f"layers are {', '.join(kinds) or '(none)'}")
+                             f"layers: {describe_names(linear)}")
     return target_modules
 
 

@@ -149,6 +149,15 @@ def test_bad_layer_selection_fails_before_touching_the_model(config, match):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_deep_model_lists_its_layer_kinds_not_every_layer():
+    blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(4, 8), "down": nn.Linear(8, 4)}) for _ in range(12))
+    model = nn.Module()
+    model.blocks, model.head = blocks, nn.Linear(4, 2)
+    with pytest.raises(ValueError) as info:
+        sf.prepare(model, forget_batches(), config=sf.SEMUConfig(target_modules=["attn"]))
+    assert str(info.value).endswith("candidates: 25 layers of 3 kinds: blocks.N.down, blocks.N.up, head")
+
+
 def test_unsupported_layers_are_skipped_by_default_and_rejected_when_named():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     batches = [(torch.randn(8, 4, 4, 4), torch.randint(0, 3, (8,)))]
