@@ -48,19 +48,28 @@ def resolve(distributed: Optional[bool], process_group=None) -> Optional[Group]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a DDP wrapper holds (the forget pass must not trigger DDP's per-batch gradient averaging);
-    FSDP is refused with what it needs."""
+    sharded models (FSDP1's wrapper, FSDP2's fully_shard, any DTensor parameter) are refused with what they need."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
+    if _is_sharded(model):
+        raise TypeError("FSDP-sharded models (or any with DTensor parameters) are not supported: SEMU's SVD needs "
+                        "each layer's full gradient on one rank and its adapter the full weight. Pass the unwrapped "
+                        "model (or load its full state dict into an unwrapped copy); see semu_fast/distributed.py")
+    return model
+
+
+def _is_sharded(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
-        return model
-    if isinstance(model, FullyShardedDataParallel) or any(
-            isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise TypeError("FSDP-wrapped models are not supported: SEMU's SVD needs each layer's full gradient on one "
-                        "rank. Unwrap the model (or load its full state dict into an unwrapped copy) and pass that; "
-                        "see semu_fast/distributed.py")
-    return model
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
+    except ImportError:  # pragma: no cover - torch < 2.6
+        FSDPModule = FullyShardedDataParallel
+    return (any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+            or any(isinstance(p, DTensor) for p in model.parameters()))
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor], group: Group) -> None:

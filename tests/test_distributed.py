@@ -100,3 +100,33 @@ def test_distributed_true_without_a_process_group_is_refused():
         sf.prepare(small_cnn(), forget_batches(), distributed=True)
     with pytest.raises(TypeError, match="distributed must be True, False or None"):
         sf.prepare(small_cnn(), forget_batches(), distributed="yes")
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from helpers import assert_same_state, snapshot
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    try:
+        model = _model()
+        fully_shard(model[2], mesh=init_device_mesh("cpu", (1,)))  # FSDP2: DTensor parameters
+        before = snapshot(model)
+        messages = []
+        for call in (lambda: sf.prepare(model, _batches()), lambda: sf.unlearn(model, _batches(), progress=False)):
+            try:
+                call()
+                messages.append("no error")
+            except TypeError as err:
+                messages.append(str(err))
+        assert_same_state(model, before)
+        torch.save(messages, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_models_are_refused_before_anything_changes(tmp_path):
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
+    for message in torch.load(tmp_path / "fsdp.pt"):
+        assert "FSDP-sharded models" in message and "unwrapped" in message
