@@ -189,6 +189,27 @@ def test_sample_is_seeded_and_adapters_with_zero_R_change_nothing():
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
 
 
+class _ConstantClassifier(nn.Module):
+    """Labels image i (of the samples in class order) with predictions[i]: a classifier whose answers are known."""
+
+    def __init__(self, predictions):
+        super().__init__()
+        self.predictions, self.dummy = torch.tensor(predictions), nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        assert images.shape[0] == len(self.predictions) and 0 <= images.min() and images.max() <= 1
+        return F.one_hot(self.predictions, NUM_CLASSES).float() + self.dummy
+
+
+def test_classifier_metrics_counts_exactly():
+    # 10 samples per class; class 0: 1 of 10 labelled 0 (10% exactly, the goal's edge), class 1: 7 of 10, class 2: all
+    predictions = [0] + [1] * 9 + [1] * 7 + [0] * 3 + [2] * 10
+    metrics = D.classifier_metrics(tiny_unet(), scheduler(), _ConstantClassifier(predictions), 0,
+                                   num_classes=NUM_CLASSES, samples_per_class=10, num_inference_steps=2)
+    assert metrics["forget_class_rate"] == 10.0 and metrics["other_accuracy"] == 85.0
+    assert metrics["per_class_accuracy"] == {0: 10.0, 1: 70.0, 2: 100.0}
+
+
 # --- Stable Diffusion --------------------------------------------------------------------------------------------
 
 WORDS = "a an the photo picture of cat dog car tree house painting by van gogh monet".split()
