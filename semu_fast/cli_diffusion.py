@@ -42,7 +42,8 @@ def _require(parser, *modules) -> None:
 def register(subparsers) -> dict:
     """Add the `unlearn-ddpm` and `unlearn-sd` subcommands to an argparse subparsers object; returns
     {name: parser}."""
-    from semu_fast.diffusion import DIGITS_TRAIN_STEPS, SD_PRESETS
+    from semu_fast.diffusion import DIGITS_TRAIN_STEPS
+    from semu_fast.stable_diffusion import SD_PRESETS
 
     ddpm = subparsers.add_parser("unlearn-ddpm", help="forget a class of the embedded digits DDPM with SEMU",
                                  description="The embedded digits DDPM forgets --forget-class with SEMU; a digits "
@@ -167,7 +168,7 @@ def run_ddpm(args, parser) -> int:
 
 
 def run_sd(args, parser) -> int:
-    from semu_fast import diffusion as D
+    from semu_fast import stable_diffusion as SD
 
     _require(parser, "diffusers", "transformers")
     _quiet(args)
@@ -179,12 +180,12 @@ def run_sd(args, parser) -> int:
         except ImportError:
             pass
     try:
-        unet, text_encoder, tokenizer, scheduler = D.load_sd(args.model, args.device)
+        unet, text_encoder, tokenizer, scheduler = SD.load_sd(args.model, args.device)
     except (OSError, ValueError) as err:
         parser.error(f"argument --model: {err}")
     anchors = args.anchor_prompt if args.anchor_prompt is not None else [""]
     try:
-        semu_model, report, metrics = D.unlearn_sd(
+        semu_model, report, metrics = SD.unlearn_sd(
             unet, scheduler, text_encoder, tokenizer, args.forget_prompt, anchors, num_latents=args.num_latents,
             sample_steps=args.sample_steps, sample_guidance=args.guidance, preset=args.preset, gamma=args.gamma,
             attention_gamma=args.attention_gamma, gradient_guidance=args.guidance, lr=args.lr, epochs=args.epochs,

@@ -1,4 +1,4 @@
-"""SEMU for diffusion models (diffusers): DDPM class forgetting and Stable-Diffusion-style concept removal.
+"""SEMU for diffusion models (diffusers): the shared noise pieces and DDPM class forgetting.
 
 DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM code does:
 
@@ -13,14 +13,10 @@ DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM c
   random class other than the forgotten ones, drawn per sample, plus alpha * the standard loss on a remain batch when
   a remain loader is given (summed in the same step, as the official `semu_unlearn_retrain`).
 
-Stable Diffusion (`UNet2DConditionModel` + a CLIP-style text encoder and tokenizer, loaded from a local folder):
-`unlearn_sd` pulls the noise prediction under the forget prompt towards the (detached) prediction under an anchor
-prompt. The gradient pass uses the official SD loss, -MSE(noise, (1 + g) eps(x_t, prompt) - g eps(x_t, "")), on
-latents of the concept (given, or sampled from the frozen model with the forget prompt). Presets choose the layers:
-"xattn" (every cross-attention projection, attn2.to_q/k/v/out), "xattn-kv" (attn2.to_k and attn2.to_v) or "all".
+Stable-Diffusion-style concept removal builds on these pieces in semu_fast.stable_diffusion.
 
-Batches are (x0, labels) tuples with x0 in the model's range ([-1, 1] for the digits model); for SD, (latents,
-prompt_index). Every random draw (noise, timesteps, other classes, anchors) comes from a seeded torch.Generator.
+Batches are (x0, labels) tuples with x0 in the model's range ([-1, 1] for the digits model). Every random draw
+(noise, timesteps, other classes) comes from a seeded torch.Generator.
 """
 from __future__ import annotations
 
@@ -47,11 +43,6 @@ log = logging.getLogger("semu_fast")
 # Attention projections of diffusers' UNets: "...attentions.0.to_q" (UNet2DModel's Attention) and
 # "...transformer_blocks.0.attn1.to_q" / "...attn2.to_out.0" (UNet2DConditionModel).
 ATTENTION_PATTERN = r"(attn\d*|attentions\.\d+)\.to_(q|k|v|out\.0)$"
-SD_PRESETS = {
-    "xattn": (r"attn2\.to_(q|k|v|out\.0)$",),   # every cross-attention projection
-    "xattn-kv": (r"attn2\.to_(k|v)$",),          # the projections of the text embedding only
-    "all": None,                                 # every Linear and Conv2d of the UNet
-}
 DIGITS_NUM_CLASSES = 10
 DIGITS_NULL_CLASS = 10          # the class-embedding row for "no class" (classifier-free guidance)
 DIGITS_TRAIN_STEPS = 1200
@@ -59,11 +50,12 @@ DIGITS_TRAIN_STEPS = 1200
 
 # --- shared pieces ----------------------------------------------------------------------------------------------
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
+    """The wrapped model of a SEMUModel (its config, dtype and device), else the model itself."""
     return model.model if isinstance(model, SEMUModel) else model
 
 
-def _eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
+def predict_noise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
     """The model's noise prediction (diffusers UNets return an output object; plain modules a tensor)."""
     out = model(x_t, t, **conditioning)
     return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
@@ -81,7 +73,7 @@ def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator,
     return torch.cat([t, num_train_timesteps - 1 - t])[:n]
 
 
-def _noisy(scheduler, x0: torch.Tensor, generator: torch.Generator, antithetic: bool):
+def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator, antithetic: bool):
     """(x_t, noise, t): noise and t drawn from `generator` (on the CPU, so runs agree across devices)."""
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     t = draw_timesteps(x0.shape[0], _num_train_timesteps(scheduler), generator, antithetic).to(x0.device)
@@ -96,8 +88,8 @@ def eps_mse_loss(model: nn.Module, scheduler, batch, generator: torch.Generator,
     x0, labels = split_batch(batch, "the diffusion loss")
     device = model_device(model)
     x0, labels = x0.to(device), labels.to(device)
-    x_t, noise, t = _noisy(scheduler, x0, generator, antithetic)
-    return F.mse_loss(_eps(model, x_t, t, class_labels=labels), noise)
+    x_t, noise, t = add_noise(scheduler, x0, generator, antithetic)
+    return F.mse_loss(predict_noise(model, x_t, t, class_labels=labels), noise)
 
 
 def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True):
@@ -132,11 +124,11 @@ def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_c
         x0, labels = split_batch(batch, "the DDPM forget loss")
         device = model_device(model)
         x0, labels = x0.to(device), labels.to(device)
-        x_t, _, t = _noisy(scheduler, x0, generator, antithetic)
+        x_t, _, t = add_noise(scheduler, x0, generator, antithetic)
         other = _other_classes(labels, forget_classes, num_classes, generator).to(device)
-        eps_forget = _eps(model, x_t, t, class_labels=labels)
+        eps_forget = predict_noise(model, x_t, t, class_labels=labels)
         with torch.no_grad():
-            eps_other = _eps(model, x_t, t, class_labels=other)
+            eps_other = predict_noise(model, x_t, t, class_labels=other)
         loss = F.mse_loss(eps_forget, eps_other)
         if len(batch) >= 4:
             loss = loss + alpha * eps_mse_loss(model, scheduler, batch[2:4], generator, antithetic)
@@ -201,7 +193,7 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if num_classes is None:
-        num_classes = getattr(getattr(_unwrap(unet), "config", None), "num_class_embeds", None)
+        num_classes = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None)
         if not num_classes:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed)
@@ -250,7 +242,7 @@ def sample(unet: nn.Module, scheduler, class_labels, num_inference_steps: int = 
     `generator` on the CPU. A SEMUModel is sampled with its adapters merged (unmerged afterwards)."""
     from diffusers import DDIMScheduler
 
-    base = _unwrap(unet)
+    base = base_model(unet)
     cfg = base.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
@@ -271,12 +263,12 @@ def sample(unet: nn.Module, scheduler, class_labels, num_inference_steps: int = 
                 for t in ddim.timesteps:
                     tt = t.to(device).expand(len(chunk))
                     if guidance_scale != 1.0:
-                        both = _eps(unet, torch.cat([x, x]), torch.cat([tt, tt]),
+                        both = predict_noise(unet, torch.cat([x, x]), torch.cat([tt, tt]),
                                     class_labels=torch.cat([c, torch.full_like(c, null_class)]))
                         eps_c, eps_u = both.chunk(2)
                         eps = eps_u + guidance_scale * (eps_c - eps_u)
                     else:
-                        eps = _eps(unet, x, tt, class_labels=c)
+                        eps = predict_noise(unet, x, tt, class_labels=c)
                     noise = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else None
                     x = ddim.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
                 out.append(x.cpu())
@@ -417,243 +409,11 @@ def classifier_metrics(unet: nn.Module, scheduler, classifier: nn.Module, forget
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
 
 
-# --- Stable Diffusion: concept removal ----------------------------------------------------------------------------
-
-def sd_target_modules(preset: str):
-    """The target_modules patterns of a preset ("xattn", "xattn-kv", "all"); None for "all"."""
-    if preset not in SD_PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(map(repr, SD_PRESETS))}, got {preset!r}")
-    return SD_PRESETS[preset]
-
-
-def sd_config(preset: str = "xattn", gamma: float = 0.95, attention_gamma: Optional[float] = None, *, seed: int = 0,
-              **overrides) -> SEMUConfig:
-    """SEMUConfig for SD: the preset's layers, per-channel conv ranks; attention_gamma (None: same as gamma, as the
-    official SD scripts end up using) for the attention projections."""
-    overrides.setdefault("conv_rank", "per_channel")
-    gamma_overrides = dict(overrides.pop("gamma_overrides", {}) or {})
-    if attention_gamma is not None:
-        gamma_overrides.setdefault(ATTENTION_PATTERN, attention_gamma)
-    return SEMUConfig(gamma=gamma, target_modules=sd_target_modules(preset), gamma_overrides=gamma_overrides,
-                      seed=seed, **overrides)
-
-
-@torch.no_grad()
-def encode_prompts(text_encoder: nn.Module, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """(len(prompts), L, D) last hidden states of the text encoder, prompts padded to the tokenizer's max length."""
-    max_length = tokenizer.model_max_length
-    if not max_length or max_length > 10_000:  # tokenizers without a limit report a huge number
-        max_length = text_encoder.config.max_position_embeddings
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(model_device(text_encoder)))[0].float()
-
-
-def _rows(embeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return embeds.to(index.device)[index]
-
-
-def sd_gradient_loss(scheduler, forget_embeds: torch.Tensor, uncond_embeds: torch.Tensor, *,
-                     guidance_scale: float = 7.5, seed: int = 0):
-    """loss_fn(model, batch) for sf.prepare on (latents, prompt_index) batches, the official SD gradient loss:
-    -MSE(noise, (1 + g) eps(x_t, forget prompt) - g eps(x_t, "")), g = guidance_scale (0: the plain prediction).
-    Noise and uniform timesteps are drawn from a generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss_fn(model, batch):
-        x0, index = split_batch(batch, "the SD gradient loss")
-        device = model_device(model)
-        x0, index = x0.to(device), index.to(device)
-        x_t, noise, t = _noisy(scheduler, x0, generator, antithetic=False)
-        pred = _eps(model, x_t, t, encoder_hidden_states=_rows(forget_embeds, index))
-        if guidance_scale:
-            uncond = uncond_embeds.to(device).expand(len(x0), *uncond_embeds.shape[-2:])
-            pred = (1 + guidance_scale) * pred - guidance_scale * _eps(model, x_t, t, encoder_hidden_states=uncond)
-        return -F.mse_loss(pred, noise)
-
-    return loss_fn
-
-
-def _anchor_index(index: torch.Tensor, num_forget: int, num_anchor: int, generator: torch.Generator):
-    """Anchor for each sample: the paired one (as many anchors as forget prompts), the only one, or a random one."""
-    if num_anchor == num_forget:
-        return index
-    if num_anchor == 1:
-        return torch.zeros_like(index)
-    return torch.randint(0, num_anchor, index.shape, generator=generator).to(index.device)
-
-
-def sd_forget_loss(scheduler, forget_embeds: torch.Tensor, anchor_embeds: torch.Tensor):
-    """train_loss_fn(model, batch, generator) on (latents, prompt_index) batches: MSE(eps(x_t, forget prompt),
-    eps(x_t, anchor prompt).detach()). Anchors: paired by index when there are as many as forget prompts, else the
-    single one, else drawn at random per sample. Draws, in order: noise, uniform timesteps, (random anchors)."""
-    num_forget, num_anchor = len(forget_embeds), len(anchor_embeds)
-
-    def loss_fn(model, batch, generator):
-        x0, index = split_batch(batch, "the SD forget loss")
-        device = model_device(model)
-        x0, index = x0.to(device), index.to(device)
-        x_t, _, t = _noisy(scheduler, x0, generator, antithetic=False)
-        anchor = _anchor_index(index, num_forget, num_anchor, generator)
-        eps_forget = _eps(model, x_t, t, encoder_hidden_states=_rows(forget_embeds, index))
-        with torch.no_grad():
-            eps_anchor = _eps(model, x_t, t, encoder_hidden_states=_rows(anchor_embeds, anchor))
-        return F.mse_loss(eps_forget, eps_anchor)
-
-    return loss_fn
-
-
-@torch.no_grad()
-def sample_sd_latents(unet: nn.Module, scheduler, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
-                      num_inference_steps: int = 20, guidance_scale: float = 7.5,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Latents x0 (one per row of cond_embeds) from a UNet2DConditionModel with DDIM (eta 0) and classifier-free
-    guidance eps_u + s (eps_c - eps_u); initial noise from `generator` on the CPU."""
-    from diffusers import DDIMScheduler
-
-    base = _unwrap(unet)
-    cfg = base.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_inference_steps)
-    device = model_device(base)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    n = len(cond_embeds)
-    x = torch.randn((n, cfg.in_channels, *size), generator=generator).to(device)
-    cond = cond_embeds.to(device)
-    uncond = uncond_embeds.to(device).expand(n, *uncond_embeds.shape[-2:])
-    was_training = unet.training
-    unet.eval()
-    try:
-        for t in ddim.timesteps:
-            tt = t.to(device).expand(n)
-            if guidance_scale != 1.0:
-                eps_c, eps_u = _eps(unet, torch.cat([x, x]), torch.cat([tt, tt]),
-                                    encoder_hidden_states=torch.cat([cond, uncond])).chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            else:
-                eps = _eps(unet, x, tt, encoder_hidden_states=cond)
-            x = ddim.step(eps, t, x).prev_sample
-    finally:
-        unet.train(was_training)
-    return x
-
-
-@torch.no_grad()
-def sd_predictions(unet: nn.Module, scheduler, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor,
-                   seed: int = 1) -> torch.Tensor:
-    """eps(x_t, embeds[index]) at noise and timesteps drawn from `seed` (the same x_t for every call with that seed
-    and latents): used to compare predictions before and after unlearning."""
-    generator = torch.Generator().manual_seed(seed)
-    device = model_device(unet)
-    x0 = latents.to(device)
-    x_t, _, t = _noisy(scheduler, x0, generator, antithetic=False)
-    was_training = unet.training
-    unet.eval()
-    try:
-        return _eps(unet, x_t, t, encoder_hidden_states=_rows(embeds, index.to(device))).float().cpu()
-    finally:
-        unet.train(was_training)
-
-
-def _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed):
-    eps_f = sd_predictions(unet, scheduler, latents, forget_embeds, index, seed)
-    eps_a = sd_predictions(unet, scheduler, latents, anchor_embeds, anchor, seed)
-    return eps_f, eps_a
-
-
-def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, forget_prompts: Sequence[str],
-               anchor_prompts: Sequence[str] = ("",), *, latents: Optional[torch.Tensor] = None,
-               latent_prompt_index: Optional[torch.Tensor] = None, num_latents: int = 16, sample_steps: int = 20,
-               sample_guidance: float = 7.5, preset: str = "xattn", gamma: float = 0.95,
-               attention_gamma: Optional[float] = None, gradient_guidance: float = 7.5, lr: float = 1e-5,
-               epochs: int = 5, batch_size: int = 8, seed: int = 0, progress: bool = True,
-               config: Optional[SEMUConfig] = None, **unlearn_kwargs):
-    """SEMU concept removal on a diffusers UNet2DConditionModel (changed in place). Returns (SEMUModel, report,
-    metrics).
-
-    The forget data are latents of the concept: `latents` (N, C, h, w) with latent_prompt_index (which forget prompt
-    each one shows; default cycling over the prompts), or num_latents sampled here from the frozen UNet under the
-    forget prompts (sample_steps DDIM steps, guidance sample_guidance). The gradient pass is sd_gradient_loss
-    (guidance gradient_guidance); R is trained with sd_forget_loss (Adam, lr, epochs passes of batch_size).
-    metrics: on the same latents at fixed fresh noise and timesteps, forget_anchor_gap_before/after =
-    MSE(eps(forget prompt), eps(anchor prompt)), anchor_drift = MSE of the anchor prediction after vs before and
-    forget_shift = MSE of the forget prediction after vs before; plus the trainable parameter count."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .training import unlearn
-
-    forget_prompts, anchor_prompts = list(forget_prompts), list(anchor_prompts)
-    if not forget_prompts:
-        raise ValueError("forget_prompts is empty: name at least one prompt of the concept to remove")
-    if not anchor_prompts:
-        raise ValueError("anchor_prompts is empty: give at least one (\"\" is the unconditional anchor)")
-    config = config if config is not None else sd_config(preset, gamma, attention_gamma, seed=seed)
-    forget_embeds = encode_prompts(text_encoder, tokenizer, forget_prompts)
-    anchor_embeds = encode_prompts(text_encoder, tokenizer, anchor_prompts)
-    uncond_embeds = encode_prompts(text_encoder, tokenizer, [""])
-    if latents is None:
-        index = torch.arange(num_latents) % len(forget_prompts)
-        latents = sample_sd_latents(unet, scheduler, forget_embeds[index], uncond_embeds, sample_steps,
-                                    sample_guidance, torch.Generator().manual_seed(seed)).cpu()
-    else:
-        index = (torch.arange(len(latents)) % len(forget_prompts) if latent_prompt_index is None
-                 else torch.as_tensor(latent_prompt_index, dtype=torch.long))
-        if len(index) != len(latents):
-            raise ValueError(f"latent_prompt_index has {len(index)} entries for {len(latents)} latents")
-        if index.numel() and (index.min() < 0 or index.max() >= len(forget_prompts)):
-            raise ValueError(f"latent_prompt_index must index forget_prompts (0..{len(forget_prompts) - 1})")
-    anchor = _anchor_index(index, len(forget_prompts), len(anchor_prompts), torch.Generator().manual_seed(seed))
-    before_f, before_a = _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
-    loader = DataLoader(TensorDataset(latents.float().cpu(), index), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    semu_model, report = unlearn(
-        unet, loader, None, config,
-        loss_fn=sd_gradient_loss(scheduler, forget_embeds, uncond_embeds, guidance_scale=gradient_guidance,
-                                 seed=config.seed),
-        train_loss_fn=sd_forget_loss(scheduler, forget_embeds, anchor_embeds), optimizer="adam", lr=lr,
-        epochs=epochs, weight_decay=0.0, select_best=False, progress=progress, **unlearn_kwargs)
-    after_f, after_a = _sd_gaps(semu_model, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
-    metrics = {"forget_anchor_gap_before": F.mse_loss(before_f, before_a).item(),
-               "forget_anchor_gap_after": F.mse_loss(after_f, after_a).item(),
-               "anchor_drift": F.mse_loss(after_a, before_a).item(),
-               "forget_shift": F.mse_loss(after_f, before_f).item(),
-               "trainable_params": report.trainable_params, "num_latents": len(latents),
-               "adapted_layers": [layer.name for layer in report.layers if layer.k > 0]}
-    return semu_model, report, metrics
-
-
-def load_sd(path, device: Optional[str] = None):
-    """(unet, text_encoder, tokenizer, scheduler) from a local Stable-Diffusion-style folder with unet/,
-    text_encoder/ and tokenizer/ subfolders (scheduler/ optional: its betas are used in a DDPMScheduler; without it,
-    SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). Nothing is downloaded; float32."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    path = Path(path)
-    missing = [name for name in ("unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{path} lacks the subfolder(s) {', '.join(missing)} (expected unet/, "
-                                f"text_encoder/ and tokenizer/, as a diffusers pipeline saves them)")
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).float()
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).float()
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    if (path / "scheduler").is_dir():
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-    else:
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet.to(device).eval()
-    text_encoder.to(device).eval().requires_grad_(False)
-    return unet, text_encoder, tokenizer, scheduler
-
-
 def adapted_layer_names(model: nn.Module, config: SEMUConfig) -> list[str]:
     """The layers `config` selects in `model` (as sf.prepare would), without touching it."""
     from .layers import select_layers
 
-    return list(select_layers(_unwrap(model), config))
+    return list(select_layers(base_model(model), config))
 
 
 def matches_attention(name: str) -> bool:

@@ -13,6 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import semu_fast as sf  # noqa: E402
 from semu_fast import diffusion as D  # noqa: E402
+from semu_fast import stable_diffusion as SD  # noqa: E402
 
 NUM_CLASSES = 3
 
@@ -263,22 +264,22 @@ def test_sd_presets_select_exactly_the_expected_layers():
                                                                                           "to_out.0")]
     xattn_kv = [n for n in xattn if n.endswith(("attn2.to_k", "attn2.to_v"))]
     assert len(xattn) == 4 * 4 and len(xattn_kv) == 2 * 4  # transformer blocks: 1 down, 1 mid, 2 up
-    assert D.adapted_layer_names(unet, D.sd_config("xattn")) == xattn
-    assert D.adapted_layer_names(unet, D.sd_config("xattn-kv")) == xattn_kv
-    assert D.adapted_layer_names(unet, D.sd_config("all")) == linear_or_conv
+    assert D.adapted_layer_names(unet, SD.sd_config("xattn")) == xattn
+    assert D.adapted_layer_names(unet, SD.sd_config("xattn-kv")) == xattn_kv
+    assert D.adapted_layer_names(unet, SD.sd_config("all")) == linear_or_conv
     for name in xattn_kv:  # the text side: cross_attention_dim inputs
         assert unet.get_submodule(name).in_features == 32
     with pytest.raises(ValueError, match="preset must be one of"):
-        D.sd_config("attn")
+        SD.sd_config("attn")
 
 
 def test_sd_attention_gamma_override():
-    cfg = D.sd_config("all", gamma=0.5, attention_gamma=1.0)
+    cfg = SD.sd_config("all", gamma=0.5, attention_gamma=1.0)
     assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 1.0
     assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0") == 1.0
     assert cfg.gamma_for("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2") == 0.5
     assert cfg.gamma_for("down_blocks.0.resnets.0.conv1") == 0.5
-    assert D.sd_config("xattn", gamma=0.7).gamma_for("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == 0.7
+    assert SD.sd_config("xattn", gamma=0.7).gamma_for("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == 0.7
 
 
 def test_sd_losses_match_hand_computed():
@@ -287,16 +288,16 @@ def test_sd_losses_match_hand_computed():
     forget_e, anchor_e, uncond_e = (torch.randn(n, 5, 32, generator=g0) for n in (2, 2, 1))
     x0, index = torch.randn(3, 4, 8, 8, generator=g0), torch.tensor([0, 1, 1])
 
-    loss = D.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=2.0, seed=4)(unet, (x0, index))
+    loss = SD.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=2.0, seed=4)(unet, (x0, index))
     g = torch.Generator().manual_seed(4)
     x_t, noise, t = reference_noisy(sched, x0, g, antithetic=False)
     eps_c = unet(x_t, t, encoder_hidden_states=forget_e[index]).sample
     eps_u = unet(x_t, t, encoder_hidden_states=uncond_e.expand(3, 5, 32)).sample
     torch.testing.assert_close(loss, -F.mse_loss(3.0 * eps_c - 2.0 * eps_u, noise), rtol=1e-5, atol=1e-6)
-    loss = D.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=0.0, seed=4)(unet, (x0, index))
+    loss = SD.sd_gradient_loss(sched, forget_e, uncond_e, guidance_scale=0.0, seed=4)(unet, (x0, index))
     torch.testing.assert_close(loss, -F.mse_loss(eps_c, noise), rtol=1e-5, atol=1e-6)
 
-    loss = D.sd_forget_loss(sched, forget_e, anchor_e)(unet, (x0, index), torch.Generator().manual_seed(4))
+    loss = SD.sd_forget_loss(sched, forget_e, anchor_e)(unet, (x0, index), torch.Generator().manual_seed(4))
     eps_a = unet(x_t, t, encoder_hidden_states=anchor_e[index]).sample  # paired anchors
     torch.testing.assert_close(loss, F.mse_loss(eps_c, eps_a), rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(loss, list(unet.parameters()), allow_unused=True)
@@ -305,19 +306,19 @@ def test_sd_losses_match_hand_computed():
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # one anchor for two forget prompts: broadcast
-    loss = D.sd_forget_loss(sched, forget_e, anchor_e[:1])(unet, (x0, index), torch.Generator().manual_seed(4))
+    loss = SD.sd_forget_loss(sched, forget_e, anchor_e[:1])(unet, (x0, index), torch.Generator().manual_seed(4))
     eps_a = unet(x_t, t, encoder_hidden_states=anchor_e[:1].expand(3, 5, 32)).sample
     torch.testing.assert_close(loss, F.mse_loss(eps_c, eps_a), rtol=1e-5, atol=1e-6)
 
 
 def test_sd_concept_removal_moves_forget_prediction_to_anchor(sd_folder):
-    unet, text_encoder, tokenizer, sched = D.load_sd(sd_folder, "cpu")
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
     assert isinstance(unet, diffusers.UNet2DConditionModel)
     assert sched.config.beta_schedule == "scaled_linear"
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     # A random text encoder maps prompts that share a prefix to nearly equal embeddings, so the anchor here is
     # far from the forget prompts (the empty prompt), and the cross-attention keys/values are kept at full rank.
-    semu_model, report, metrics = D.unlearn_sd(
+    semu_model, report, metrics = SD.unlearn_sd(
         unet, sched, text_encoder, tokenizer, ["cat", "painting of a cat"], [""], num_latents=8, sample_steps=3,
         preset="xattn-kv", attention_gamma=1.0, lr=1e-2, epochs=10, batch_size=4, progress=False)
     assert metrics["forget_anchor_gap_before"] > 0
@@ -330,19 +331,19 @@ def test_sd_concept_removal_moves_forget_prediction_to_anchor(sd_folder):
 
 
 def test_sd_given_latents_and_errors(sd_folder):
-    unet, text_encoder, tokenizer, sched = D.load_sd(sd_folder, "cpu")
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="latent_prompt_index"):
-        D.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], latents=latents,
+        SD.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], latents=latents,
                      latent_prompt_index=[0, 1, 0, 0], progress=False)
     with pytest.raises(ValueError, match="forget_prompts is empty"):
-        D.unlearn_sd(unet, sched, text_encoder, tokenizer, [], progress=False)
-    semu_model, report, metrics = D.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], ["", "dog"],
+        SD.unlearn_sd(unet, sched, text_encoder, tokenizer, [], progress=False)
+    semu_model, report, metrics = SD.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], ["", "dog"],
                                                latents=latents, preset="xattn", epochs=1, batch_size=2, lr=1e-3,
                                                gradient_guidance=0.0, progress=False)
     assert metrics["num_latents"] == 4 and len(semu_model.adapters) == 16
     with pytest.raises(FileNotFoundError, match="text_encoder"):
-        D.load_sd(sd_folder / "unet")
+        SD.load_sd(sd_folder / "unet")
 
 
 # --- command line ------------------------------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     assert result["metrics"]["forget_anchor_gap_after"] < result["metrics"]["forget_anchor_gap_before"]
     assert result["settings"]["preset"] == "xattn" and len(result["metrics"]["adapted_layers"]) == 16
     merged = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
-    unet, *_ = D.load_sd(sd_folder, "cpu")
+    unet, *_ = SD.load_sd(sd_folder, "cpu")
     expected = sf.load_adapters(unet, out / "adapters").merge_and_unload().state_dict()
     assert merged.state_dict().keys() == expected.keys()
     for name, tensor in merged.state_dict().items():
