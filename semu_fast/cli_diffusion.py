@@ -7,7 +7,7 @@ unlearn-ddpm: the embedded digits DDPM (a tiny class-conditional UNet2DModel tra
 cached) forgets --forget-class; a digits classifier labels samples of every class before and after; writes
 out/metrics.json and out/adapters (sf.load_adapters). unlearn-sd: concept removal on a local Stable-Diffusion-style
 folder (unet/, text_encoder/, tokenizer/; scheduler/ optional); writes out/metrics.json, out/adapters and, with
---save-unet, the merged UNet in out/unet. Nothing is downloaded."""
+--save-unet, the merged UNet in out/unet (--lora: a diffusers LoRA in out/lora). Nothing is downloaded."""
 from __future__ import annotations
 
 import logging
@@ -110,6 +110,8 @@ def register(subparsers) -> dict:
     g.add_argument("--out", type=Path, default=Path("semu_fast_sd_out"),
                    help="folder for metrics.json, adapters/ (and unet/) (default ./semu_fast_sd_out)")
     g.add_argument("--save-unet", action="store_true", help="also save the UNet with R merged in, out/unet")
+    g.add_argument("--lora", action="store_true", help="also export the adapters as a diffusers LoRA folder out/lora "
+                   "(conv adapters, which have no LoRA form, are skipped)")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sd.set_defaults(func=run_sd)
     return {"unlearn-ddpm": ddpm, "unlearn-sd": sd}
@@ -198,6 +200,11 @@ def run_sd(args, parser) -> int:
     write_json(args.out / "metrics.json", {"settings": {**settings(args), "anchor_prompt": anchors}, "metrics": metrics,
                                            "layers": layers(report), "training": report.training,
                                            "timings": report.timings})
+    if args.lora:
+        from semu_fast.lora import export_diffusers_lora
+
+        export_diffusers_lora(semu_model, args.out / "lora", prefix="unet", skip_conv=True)
+        files.append("lora/")
     if args.save_unet:
         semu_model.merge_and_unload().save_pretrained(args.out / "unet")
         files.append("unet/")

@@ -7,8 +7,13 @@ The LoRA applies to the original base model (the delta is relative to the unadap
 SEMU adapters are merged). A conv adapter has one R per input channel (dW[:, n] = U[n] R[n] Vh[n]): that is not a
 product B A of two matrices, so it has no LoRA form and is refused (or skipped with skip_conv=True).
 
-Files: adapter_config.json and adapter_model.safetensors with peft's key names
-base_model.model.<module>.lora_A.weight / lora_B.weight; load with peft.PeftModel.from_pretrained(base, folder).
+Two layouts:
+- export_lora (peft): adapter_config.json and adapter_model.safetensors with peft's key names
+  base_model.model.<module>.lora_A.weight / lora_B.weight; load with peft.PeftModel.from_pretrained(base, folder).
+- export_diffusers_lora (diffusers): pytorch_lora_weights.safetensors with keys <prefix>.<module>.lora_A.weight /
+  lora_B.weight (prefix "unet" for a pipeline's UNet); load with a pipeline's load_lora_weights(folder) or
+  unet.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors", prefix="unet"). diffusers reads each layer's rank from the shapes and, with no alphas
+  saved, uses alpha = r, so the scaling is 1 here too.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .model import SEMUModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
 PREFIX = "base_model.model."  # PeftModel -> LoraModel (.base_model) -> the wrapped model (.model)
 
 
@@ -91,25 +97,47 @@ def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_pat
     return config
 
 
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def _save_factors(factors: dict, folder: Path, file_name: str, key_prefix: str) -> None:
+    """<key_prefix><module>.lora_A.weight / .lora_B.weight in a safetensors file, written atomically."""
+    tensors = {}
+    for name, (lora_A, lora_B) in factors.items():
+        tensors[f"{key_prefix}{name}.lora_A.weight"] = lora_A
+        tensors[f"{key_prefix}{name}.lora_B.weight"] = lora_B
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / file_name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
 def export_lora(semu_model: SEMUModel, path, base_model_name_or_path: Optional[str] = None, *,
                 skip_conv: bool = False, dtype: torch.dtype = torch.float32,
                 task_type: Optional[str] = None) -> dict:
     """Write semu_model's Linear adapters as a peft LoRA adapter folder `path` (created if needed); returns the
     adapter config written. base_model_name_or_path: recorded as given (peft uses it to find the base model).
     dtype: of the saved factors. task_type: peft's, e.g. "CAUSAL_LM" (None: a plain PeftModel)."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    _check_dtype(dtype)
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         base_model_name_or_path = str(base_model_name_or_path)
     factors = lora_factors(semu_model, skip_conv, dtype)
     config = _config(semu_model, {name: A.shape[0] for name, (A, _) in factors.items()}, base_model_name_or_path,
                      task_type)
-    tensors = {}
-    for name, (lora_A, lora_B) in factors.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _save_factors(factors, folder, WEIGHTS_NAME, PREFIX)
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return config
+
+
+def export_diffusers_lora(semu_model: SEMUModel, path, prefix: Optional[str] = "unet", *, skip_conv: bool = False,
+                          dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Write semu_model's Linear adapters as a diffusers LoRA folder `path` (pytorch_lora_weights.safetensors);
+    returns {module name: rank}. prefix: the pipeline component the model is ("unet", "transformer"; None: no
+    prefix, for model.load_lora_adapter(folder, weight_name=..., prefix=None)."""
+    _check_dtype(dtype)
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or prefix.endswith(".")):
+        raise ValueError(f"prefix must be a component name such as 'unet' (or None), got {prefix!r}")
+    factors = lora_factors(semu_model, skip_conv, dtype)
+    _save_factors(factors, Path(path), DIFFUSERS_WEIGHTS_NAME, f"{prefix}." if prefix else "")
+    return {name: lora_A.shape[0] for name, (lora_A, _) in factors.items()}

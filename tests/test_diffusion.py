@@ -384,7 +384,8 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     assert cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--forget-prompt", "dog",
                 "--anchor-prompt", "", "--preset", "xattn", "--attention-gamma", "1", "--num-latents", "4",
                 "--sample-steps", "2", "--epochs", "3", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu",
-                "--out", str(out), "--save-unet", "--quiet"]) == 0
+                "--out", str(out), "--save-unet", "--lora", "--quiet"]) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     result = json.loads((out / "metrics.json").read_text())
     assert result["metrics"]["forget_anchor_gap_after"] < result["metrics"]["forget_anchor_gap_before"]
     assert result["settings"]["preset"] == "xattn" and len(result["metrics"]["adapted_layers"]) == 16

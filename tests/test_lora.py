@@ -138,3 +138,37 @@ def test_an_unadapted_layer_with_the_same_name_suffix_is_excluded(tmp_path):
 def test_export_rejects_what_is_not_a_semu_model(tmp_path):
     with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
         export_lora(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["unet", None])
+def test_diffusers_loads_the_export_into_a_unet_and_reproduces_semu(tmp_path, prefix):
+    diffusers = pytest.importorskip("diffusers")
+    from semu_fast import stable_diffusion as SD
+    from semu_fast.lora import export_diffusers_lora
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    base = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(0)
+    latents, embeds = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(2, 6, 32, generator=gen)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
+    sm = sf.prepare(unet, [(latents[:2], torch.tensor([0, 1])), (latents[2:], torch.tensor([1, 0]))],
+                    SD.sd_gradient_loss(scheduler, embeds, embeds[:1], guidance_scale=0.0), SD.sd_config("xattn"))
+    _randomise_R(sm)
+    ranks = export_diffusers_lora(sm, tmp_path / "lora", prefix=prefix)
+    assert ranks == {name: a.rank for name, a in sm.adapters.items()} and len(set(ranks.values())) > 1
+    lead = f"{prefix}." if prefix else ""
+    assert set(load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")) == {
+        f"{lead}{n}.lora_{p}.weight" for n in ranks for p in "AB"}
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 60])
+    with torch.no_grad():
+        expected = sm(x, t, encoder_hidden_states=embeds).sample
+        assert (expected - base(x, t, encoder_hidden_states=embeds).sample).abs().max() > 1e-3  # R does something
+        base.load_lora_adapter(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors", prefix=prefix)
+        torch.testing.assert_close(base(x, t, encoder_hidden_states=embeds).sample, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefix must be a component name"):
+        export_diffusers_lora(sm, tmp_path / "bad", prefix="unet.")
+    assert not (tmp_path / "bad").exists()
