@@ -73,3 +73,13 @@ def write_json(path: Path, payload) -> None:
 
     text = json.dumps(_finite(payload), indent=2, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict) -> list:
+    """out/adapters (sf.load_adapters) and out/metrics.json (settings, metrics, per-layer ranks, training history,
+    timings); returns the names written."""
+    out.mkdir(parents=True, exist_ok=True)
+    semu_model.save_adapters(out / "adapters")
+    write_json(out / "metrics.json", {"settings": run_settings, "metrics": metrics, "layers": layers(report),
+                                      "training": report.training, "timings": report.timings})
+    return ["metrics.json", "adapters/"]

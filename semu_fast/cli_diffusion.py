@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from semu_fast.cli_args import default_cache, gamma, layers, non_negative, positive, settings, write_json
+from semu_fast.cli_args import default_cache, gamma, non_negative, positive, settings, write_run
 
 log = logging.getLogger("semu_fast")
 
@@ -149,8 +149,6 @@ def run_ddpm(args, parser) -> int:
                                         alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
                                         lr=args.lr, steps=args.steps, seed=args.seed, progress=not args.quiet)
     after = D.classifier_metrics(semu_model, scheduler, classifier, args.forget_class, **evaluate)
-    args.out.mkdir(parents=True, exist_ok=True)
-    semu_model.save_adapters(args.out / "adapters")
     metrics = {"forget_class_rate_before": before["forget_class_rate"],
                "forget_class_rate_after": after["forget_class_rate"],
                "other_accuracy_before": before["other_accuracy"], "other_accuracy_after": after["other_accuracy"],
@@ -158,14 +156,13 @@ def run_ddpm(args, parser) -> int:
                "per_class_accuracy_before": before["per_class_accuracy"],
                "per_class_accuracy_after": after["per_class_accuracy"],
                "trainable_params": report.trainable_params, "total_params": report.total_params}
-    write_json(args.out / "metrics.json", {"settings": settings(args), "metrics": metrics, "layers": layers(report),
-                                           "training": report.training, "timings": report.timings})
+    files = write_run(args.out, semu_model, report, metrics, settings(args))
     print(f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}")
     print(f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
           f"{after['forget_class_rate']:8.1f}")
     print(f"{'other classes':36s} {before['other_accuracy']:8.1f} {after['other_accuracy']:8.1f}")
     print(f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers")
-    print(f"wrote metrics.json, adapters/ to {args.out}")
+    print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
 
@@ -194,12 +191,7 @@ def run_sd(args, parser) -> int:
             batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))
-    args.out.mkdir(parents=True, exist_ok=True)
-    semu_model.save_adapters(args.out / "adapters")
-    files = ["metrics.json", "adapters/"]
-    write_json(args.out / "metrics.json", {"settings": {**settings(args), "anchor_prompt": anchors}, "metrics": metrics,
-                                           "layers": layers(report), "training": report.training,
-                                           "timings": report.timings})
+    files = write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
     if args.lora:
         from semu_fast.lora import export_diffusers_lora
 

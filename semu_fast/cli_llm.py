@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from semu_fast.cli_args import gamma, layers, positive, settings, write_json
+from semu_fast.cli_args import gamma, positive, settings, write_run
 
 log = logging.getLogger("semu_fast")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -95,15 +95,10 @@ def run(args, parser) -> int:
             epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))
-    args.out.mkdir(parents=True, exist_ok=True)
-    semu_model.save_adapters(args.out / "adapters")
-    files = ["adapters/", "metrics.json"]
+    files = write_run(args.out, semu_model, report, metrics, {**settings(args), "target_modules": targets})
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
-    write_json(args.out / "metrics.json", {"settings": {**settings(args), "target_modules": targets},
-                                           "metrics": metrics, "layers": layers(report),
-                                           "training": report.training, "timings": report.timings})
     rows = [("forget", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
         rows.append(("retain", "retain_ppl_before", "retain_ppl_after"))
