@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import distributed, ops
 from .reference import conv_delta_weight
 
 
@@ -50,6 +50,9 @@ class SEMUAdapter(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
+        if distributed.is_sharded(weight):
+            raise RuntimeError("cannot merge into an FSDP-sharded weight: keep the adapters unmerged (they train and "
+                               "run as they are), or gather a full state dict into an unsharded model and merge there")
         self._original_weight = weight.detach().clone()
         weight.copy_((weight.float() + self.delta_weight().float()).to(weight.dtype))
         self.merged = True

@@ -5,10 +5,13 @@ across ranks in a few bucketed all-reduces (one per BUCKET_BYTES of gradient, no
 by cost: every layer has an owner rank that computes its factors, and each rank broadcasts all its layers' U and Vh
 in one call. Every rank ends with the same adapters as a single process over the whole forget set.
 
-Works with any backend (gloo on CPU, nccl on GPU) and with DistributedDataParallel-wrapped models (the pass runs on
-.module, outside DDP's own gradient reduction). FSDP shards each weight across ranks, while the SVD of a layer needs
-its full gradient on one rank: gather it (for example by running the pass under FSDP.summon_full_params with
-full, unsharded gradients) or unwrap the model first; FSDP models are refused with that advice."""
+Works with any backend (gloo on CPU, nccl on GPU), with DistributedDataParallel-wrapped models (the pass runs on
+.module, outside DDP's own gradient reduction) and with FSDP2 (`fully_shard`) models: FSDP2 reduce-scatters each
+batch's gradient itself, so the sharded sums are gathered whole (DTensor.full_tensor, one layer at a time, every
+rank in the same order) instead of all-reduced, and so are the weights for the projection. The adapters then wrap
+the sharded layers: FSDP2 unshards a layer's weight when the unit that holds it runs, so a targeted layer must sit
+inside a larger unit (shard the blocks, not the Linear itself). Merging into sharded weights is refused. FSDP1
+(FullyShardedDataParallel) and other DTensor parameters (tensor parallelism) are refused."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,29 +50,57 @@ def resolve(distributed: Optional[bool], process_group=None) -> Optional[Group]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a DDP wrapper holds (the forget pass must not trigger DDP's per-batch gradient averaging);
-    sharded models (FSDP1's wrapper, FSDP2's fully_shard, any DTensor parameter) are refused with what they need."""
+    """The module a DDP wrapper holds (the forget pass must not trigger DDP's per-batch gradient averaging); an FSDP2
+    model as it is; FSDP1 and other sharded (DTensor) models are refused with what they need."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
-    if _is_sharded(model):
-        raise TypeError("FSDP-sharded models (or any with DTensor parameters) are not supported: SEMU's SVD needs "
-                        "each layer's full gradient on one rank and its adapter the full weight. Pass the unwrapped "
-                        "model (or load its full state dict into an unwrapped copy); see semu_fast/distributed.py")
+    fsdp1, fsdp2, dtensor = _sharding(model)
+    if fsdp1 or (dtensor and not fsdp2):
+        raise TypeError("this sharded model is not supported: SEMU takes plain, DDP-wrapped or FSDP2 (fully_shard) "
+                        "models, not FSDP1's FullyShardedDataParallel or tensor-parallel DTensor parameters. Pass "
+                        "the unwrapped model or shard it with fully_shard; see semu_fast/distributed.py")
     return model
 
 
-def _is_sharded(model: nn.Module) -> bool:
+def _sharding(model: nn.Module) -> tuple:
+    """(holds FSDP1 wrappers, holds FSDP2 units, has DTensor parameters)."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
-        return False
+        return False, False, False
+    modules = list(model.modules())
+    return (any(isinstance(m, FullyShardedDataParallel) for m in modules),
+            any(isinstance(m, FSDPModule) for m in modules),
+            any(isinstance(p, DTensor) for p in model.parameters()))
+
+
+def is_sharded(tensor) -> bool:
+    """True for a DTensor (an FSDP2-sharded weight or gradient)."""
     try:
-        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
-    except ImportError:  # pragma: no cover - torch < 2.6
-        FSDPModule = FullyShardedDataParallel
-    return (any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
-            or any(isinstance(p, DTensor) for p in model.parameters()))
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def check_fsdp_units(layers: dict) -> None:
+    """A targeted layer must not be an FSDP2 unit of its own: the adapter reads its weight directly, so the unit's
+    own unshard hook would never run."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    own = [name for name, layer in layers.items() if isinstance(layer, FSDPModule)]
+    if own:
+        raise ValueError(f"layer(s) {', '.join(own)} are fully_shard units of their own; SEMU adapters need their "
+                         f"weights unsharded by an enclosing unit: apply fully_shard to the blocks that hold them "
+                         f"(or exclude them with exclude_modules)")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it, in the same order); others as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor], group: Group) -> None:

@@ -74,15 +74,21 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
     all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises ValueError for an empty loader, TypeError for a loss that is
     not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
-    direct = {name for name, w in weights.items() if w.dtype == torch.float32 and w.is_contiguous()}
-    accumulators = {name: None if name in direct else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                    for name, w in weights.items()}
+    sharded = {name for name, w in weights.items() if distributed.is_sharded(w)}  # FSDP2: reduced per batch
+    direct = {name for name, w in weights.items()
+              if name not in sharded and w.dtype == torch.float32 and w.is_contiguous()}
+    accumulators = {name: None if name in direct else
+                    torch.zeros_like(w, dtype=torch.float32) if name in sharded else
+                    torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     state = _ModelState(model)
     hooks = []
 
     def hook_for(acc):
         def hook(param):
-            ops.accumulate_([acc], [param.grad])
+            if distributed.is_sharded(acc):
+                acc.add_(param.grad)  # shard by shard
+            else:
+                ops.accumulate_([acc], [param.grad])
             param.grad = None
         return hook
 
@@ -119,9 +125,14 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
         acc = accumulators[name]
         w = weights[name]
         accumulators[name] = torch.zeros_like(w) if acc is None else acc.contiguous()
-    if group is not None:  # a rank may hold no batch; only the whole forget set must
+    for name in [n for n in weights if n in sharded]:  # in model order on every rank (a set's order differs)
+        # FSDP2 averaged each batch over its mesh: gather the whole sum.
+        mesh_size = accumulators[name].device_mesh.size()
+        accumulators[name] = distributed.full_tensor(accumulators[name]).mul_(mesh_size)
+    if group is not None:  # a rank may hold no batch (without FSDP); only the whole forget set must
         count = torch.tensor([float(batches)], device=next(iter(weights.values())).device)
-        distributed.all_reduce_sum_([*accumulators.values(), count], group)
+        distributed.all_reduce_sum_([acc for name, acc in accumulators.items() if name not in sharded] + [count],
+                                    group)
         batches = int(count.item())
     if batches == 0:
         raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")

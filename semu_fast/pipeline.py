@@ -87,6 +87,7 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     group = distributed_setup.resolve(distributed, process_group)
     model = distributed_setup.unwrap(model)
     layers = select_layers(model, config)
+    distributed_setup.check_fsdp_units(layers)
     device = layers[next(iter(layers))].weight.device
     timings = {}
 
@@ -102,8 +103,14 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     owners = (distributed_setup.assign_owners({n: tuple(layers[n].weight.shape) for n in names}, group.size)
               if group is not None else dict.fromkeys(names, 0))
     mine = [n for n in names if owners[n] == (group.rank if group is not None else 0)]
-    ops.project_perpendicular_([grads[n] for n in mine], [layers[n].weight.detach() for n in mine],
-                               config.projection)
+    # FSDP2: each weight is gathered whole (every rank takes part, layer by layer) and kept only by its owner.
+    weights = {}
+    for n in names:
+        weight = distributed_setup.full_tensor(layers[n].weight.detach())
+        if n in mine:
+            weights[n] = weight
+    ops.project_perpendicular_([grads[n] for n in mine], [weights[n] for n in mine], config.projection)
+    del weights
     _sync(device)
     timings["projection"] = time.perf_counter() - start
 
