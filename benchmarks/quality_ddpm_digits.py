@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from semu_fast import diffusion as D
+from semu_fast.cli_args import default_cache
 from semu_fast.digits import pretrained_digits_cnn
 
 GOALS = {"forget_class_rate_after_max": 10.0, "other_accuracy_drop_max": 5.0}
@@ -39,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 2.0],
                         help="classifier-free guidance scales to evaluate (1: none); the first decides the goals")
     parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast")))
+                        default=default_cache())
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from semu_fast import llm
+from semu_fast.cli_args import default_cache
 
 CITIES, JOBS = 20, 20
 
@@ -92,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--target-modules", nargs="+", default=["mlp.down_proj"])
     parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast")))
+                        default=default_cache())
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from . import baselines, metrics
 from .config import SEMUConfig
+from .io import atomic_write
 from .training import accuracy, unlearn
 
 log = logging.getLogger("semu_fast")
@@ -246,9 +247,9 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
         raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
                          f".pth.tar) or --train-epochs N to train one here")
     model = train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress, desc="train original")
-    if path is not None:
+    if path is not None:  # atomically: a run killed mid-save must not leave a cache that later fails to load
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
+        atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
 
 

@@ -189,8 +189,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "cache_dir", "unset") is None:
         args.cache_dir = cli_args.default_cache()
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(name)s: %(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
+    if quiet:  # also where the calling program set up logging already (basicConfig then does nothing)
+        log.setLevel(logging.WARNING)
     command = parser._subparsers._group_actions[0].choices[args.command]
     return args.func(args, command)
 

@@ -44,6 +44,20 @@ def default_cache() -> Path:
     return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
 
 
+def silence(*libraries: str) -> None:
+    """Errors only and no progress bars from the Hugging Face libraries a quiet command uses ("transformers",
+    "diffusers"); one that is not installed is skipped. (semu_fast's own logging follows --quiet in cli.main.)"""
+    import importlib
+
+    for name in libraries:
+        try:
+            hf_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def settings(args) -> dict:
     """The parsed flags, JSON-ready (paths as strings)."""
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()

@@ -10,23 +10,9 @@ folder (unet/, text_encoder/, tokenizer/; scheduler/ optional); writes out/metri
 --save-unet, the merged UNet in out/unet (--lora: a diffusers LoRA in out/lora). Nothing is downloaded."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from semu_fast.cli_args import default_cache, gamma, non_negative, positive, settings, write_run
-
-log = logging.getLogger("semu_fast")
-
-
-def _quiet(args) -> None:
-    if args.quiet:
-        logging.getLogger("semu_fast").setLevel(logging.WARNING)
-        try:
-            from diffusers.utils import logging as diffusers_logging
-            diffusers_logging.set_verbosity_error()
-            diffusers_logging.disable_progress_bar()
-        except ImportError:
-            pass
+from semu_fast.cli_args import default_cache, gamma, non_negative, positive, settings, silence, write_run
 
 
 def _require(parser, *modules) -> None:
@@ -124,7 +110,8 @@ def run_ddpm(args, parser) -> int:
     from semu_fast.digits import digits_cnn, pretrained_digits_cnn
 
     _require(parser, "diffusers")
-    _quiet(args)
+    if args.quiet:
+        silence("diffusers")
     if not 0 <= args.forget_class < D.DIGITS_NUM_CLASSES:
         parser.error(f"argument --forget-class: must be in [0, {D.DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
@@ -170,14 +157,8 @@ def run_sd(args, parser) -> int:
     from semu_fast import stable_diffusion as SD
 
     _require(parser, "diffusers", "transformers")
-    _quiet(args)
     if args.quiet:
-        try:
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
-        except ImportError:
-            pass
+        silence("diffusers", "transformers")
     try:
         unet, text_encoder, tokenizer, scheduler = SD.load_sd(args.model, args.device)
     except (OSError, ValueError) as err:

@@ -7,12 +7,10 @@ per-layer ranks) and, with --lora, out/lora (a peft LoRA adapter folder). Nothin
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from semu_fast.cli_args import gamma, positive, settings, write_run
+from semu_fast.cli_args import gamma, positive, settings, silence, write_run
 
-log = logging.getLogger("semu_fast")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -72,9 +70,7 @@ def run(args, parser) -> int:
     from semu_fast.lora import export_lora
 
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+        silence("transformers")
     targets = list(args.target_modules or ("mlp.down_proj",))
     forget_texts = _read_texts(args.forget_texts, "--forget-texts", parser)
     retain_texts = _read_texts(args.retain_texts, "--retain-texts", parser) if args.retain_texts else None

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .config import SEMUConfig
 from .gradients import model_device, split_batch
+from .io import atomic_write
 from .model import SEMUModel
 
 log = logging.getLogger("semu_fast")
@@ -374,9 +375,7 @@ def pretrained_digits_ddpm(cache_dir=None, seed: int = 0, train_steps: int = DIG
     train_ddpm(unet, scheduler, loader, train_steps, seed=seed, null_class=DIGITS_NULL_CLASS, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(unet.state_dict(), tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save(unet.state_dict(), tmp))
     return unet, scheduler
 
 

@@ -84,11 +84,11 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
     hooks = []
 
     def hook_for(acc):
+        # A sharded (FSDP2) accumulator adds shard by shard; the others take the fused fp32 accumulate.
+        add = acc.add_ if distributed.is_sharded(acc) else lambda grad: ops.accumulate_([acc], [grad])
+
         def hook(param):
-            if distributed.is_sharded(acc):
-                acc.add_(param.grad)  # shard by shard
-            else:
-                ops.accumulate_([acc], [param.grad])
+            add(param.grad)
             param.grad = None
         return hook
 

@@ -201,7 +201,11 @@ def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
 
 def perplexity(model: nn.Module, batches: Iterable[Batch]) -> float:
     """exp of the token-weighted mean NLL over all batches (eval mode, no grad); inf when that overflows."""
-    nll = mean_nll(model, batches)
+    return _exp(mean_nll(model, batches))
+
+
+def _exp(nll: float) -> float:
+    """exp(nll), inf where float64 overflows (nll above ~709)."""
     return math.exp(nll) if nll < 709.0 else math.inf
 
 
@@ -313,6 +317,6 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     if retain_batches is not None:
         metrics["retain_nll_after"] = mean_nll(semu_model, retain_batches)
     for key in list(metrics):
-        metrics[key.replace("_nll_", "_ppl_")] = math.exp(metrics[key]) if metrics[key] < 709.0 else math.inf
+        metrics[key.replace("_nll_", "_ppl_")] = _exp(metrics[key])
     metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share)
     return semu_model, report, metrics

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SEMUConfig
-from .diffusion import ATTENTION_PATTERN, add_noise, base_model, predict_noise
+from .diffusion import add_noise, base_model, ddpm_config, predict_noise
 from .gradients import model_device, split_batch
 
 SD_PRESETS = {
@@ -43,13 +43,8 @@ def sd_target_modules(preset: str):
 def sd_config(preset: str = "xattn", gamma: float = 0.95, attention_gamma: Optional[float] = None, *, seed: int = 0,
               **overrides) -> SEMUConfig:
     """SEMUConfig for SD: the preset's layers, per-channel conv ranks; attention_gamma (None: same as gamma, as the
-    official SD scripts end up using) for the attention projections."""
-    overrides.setdefault("conv_rank", "per_channel")
-    gamma_overrides = dict(overrides.pop("gamma_overrides", {}) or {})
-    if attention_gamma is not None:
-        gamma_overrides.setdefault(ATTENTION_PATTERN, attention_gamma)
-    return SEMUConfig(gamma=gamma, target_modules=sd_target_modules(preset), gamma_overrides=gamma_overrides,
-                      seed=seed, **overrides)
+    official SD scripts end up using) for the attention projections: DDPM's settings on the preset's layers."""
+    return ddpm_config(gamma, attention_gamma, seed=seed, target_modules=sd_target_modules(preset), **overrides)
 
 
 @torch.no_grad()
