@@ -5,10 +5,9 @@
     print(sm.report)
 """
 from . import ops
-from ._backends import backends
 from .config import SEMUConfig
-from .io import load_adapters, save_adapters
-from .model import SEMUModel
+from .model import SEMUModel, load_adapters, save_adapters
+from .ops import backends
 from .pipeline import prepare
 from .report import LayerReport, SEMUReport
 from .training import unlearn

@@ -1,9 +1,25 @@
-"""Argument checks shared by the ops: each error names the parameter and says what was expected."""
+"""Argument checks shared by every layer (a leaf: it imports nothing of semu_fast). Each error names the parameter
+and says what was expected."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_gamma(name: str, value) -> float:
+    """A share of gradient variance: a finite number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1] (the share of gradient variance to keep), got {value!r}")
+    return float(value)
 
 
 def check_tensor(name: str, value, dims: Optional[Sequence[int]] = None, floating: bool = True) -> torch.Tensor:
@@ -40,3 +56,18 @@ def check_tensor_lists(first_name: str, first, second_name: str, second) -> tupl
             raise ValueError(f"{first_name}[{i}] and {second_name}[{i}] must be on one device, got {a.device} and "
                              f"{b.device}")
     return first, second
+
+
+def check_disjoint(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """No two contiguous tensors that an op writes may overlap in memory: the writes would race on a GPU (and add
+    twice on the CPU). Views of one flat buffer that do not overlap are fine. (Under torch.compile tracing there are
+    no addresses to compare: the C++ kernels check for duplicates themselves.)"""
+    if torch.compiler.is_compiling():
+        return
+    spans = sorted((t.device.type, t.device.index or 0, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(tensors) if t.numel())
+    for a, b in zip(spans, spans[1:]):
+        if a[:2] == b[:2] and b[2] < a[3]:
+            first, second = sorted((a[4], b[4]))
+            raise ValueError(f"{name}[{first}] and {name}[{second}] overlap in memory; each tensor written must be "
+                             f"distinct")

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, ops
-from .reference import conv_delta_weight
+from .ops.lowrank import conv_delta_weight
 
 
 class SEMUAdapter(nn.Module):
@@ -78,6 +78,8 @@ class SEMUAdapter(nn.Module):
 class SEMULinear(SEMUAdapter):
     """y = x A^T + ((x Vh^T) R^T) U^T + b. U: (out, k), R: (k, k), Vh: (k, in)."""
 
+    kind = "linear"
+
     def __init__(self, base_layer: nn.Linear, U: torch.Tensor, Vh: torch.Tensor):
         super().__init__(base_layer, U, Vh, (U.shape[-1], U.shape[-1]))
 
@@ -93,6 +95,8 @@ class SEMUConv2d(SEMUAdapter):
     """conv(x, A + dW), dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel. U: (in, out, k), R: (in, k, k),
     Vh: (in, k, kh*kw). With per-channel ranks, U's columns and Vh's rows past a channel's k are zero, so R[n]
     acts only through its top-left k_n x k_n block (the official gradient mask, without a hook)."""
+
+    kind = "conv2d"
 
     def __init__(self, base_layer: nn.Conv2d, U: torch.Tensor, Vh: torch.Tensor, ranks=None):
         k = U.shape[-1]

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .io import atomic_write, save_adapters
+from ._utils import atomic_write
 
 FORMAT = "semu_fast.training_state/1"
 STATE_NAME = "training_state.pt"
@@ -69,7 +69,7 @@ class Checkpoint:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / STATE_NAME).unlink(missing_ok=True)
-        save_adapters(semu_model, self.adapters_dir)
+        semu_model.save_adapters(self.adapters_dir)
 
     def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group) -> None:
         if group is not None and group.rank != 0:  # every rank holds the same R

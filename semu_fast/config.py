@@ -1,29 +1,16 @@
 """SEMUConfig: every choice of the SEMU transform in one dataclass that validates itself on construction."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-PROJECTIONS = ("orthogonal", "official", "none")
-RANK_RULES = ("at_least", "official")
+from ._checks import check_choice, check_gamma
+from .ops.project import PROJECTIONS
+from .ops.svd import METHODS, RANK_RULES
+
 CONV_RANKS = ("max", "per_channel")
-SVD_METHODS = ("auto", "exact", "randomized")
 NORM_MODES = ("eval", "train")
-
-
-def _check_gamma(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1] (the share of gradient variance to keep), got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def _check_patterns(name: str, value) -> Optional[tuple]:
@@ -72,18 +59,18 @@ class SEMUConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: normalise in place once, here
-        set_(self, "gamma", _check_gamma("gamma", self.gamma))
-        _check_choice("projection", self.projection, PROJECTIONS)
-        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
-        _check_choice("conv_rank", self.conv_rank, CONV_RANKS)
-        _check_choice("svd", self.svd, SVD_METHODS)
-        _check_choice("norm_mode", self.norm_mode, NORM_MODES)
+        set_(self, "gamma", check_gamma("gamma", self.gamma))
+        check_choice("projection", self.projection, PROJECTIONS)
+        check_choice("rank_rule", self.rank_rule, RANK_RULES)
+        check_choice("conv_rank", self.conv_rank, CONV_RANKS)
+        check_choice("svd", self.svd, METHODS)
+        check_choice("norm_mode", self.norm_mode, NORM_MODES)
         set_(self, "target_modules", _check_patterns("target_modules", self.target_modules))
         set_(self, "exclude_modules", _check_patterns("exclude_modules", self.exclude_modules))
         if not isinstance(self.gamma_overrides, dict):
             raise ValueError(f"gamma_overrides must be a dict {{pattern: gamma}}, got {self.gamma_overrides!r}")
         _check_patterns("gamma_overrides", list(self.gamma_overrides))
-        set_(self, "gamma_overrides", {p: _check_gamma(f"gamma_overrides[{p!r}]", g)
+        set_(self, "gamma_overrides", {p: check_gamma(f"gamma_overrides[{p!r}]", g)
                                        for p, g in self.gamma_overrides.items()})
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")

@@ -7,33 +7,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed, ops
+from .losses import cross_entropy_loss
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def split_batch(batch, what: str = "loss_fn=None"):
-    """(inputs, targets) from a batch that is a tuple or list of at least two tensors."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
-            isinstance(t, torch.Tensor) for t in batch[:2]):
-        raise TypeError(f"{what} expects batches of (inputs, targets) tensors, got {type(batch).__name__}; "
-                        f"pass loss_fn(model, batch) -> scalar for other batch layouts")
-    return batch[0], batch[1]
-
-
-def cross_entropy_loss(model: nn.Module, batch) -> torch.Tensor:
-    """The default SEMU gradient loss for classifiers: cross-entropy with the true labels."""
-    inputs, targets = split_batch(batch)
-    device = model_device(model)
-    return F.cross_entropy(model(inputs.to(device)), targets.to(device))
 
 
 def set_norm_mode(model: nn.Module, norm_mode: str) -> None:

@@ -5,6 +5,7 @@ import re
 
 import torch.nn as nn
 
+from .adapters import SEMUAdapter
 from .config import SEMUConfig
 
 # Layers with a weight that SEMU cannot adapt; naming one explicitly is an error, otherwise they are skipped.
@@ -38,8 +39,6 @@ def describe_names(names) -> str:
 def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
     """{qualified name: module} for the layers to adapt, in model order. Raises ValueError, naming the pattern and
     the candidates, for a pattern that matches nothing, an explicitly named unsupported layer, or an empty choice."""
-    from .adapters import SEMUAdapter  # avoid an import cycle: adapters use the ops, not the layer choice
-
     if any(isinstance(m, SEMUAdapter) for m in model.modules()):
         raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     named = [(name, m) for name, m in model.named_modules() if name]

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from ._utils import atomic_write
 from .adapters import SEMUConv2d, SEMULinear
-from .io import atomic_write
 from .model import SEMUModel
 
 CONFIG_NAME = "adapter_config.json"

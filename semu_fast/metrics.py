@@ -13,20 +13,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .gradients import model_device, split_batch
-from .training import accuracy
+from . import distributed
+from ._utils import eval_mode, model_device, split_batch
 
 METRICS = ("UA", "RA", "TA", "MIA")
 
 
 @torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable, group: Optional[distributed.Group] = None) -> float:
+    """Top-1 accuracy in percent over (inputs, targets) batches, in eval mode (the mode is restored); with a
+    distributed group, over the union of every rank's loader."""
+    device = model_device(model)
+    correct = total = 0
+    with eval_mode(model):
+        for batch in loader:
+            inputs, targets = split_batch(batch, "accuracy")
+            correct += (model(inputs.to(device)).argmax(-1) == targets.to(device)).sum().item()
+            total += targets.numel()
+    if group is not None:
+        counts = torch.tensor([float(correct), float(total)], device=device)
+        distributed.all_reduce_sum_([counts], group)
+        correct, total = counts.tolist()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
 def true_label_confidence(model: nn.Module, loader: Iterable, limit: Optional[int] = None) -> np.ndarray:
     """softmax(model(x))[y] for the (x, y) batches of loader (eval mode, restored), at most `limit` samples."""
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     out, count = [], 0
-    try:
+    with eval_mode(model):
         for batch in loader:
             if limit is not None and count >= limit:
                 break
@@ -34,8 +50,6 @@ def true_label_confidence(model: nn.Module, loader: Iterable, limit: Optional[in
             probs = torch.softmax(model(inputs.to(device)).float(), dim=-1)
             out.append(probs.gather(1, targets.to(device).view(-1, 1)).squeeze(1).cpu())
             count += len(targets)
-    finally:
-        model.train(was_training)
     conf = torch.cat(out) if out else torch.empty(0)
     return conf[:limit].double().numpy()
 

@@ -1,13 +1,15 @@
-"""SEMUModel: a model with SEMU adapters installed, and the ways to merge, disable, save or remove them."""
+"""SEMUModel: a model with SEMU adapters installed, and the ways to merge, disable, save, load or remove them."""
 from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn as nn
 
-from .adapters import SEMUAdapter
+from . import serialization
+from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
-from .report import SEMUReport
+from .report import LayerReport, SEMUReport
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -53,6 +55,19 @@ class SEMUModel(nn.Module):
             adapter.unmerge()
 
     @contextlib.contextmanager
+    def merged(self):
+        """The adapters merged into the weights inside the block (a faster forward, e.g. for sampling), the weights
+        given back bit for bit afterwards; adapters merged before the block stay merged."""
+        unmerged = [a for a in self.adapters.values() if not a.merged]
+        try:
+            for adapter in unmerged:
+                adapter.merge()
+            yield self
+        finally:
+            for adapter in unmerged:
+                adapter.unmerge()
+
+    @contextlib.contextmanager
     def disable_adapters(self):
         """Run the original model inside the block (merged weights are unmerged for it, then merged again)."""
         adapters = list(self.adapters.values())
@@ -90,5 +105,60 @@ class SEMUModel(nn.Module):
 
     def save_adapters(self, path) -> None:
         """Write R, U, Vh and the ranks of every adapter to the folder `path` (safetensors + JSON), atomically."""
-        from .io import save_adapters
         save_adapters(self, path)
+
+
+def save_adapters(semu_model: SEMUModel, path) -> None:
+    """Write semu_model's adapters (R, U, Vh, ranks), its SEMUConfig and its report to the folder `path`."""
+    tensors, layers = {}, {}
+    for name, adapter in semu_model.adapters.items():
+        for part in ("R", "U", "Vh"):
+            tensors[f"{name}.{part}"] = getattr(adapter, part)
+        layers[name] = {"kind": adapter.kind, "shape": list(adapter.base_layer.weight.shape), "k": adapter.rank,
+                        "ranks": adapter.ranks}
+    serialization.write_folder(path, tensors, {"semu_config": semu_model.config.to_dict(), "layers": layers,
+                                               "report": semu_model.report.to_dict()})
+
+
+def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict) -> nn.Module:
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the adapter file has layer {name!r}, which the model does not have") from None
+    kind = info.get("kind")
+    expected = {"linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
+    if expected is None or not isinstance(layer, expected):
+        raise ValueError(f"layer {name!r} is a {type(layer).__name__} but the adapter file holds a {kind} adapter")
+    if list(layer.weight.shape) != list(info.get("shape", [])):
+        raise ValueError(f"layer {name!r} has weight shape {tuple(layer.weight.shape)} but the adapters were "
+                         f"made for {tuple(info.get('shape', []))}")
+    for part, shape in serialization.factor_shapes(kind, layer.weight.shape, info.get("k")).items():
+        tensor = tensors.get(f"{name}.{part}")
+        if tensor is None or tuple(tensor.shape) != shape or not tensor.is_floating_point():
+            got = None if tensor is None else f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+            raise ValueError(f"the adapter file's {name}.{part} should be a float tensor of shape {shape}, got {got}")
+    return layer
+
+
+def load_adapters(model: nn.Module, path) -> SEMUModel:
+    """Install the adapters saved in folder `path` on `model` (the original model, without adapters).
+
+    Everything is checked (files intact, every layer present with the same type and shape) before the model is
+    changed; R, U and Vh come back exactly as saved."""
+    config, tensors = serialization.read_folder(path)
+    layers = {name: _check_layer(model, name, info, tensors) for name, info in config["layers"].items()}
+    semu_config = SEMUConfig.from_dict(config["semu_config"])
+    adapters = {}
+    for name, layer in layers.items():
+        info = config["layers"][name]
+        U, Vh = tensors[f"{name}.U"], tensors[f"{name}.Vh"]
+        adapter = SEMUConv2d(layer, U, Vh, info.get("ranks")) if info["kind"] == "conv2d" else \
+            SEMULinear(layer, U, Vh)
+        with torch.no_grad():
+            adapter.R.copy_(tensors[f"{name}.R"])
+        adapters[name] = adapter
+    saved_report = config.get("report", {})
+    report = SEMUReport(layers=[LayerReport(**{**entry, "shape": tuple(entry["shape"])})
+                                for entry in saved_report.get("layers", [])],
+                        total_params=saved_report.get("total_params", 0))
+    return SEMUModel(model, adapters, semu_config, report)

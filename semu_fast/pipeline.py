@@ -1,6 +1,7 @@
 """sf.prepare: forget-set gradients -> perpendicular projection -> truncated SVD -> adapters installed."""
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Iterable
@@ -11,18 +12,36 @@ import torch.nn as nn
 
 from . import distributed as distributed_setup
 from . import ops
+from ._profile import annotate
 from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import LossFn, accumulate_gradients
 from .layers import select_layers
 from .model import SEMUModel
-from .reference import conv_gradient_matrices
+from .ops.svd import conv_gradient_matrices
 from .report import LayerReport, SEMUReport
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def _phase(name: str, timings: dict, device: torch.device):
+    """Time one phase of prepare into timings[name] (the device synchronised at its end) and mark it for NVTX."""
+    start = time.perf_counter()
+    with annotate(f"semu_fast.prepare.{name}"):
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    timings[name] = time.perf_counter() - start
+
+
+def _project(grads: dict, layers: dict, mine: list, projection: str) -> None:
+    """Project the gradients of the layers this rank owns, in place. FSDP2: each weight is gathered whole (every
+    rank takes part, layer by layer, in model order) and kept only by its owner."""
+    weights = {}
+    for name, layer in layers.items():
+        weight = distributed_setup.full_tensor(layer.weight.detach())
+        if name in mine:
+            weights[name] = weight
+    ops.project_perpendicular_([grads[n] for n in mine], [weights[n] for n in mine], projection)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -90,48 +109,28 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     distributed_setup.check_fsdp_units(layers)
     device = layers[next(iter(layers))].weight.device
     timings = {}
-
-    start = time.perf_counter()
-    grads = accumulate_gradients(model, forget_loader, {n: m.weight for n, m in layers.items()}, loss_fn,
-                                 config.norm_mode, group)
-    _sync(device)
-    timings["gradients"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    names = list(grads)
-    # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
-    owners = (distributed_setup.assign_owners({n: tuple(layers[n].weight.shape) for n in names}, group.size)
-              if group is not None else dict.fromkeys(names, 0))
-    mine = [n for n in names if owners[n] == (group.rank if group is not None else 0)]
-    # FSDP2: each weight is gathered whole (every rank takes part, layer by layer) and kept only by its owner.
-    weights = {}
-    for n in names:
-        weight = distributed_setup.full_tensor(layers[n].weight.detach())
-        if n in mine:
-            weights[n] = weight
-    ops.project_perpendicular_([grads[n] for n in mine], [weights[n] for n in mine], config.projection)
-    del weights
-    _sync(device)
-    timings["projection"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    factors = {n: _layer_factors(n, layers[n], grads.pop(n), config) if n in mine else None for n in names}
-    grads.clear()
-    if group is not None:
-        factors = distributed_setup.broadcast_factors(factors, owners, group, device)
-    adapters: dict[str, SEMUAdapter] = {}
-    report = SEMUReport(total_params=sum(p.numel() for p in model.parameters()))
-    for name in names:
-        adapter, layer_report = _install(name, layers[name], factors[name], config)
-        report.layers.append(layer_report)
-        if adapter is not None:
-            adapters[name] = adapter
-    del factors
-    _sync(device)
-    timings["svd"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    semu_model = SEMUModel(model, adapters, config, report)
-    timings["install"] = time.perf_counter() - start
+    with _phase("gradients", timings, device):
+        grads = accumulate_gradients(model, forget_loader, {n: m.weight for n, m in layers.items()}, loss_fn,
+                                     config.norm_mode, group)
+    with _phase("projection", timings, device):
+        # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
+        owners = (distributed_setup.assign_owners({n: tuple(m.weight.shape) for n, m in layers.items()}, group.size)
+                  if group is not None else dict.fromkeys(layers, 0))
+        mine = [n for n in layers if owners[n] == (group.rank if group is not None else 0)]
+        _project(grads, layers, mine, config.projection)
+    with _phase("svd", timings, device):
+        factors = {n: _layer_factors(n, layers[n], grads.pop(n), config) if n in mine else None for n in layers}
+        grads.clear()
+        if group is not None:
+            factors = distributed_setup.broadcast_factors(factors, owners, group, device)
+        report = SEMUReport(total_params=sum(p.numel() for p in model.parameters()))
+        adapters: dict[str, SEMUAdapter] = {}
+        for name in layers:
+            adapter, layer_report = _install(name, layers[name], factors.pop(name), config)
+            report.layers.append(layer_report)
+            if adapter is not None:
+                adapters[name] = adapter
+    with _phase("install", timings, device):
+        semu_model = SEMUModel(model, adapters, config, report)
     report.timings = timings
     return semu_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import semu_fast as sf
-from semu_fast import reference
+from semu_fast.ops import reference
 from conftest import FLOAT_DTYPES
 
 SHAPES = [(1,), (7,), (33, 65), (3, 5, 3, 3), (70001,)]

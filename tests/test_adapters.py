@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import semu_fast as sf
-from semu_fast import reference
+from semu_fast.ops import reference
 from semu_fast.adapters import SEMUConv2d
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import semu_fast as sf
-from semu_fast import baselines, classification as C, metrics, results
+from semu_fast import metrics
+from semu_fast.workflows import baselines, classification as C, models, results
 from helpers import assert_same_state, small_cnn, snapshot
 
 
@@ -113,7 +114,7 @@ def test_bad_scenarios_are_rejected(kwargs, match):
 # --- models, checkpoints and data ---------------------------------------------------------------------------------
 
 def test_salun_resnet18_has_the_cifar_stem_and_loads_salun_checkpoints(tmp_path):
-    model = C.resnet18_cifar(10)
+    model = models.resnet18_cifar(10)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert isinstance(model.maxpool, nn.Identity)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -121,33 +122,33 @@ def test_salun_resnet18_has_the_cifar_stem_and_loads_salun_checkpoints(tmp_path)
     assert {"normalize.mean", "normalize.std", "fc.weight", "layer4.1.conv2.weight"} <= set(state)
 
     torch.manual_seed(1)
-    source = C.resnet18_cifar(10)
+    source = models.resnet18_cifar(10)
     # SalUn saves {"state_dict": ..., ...}; DataParallel adds "module."
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
                tmp_path / "model_SA_best.pth.tar")
-    loaded = C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "model_SA_best.pth.tar")
+    loaded = models.load_checkpoint(models.resnet18_cifar(10), tmp_path / "model_SA_best.pth.tar")
     assert_same_state(loaded, snapshot(source))
     torch.save(source.state_dict(), tmp_path / "plain.pt")
-    assert_same_state(C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "plain.pt"), snapshot(source))
+    assert_same_state(models.load_checkpoint(models.resnet18_cifar(10), tmp_path / "plain.pt"), snapshot(source))
 
 
 def test_bad_checkpoints_are_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a file"):
-        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "missing.pt")
-    torch.save(C.resnet18_cifar(100).state_dict(), tmp_path / "cifar100.pt")
+        models.load_checkpoint(models.resnet18_cifar(10), tmp_path / "missing.pt")
+    torch.save(models.resnet18_cifar(100).state_dict(), tmp_path / "cifar100.pt")
     with pytest.raises(ValueError, match="does not fit the model"):
-        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "cifar100.pt")
+        models.load_checkpoint(models.resnet18_cifar(10), tmp_path / "cifar100.pt")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": object.__new__(C.Split)}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="tensors only"):
-        C.load_checkpoint(C.resnet18_cifar(10), tmp_path / "pickled.pt")
+        models.load_checkpoint(models.resnet18_cifar(10), tmp_path / "pickled.pt")
 
 
 def test_build_model_knows_torchvision_names_and_refuses_others():
-    assert C.build_model("resnet18", 7).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 7)
+    assert models.build_model("resnet18", 7).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 7)
     with pytest.raises(ValueError, match="arch must be"):
-        C.build_model("no-such-net", 10)
+        models.build_model("no-such-net", 10)
     with pytest.raises(ValueError, match="1-channel"):
-        C.build_model("digits-cnn", 10, in_channels=3)
+        models.build_model("digits-cnn", 10, in_channels=3)
 
 
 def make_image_folder(root, classes=3, per_class=6, size=10):
@@ -220,10 +221,10 @@ def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp
     saved = snapshot(model)
     split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=1,
                            retain_fraction=0.25)
-    out = C.run(task, model, split, config=sf.SEMUConfig(gamma=0.9), methods=("ft", "ga", "rl"),
-                semu_settings={"optimizer": "adam", "lr": 1e-2, "epochs": 2},
-                baseline_settings={m: {"epochs": 1} for m in ("ft", "ga", "rl")},
-                retrain=lambda: trained_small_cnn(task), progress=False)
+    semu_model, report, out = C.run(task, model, split, config=sf.SEMUConfig(gamma=0.9), methods=("ft", "ga", "rl"),
+                                    semu_settings={"optimizer": "adam", "lr": 1e-2, "epochs": 2},
+                                    baseline_settings={m: {"epochs": 1} for m in ("ft", "ga", "rl")},
+                                    retrain=lambda: trained_small_cnn(task), progress=False)
     assert_same_state(model, saved)
     table = out["metrics"]
     assert list(table) == ["original", "semu", "ft", "ga", "rl", "retrain"]
@@ -234,10 +235,12 @@ def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp
     assert 0 < table["semu"]["trainable_share"] < 100 and table["original"]["trainable_share"] == 0
     assert [e["epoch"] for e in out["history"]["semu"]] == [1, 2]
     assert {"forget_acc", "retain_acc"} <= set(out["history"]["rl"][0])
-    layer = out["semu_report"]["layers"][0]
-    assert layer["singular_values"] and layer["total_energy"] > 0
+    layer = report.layers[0]
+    assert layer.singular_values and layer.total_energy > 0
 
-    files = results.write(tmp_path, out, {"dataset": "toy"})
+    files = results.write_classification(tmp_path, semu_model, report, out, {"dataset": "toy"})
+    assert sf.load_adapters(trained_small_cnn(task), tmp_path / "adapters").report.trainable_params == \
+        report.trainable_params
     for name in ("metrics.json", "run.json", "report.md", "accuracy_per_epoch.png", "spectra.png",
                  "trainable_share.png"):
         assert name in files and (tmp_path / name).stat().st_size > 0
@@ -253,8 +256,8 @@ def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():
     task = toy_task()
     model = trained_small_cnn(task)
     split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=0)
-    out = C.run(task, model, split, config=sf.SEMUConfig(), methods=("ft",),
-                semu_settings={"epochs": 1}, progress=False)
+    _, _, out = C.run(task, model, split, config=sf.SEMUConfig(), methods=("ft",),
+                      semu_settings={"epochs": 1}, progress=False)
     assert list(out["metrics"]) == ["original", "semu"]
     with pytest.raises(ValueError, match="methods must be among"):
         C.run(task, model, split, config=sf.SEMUConfig(), methods=("salun",), progress=False)

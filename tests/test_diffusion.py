@@ -12,8 +12,8 @@ import torch.nn.functional as F
 diffusers = pytest.importorskip("diffusers")
 
 import semu_fast as sf  # noqa: E402
-from semu_fast import diffusion as D  # noqa: E402
-from semu_fast import stable_diffusion as SD  # noqa: E402
+from semu_fast.workflows import diffusion as D  # noqa: E402
+from semu_fast.workflows import stable_diffusion as SD  # noqa: E402
 
 NUM_CLASSES = 3
 
@@ -125,8 +125,9 @@ def test_unlearn_ddpm_trains_only_R_and_attention_is_full_rank():
     t, c = torch.tensor([10, 50]), torch.tensor([1, 1])
     with torch.no_grad():
         out_before = unet(x, t, class_labels=c).sample
-    semu_model, report = D.unlearn_ddpm(unet, sched, batches(1, 2, 8), 1, batches(0, 3, 8),
-                                        num_classes=NUM_CLASSES, steps=4, lr=1e-2, progress=False)
+    semu_model, report, metrics = D.unlearn_ddpm(unet, sched, batches(1, 2, 8), 1, batches(0, 3, 8),
+                                                 num_classes=NUM_CLASSES, steps=4, lr=1e-2, progress=False)
+    assert metrics["trainable_params"] == report.trainable_params and metrics["final_loss"] is not None
     assert semu_model.config.conv_rank == "per_channel"
     assert set(map(id, (p for p in semu_model.parameters() if p.requires_grad))) == \
         set(map(id, semu_model.trainable_parameters()))
@@ -162,8 +163,8 @@ def test_unlearn_ddpm_lowers_the_forget_loss():
             return sum(probe(model, b, torch.Generator().manual_seed(3)).item() for b in forget)
 
     start = measure(unet)
-    semu_model, _ = D.unlearn_ddpm(unet, sched, forget, 1, num_classes=NUM_CLASSES, steps=30, lr=1e-2,
-                                   gamma=0.9, progress=False)
+    semu_model, _, _ = D.unlearn_ddpm(unet, sched, forget, 1, num_classes=NUM_CLASSES, steps=30, lr=1e-2,
+                                      gamma=0.9, progress=False)
     assert measure(semu_model) < 0.5 * start
 
 
@@ -355,7 +356,7 @@ def cli(argv):
 
 
 def test_cli_unlearn_ddpm(tmp_path, capsys):
-    from semu_fast.digits import digits_cnn
+    from semu_fast.workflows.digits import digits_cnn
 
     torch.manual_seed(0)
     torch.save(digits_cnn().state_dict(), tmp_path / "clf.pt")  # untrained: the numbers are not the point here

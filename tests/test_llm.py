@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import semu_fast as sf  # noqa: E402
-from semu_fast import llm  # noqa: E402
+from semu_fast.workflows import llm  # noqa: E402
 from semu_fast.adapters import SEMUAdapter  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import semu_fast as sf  # noqa: E402
-from semu_fast import llm  # noqa: E402
+from semu_fast.workflows import llm  # noqa: E402
 from semu_fast.lora import export_lora, lora_factors  # noqa: E402
 from helpers import forget_batches, small_cnn  # noqa: E402
 from llm_helpers import id_batches, tiny_llama  # noqa: E402
@@ -143,7 +143,7 @@ def test_export_rejects_what_is_not_a_semu_model(tmp_path):
 @pytest.mark.parametrize("prefix", ["unet", None])
 def test_diffusers_loads_the_export_into_a_unet_and_reproduces_semu(tmp_path, prefix):
     diffusers = pytest.importorskip("diffusers")
-    from semu_fast import stable_diffusion as SD
+    from semu_fast.workflows import stable_diffusion as SD
     from semu_fast.lora import export_diffusers_lora
 
     torch.manual_seed(0)

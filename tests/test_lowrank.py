@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import semu_fast as sf
-from semu_fast import reference
+from semu_fast.ops import reference
 from conftest import assert_close_to_reference
 
 
@@ -254,7 +254,7 @@ def test_forcing_triton_serves_the_adapter_ops_end_to_end():
     pytest.importorskip("triton")
     script = (
         "import torch, semu_fast as sf\n"
-        "from semu_fast import reference\n"
+        "from semu_fast.ops import reference\n"
         "g = torch.Generator().manual_seed(0)\n"
         "r = lambda *s: torch.randn(*s, generator=g)\n"
         "for fn, ref, args in ((sf.ops.lowrank_linear, reference.lowrank_linear, (r(3, 5), r(6, 5), r(6, 2), r(2, 2), r(2, 5), r(6))),\n"

@@ -7,7 +7,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import semu_fast as sf  # noqa: E402
-from semu_fast import reference  # noqa: E402
+from semu_fast.ops import reference  # noqa: E402
 from conftest import assert_close_to_reference  # noqa: E402
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import semu_fast as sf
-from semu_fast import reference
-from semu_fast.svd import select_rank
+from semu_fast.ops import reference
+from semu_fast.ops.svd import select_rank
 
 
 def _decaying(gen, m, n, rank=None, batch=None, decay=0.7):
@@ -167,7 +167,7 @@ def test_randomized_svd_falls_back_to_exact_on_a_flat_spectrum(gen):
 
 
 def test_auto_uses_the_randomized_path_for_large_matrices_only(gen, monkeypatch):
-    import semu_fast.svd as svd_module
+    import semu_fast.ops.svd as svd_module
 
     calls = []
     real = svd_module._randomized

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import semu_fast as sf
-from semu_fast.training import random_label_loss
+from semu_fast.losses import random_label_loss
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -92,8 +92,9 @@ def test_same_seed_gives_identical_results():
 
 def test_semu_forgets_a_digit_class():
     """The whole method on real data: a trained digits CNN forgets class 3 while keeping the others."""
-    from semu_fast.digits import load_digits_split, loader, pretrained_digits_cnn
-    from semu_fast.training import accuracy
+    from semu_fast.workflows.classification import pretrained_digits_cnn
+    from semu_fast.workflows.digits import load_digits_split, loader
+    from semu_fast.metrics import accuracy
 
     (x, y), _ = load_digits_split(0)
     model = pretrained_digits_cnn(seed=0)

@@ -69,11 +69,6 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least"):
     return U, S, Vh, select_rank(S, gamma, rank_rule)
 
 
-def conv_gradient_matrices(G: torch.Tensor) -> torch.Tensor:
-    """(out, in, kh, kw) -> (in, out, kh*kw): one matrix per input channel, as the official code splits it."""
-    return G.permute(1, 0, 2, 3).flatten(2)
-
-
 def conv_delta_weight(U: torch.Tensor, R: torch.Tensor, Vh: torch.Tensor, kernel_size) -> torch.Tensor:
     """dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel. U (in, out, k), R (in, k, k), Vh (in, k, kh*kw)."""
     delta = torch.einsum("noa,nab,nbs->ons", U, R, Vh)

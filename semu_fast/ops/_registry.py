@@ -1,7 +1,9 @@
-"""Which backends exist here, and why the others do not (xformers-style reasons the user can print).
+"""Which backends exist here, and which one serves each op (xformers-style: every backend not taken says why).
 
-Backends: "cpp" (semu_fast._C on CPU), "cuda" (semu_fast._C on CUDA), "triton" (semu_fast.triton_kernels) and
-"torch" (composed PyTorch, always present). SEMU_FAST_IMPL=torch|triton|cuda|cpp forces one for debugging."""
+A leaf of semu_fast.ops: probes of semu_fast._C and of the Triton kernels, the SEMU_FAST_IMPL switch, and the
+table of choices that semu_fast.ops._library fills while it registers the ops. Backends: "cpp" (semu_fast._C on
+CPU), "cuda" (semu_fast._C on CUDA), "triton" (semu_fast.triton_kernels) and "torch" (composed PyTorch, always
+present)."""
 from __future__ import annotations
 
 import importlib
@@ -37,7 +39,7 @@ def triton_module(name: str) -> tuple[Optional[object], str]:
 
 
 def has_cpp_kernel(op: str, device: str) -> bool:
-    """Whether semu_fast._C registered a kernel for semu_fast::<op> on device "CPU" or "CUDA"."""
+    """Whether semu_fast._C registered a kernel for semu_fast::<op> on dispatch key "CPU" or "CUDA"."""
     extension()
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"semu_fast::{op}", device)
 
@@ -51,7 +53,14 @@ def forced() -> Optional[str]:
     return value or None
 
 
-# op -> device -> {"chosen": backend, "reasons": {backend: why not}}; filled by semu_fast.ops at import.
+def build_info() -> dict:
+    """What semu_fast._C was compiled with (CUDA archs, CUDA and compiler versions); {} without the extension."""
+    ext, _ = extension()
+    info = getattr(ext, "build_info", None)
+    return dict(info()) if info is not None else {}
+
+
+# op -> dispatch key -> {"chosen": backend, "reasons": {backend: why not}}
 _CHOICES: dict[str, dict[str, dict]] = {}
 
 
@@ -59,19 +68,7 @@ def record(op: str, device: str, chosen: str, reasons: dict[str, str]) -> None:
     _CHOICES.setdefault(op, {})[device] = {"chosen": chosen, "reasons": dict(reasons)}
 
 
-def backends() -> dict[str, dict[str, dict]]:
-    """Per op and device ("CPU", "CUDA"): the backend that serves it and, for each one that does not, why."""
-    import semu_fast.ops  # noqa: F401  (registration fills the table)
-    return {op: {dev: dict(v) for dev, v in devs.items()} for op, devs in _CHOICES.items()}
-
-
-def describe() -> str:
-    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA device: {torch.cuda.is_available()}"]
-    ext, why = extension()
-    lines.append(f"semu_fast._C: {'loaded' if ext else why}")
-    for op, devs in backends().items():
-        for dev, info in devs.items():
-            lines.append(f"{op:24s} {dev:5s} -> {info['chosen']}")
-            for backend, reason in info["reasons"].items():
-                lines.append(f"{'':31s}{backend}: {reason}")
-    return "\n".join(lines)
+def choices() -> dict[str, dict[str, dict]]:
+    """A copy of the table: per op and dispatch key, the backend that serves it and why each other one does not."""
+    return {op: {dev: {"chosen": v["chosen"], "reasons": dict(v["reasons"])} for dev, v in devs.items()}
+            for op, devs in _CHOICES.items()}

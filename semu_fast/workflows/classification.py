@@ -1,6 +1,6 @@
-"""Classification unlearning as SalUn sets it up: tasks (bundled digits, CIFAR-10/100, any ImageFolder), models
-(the digits CNN, SalUn's CIFAR ResNet-18, torchvision classifiers), checkpoints, the forget/retain/test split, and
-`run`: SEMU and the baselines side by side with SalUn's metrics."""
+"""Classification unlearning as SalUn sets it up: tasks (bundled digits, CIFAR-10/100, any ImageFolder), the original
+model (a checkpoint, or trained here and cached), the forget/retain/test split, and `run`: SEMU and the baselines
+side by side with SalUn's metrics."""
 from __future__ import annotations
 
 import copy
@@ -14,95 +14,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from . import baselines, metrics
-from .config import SEMUConfig
-from .io import atomic_write
-from .training import accuracy, unlearn
+from .. import metrics
+from ..config import SEMUConfig
+from ..metrics import accuracy
+from ..model import SEMUModel
+from ..report import SEMUReport
+from ..training import unlearn
+from . import baselines
+from ._cache import load_or_train
+from .digits import load_digits_split
+from .models import build_model, load_checkpoint
 
 log = logging.getLogger("semu_fast")
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-# --- models -------------------------------------------------------------------------------------------------------
-
-class Normalize(nn.Module):
-    """Per-channel (x - mean) / std inside the model, as SalUn's models do (buffers "mean" and "std")."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
-
-    def forward(self, x):
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-
-
-def resnet18_cifar(num_classes: int = 10, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.Module:
-    """SalUn's CIFAR ResNet-18: torchvision's ResNet-18 with a 3x3 stride-1 stem, no max-pool and the input
-    normalisation as its first module; its state dict keys match SalUn's checkpoints."""
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    class CifarResNet18(ResNet):
-        def __init__(self):
-            super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-            self.normalize = Normalize(mean, std)
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-
-        def forward(self, x):
-            return super().forward(self.normalize(x))
-
-    return CifarResNet18()
-
-
-def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """"digits-cnn", "resnet18-cifar", or any torchvision classification model name (e.g. "resnet50")."""
-    from .digits import digits_cnn
-
-    if arch == "digits-cnn":
-        if in_channels != 1:
-            raise ValueError(f"arch 'digits-cnn' takes 1-channel 8x8 images, the data has {in_channels} channels")
-        return digits_cnn(num_classes)
-    if arch == "resnet18-cifar":
-        return resnet18_cifar(num_classes)
-    import torchvision
-
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"arch must be 'digits-cnn', 'resnet18-cifar' or a torchvision classification model "
-                         f"name, got {arch!r}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-
-def load_checkpoint(model: nn.Module, path) -> nn.Module:
-    """Load a plain state dict or a SalUn checkpoint (a dict with "state_dict", e.g. `*.pth.tar`) into model;
-    a DataParallel "module." prefix is stripped. Keys must match exactly (a SalUn model without the normalisation
-    buffers keeps this model's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects other than tensors and containers
-        raise ValueError(f"checkpoint {str(path)!r} could not be read as tensors only ({err}); re-save its "
-                         f"state dict with torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {str(path)!r} holds no state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    for key in ("normalize.mean", "normalize.std"):
-        if key in own and key not in state:
-            state[key] = own[key]
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    resized = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if missing or unexpected or resized:  # checked first: a failed load must not leave the model half-written
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, other shapes {[(k, tuple(state[k].shape)) for k in resized[:5]]}")
-    model.load_state_dict(state)
-    return model.eval()
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -145,8 +70,6 @@ def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if dataset == "digits":
-        from .digits import load_digits_split
-
         (x_train, y_train), (x_test, y_test) = load_digits_split(seed)
         return Task("digits", TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), 10, 1, "digits-cnn")
     if data is None:
@@ -236,21 +159,21 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
     """The model to unlearn from: `checkpoint` when given; else the one cached under cache_dir; else trained here
     (digits always; other tasks only with train_epochs, as a ResNet on CIFAR takes hours on a CPU) and cached."""
     arch = arch or task.default_arch
-    model = build_model(arch, task.num_classes, task.in_channels)
     if checkpoint is not None:
-        return load_checkpoint(model, checkpoint)
+        return load_checkpoint(build_model(arch, task.num_classes, task.in_channels), checkpoint)
     path = Path(cache_dir) / f"{task.name}-{arch}-seed{seed}.pt" if cache_dir is not None else None
-    if path is not None and path.exists():
-        log.info("loaded the original model from %s", path)
-        return load_checkpoint(model, path)
-    if task.name != "digits" and train_epochs is None:
+    if (path is None or not path.exists()) and task.name != "digits" and train_epochs is None:
         raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
                          f".pth.tar) or --train-epochs N to train one here")
-    model = train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress, desc="train original")
-    if path is not None:  # atomically: a run killed mid-save must not leave a cache that later fails to load
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
-    return model.eval()
+    return load_or_train(path, lambda: build_model(arch, task.num_classes, task.in_channels),
+                         lambda: train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress,
+                                             desc="train original"), "original model")
+
+
+def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progress: bool = False) -> nn.Module:
+    """The digits CNN trained on the digits training split (the task's recipe), cached under cache_dir when given."""
+    return original_model(load_task("digits", seed=seed), "digits-cnn", cache_dir=cache_dir, seed=seed,
+                          progress=progress)
 
 
 # --- the side-by-side run -----------------------------------------------------------------------------------------
@@ -285,12 +208,12 @@ def _epoch_hook(loaders: Loaders):
 
 def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_settings: Optional[dict] = None,
         methods=("ft", "ga", "rl"), baseline_settings: Optional[dict] = None,
-        retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0, progress: bool = True) -> dict:
+        retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0,
+        progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU and `methods` (baselines.METHODS keys) each on their own copy of `model` (never changed), evaluated with
     SalUn's metrics. retrain: a callable returning the Retrain model (trained here or loaded); with it every method
-    gets its "avg_gap". Returns {"metrics": {method: {UA, RA, TA, MIA, trainable_share, seconds}}, "history":
-    {method: per-epoch list}, "semu_report": SEMUReport.to_dict(), "semu_model": the SEMUModel}; FT is skipped
-    without retain data."""
+    gets its "avg_gap". Returns (SEMUModel, SEMUReport, metrics) with metrics = {"metrics": {method: {UA, RA, TA,
+    MIA, trainable_share, seconds}}, "history": {method: per-epoch list}}; FT is skipped without retain data."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ValueError(f"methods must be among {', '.join(baselines.METHODS)}, got {unknown}")
@@ -323,4 +246,4 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
                               "seconds": time.perf_counter() - start}
         for entry in results.values():
             entry["avg_gap"] = metrics.avg_gap(entry, results["retrain"])
-    return {"metrics": results, "history": history, "semu_report": report.to_dict(), "semu_model": semu_model}
+    return semu_model, report, {"metrics": results, "history": history}

@@ -13,16 +13,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .training import _interleave, check_training_args, random_label_loss, true_label_loss
+from ..losses import ascent_loss, random_label_loss, true_label_loss
+from ..training import check_training_args, interleave
 
 BASELINES = ("ft", "ga", "rl", "retrain")
 # Adam settings that unlearn the bundled digits task without wrecking it (see README's table); override per run.
 DEFAULTS = {"ft": {"lr": 3e-3, "epochs": 10}, "ga": {"lr": 1e-3, "epochs": 8}, "rl": {"lr": 1e-3, "epochs": 5}}
 EpochHook = Optional[Callable[[int, nn.Module], Optional[dict]]]
-
-
-def _ascent_loss(model, batch, generator):
-    return -true_label_loss(model, batch, generator)
 
 
 def _run(model: nn.Module, forget: Optional[Iterable], retain: Optional[Iterable], forget_loss, epochs: int,
@@ -36,7 +33,7 @@ def _run(model: nn.Module, forget: Optional[Iterable], retain: Optional[Iterable
     for epoch in tqdm(range(epochs), desc=desc, disable=not progress):
         model.train()
         losses = []
-        stream = _interleave(forget, retain) if forget is not None else (("retain", b) for b in retain)
+        stream = interleave(forget, retain) if forget is not None else (("retain", b) for b in retain)
         for kind, batch in stream:
             loss = (forget_loss if kind == "forget" else true_label_loss)(model, batch, generator)
             opt.zero_grad(set_to_none=True)
@@ -69,7 +66,7 @@ def finetune(model, forget_loader, retain_loader, *, epochs, lr, seed=0, on_epoc
 
 def gradient_ascent(model, forget_loader, retain_loader, *, epochs, lr, seed=0, on_epoch=None, progress=False):
     """GA: maximise the cross-entropy of the forget set (retain data unused)."""
-    return _run(model, forget_loader, None, _ascent_loss, epochs, lr, seed, on_epoch, progress, "GA")
+    return _run(model, forget_loader, None, ascent_loss, epochs, lr, seed, on_epoch, progress, "GA")
 
 
 def random_labels(model, forget_loader, retain_loader, *, epochs, lr, seed=0, on_epoch=None, progress=False):

@@ -6,10 +6,9 @@ writes out/adapters (sf.load_adapters), out/metrics.json (forget and retain perp
 per-layer ranks) and, with --lora, out/lora (a peft LoRA adapter folder). Nothing is downloaded."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from semu_fast.cli_args import gamma, positive, settings, silence, write_run
+from ._common import add_device_flag, add_run_flags, finish_run, gamma, positive, require, settings, silence
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -26,9 +25,9 @@ def _read_texts(path: Path, flag: str, parser) -> list:
     return texts
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `unlearn-llm` subcommand to an argparse subparsers object; returns its parser."""
-    from semu_fast.llm import FORGET_LOSSES
+def register(subparsers) -> None:
+    """Add the `unlearn-llm` subcommand to an argparse subparsers object."""
+    from ..workflows.llm import FORGET_LOSSES
 
     p = subparsers.add_parser("unlearn-llm", help="forget texts from a local transformers causal LM with SEMU",
                               description=__doc__.split("\n\n")[0])
@@ -42,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=positive(int), default=256, help="tokens per text, at most")
     g.add_argument("--batch-size", type=positive(int), default=8)
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="load the model in this dtype (auto: as saved)")
-    g.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda when available)")
+    add_device_flag(g)
     g = p.add_argument_group("SEMU")
     g.add_argument("--target-modules", action="append", default=None, metavar="PATTERN",
                    help="regular expression searched in layer names; repeat for several (default mlp.down_proj)")
@@ -53,21 +52,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate for R")
     g.add_argument("--epochs", type=positive(int), default=3, help="passes over the forget texts")
-    g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path("semu_fast_llm_out"),
-                   help="folder for adapters/, metrics.json and lora/ (default ./semu_fast_llm_out)")
+    add_run_flags(g, "semu_fast_llm_out", "adapters/, metrics.json and lora/")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a peft LoRA folder out/lora")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    p.set_defaults(func=run)
-    return p
+    p.set_defaults(func=run, parser=p)
 
 
 def run(args, parser) -> int:
     import torch
 
-    from semu_fast import llm
-    from semu_fast.lora import export_lora
+    require(parser, "transformers")
+    from ..lora import export_lora
+    from ..workflows import llm, results
 
     if args.quiet:
         silence("transformers")
@@ -91,17 +87,15 @@ def run(args, parser) -> int:
             epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))
-    files = write_run(args.out, semu_model, report, metrics, {**settings(args), "target_modules": targets})
+    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "target_modules": targets})
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
     rows = [("forget", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
         rows.append(("retain", "retain_ppl_before", "retain_ppl_after"))
-    print(f"{'perplexity':10s} {'before':>12s} {'after':>12s}")
-    for label, before, after in rows:
-        print(f"{label:10s} {metrics[before]:12.4g} {metrics[after]:12.4g}")
-    print(f"trainable: {metrics['trainable_params']} parameters ({metrics['trainable_share']:.4f}%) in "
-          f"{len(report.layers)} layers")
-    print(f"wrote {', '.join(files)} to {args.out}")
-    return 0
+    summary = [f"{'perplexity':10s} {'before':>12s} {'after':>12s}"]
+    summary += [f"{label:10s} {metrics[before]:12.4g} {metrics[after]:12.4g}" for label, before, after in rows]
+    summary.append(f"trainable: {metrics['trainable_params']} parameters ({metrics['trainable_share']:.4f}%) in "
+                   f"{len(report.layers)} layers")
+    return finish_run(args.out, files, summary)

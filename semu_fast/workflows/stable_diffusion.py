@@ -21,10 +21,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-from .config import SEMUConfig
-from .diffusion import add_noise, base_model, ddpm_config, predict_noise
-from .gradients import model_device, split_batch
+from .._utils import eval_mode, model_device, split_batch
+from ..config import SEMUConfig
+from ..model import SEMUModel
+from ..report import SEMUReport
+from ..training import unlearn
+from .diffusion import add_noise, base_model, ddpm_config, guided_ddim, predict_noise, sample_size
 
 SD_PRESETS = {
     "xattn": (r"attn2\.to_(q|k|v|out\.0)$",),   # every cross-attention projection
@@ -118,34 +122,14 @@ def sample_sd_latents(unet: nn.Module, scheduler, cond_embeds: torch.Tensor, unc
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Latents x0 (one per row of cond_embeds) from a UNet2DConditionModel with DDIM (eta 0) and classifier-free
     guidance eps_u + s (eps_c - eps_u); initial noise from `generator` on the CPU."""
-    from diffusers import DDIMScheduler
-
     base = base_model(unet)
-    cfg = base.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_inference_steps)
     device = model_device(base)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = len(cond_embeds)
-    x = torch.randn((n, cfg.in_channels, *size), generator=generator).to(device)
-    cond = cond_embeds.to(device)
+    x = torch.randn((n, base.config.in_channels, *sample_size(unet)), generator=generator).to(device)
     uncond = uncond_embeds.to(device).expand(n, *uncond_embeds.shape[-2:])
-    was_training = unet.training
-    unet.eval()
-    try:
-        for t in ddim.timesteps:
-            tt = t.to(device).expand(n)
-            if guidance_scale != 1.0:
-                eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), torch.cat([tt, tt]),
-                                    encoder_hidden_states=torch.cat([cond, uncond])).chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            else:
-                eps = predict_noise(unet, x, tt, encoder_hidden_states=cond)
-            x = ddim.step(eps, t, x).prev_sample
-    finally:
-        unet.train(was_training)
-    return x
+    return guided_ddim(unet, scheduler, x, num_inference_steps, {"encoder_hidden_states": cond_embeds.to(device)},
+                       {"encoder_hidden_states": uncond}, guidance_scale)
 
 
 @torch.no_grad()
@@ -157,12 +141,8 @@ def sd_predictions(unet: nn.Module, scheduler, latents: torch.Tensor, embeds: to
     device = model_device(unet)
     x0 = latents.to(device)
     x_t, _, t = add_noise(scheduler, x0, generator, antithetic=False)
-    was_training = unet.training
-    unet.eval()
-    try:
+    with eval_mode(unet):
         return predict_noise(unet, x_t, t, encoder_hidden_states=_rows(embeds, index.to(device))).float().cpu()
-    finally:
-        unet.train(was_training)
 
 
 def _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed):
@@ -177,7 +157,7 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
                sample_guidance: float = 7.5, preset: str = "xattn", gamma: float = 0.95,
                attention_gamma: Optional[float] = None, gradient_guidance: float = 7.5, lr: float = 1e-5,
                epochs: int = 5, batch_size: int = 8, seed: int = 0, progress: bool = True,
-               config: Optional[SEMUConfig] = None, **unlearn_kwargs):
+               config: Optional[SEMUConfig] = None, **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU concept removal on a diffusers UNet2DConditionModel (changed in place). Returns (SEMUModel, report,
     metrics).
 
@@ -188,10 +168,6 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
     metrics: on the same latents at fixed fresh noise and timesteps, forget_anchor_gap_before/after =
     MSE(eps(forget prompt), eps(anchor prompt)), anchor_drift = MSE of the anchor prediction after vs before and
     forget_shift = MSE of the forget prediction after vs before; plus the trainable parameter count."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .training import unlearn
-
     forget_prompts, anchor_prompts = list(forget_prompts), list(anchor_prompts)
     if not forget_prompts:
         raise ValueError("forget_prompts is empty: name at least one prompt of the concept to remove")

@@ -1,5 +1,8 @@
-"""Truncated SVD with the rank chosen by explained variance: the SEMU rank rules, the exact path and the
-adaptive randomized path (semu_fast.range_finder), and the choice between them."""
+"""sf.ops.truncated_svd (the rank chosen by explained variance) and sf.ops.gram_svd (thin SVDs of a batch of
+matrices with few columns): the SEMU rank rules, the exact path, the adaptive randomized path
+(semu_fast.ops.range_finder), the Gram path for conv batches, and the choice between them.
+
+gram_svd backends: C++ (CPU: float64 Gram + LAPACK syevd) and CUDA (one block per matrix) in csrc/, torch."""
 from __future__ import annotations
 
 import math
@@ -7,17 +10,75 @@ from typing import Optional
 
 import torch
 
-from .config import RANK_RULES, SVD_METHODS, _check_choice, _check_gamma
+from .._checks import check_choice, check_gamma
+from ._library import Kernel
+from .._profile import annotate
 from .range_finder import range_finder
-from .reference import explained_variance, svd_compute_dtype
 
-METHODS = SVD_METHODS
+RANK_RULES = ("at_least", "official")
+METHODS = ("auto", "exact", "randomized")
 # Below this min(m, n) a full SVD costs about as much as a few randomized blocks: "auto" takes the exact path.
 RANDOMIZED_MIN_DIM = 256
 # Randomized path: block width, power iterations per block, and when to give up for the exact SVD (a basis wider
 # than this share of min(m, n) costs about what the full SVD does).
 BLOCK, POWER_ITERS, MAX_RANK_SHARE = 64, 2, 0.25
+GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
+GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
+GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
 
+
+def svd_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SVDs run in float64 for float64 input and in float32 for every narrower float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_gradient_matrices(G: torch.Tensor) -> torch.Tensor:
+    """(out, in, kh, kw) -> (in, out, kh*kw): one matrix per input channel, as the official code splits it."""
+    return G.permute(1, 0, 2, 3).flatten(2)
+
+
+# ---- gram_svd ------------------------------------------------------------------------------------------------------
+
+def _check_gram_svd(G):
+    if not isinstance(G, torch.Tensor) or G.dim() != 3 or not G.is_floating_point() \
+            or not 1 <= G.shape[-1] <= GRAM_SVD_MAX_N or G.shape[1] < 1:
+        what = f"{G.dtype} of shape {tuple(G.shape)}" if isinstance(G, torch.Tensor) else type(G).__name__
+        raise ValueError(f"gram_svd: G must be a floating (B, m, n) tensor with m >= 1 and 1 <= n <= "
+                         f"{GRAM_SVD_MAX_N}, got {what}")
+
+
+def _gram_svd_torch(G):
+    """torch.linalg.svd with gram_svd's conventions: float32 (float64 for float64 input) and singular values
+    below GRAM_SVD_REL_TOL of the largest set to 0, with zero U columns."""
+    _check_gram_svd(G)
+    U, S, Vh = torch.linalg.svd(G.to(svd_compute_dtype(G.dtype)), full_matrices=False)
+    keep = S > GRAM_SVD_REL_TOL * S[..., :1]
+    return U * keep.unsqueeze(-2), S * keep, Vh
+
+
+def _gram_svd_fake(G):
+    q = min(G.shape[1], G.shape[2])
+    dtype = svd_compute_dtype(G.dtype)
+    return (G.new_empty(G.shape[0], G.shape[1], q, dtype=dtype), G.new_empty(G.shape[0], q, dtype=dtype),
+            G.new_empty(G.shape[0], q, G.shape[2], dtype=dtype))
+
+
+KERNELS = {"gram_svd": Kernel(GRAM_SVD_SCHEMA, fake=_gram_svd_fake, impls={"torch": _gram_svd_torch}, cpp=True)}
+
+
+def gram_svd(G: torch.Tensor):
+    """Thin SVDs of a batch of (m, n) matrices with small n (conv gradients per input channel: n = kh*kw <= 64),
+    through each n x n Gram matrix in float64.
+
+    G: (B, m, n), any float dtype. Returns U (B, m, q), S (B, q) descending, Vh (B, q, n), q = min(m, n), in float32
+    (float64 for float64 input). Singular values below 1e-7 of a matrix's largest are returned as 0, with zero U
+    columns (Gram squaring cannot resolve them; float32 could not either)."""
+    _check_gram_svd(G)
+    with annotate("semu_fast.gram_svd"):
+        return torch.ops.semu_fast.gram_svd(G)
+
+
+# ---- rank rules ----------------------------------------------------------------------------------------------------
 
 def oversampling(k: int) -> int:
     """Basis columns kept beyond k so that the leading k directions are accurate."""
@@ -29,7 +90,9 @@ def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least") -> t
 
     "at_least": the smallest k whose explained variance reaches gamma. "official": the largest k whose explained
     variance stays <= gamma, at least 1 (the official searchsorted(side="right")). All-zero spectra give k = 0."""
-    ratios = explained_variance(S)
+    energy = S.double().square()
+    total = energy.sum(-1, keepdim=True)
+    ratios = energy.cumsum(-1) / torch.where(total > 0, total, 1.0)
     if rank_rule == "at_least":
         # ratios never decrease, so the count below gamma is the index of the first one that reaches it.
         k = ((ratios < gamma).sum(-1) + 1).clamp(max=S.shape[-1])
@@ -103,7 +166,6 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
 
 
 def _use_gram(G: torch.Tensor, method: str) -> bool:
-    from .ops import GRAM_SVD_MAX_N
     return method == "auto" and G.dim() == 3 and G.shape[-1] <= GRAM_SVD_MAX_N
 
 
@@ -125,9 +187,9 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     spectra), "auto" (randomized for 2-D G with min(m, n) >= 256; for batches with n <= 64 the Gram-matrix kernel
     sf.ops.gram_svd; else exact). generator seeds the randomized
     path (same seed, same device: same result)."""
-    gamma = _check_gamma("gamma", gamma)
-    _check_choice("rank_rule", rank_rule, RANK_RULES)
-    _check_choice("method", method, METHODS)
+    gamma = check_gamma("gamma", gamma)
+    check_choice("rank_rule", rank_rule, RANK_RULES)
+    check_choice("method", method, METHODS)
     _check_matrix(G)
     G = G.to(svd_compute_dtype(G.dtype))
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
@@ -140,7 +202,6 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
         if result is not None:
             return result
     if _use_gram(G, method):
-        from .ops import gram_svd
         return _truncate(*gram_svd(G), gamma, rank_rule)
     return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
 

@@ -3,7 +3,7 @@
 DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM code does:
 
     unet, scheduler = pretrained_digits_ddpm(cache_dir)            # or your own model
-    semu_model, report = unlearn_ddpm(unet, scheduler, forget_loader, forget_class=3, steps=300)
+    semu_model, report, metrics = unlearn_ddpm(unet, scheduler, forget_loader, forget_class=3, steps=300)
     images = sample(semu_model, scheduler, [3] * 16, num_inference_steps=50, generator=g)
 
 - gradient pass (`diffusion_loss`): the standard eps-prediction MSE on the forget images at random timesteps;
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -33,19 +32,21 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
-from .config import SEMUConfig
-from .gradients import model_device, split_batch
-from .io import atomic_write
-from .model import SEMUModel
-
-log = logging.getLogger("semu_fast")
+from .._utils import eval_mode, model_device, split_batch
+from ..config import SEMUConfig
+from ..layers import select_layers
+from ..model import SEMUModel
+from ..report import SEMUReport
+from ..training import unlearn
+from ._cache import load_or_train
+from .digits import DIGITS_NULL_CLASS, DIGITS_NUM_CLASSES, digits_scheduler, digits_unet, load_digits_split
 
 # Attention projections of diffusers' UNets: "...attentions.0.to_q" (UNet2DModel's Attention) and
 # "...transformer_blocks.0.attn1.to_q" / "...attn2.to_out.0" (UNet2DConditionModel).
 ATTENTION_PATTERN = r"(attn\d*|attentions\.\d+)\.to_(q|k|v|out\.0)$"
-DIGITS_NUM_CLASSES = 10
-DIGITS_NULL_CLASS = 10          # the class-embedding row for "no class" (classifier-free guidance)
 DIGITS_TRAIN_STEPS = 1200
 
 
@@ -180,17 +181,16 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
                  remain_loader: Optional[Iterable] = None, *, num_classes: Optional[int] = None, alpha: float = 1.0,
                  gamma: float = 0.95, attention_gamma: Optional[float] = 1.0, lr: float = 1e-3,
                  steps: Optional[int] = None, epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
-                 antithetic: bool = True, config: Optional[SEMUConfig] = None, **unlearn_kwargs):
-    """SEMU class forgetting for a class-conditional diffusers UNet2DModel (changed in place; returns
-    (SEMUModel, report) as sf.unlearn).
+                 antithetic: bool = True, config: Optional[SEMUConfig] = None,
+                 **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
+    """SEMU class forgetting for a class-conditional diffusers UNet2DModel (changed in place). Returns (SEMUModel,
+    report, metrics) with metrics: trainable_params, trainable_share (%), final_loss (the last epoch's mean).
 
     forget_loader: (x0, labels) batches of the classes to forget, x0 in the model's range. remain_loader: batches
     of the other classes; when given, each step adds alpha * their standard loss. num_classes: the real classes
     (default unet.config.num_class_embeds; pass it when the embedding has an extra null-class row). Training length:
     `steps` optimizer steps (rounded up to whole passes over forget_loader) or `epochs` passes; neither means the
     official 1000 steps. config: a full SEMUConfig instead of gamma/attention_gamma/seed (see ddpm_config)."""
-    from .training import unlearn
-
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if num_classes is None:
@@ -205,98 +205,84 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
             raise ValueError("forget_loader has no len(): pass epochs instead of steps") from None
         epochs = max(1, math.ceil((1000 if steps is None else steps) / max(batches, 1)))
     loader = forget_loader if remain_loader is None else _WithRemain(forget_loader, remain_loader)
-    return unlearn(unet, loader, None, config, loss_fn=diffusion_loss(scheduler, seed=config.seed,
-                                                                      antithetic=antithetic),
-                   train_loss_fn=ddpm_forget_loss(scheduler, forget_class, num_classes, alpha=alpha,
-                                                  antithetic=antithetic),
-                   optimizer="adam", lr=lr, epochs=epochs, weight_decay=0.0, select_best=False, progress=progress,
-                   **unlearn_kwargs)
+    semu_model, report = unlearn(unet, loader, None, config,
+                                 loss_fn=diffusion_loss(scheduler, seed=config.seed, antithetic=antithetic),
+                                 train_loss_fn=ddpm_forget_loss(scheduler, forget_class, num_classes, alpha=alpha,
+                                                                antithetic=antithetic),
+                                 optimizer="adam", lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
+                                 progress=progress, **unlearn_kwargs)
+    history = report.training.get("history") or [{}]
+    metrics = {"trainable_params": report.trainable_params, "trainable_share": report.trainable_share,
+               "final_loss": history[-1].get("loss")}
+    return semu_model, report, metrics
 
 
-@contextlib.contextmanager
-def _merged(model: nn.Module):
-    """Adapters merged into the weights inside the block (faster sampling), unmerged bit for bit after."""
-    if isinstance(model, SEMUModel):
-        adapters = [a for a in model.adapters.values() if not a.merged]
-        for adapter in adapters:
-            adapter.merge()
-        try:
-            yield
-        finally:
-            for adapter in adapters:
-                adapter.unmerge()
-    else:
-        yield
+def merged(model: nn.Module):
+    """A SEMUModel's adapters merged inside the block (SEMUModel.merged); nothing for a plain model."""
+    return model.merged() if isinstance(model, SEMUModel) else contextlib.nullcontext()
+
+
+def sample_size(model: nn.Module) -> tuple:
+    cfg = base_model(model).config
+    return tuple(cfg.sample_size) if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+
+
+@torch.no_grad()
+def guided_ddim(unet: nn.Module, scheduler, x: torch.Tensor, num_inference_steps: int, cond: dict,
+                uncond: Optional[dict] = None, guidance_scale: float = 1.0, eta: float = 0.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DDIM from the noise x (diffusers DDIMScheduler built from `scheduler`'s config: the same betas) with
+    classifier-free guidance eps_u + s (eps_c - eps_u); cond / uncond: the conditioning keyword arguments of the
+    UNet (e.g. class_labels, encoder_hidden_states), uncond needed when guidance_scale != 1. eta > 0 draws its
+    noise from `generator` on the CPU. The UNet runs in eval mode (restored) with SEMU adapters merged."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_inference_steps)
+    device, n = x.device, len(x)
+    with eval_mode(unet), merged(unet):
+        for t in ddim.timesteps:
+            tt = t.to(device).expand(n)
+            if guidance_scale != 1.0:
+                both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+                eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), torch.cat([tt, tt]), **both).chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                eps = predict_noise(unet, x, tt, **cond)
+            noise = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else None
+            x = ddim.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    return x
 
 
 @torch.no_grad()
 def sample(unet: nn.Module, scheduler, class_labels, num_inference_steps: int = 50,
            generator: Optional[torch.Generator] = None, *, guidance_scale: float = 1.0,
            null_class: Optional[int] = None, eta: float = 0.0, batch_size: int = 512) -> torch.Tensor:
-    """Images from a class-conditional UNet2DModel (or its SEMUModel) with DDIM (diffusers DDIMScheduler built from
-    `scheduler`'s config: same betas): num_inference_steps evenly spaced steps; eta=0 is deterministic DDIM,
-    eta=1 with num_inference_steps = the training steps is ancestral DDPM sampling. Returns x0 in the model's
-    range, shape (len(class_labels), C, H, W).
+    """Images from a class-conditional UNet2DModel (or its SEMUModel) with DDIM (guided_ddim): num_inference_steps
+    evenly spaced steps; eta=0 is deterministic DDIM, eta=1 with num_inference_steps = the training steps is
+    ancestral DDPM sampling. Returns x0 in the model's range, shape (len(class_labels), C, H, W).
 
     guidance_scale: classifier-free guidance eps_null + s (eps_class - eps_null); 1.0 = none. null_class: the
     class-embedding row for "no class" (default: the last one). The initial noise (and eta's noise) comes from
-    `generator` on the CPU. A SEMUModel is sampled with its adapters merged (unmerged afterwards)."""
-    from diffusers import DDIMScheduler
-
-    base = base_model(unet)
-    cfg = base.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    `generator` on the CPU."""
+    cfg = base_model(unet).config
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
     if guidance_scale != 1.0 and null_class is None:
         null_class = int(cfg.num_class_embeds) - 1
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_inference_steps)
-    device = model_device(base)
+    device = model_device(base_model(unet))
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    was_training = unet.training
-    unet.eval()
     out = []
-    try:
-        with _merged(unet):
-            for chunk in labels.split(batch_size):
-                x = torch.randn((len(chunk), cfg.in_channels, *size), generator=generator).to(device)
-                c = chunk.to(device)
-                for t in ddim.timesteps:
-                    tt = t.to(device).expand(len(chunk))
-                    if guidance_scale != 1.0:
-                        both = predict_noise(unet, torch.cat([x, x]), torch.cat([tt, tt]),
-                                    class_labels=torch.cat([c, torch.full_like(c, null_class)]))
-                        eps_c, eps_u = both.chunk(2)
-                        eps = eps_u + guidance_scale * (eps_c - eps_u)
-                    else:
-                        eps = predict_noise(unet, x, tt, class_labels=c)
-                    noise = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else None
-                    x = ddim.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-                out.append(x.cpu())
-    finally:
-        unet.train(was_training)
+    for chunk in labels.split(batch_size):
+        x = torch.randn((len(chunk), cfg.in_channels, *sample_size(unet)), generator=generator).to(device)
+        c = chunk.to(device)
+        x = guided_ddim(unet, scheduler, x, num_inference_steps, {"class_labels": c},
+                        {"class_labels": torch.full_like(c, null_class)} if null_class is not None else None,
+                        guidance_scale, eta, generator)
+        out.append(x.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
 # --- the digits DDPM --------------------------------------------------------------------------------------------
-
-def digits_unet(num_classes: int = DIGITS_NUM_CLASSES):
-    """A tiny class-conditional UNet2DModel for 8x8 one-channel digits (about 0.7M parameters): 8x8 (32 channels)
-    -> 4x4 (64 channels, self-attention), one resnet per block; num_classes + 1 class embeddings (the last: null)."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=num_classes + 1,
-                       norm_num_groups=8, attention_head_dim=16)
-
-
-def digits_scheduler():
-    """DDPMScheduler with 1000 steps and the cosine schedule (better than linear betas on tiny images)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-
 
 def to_model_range(x01: torch.Tensor) -> torch.Tensor:
     return x01 * 2.0 - 1.0
@@ -312,8 +298,6 @@ def train_ddpm(unet: nn.Module, scheduler, loader: Iterable, steps: int, *, lr: 
     """Train `unet` (in place) with the standard loss for `steps` Adam steps (cosine-decayed lr, grad clip 1.0);
     labels are replaced by null_class with probability p_uncond (for classifier-free guidance); the EMA of the
     weights is copied in at the end. Returns unet in eval mode."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -343,10 +327,6 @@ def train_ddpm(unet: nn.Module, scheduler, loader: Iterable, steps: int, *, lr: 
 
 def digits_loaders(seed: int = 0, forget_class: Optional[int] = None, batch_size: int = 64):
     """Shuffled loaders of the digits train split in [-1, 1]: (all,) or, with forget_class, (forget, remain)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .digits import load_digits_split
-
     (x, y), _ = load_digits_split(seed)
     x = to_model_range(x)
 
@@ -365,18 +345,17 @@ def pretrained_digits_ddpm(cache_dir=None, seed: int = 0, train_steps: int = DIG
     dropout 0.1), cached as cache_dir/digits-ddpm-seed{seed}-steps{train_steps}.pt when cache_dir is given."""
     scheduler = digits_scheduler()
     path = Path(cache_dir) / f"digits-ddpm-seed{seed}-steps{train_steps}.pt" if cache_dir is not None else None
-    torch.manual_seed(seed)  # the initial weights
-    unet = digits_unet()
-    if path is not None and path.exists():
-        log.info("loaded the digits DDPM from %s", path)
-        unet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return unet.eval(), scheduler
-    (loader,) = digits_loaders(seed, batch_size=128)
-    train_ddpm(unet, scheduler, loader, train_steps, seed=seed, null_class=DIGITS_NULL_CLASS, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(unet.state_dict(), tmp))
-    return unet, scheduler
+
+    def build():
+        torch.manual_seed(seed)  # the initial weights
+        return digits_unet()
+
+    def train():
+        (loader,) = digits_loaders(seed, batch_size=128)
+        return train_ddpm(build(), scheduler, loader, train_steps, seed=seed, null_class=DIGITS_NULL_CLASS,
+                          progress=progress)
+
+    return load_or_train(path, build, train, "digits DDPM"), scheduler
 
 
 @torch.no_grad()
@@ -390,13 +369,8 @@ def classifier_metrics(unet: nn.Module, scheduler, classifier: nn.Module, forget
     labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
     images = sample(unet, scheduler, labels, num_inference_steps, torch.Generator().manual_seed(seed),
                     guidance_scale=guidance_scale)
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        device = model_device(classifier)
-        predicted = classifier(to_unit_range(images).to(device)).argmax(-1).cpu()
-    finally:
-        classifier.train(was_training)
+    with eval_mode(classifier):
+        predicted = classifier(to_unit_range(images).to(model_device(classifier))).argmax(-1).cpu()
     correct = predicted == labels
     forget = torch.isin(labels, torch.tensor(forget_classes))
     def percent(mask):  # exact in float64 (a float32 mean makes 5 of 50 read 10.0000001%)
@@ -410,8 +384,6 @@ def classifier_metrics(unet: nn.Module, scheduler, classifier: nn.Module, forget
 
 def adapted_layer_names(model: nn.Module, config: SEMUConfig) -> list[str]:
     """The layers `config` selects in `model` (as sf.prepare would), without touching it."""
-    from .layers import select_layers
-
     return list(select_layers(base_model(model), config))
 
 

@@ -12,24 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semu_fast.cli_args import default_cache, gamma, non_negative, positive, settings, silence, write_run
+from ._common import (add_device_flag, add_run_flags, default_cache, finish_run, gamma, non_negative, positive,
+                      require, settings, silence)
 
 
-def _require(parser, *modules) -> None:
-    import importlib
-
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            parser.error(f"this command needs the {module} package: pip install {module}")
-
-
-def register(subparsers) -> dict:
-    """Add the `unlearn-ddpm` and `unlearn-sd` subcommands to an argparse subparsers object; returns
-    {name: parser}."""
-    from semu_fast.diffusion import DIGITS_TRAIN_STEPS
-    from semu_fast.stable_diffusion import SD_PRESETS
+def register(subparsers) -> None:
+    """Add the `unlearn-ddpm` and `unlearn-sd` subcommands to an argparse subparsers object."""
+    from ..workflows.diffusion import DIGITS_TRAIN_STEPS
+    from ..workflows.stable_diffusion import SD_PRESETS
 
     ddpm = subparsers.add_parser("unlearn-ddpm", help="forget a class of the embedded digits DDPM with SEMU",
                                  description="The embedded digits DDPM forgets --forget-class with SEMU; a digits "
@@ -41,8 +31,8 @@ def register(subparsers) -> dict:
     g.add_argument("--train-steps", type=positive(int), default=DIGITS_TRAIN_STEPS,
                    help=f"training steps of the digits DDPM when it is not cached (default {DIGITS_TRAIN_STEPS})")
     g.add_argument("--classifier", type=Path, default=None, metavar="FILE",
-                   help="state dict of semu_fast.digits.digits_cnn to label samples (default: the cached one, "
-                   "trained here the first time)")
+                   help="state dict of semu_fast.workflows.digits.digits_cnn to label samples (default: the cached "
+                   "one, trained here the first time)")
     g = ddpm.add_argument_group("SEMU")
     g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
@@ -53,16 +43,13 @@ def register(subparsers) -> dict:
     g.add_argument("--steps", type=positive(int), default=300,
                    help="optimizer steps, rounded up to whole passes over the forget class (official: 1000)")
     g.add_argument("--batch-size", type=positive(int), default=64)
-    g.add_argument("--seed", type=int, default=0)
     g = ddpm.add_argument_group("evaluation")
     g.add_argument("--samples-per-class", type=positive(int), default=50)
     g.add_argument("--inference-steps", type=positive(int), default=50, help="DDIM steps per sample")
     g.add_argument("--guidance-scale", type=non_negative, default=1.0,
                    help="classifier-free guidance of the samples (default 1: none)")
-    g.add_argument("--out", type=Path, default=Path("semu_fast_ddpm_out"),
-                   help="folder for metrics.json and adapters/ (default ./semu_fast_ddpm_out)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    ddpm.set_defaults(func=run_ddpm)
+    add_run_flags(ddpm.add_argument_group("run"), "semu_fast_ddpm_out", "metrics.json and adapters/")
+    ddpm.set_defaults(func=run_ddpm, parser=ddpm)
 
     sd = subparsers.add_parser("unlearn-sd", help="remove a concept from a local Stable Diffusion UNet with SEMU",
                                description="Concept removal: the noise prediction under the forget prompt is "
@@ -76,7 +63,7 @@ def register(subparsers) -> dict:
     g.add_argument("--anchor-prompt", action="append", default=None, metavar="TEXT",
                    help="prompt to steer to (paired with the forget prompts when as many, else one or random); "
                    "default: the empty prompt")
-    g.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda when available)")
+    add_device_flag(g)
     g = sd.add_argument_group("SEMU")
     g.add_argument("--preset", choices=tuple(SD_PRESETS), default="xattn",
                    help="layers to change: xattn (every attn2 projection), xattn-kv (attn2.to_k/to_v), all")
@@ -91,29 +78,26 @@ def register(subparsers) -> dict:
     g.add_argument("--lr", type=positive(float), default=1e-5, help="Adam learning rate for R (official 1e-5)")
     g.add_argument("--epochs", type=positive(int), default=5)
     g.add_argument("--batch-size", type=positive(int), default=8)
-    g.add_argument("--seed", type=int, default=0)
     g = sd.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path("semu_fast_sd_out"),
-                   help="folder for metrics.json, adapters/ (and unet/) (default ./semu_fast_sd_out)")
+    add_run_flags(g, "semu_fast_sd_out", "metrics.json, adapters/ (and unet/, lora/)")
     g.add_argument("--save-unet", action="store_true", help="also save the UNet with R merged in, out/unet")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a diffusers LoRA folder out/lora "
                    "(conv adapters, which have no LoRA form, are skipped)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    sd.set_defaults(func=run_sd)
-    return {"unlearn-ddpm": ddpm, "unlearn-sd": sd}
+    sd.set_defaults(func=run_sd, parser=sd)
 
 
 def run_ddpm(args, parser) -> int:
     import torch
 
-    from semu_fast import diffusion as D
-    from semu_fast.digits import digits_cnn, pretrained_digits_cnn
+    from ..workflows import diffusion as D, results
+    from ..workflows.classification import pretrained_digits_cnn
+    from ..workflows.digits import DIGITS_NUM_CLASSES, digits_cnn
 
-    _require(parser, "diffusers")
+    require(parser, "diffusers")
     if args.quiet:
         silence("diffusers")
-    if not 0 <= args.forget_class < D.DIGITS_NUM_CLASSES:
-        parser.error(f"argument --forget-class: must be in [0, {D.DIGITS_NUM_CLASSES}), got {args.forget_class}")
+    if not 0 <= args.forget_class < DIGITS_NUM_CLASSES:
+        parser.error(f"argument --forget-class: must be in [0, {DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
     if args.classifier is not None:
         classifier = digits_cnn()
@@ -131,10 +115,10 @@ def run_ddpm(args, parser) -> int:
                     guidance_scale=args.guidance_scale, seed=args.seed)
     before = D.classifier_metrics(unet, scheduler, classifier, args.forget_class, **evaluate)
     forget, remain = D.digits_loaders(args.seed, args.forget_class, args.batch_size)
-    semu_model, report = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
-                                        remain if args.alpha > 0 else None, num_classes=D.DIGITS_NUM_CLASSES,
-                                        alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
-                                        lr=args.lr, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    semu_model, report, trained = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
+                                                 remain if args.alpha > 0 else None, num_classes=DIGITS_NUM_CLASSES,
+                                                 alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
+                                                 lr=args.lr, steps=args.steps, seed=args.seed, progress=not args.quiet)
     after = D.classifier_metrics(semu_model, scheduler, classifier, args.forget_class, **evaluate)
     metrics = {"forget_class_rate_before": before["forget_class_rate"],
                "forget_class_rate_after": after["forget_class_rate"],
@@ -142,21 +126,20 @@ def run_ddpm(args, parser) -> int:
                "other_accuracy_drop": before["other_accuracy"] - after["other_accuracy"],
                "per_class_accuracy_before": before["per_class_accuracy"],
                "per_class_accuracy_after": after["per_class_accuracy"],
-               "trainable_params": report.trainable_params, "total_params": report.total_params}
-    files = write_run(args.out, semu_model, report, metrics, settings(args))
-    print(f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}")
-    print(f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
-          f"{after['forget_class_rate']:8.1f}")
-    print(f"{'other classes':36s} {before['other_accuracy']:8.1f} {after['other_accuracy']:8.1f}")
-    print(f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers")
-    print(f"wrote {', '.join(files)} to {args.out}")
-    return 0
+               **trained, "total_params": report.total_params}
+    files = results.write_run(args.out, semu_model, report, metrics, settings(args))
+    return finish_run(args.out, files, [
+        f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
+        f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
+        f"{after['forget_class_rate']:8.1f}",
+        f"{'other classes':36s} {before['other_accuracy']:8.1f} {after['other_accuracy']:8.1f}",
+        f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers"])
 
 
 def run_sd(args, parser) -> int:
-    from semu_fast import stable_diffusion as SD
+    from ..workflows import results, stable_diffusion as SD
 
-    _require(parser, "diffusers", "transformers")
+    require(parser, "diffusers", "transformers")
     if args.quiet:
         silence("diffusers", "transformers")
     try:
@@ -172,18 +155,17 @@ def run_sd(args, parser) -> int:
             batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     except ValueError as err:
         parser.error(str(err))
-    files = write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
+    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
     if args.lora:
-        from semu_fast.lora import export_diffusers_lora
+        from ..lora import export_diffusers_lora
 
         export_diffusers_lora(semu_model, args.out / "lora", prefix="unet", skip_conv=True)
         files.append("lora/")
     if args.save_unet:
         semu_model.merge_and_unload().save_pretrained(args.out / "unet")
         files.append("unet/")
-    print(f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
-          f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}")
-    print(f"trainable: {report.trainable_params} parameters in {len(metrics['adapted_layers'])} layers "
-          f"(preset {args.preset})")
-    print(f"wrote {', '.join(files)} to {args.out}")
-    return 0
+    return finish_run(args.out, files, [
+        f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
+        f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}",
+        f"trainable: {report.trainable_params} parameters in {len(metrics['adapted_layers'])} layers "
+        f"(preset {args.preset})"])

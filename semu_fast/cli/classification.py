@@ -1,25 +1,18 @@
-"""`semu-fast` (also `python -m semu_fast`): SEMU from the command line.
+"""`semu-fast unlearn`, `semu-fast eval` and `semu-fast report`: classification unlearning as SalUn sets it up.
 
 `semu-fast unlearn` with no data arguments runs the embedded default: a small CNN trained on scikit-learn's bundled
 digits (cached) forgets class 0 with SEMU next to the FT, GA, RL and Retrain baselines; the metrics table is printed
-and report.md, metrics.json and plots are written to ./semu_fast_out. `unlearn-llm` (cli_llm) and `unlearn-ddpm` /
-`unlearn-sd` (cli_diffusion) run the LLM and diffusion workflows."""
+and report.md, metrics.json, run.json, plots and the adapters are written to ./semu_fast_out."""
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from pathlib import Path
 
-from semu_fast import cli_args, cli_diffusion, cli_llm
-from semu_fast.cli_args import fraction, gamma, positive
-
-log = logging.getLogger("semu_fast")
+from ._common import add_run_flags, default_cache, finish_run, fraction, gamma, positive
 
 
 def _methods(text: str) -> tuple:
-    from semu_fast.baselines import METHODS
+    from ..workflows.baselines import METHODS
 
     names = () if text.strip().lower() == "none" else tuple(m.strip().lower() for m in text.split(",") if m.strip())
     unknown = [m for m in names if m not in METHODS]
@@ -30,8 +23,9 @@ def _methods(text: str) -> tuple:
 
 
 def _scenario(args, parser):
-    """(task, original model, split) from the shared data and scenario flags; flag errors name the flag."""
-    from semu_fast import classification as C
+    """(task, original model, split, scenario dict) from the shared data and scenario flags; flag errors name the
+    flag."""
+    from ..workflows import classification as C
 
     try:
         task = C.load_task(args.dataset, args.data, args.seed, args.image_size)
@@ -44,8 +38,8 @@ def _scenario(args, parser):
     try:
         split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
                                args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)
-        model = C.original_model(task, args.arch, args.checkpoint, args.cache_dir, args.seed, args.train_epochs,
-                                 progress=not args.quiet)
+        model = C.original_model(task, args.arch, args.checkpoint, args.cache_dir or default_cache(), args.seed,
+                                 args.train_epochs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
@@ -54,11 +48,11 @@ def _scenario(args, parser):
     return task, model, split, scenario
 
 
-def _unlearn(args, parser) -> int:
+def run_unlearn(args, parser) -> int:
     import torch
 
     import semu_fast as sf
-    from semu_fast import classification as C, results
+    from ..workflows import classification as C, results
 
     torch.manual_seed(args.seed)
     task, model, split, scenario = _scenario(args, parser)
@@ -72,20 +66,18 @@ def _unlearn(args, parser) -> int:
                                            args.train_epochs, not args.quiet, "Retrain")
     config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)
     semu = {"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
-    result = C.run(task, model, split, config=config, semu_settings=semu, methods=args.baselines,
-                   retrain=retrain_fn, seed=args.seed, progress=not args.quiet)
+    semu_model, report, result = C.run(task, model, split, config=config, semu_settings=semu,
+                                       methods=args.baselines, retrain=retrain_fn, seed=args.seed,
+                                       progress=not args.quiet)
     scenario.update(gamma=args.gamma, semu=semu)
-    print(results.format_table(result["metrics"]))
-    files = results.write(args.out, result, scenario)
-    result["semu_model"].save_adapters(args.out / "adapters")
-    files.append("adapters/")
-    print(f"wrote {', '.join(files)} to {args.out}")
-    return 0
+    files = results.write_classification(args.out, semu_model, report, result, scenario)
+    return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
 
-def _eval(args, parser) -> int:
+def run_eval(args, parser) -> int:
     import semu_fast as sf
-    from semu_fast import classification as C, metrics, results
+    from .. import metrics
+    from ..workflows import classification as C, results
 
     task, model, split, scenario = _scenario(args, parser)
     loaders = C.make_loaders(task, split, args.seed)
@@ -99,27 +91,18 @@ def _eval(args, parser) -> int:
                          "trainable_share": semu_model.report.trainable_share}
     print(results.format_table(table))
     if args.json is not None:
-        args.json.write_text(json.dumps({"scenario": scenario, "metrics": table}, indent=2))
+        results.write_json(args.json, {"scenario": scenario, "metrics": table})
     return 0
 
 
-def _report(args, parser) -> int:
-    from semu_fast import results
+def run_report(args, parser) -> int:
+    from ..workflows import results
 
     try:
         files = results.render(args.folder)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    print(results.format_table(json.loads((args.folder / "metrics.json").read_text())))
-    print(f"wrote {', '.join(files)} to {args.folder}")
-    return 0
-
-
-def _info(args, parser) -> int:
-    from semu_fast._backends import describe
-
-    print(describe())
-    return 0
+    return finish_run(args.folder, files, [results.format_table(results.read_json(args.folder / "metrics.json"))])
 
 
 def _data_flags() -> argparse.ArgumentParser:
@@ -138,64 +121,45 @@ def _data_flags() -> argparse.ArgumentParser:
     g.add_argument("--train-epochs", type=positive(int), default=None,
                    help="train the original (and Retrain) here for this many epochs when there is no checkpoint")
     g.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"where models trained here are cached (default {cli_args.default_cache()})")
+                   help=f"where models trained here are cached (default {default_cache()})")
     g = p.add_argument_group("scenario (as SalUn)")
     g.add_argument("--forget-class", type=int, default=None, metavar="C",
                    help="class-wise forgetting of class C (default 0 unless --num-forget is given alone)")
     g.add_argument("--num-forget", type=positive(int), default=None, metavar="N",
                    help="forget N random samples (of class C when --forget-class is given too)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, the models trained here and SEMU")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semu-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
+    """Add `unlearn`, `eval` and `report` to an argparse subparsers object."""
     data = _data_flags()
     un = sub.add_parser("unlearn", parents=[data], help="forget with SEMU next to the baselines, write a report "
                         "(default: the bundled digits)")
-    un.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
-                    help="share of the retain set unlearning may use (0 = data-free, the default)")
-    un.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
-    un.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    un.add_argument("--lr", type=positive(float), default=5e-3, help="SEMU's learning rate for R")
-    un.add_argument("--epochs", type=positive(int), default=15, help="SEMU's epochs over the forget set")
-    un.add_argument("--baselines", type=_methods, default=("ft", "ga", "rl"),
-                    help="comma-separated among ft, ga, rl, or 'none' (default ft,ga,rl)")
-    un.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=None,
-                    help="train a Retrain model (retain data only) for the table and Avg. Gap; default on for digits")
-    un.add_argument("--retrain-checkpoint", type=Path, default=None, help="a trained Retrain model to compare with")
-    un.add_argument("--out", type=Path, default=Path("semu_fast_out"),
-                    help="folder for metrics.json, run.json, report.md and plots (default ./semu_fast_out)")
-    un.set_defaults(func=_unlearn)
+    g = un.add_argument_group("SEMU and baselines")
+    g.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
+                   help="share of the retain set unlearning may use (0 = data-free, the default)")
+    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    g.add_argument("--lr", type=positive(float), default=5e-3, help="SEMU's learning rate for R")
+    g.add_argument("--epochs", type=positive(int), default=15, help="SEMU's epochs over the forget set")
+    g.add_argument("--baselines", type=_methods, default=("ft", "ga", "rl"),
+                   help="comma-separated among ft, ga, rl, or 'none' (default ft,ga,rl)")
+    g.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a Retrain model (retain data only) for the table and Avg. Gap; default on for digits")
+    g.add_argument("--retrain-checkpoint", type=Path, default=None, help="a trained Retrain model to compare with")
+    add_run_flags(un.add_argument_group("run"), "semu_fast_out",
+                  "metrics.json, run.json, report.md, plots and adapters/")
+    un.set_defaults(func=run_unlearn, parser=un)
+
     ev = sub.add_parser("eval", parents=[data], help="SalUn's metrics of the original model (and of saved SEMU "
                         "adapters on it)")
     ev.add_argument("--adapters", type=Path, default=None, help="a folder written by save_adapters")
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
-    ev.set_defaults(func=_eval)
+    ev.add_argument("--seed", type=int, default=0, help="seeds the split and the models trained here (use the one "
+                    "the adapters were made with)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    ev.set_defaults(func=run_eval, parser=ev)
+
     rep = sub.add_parser("report", help="rebuild report.md and the plots of a results folder")
     rep.add_argument("folder", type=Path, help="a folder written by semu-fast unlearn")
-    rep.set_defaults(func=_report)
-    info = sub.add_parser("info", help="which backend serves each op here, and why the others do not")
-    info.set_defaults(func=_info)
-    cli_llm.register(sub)
-    cli_diffusion.register(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "cache_dir", "unset") is None:
-        args.cache_dir = cli_args.default_cache()
-    quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
-    if quiet:  # also where the calling program set up logging already (basicConfig then does nothing)
-        log.setLevel(logging.WARNING)
-    command = parser._subparsers._group_actions[0].choices[args.command]
-    return args.func(args, command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    rep.set_defaults(func=run_report, parser=rep)

@@ -1,13 +1,15 @@
-"""What a classification run leaves behind: metrics.json (method -> UA, RA, TA, MIA, trainable_share, seconds
-[, avg_gap]), run.json (the scenario, per-epoch histories, SEMU's per-layer report), report.md and the plots;
-and the table the command prints. `render` rebuilds report.md and the plots from the two JSON files."""
+"""What a run leaves in its folder. Every workflow: adapters/ (sf.load_adapters) and metrics.json, strict JSON
+written atomically. A classification run also: run.json (the scenario, per-epoch histories, SEMU's per-layer
+report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA, trainable_share, seconds
+[, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from .._utils import atomic_write
 from . import plots
-from .io import atomic_write
 
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"),
            ("trainable_share", "trainable %"), ("seconds", "seconds"))
@@ -63,12 +65,55 @@ def _report_md(metrics: dict, run: dict, figures: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _finite(value):
+    """Strict JSON has no Infinity or NaN (a perplexity may overflow): those become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_json(path: Path, payload) -> None:
+    """Strict JSON (inf and nan as null), written atomically."""
+    text = json.dumps(_finite(payload), indent=2, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: Path):
+    """The JSON in `path`; a damaged file is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+def layers(report) -> list:
+    """One object per adapted layer: its shape, rank k, gamma and captured variance."""
+    return [{"name": layer.name, "shape": list(layer.shape), "k": layer.k, "gamma": layer.gamma,
+             "captured_variance": layer.captured_variance, "trainable_params": layer.trainable_params}
+            for layer in report.layers]
+
+
+def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict) -> list:
+    """out/adapters (sf.load_adapters) and out/metrics.json (settings, metrics, per-layer ranks, training history,
+    timings); returns the names written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    semu_model.save_adapters(out / "adapters")
+    write_json(out / "metrics.json", {"settings": run_settings, "metrics": metrics, "layers": layers(report),
+                                      "training": report.training, "timings": report.timings})
+    return ["metrics.json", "adapters/"]
+
+
 def render(out) -> list[str]:
     """Write report.md and the figures in folder `out` from its metrics.json and run.json; returns the files."""
     out = Path(out)
     try:
-        metrics = json.loads((out / "metrics.json").read_text())
-        run = json.loads((out / "run.json").read_text())
+        metrics = read_json(out / "metrics.json")
+        run = read_json(out / "run.json")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{str(out)!r} is not a semu-fast results folder: {err.filename} is missing") from None
     figures = [name for name, (key, draw) in FIGURES.items() if draw(run.get(key, {}), out / name)]
@@ -77,12 +122,13 @@ def render(out) -> list[str]:
     return ["report.md", *figures]
 
 
-def write(out, result: dict, scenario: dict) -> list[str]:
-    """Write everything for `result` (classification.run's return value) into folder `out`; returns the files."""
+def write_classification(out, semu_model, report, result: dict, scenario: dict) -> list[str]:
+    """Write everything of a classification run (classification.run's return values) into folder `out`: the
+    adapters, metrics.json, run.json, report.md and the plots; returns the names written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"scenario": scenario, "history": result["history"], "semu_report": result["semu_report"]}
-    for name, data in (("metrics.json", result["metrics"]), ("run.json", run)):
-        text = json.dumps(data, indent=2)
-        atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
-    return ["metrics.json", "run.json", *render(out)]
+    semu_model.save_adapters(out / "adapters")
+    write_json(out / "metrics.json", result["metrics"])
+    write_json(out / "run.json", {"scenario": scenario, "history": result["history"],
+                                  "semu_report": report.to_dict()})
+    return ["metrics.json", "run.json", *render(out), "adapters/"]

@@ -3,7 +3,7 @@ weight or weight gradient.
 
 `semu_fast::lowrank_linear` and `semu_fast::lowrank_conv2d` are custom ops with fakes and autograd formulas, so
 torch.compile keeps an adapted model in one graph. Their products run through three kernel ops whose backends
-semu_fast.ops picks per device (composed PyTorch, or the Triton kernels of semu_fast.triton_kernels.lowrank):
+semu_fast.ops._library picks per device (composed PyTorch, or the Triton kernels of semu_fast.triton_kernels.lowrank):
   dual_matmul(a1, b1, a2, b2, bias) = a1 b1 + a2 b2 + bias   (Linear forward: [x, x Vh^T R^T] [A, U]^T;
                                                               backward: [dy, dy U R] [A, Vh])
   conv_delta_add(A, U, R, Vh)       = A + dW, dW[:, n] = U[n] R[n] Vh[n]  (the conv adapter's one weight)
@@ -16,17 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_same_device, check_tensor
+from .._checks import check_same_device, check_tensor
+from . import _registry
+from ._library import Kernel
 
 Tensor = torch.Tensor
-
-# Schemas of the kernel ops (Python-defined; semu_fast.ops registers a backend per device).
-KERNEL_SCHEMAS = {
-    "dual_matmul": "dual_matmul(Tensor a1, Tensor b1, Tensor a2, Tensor b2, Tensor? bias) -> Tensor",
-    "conv_delta_add": "conv_delta_add(Tensor A, Tensor U, Tensor R, Tensor Vh) -> Tensor",
-    "conv_delta_contract": "conv_delta_contract(Tensor dW, Tensor U, Tensor Vh) -> Tensor",
-}
-
 
 # ---- kernel ops: composed PyTorch backends and fakes -------------------------------------------------------------
 
@@ -49,10 +43,15 @@ def _delta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def conv_delta_weight(U: Tensor, R: Tensor, Vh: Tensor, kernel_size) -> Tensor:
+    """dW (out, in, kh, kw) with dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel, in U's dtype."""
+    delta = torch.bmm(U, torch.bmm(R, Vh))  # (in, out, kh*kw)
+    return delta.transpose(0, 1).reshape(delta.shape[1], delta.shape[0], *kernel_size)
+
+
 def conv_delta_add_torch(A, U, R, Vh):
     ct = _delta_dtype(A.dtype)
-    delta = torch.bmm(U.to(ct), torch.bmm(R.to(ct), Vh.to(ct)))  # (in, out, kh*kw)
-    return (A.to(ct) + delta.transpose(0, 1).reshape(A.shape)).to(A.dtype)
+    return (A.to(ct) + conv_delta_weight(U.to(ct), R.to(ct), Vh.to(ct), A.shape[2:])).to(A.dtype)
 
 
 def conv_delta_contract_torch(dW, U, Vh):
@@ -60,12 +59,39 @@ def conv_delta_contract_torch(dW, U, Vh):
     return torch.bmm(torch.bmm(U.to(ct).transpose(1, 2), _channel_matrices(dW).to(ct)), Vh.to(ct).transpose(1, 2))
 
 
-KERNEL_IMPLS = {"dual_matmul": dual_matmul_torch, "conv_delta_add": conv_delta_add_torch,
-                "conv_delta_contract": conv_delta_contract_torch}
-KERNEL_FAKES = {"dual_matmul": _dual_matmul_fake,
-                "conv_delta_add": lambda A, U, R, Vh: torch.empty_like(A),
-                "conv_delta_contract": lambda dW, U, Vh: U.new_empty(U.shape[0], U.shape[2], U.shape[2],
-                                                                    dtype=_delta_dtype(dW.dtype))}
+def _triton(name: str):
+    """The Triton kernel of a kernel op; float64 (which it does not serve) goes to the composed one."""
+    composed = _TORCH[name]
+
+    def impl(*args):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            return composed(*args)
+        return getattr(_registry.triton_module("lowrank")[0], name)(*args)
+    return impl
+
+
+_TORCH = {"dual_matmul": dual_matmul_torch, "conv_delta_add": conv_delta_add_torch,
+          "conv_delta_contract": conv_delta_contract_torch}
+# Measured on an H200 (benchmarks/RESULTS.md): the Triton dual_matmul ran at 0.44-1.02x of cuBLAS's two addmm, so
+# it serves only when forced; the conv delta kernels ran 1.2-2x faster than the composed bmm chains.
+_DUAL_MATMUL_GATE = "measured slower than composed cuBLAS calls on an H200; SEMU_FAST_IMPL=triton uses it"
+KERNELS = {
+    "dual_matmul": Kernel("dual_matmul(Tensor a1, Tensor b1, Tensor a2, Tensor b2, Tensor? bias) -> Tensor",
+                          fake=_dual_matmul_fake, impls={"torch": dual_matmul_torch, "triton": _triton("dual_matmul")},
+                          triton_module="lowrank", triton_gate=_DUAL_MATMUL_GATE),
+    "conv_delta_add": Kernel("conv_delta_add(Tensor A, Tensor U, Tensor R, Tensor Vh) -> Tensor",
+                             fake=lambda A, U, R, Vh: torch.empty_like(A),
+                             impls={"torch": conv_delta_add_torch, "triton": _triton("conv_delta_add")},
+                             triton_module="lowrank"),
+    "conv_delta_contract": Kernel("conv_delta_contract(Tensor dW, Tensor U, Tensor Vh) -> Tensor",
+                                  fake=lambda dW, U, Vh: U.new_empty(U.shape[0], U.shape[2], U.shape[2],
+                                                                     dtype=_delta_dtype(dW.dtype)),
+                                  impls={"torch": conv_delta_contract_torch,
+                                         "triton": _triton("conv_delta_contract")},
+                                  triton_module="lowrank"),
+    "lowrank_linear": Kernel(None, note="composite: its products run through dual_matmul"),
+    "lowrank_conv2d": Kernel(None, note="composite: its products run through conv_delta_add / conv_delta_contract"),
+}
 
 
 def _kernels():

@@ -30,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SEMUConfig
-from .gradients import model_device
-from .layers import describe_names, select_layers
-from .model import SEMUModel
-from .report import SEMUReport
+from .._utils import eval_mode, model_device
+from ..config import SEMUConfig
+from ..layers import describe_names, select_layers
+from ..model import SEMUModel
+from ..report import SEMUReport
+from ..training import check_training_args, unlearn
 
 IGNORE_INDEX = -100  # label of a position that predicts nothing (padding), as transformers and F.cross_entropy use
 FORGET_LOSSES = ("ascent", "random")
@@ -184,16 +185,12 @@ _FORGET_LOSS_FNS = {"ascent": ascent_loss, "random": random_token_loss}
 @torch.no_grad()
 def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Token-weighted mean next-token NLL (nats) over all batches, in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in batches:
             batch_total, batch_count = _nll_sum(model, batch)
             total += float(batch_total)
             count += batch_count
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("batches hold no labelled position to predict")
     return total / count
@@ -282,8 +279,6 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
 
     metrics: forget_nll/ppl_before/after (and retain_* with retain_batches), trainable_params, trainable_share (%).
     The model is changed in place only by installing adapters: semu_model.unload() gives it back bit for bit."""
-    from .training import check_training_args, unlearn
-
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)

@@ -1,0 +1,58 @@
+"""Small helpers every layer above the ops shares (a leaf: it imports nothing of semu_fast)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def split_batch(batch, what: str = "loss_fn=None"):
+    """(inputs, targets) from a batch that is a tuple or list of at least two tensors."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
+            isinstance(t, torch.Tensor) for t in batch[:2]):
+        raise TypeError(f"{what} expects batches of (inputs, targets) tensors, got {type(batch).__name__}; "
+                        f"pass loss_fn(model, batch) -> scalar for other batch layouts")
+    return batch[0], batch[1]
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """The models in eval mode inside the block, each given back its own training flag afterwards (also on error)."""
+    flags = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
+def atomic_write(path, write) -> None:
+    """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,112 @@
+"""What every `semu-fast` command shares: argument types that name what was expected, the shared flag groups
+(output, seed and quietness; device), the check for optional packages, the default cache folder, and the end of a
+run (what was written, where)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from pathlib import Path
+
+
+def gamma(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive(kind):
+    """An argparse type: `kind(text)` that must be finite and > 0."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or value == float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+        return value
+    return parse
+
+
+def device(text: str) -> str:
+    """A torch device that exists here ("cpu", "cuda", "cuda:1")."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return text
+
+
+def out_folder(text: str) -> Path:
+    """A folder to write into: it may exist, but not as a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
+
+
+def add_run_flags(group, default_out: str, what: str) -> None:
+    """--out, --seed and --quiet."""
+    group.add_argument("--out", type=out_folder, default=Path(default_out),
+                       help=f"folder for {what} (default ./{default_out})")
+    group.add_argument("--seed", type=int, default=0, help="seeds the data order, SEMU and everything random")
+    group.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def add_device_flag(group) -> None:
+    group.add_argument("--device", type=device, default=None, help="e.g. cuda or cpu (default: cuda when available)")
+
+
+def require(parser, *modules: str) -> None:
+    """Exit with a clear message when an optional package a command needs is missing."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            parser.error(f"this command needs the {module} package: pip install {module}")
+
+
+def silence(*libraries: str) -> None:
+    """Errors only and no progress bars from the Hugging Face libraries a quiet command uses ("transformers",
+    "diffusers"); one that is not installed is skipped. (semu_fast's own logging follows --quiet in cli.main.)"""
+    for name in libraries:
+        try:
+            hf_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def settings(args) -> dict:
+    """The parsed flags, JSON-ready (paths as strings)."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+            if key not in ("func", "quiet", "command", "parser")}
+
+
+def finish_run(out: Path, files: list, summary=()) -> int:
+    """Print the run's summary lines and what was written where; the command's exit status (0)."""
+    for line in summary:
+        print(line)
+    print(f"wrote {', '.join(files)} to {out}")
+    return 0

@@ -1,0 +1,94 @@
+"""Registers the ops of semu_fast.ops with torch.library, each from its module's KERNELS table.
+
+Every op is torch.ops.semu_fast.<op> whatever serves it, with a fake (meta) implementation so torch.compile can
+trace it. C++/CUDA kernels register themselves when semu_fast._C loads (csrc/ops.cpp defines their schemas); for
+each op and dispatch key this module then registers, once, the best Python-side backend where the extension has no
+kernel, or the one SEMU_FAST_IMPL forces, and records the choice with the reasons for every backend not taken."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import _registry
+
+_lib = torch.library.Library("semu_fast", "FRAGMENT")
+
+# Preference per dispatch key; "triton" on CPU only when forced (it needs TRITON_INTERPRET=1 there).
+PREFERENCE = {"CPU": ("cpp", "torch"), "CUDA": ("cuda", "triton", "torch")}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One op's registration entry.
+
+    schema: its torch.library schema; None for an op defined with torch.library.custom_op in its module (then it is
+        only recorded, as served by "torch"). fake: its meta implementation. impls: Python-side backends by name
+        ("torch" always; "triton" optional). cpp: csrc/ops.cpp defines the schema and semu_fast._C may hold C++/CUDA
+        kernels. triton_module: the semu_fast.triton_kernels module the Triton backend needs. triton_gate: when set,
+        why the Triton kernel is not the CUDA default (it serves only when forced)."""
+
+    schema: Optional[str]
+    fake: Optional[Callable] = None
+    impls: dict = field(default_factory=dict)
+    cpp: bool = False
+    triton_module: Optional[str] = None
+    triton_gate: Optional[str] = None
+    note: str = ""  # why an op has a single backend (shown for the others)
+
+
+def _availability(op: str, kernel: Kernel, device: str, backend: str) -> str:
+    """"" when backend can serve op on device, else why not."""
+    if backend in ("cpp", "cuda"):
+        if not kernel.cpp:
+            return kernel.note or "no C++/CUDA kernel for this op"
+        ext, why = _registry.extension()
+        if ext is None:
+            return why
+        return "" if _registry.has_cpp_kernel(op, device) else f"semu_fast._C was built without a {device} kernel"
+    if backend == "triton":
+        if "triton" not in kernel.impls:
+            return kernel.note or "no Triton kernel for this op"
+        if device == "CPU" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        why = _registry.triton_module(kernel.triton_module)[1]
+        if why or device == "CPU":
+            return why
+        return kernel.triton_gate or ""
+    return ""
+
+
+def _choose(op: str, kernel: Kernel, device: str) -> None:
+    candidates = [b for b in _registry.BACKENDS if b != ("cuda" if device == "CPU" else "cpp")]
+    reasons = {b: _availability(op, kernel, device, b) for b in candidates}
+    usable = [b for b in PREFERENCE[device] if not reasons[b]]
+    chosen = usable[0]  # "torch" is always usable
+    force = _registry.forced()
+    gated = kernel.triton_gate is not None and reasons.get(force) == kernel.triton_gate
+    if force in reasons and force != chosen:
+        if reasons[force] and not gated:
+            warnings.warn(f"{_registry.IMPL_ENV}={force} cannot serve {op} on {device}: {reasons[force]}; "
+                          f"using {chosen}")
+        else:
+            chosen = force
+    if chosen not in ("cpp", "cuda"):
+        _lib.impl(op, kernel.impls[chosen], device)
+    _registry.record(op, device, chosen, {b: r for b, r in reasons.items() if r and b != chosen})
+
+
+def register(kernels: dict[str, Kernel]) -> None:
+    """Define (where csrc/ops.cpp does not), fake and back every op of one module's table."""
+    for op, kernel in kernels.items():
+        if kernel.schema is None:
+            for device in PREFERENCE:
+                _registry.record(op, device, "torch", {b: kernel.note for b in _registry.BACKENDS
+                                                       if b not in ("torch", "cuda" if device == "CPU" else "cpp")})
+            continue
+        if not kernel.cpp or _registry.extension()[0] is None:
+            _lib.define(kernel.schema)
+        torch.library.register_fake(f"semu_fast::{op}", kernel.fake, lib=_lib)
+        for device in PREFERENCE:
+            _choose(op, kernel, device)
