@@ -15,7 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, parser as make_parser  # noqa: E402
+from common import Table, device_name, parser as make_parser  # noqa: E402
 
 
 def _model(layers: int, width: int) -> nn.Module:
@@ -61,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--svd", default="exact", choices=("exact", "randomized", "auto"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.quick:
+        args.layers, args.width, args.tokens, args.repeats = 2, 32, 16, 1
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         print("bench_distributed: needs 2 GPUs for the CUDA case; skipped")
         return
@@ -76,10 +78,10 @@ def main(argv=None):
         out = os.path.join(tmp, "seconds")
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), args, out, backend), nprocs=2, join=True)
         two = float(Path(out).read_text())
-    rows = [{"layers": f"{args.layers} x Linear {args.width}^2", "svd": args.svd, "1 rank, 1 thread s": single,
-             "2 ranks, 1 thread each s": two, "speed-up 1 -> 2 ranks": single / two,
-             f"1 rank, {max(threads, 2)} threads s": single_all}]
-    emit(rows, f"SVD phase of sf.prepare on 1 and 2 ranks ({backend}), {device_name(device)}", args.json)
+    with Table(f"SVD phase of sf.prepare on 1 and 2 ranks ({backend}), {device_name(device)}", args.json) as table:
+        table.add({"layers": f"{args.layers} x Linear {args.width}^2", "svd": args.svd, "1 rank, 1 thread s": single,
+                   "2 ranks, 1 thread each s": two, "speed-up 1 -> 2 ranks": single / two,
+                   f"1 rank, {max(threads, 2)} threads s": single_all})
 
 
 if __name__ == "__main__":

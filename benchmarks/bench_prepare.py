@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, parser as make_parser  # noqa: E402
+from common import Table, device_name, parser as make_parser, sync  # noqa: E402
 
 
 def cifar_resnet18(num_classes=10):
@@ -43,17 +43,12 @@ def mse_to_zero(model, batch):
     return model(batch[0]).float().square().mean()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def plain_backward(model, loader, loss_fn, device):
     """Forward + backward over the loader with PyTorch's own .grad accumulation: the floor of any gradient pass."""
     start = time.perf_counter()
     for batch in loader:
         loss_fn(model, batch).backward()
-    _sync(device)
+    sync(device)
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
@@ -67,7 +62,7 @@ def clone_and_sum(model, loader, loss_fn, device):
         loss_fn(model, batch).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
-    _sync(device)
+    sync(device)
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
@@ -79,12 +74,12 @@ def streamed(model, loader, loss_fn, device):
     weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     start = time.perf_counter()
     accumulate_gradients(model, loader, weights, loss_fn)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
 def run_case(name, model, loader, loss_fn, device, gamma, repeats=3):
-    from semu_fast.gradients import cross_entropy_loss
+    from semu_fast.losses import cross_entropy_loss
 
     loss_fn = loss_fn or cross_entropy_loss
     model.to(device).eval()
@@ -122,24 +117,27 @@ def main(argv=None):
     parser.add_argument("--cases", default="resnet,llama")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.quick:
+        args.cases, args.tokens, args.repeats = "llama", "16", 1
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.forget, 3, 32, 32, generator=gen)
     labels = torch.randint(0, 10, (args.forget,), generator=gen)
     image_loader = [(images[i:i + args.batch].to(device), labels[i:i + args.batch].to(device))
                     for i in range(0, args.forget, args.batch)]
-    rows = []
+    table = Table(f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
+                  f"{device_name(device)}", args.json)
     if "resnet" in args.cases:
         torch.manual_seed(0)
-        rows.append(run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
-                             device, args.gamma, args.repeats))
+        table.add(run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
+                           device, args.gamma, args.repeats))
     for n_tokens in map(int, args.tokens.split(",") if "llama" in args.cases else []):
-        tokens = [(torch.randn(1, n_tokens // 4, 2048, generator=gen).to(device),) for _ in range(4)]
+        dim, hidden = (32, 64) if args.quick else (2048, 5632)
+        tokens = [(torch.randn(1, n_tokens // 4, dim, generator=gen).to(device),) for _ in range(4)]
         torch.manual_seed(0)
-        rows.append(run_case(f"Llama MLP x4 (2048 x 5632), {n_tokens} tokens",
-                             nn.Sequential(*[LlamaMLP() for _ in range(4)]), tokens, mse_to_zero, device, args.gamma,
-                             args.repeats))
-    emit(rows, f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
-               f"{device_name(device)}", args.json)
+        table.add(run_case(f"Llama MLP x4 ({dim} x {hidden}), {n_tokens} tokens",
+                           nn.Sequential(*[LlamaMLP(dim, hidden) for _ in range(4)]), tokens, mse_to_zero, device,
+                           args.gamma, args.repeats))
+    table.close()
 
 
 if __name__ == "__main__":

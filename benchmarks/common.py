@@ -1,21 +1,31 @@
-"""Shared benchmark helpers: timing (median of repeats, synchronised on GPU), the device's name, result rows."""
+"""Shared benchmark helpers: the parser every script takes, timing (median of repeats, synchronised on GPU), the
+device's name, and result tables that print each row as it is measured and merge into one JSON file.
+
+    python benchmarks/common.py markdown bench.json    # the JSON's tables as Markdown, ready for RESULTS.md"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 
-def parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
-    """The options every benchmark takes: --device (default: CUDA when present), --repeats, --json."""
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str, repeats: Optional[int] = 5) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device (default: CUDA when present), --json, --quick, and --repeats for
+    the timing ones (repeats=None: a quality sweep, which runs each case once)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--json", default=None, help="merge this run's tables into this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, measures nothing")
     return p
 
 
@@ -32,20 +42,21 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timeit(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() in seconds."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         fn()
-    sync()
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -62,14 +73,55 @@ def alternate(fns: dict, device: torch.device, repeats: int = 3) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def emit(rows: list[dict], title: str, json_path=None) -> None:
-    """Print rows as a table and optionally write them as JSON."""
-    print(f"\n## {title}")
-    if rows:
-        keys = list(rows[0])
-        print(" | ".join(keys))
-        for row in rows:
-            print(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"title": title, "rows": rows}, f, indent=2)
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Table:
+    """Rows of one measurement, printed as each is added (a run cut short keeps what it printed) and, on close,
+    merged into the --json file under the script's name."""
+
+    def __init__(self, title: str, json_path=None):
+        self.title, self.json_path, self.rows = title, json_path, []
+
+    def add(self, row: dict) -> dict:
+        if not self.rows:
+            print(f"\n## {self.title}\n" + " | ".join(row), flush=True)
+        self.rows.append(row)
+        print(" | ".join(_cell(v) for v in row.values()), flush=True)
+        return row
+
+    def close(self) -> None:
+        if not self.json_path:
+            return
+        path = Path(self.json_path)
+        data = json.loads(path.read_text()) if path.exists() else {"tables": []}
+        data["tables"].append({"benchmark": Path(sys.argv[0]).stem, "title": self.title, "rows": self.rows})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def markdown(json_path) -> str:
+    """Every table of a merged JSON file as Markdown."""
+    out = []
+    for table in json.loads(Path(json_path).read_text())["tables"]:
+        out += [f"### {table['benchmark']}: {table['title']}", ""]
+        if table["rows"]:
+            keys = list(table["rows"][0])
+            out += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            out += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in table["rows"]]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "markdown":
+        sys.exit("usage: python benchmarks/common.py markdown FILE.json")
+    print(markdown(sys.argv[2]))

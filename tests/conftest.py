@@ -1,4 +1,5 @@
-"""Shared test setup: Triton runs under its interpreter where there is no GPU, and one tolerance table per dtype."""
+"""Shared test setup: Triton runs under its interpreter where there is no GPU, the devices every op test covers
+(CUDA cases are collected everywhere and skipped without a GPU), and one tolerance table per dtype."""
 import os
 
 import torch
@@ -11,8 +12,40 @@ import pytest  # noqa: E402
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
 # Floor of the allowed error per dtype, on top of the "twice the plain PyTorch error" rule (flash-attention's).
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _triton_version() -> tuple:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def interpreter_ok() -> str:
+    """"" when Triton's CPU interpreter can run our kernels here, else why not. (triton 3.6 with numpy >= 2.4 fails
+    on loops bounded at run time, e.g. range(0, K, BK): "only 0-dimensional arrays can be converted to Python
+    scalars"; triton 3.8 is fine.)"""
+    try:
+        version = _triton_version()
+    except ImportError:
+        return "triton is not installed"
+    return "" if version >= (3, 8) else f"Triton's interpreter needs triton >= 3.8 here, found {version}"
+
+
+def triton_device() -> str:
+    """Where the Triton kernels run in this session: "cuda" on a GPU, "cpu" under the interpreter; skips the test
+    when neither can."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    why = interpreter_ok()
+    if why:
+        pytest.skip(why)
+    return "cpu"
 
 
 def assert_close_to_reference(out: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, what: str = "output"):
@@ -20,9 +53,10 @@ def assert_close_to_reference(out: torch.Tensor, plain: torch.Tensor, ref64: tor
     PyTorch computation in the same dtype does, plus a small floor. NaN never passes."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
-    err = (out.double() - ref64).abs().max().item()
-    plain_err = (plain.double() - ref64).abs().max().item()
-    bound = 2 * plain_err + ATOL[out.dtype] * max(1.0, ref64.abs().max().item())
+    out, plain, ref64 = out.cpu(), plain.cpu(), ref64.cpu()
+    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+    plain_err = (plain.double() - ref64).abs().max().item() if out.numel() else 0.0
+    bound = 2 * plain_err + ATOL[out.dtype] * max(1.0, ref64.abs().max().item() if out.numel() else 1.0)
     assert err <= bound, f"{what}: error {err:.3e} above bound {bound:.3e} (plain {out.dtype} error {plain_err:.3e})"
 
 

@@ -7,7 +7,7 @@ import torch
 
 import semu_fast as sf
 from semu_fast.ops import reference
-from conftest import FLOAT_DTYPES
+from conftest import DEVICES, FLOAT_DTYPES, interpreter_ok, triton_device
 
 SHAPES = [(1,), (7,), (33, 65), (3, 5, 3, 3), (70001,)]
 
@@ -23,8 +23,10 @@ def _pairs(gen, dtype, transpose=False):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "strided"])
-def test_accumulate_equals_reference_bit_exact(gen, dtype, transpose):
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_equals_reference_bit_exact(gen, dtype, transpose, device):
     accs, grads = _pairs(gen, dtype, transpose)
+    accs, grads = [a.to(device) for a in accs], [g.to(device) for g in grads]
     expected = [a.clone() for a in accs]
     reference.accumulate_(expected, grads)
     sf.ops.accumulate_(accs, grads)
@@ -41,13 +43,10 @@ def test_accumulate_twice_sums_both(gen):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_triton_kernel_matches_reference_under_interpreter(gen, dtype):
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+def test_triton_kernel_matches_reference(gen, dtype):
+    device = triton_device()
     from semu_fast.triton_kernels.accumulate import accumulate_ as triton_accumulate_
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     accs, grads = _pairs(gen, dtype, transpose=True)
     # The interpreter is slow: keep it small. Strided grads stay strided (a transposed view).
     accs = [a.flatten()[:2000].to(device) for a in accs]
@@ -60,17 +59,29 @@ def test_triton_kernel_matches_reference_under_interpreter(gen, dtype):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cuda_kernel_matches_reference(gen, dtype):
-    accs, grads = _pairs(gen, dtype, transpose=True)
-    accs = [a.cuda() for a in accs]
-    grads = [g.cuda() for g in grads]
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_call_mixes_dtypes_layouts_and_empty_tensors(gen, device):
+    """Several grad dtypes, strided and empty tensors, and views of one flat accumulator buffer, in one call."""
+    flat = torch.randn(2000, generator=gen)
+    accs = [flat[:600].view(20, 30), flat[600:600], flat[600:1400].view(8, 100), torch.randn(3, 5, 3, 3, generator=gen)]
+    grads = [torch.randn(30, 20, generator=gen).to(torch.bfloat16).t(), torch.empty(0, dtype=torch.float16),
+             torch.randn(8, 100, generator=gen).to(torch.float64), torch.randn(3, 5, 3, 3, generator=gen)[:, :, ::1]]
+    accs, grads = [a.to(device) for a in accs], [g.to(device) for g in grads]
+    flat = flat.to(device)
     expected = [a.clone() for a in accs]
     reference.accumulate_(expected, grads)
     sf.ops.accumulate_(accs, grads)
     for got, want in zip(accs, expected):
         assert torch.equal(got, want)
+    assert torch.equal(flat[1400:], flat[1400:].clone())  # nothing written past the views
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapping_accumulators_are_rejected_before_writing(device):
+    flat = torch.zeros(10, device=device)
+    with pytest.raises(ValueError, match=r"accumulators\[0\] and accumulators\[1\] overlap"):
+        sf.ops.accumulate_([flat[:6], flat[4:]], [torch.ones(6, device=device), torch.ones(6, device=device)])
+    assert torch.equal(flat, torch.zeros(10, device=device))
 
 
 @pytest.mark.parametrize("accs, grads, error, match", [
@@ -116,6 +127,8 @@ def test_accumulate_inside_torch_compile_fullgraph(gen):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_forcing_a_backend_serves_the_op_with_it(impl):
     pytest.importorskip("triton")
+    if impl == "triton" and interpreter_ok():
+        pytest.skip(interpreter_ok())
     script = (
         "import torch, semu_fast as sf\n"
         "a = torch.zeros(1000); g = torch.randn(1000, dtype=torch.bfloat16)\n"

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import semu_fast as sf
+from conftest import requires_cuda
 from semu_fast.ops import _registry
 from semu_fast.ops import accumulate, project, svd
+
+CPP_OPS = ("accumulate_", "project_perpendicular_", "gram_svd")
 
 
 def test_extension_is_built_and_serves_cpu():
@@ -27,8 +30,20 @@ def test_python_schemas_equal_the_cpp_schemas():
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
                     or os.environ.get("SEMU_FAST_CUDA") == "0", reason="no CUDA toolkit or CPU-only torch")
 def test_cuda_kernels_were_compiled_into_the_extension():
-    assert _registry.has_cpp_kernel("accumulate_", "CUDA")
-    assert sf.backends()["accumulate_"]["CUDA"]["chosen"] == "cuda"
+    for op in CPP_OPS:
+        assert _registry.has_cpp_kernel(op, "CUDA"), op
+        assert sf.backends()[op]["CUDA"]["chosen"] == "cuda"
+
+
+@requires_cuda
+def test_the_extension_serves_the_cpp_ops_on_this_gpu():
+    """On a GPU machine the three C++ ops run their CUDA kernels (not a fallback) and the extension was built for
+    this GPU's architecture."""
+    for op in CPP_OPS:
+        assert sf.backends()[op]["CUDA"]["chosen"] == "cuda", sf.backends()[op]
+    info = _registry.build_info()
+    major, minor = torch.cuda.get_device_capability()
+    assert info["with_cuda"] and f"sm_{major}{minor}" in info["cuda_archs"], info
 
 
 def test_every_backend_choice_states_why_the_others_were_not_taken():
@@ -56,8 +71,9 @@ def test_library_works_without_the_extension():
 def test_info_command_prints_every_op():
     out = subprocess.run([sys.executable, "-m", "semu_fast.info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for op in ("accumulate_", "project_perpendicular"):
-        assert op in out.stdout
+    for op, devices in sf.backends().items():
+        for device, choice in devices.items():
+            assert f"{op:24s} {device:5s} -> {choice['chosen']}" in out.stdout
 
 
 def test_triton_kernels_folder_is_not_a_top_level_package():

@@ -4,7 +4,7 @@ import torch
 import semu_fast as sf
 from semu_fast.ops import svd
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES
 
 
 def _batch(gen, b, m, n, dtype=torch.float32):
@@ -39,7 +39,7 @@ def _check_against_float64_svd(G, U, S, Vh):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b, m, n", [(6, 64, 9), (4, 512, 9), (3, 16, 1), (5, 64, 49), (4, 6, 9), (2, 9, 9),
-                                      (3, 128, 25)])
+                                      (3, 128, 25), (3, 70, 55), (3, 100, 64), (2, 40, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gram_svd_matches_torch_svd_up_to_sign(gen, device, b, m, n, dtype):
     G = _batch(gen, b, m, n, dtype).to(device)
@@ -100,3 +100,25 @@ def test_truncated_svd_of_conv_batches_uses_gram_and_agrees_with_exact(gen):
     # fp32 LAPACK leaves ~eps * sigma_max where gram_svd returns exact zeros.
     assert torch.allclose(fast.S, exact.S, rtol=1e-5, atol=1e-5 * exact.S.max().item())
     assert torch.allclose(fast.captured_energy, exact.captured_energy, rtol=1e-6)
+
+
+def test_relative_tolerance_is_the_same_in_the_kernel_and_the_fallback():
+    """Singular values just above and below GRAM_SVD_REL_TOL of the largest: the C++ kernel and the torch fallback
+    zero the same ones (float64, where the Gram route resolves both)."""
+    U = torch.linalg.qr(torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).Q
+    V = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).Q
+    tol = svd.GRAM_SVD_REL_TOL
+    S = torch.tensor([1.0, 0.3, 3 * tol, tol / 3], dtype=torch.float64)
+    G = ((U * S) @ V.T).unsqueeze(0)
+    kept_kernel = sf.ops.gram_svd(G)[1] > 0
+    kept_fallback = svd._gram_svd_torch(G)[1] > 0
+    assert kept_kernel.tolist() == kept_fallback.tolist() == [[True, True, True, False]]
+
+
+def test_auto_routes_conv_batches_to_gram_svd(gen, monkeypatch):
+    calls = []
+    monkeypatch.setattr(svd, "gram_svd", lambda G: calls.append(G.shape) or svd._gram_svd_torch(G))
+    sf.ops.truncated_svd(_batch(gen, 4, 32, 9), 0.9)
+    assert calls == [(4, 32, 9)]
+    sf.ops.truncated_svd(_batch(gen, 4, 32, 9), 0.9, method="exact")
+    assert len(calls) == 1

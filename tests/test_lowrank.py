@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import semu_fast as sf
 from semu_fast.ops import reference
-from conftest import assert_close_to_reference
+from conftest import DEVICES, assert_close_to_reference, interpreter_ok, triton_device
 
 
 def _linear_args(gen, out, inp, k, dtype=torch.float64):
@@ -28,15 +28,16 @@ def _train_step(fn, x, params, dy):
 @pytest.mark.parametrize("out, inp, k, lead", [(7, 5, 1, (3,)), (33, 17, 8, (2, 4)), (16, 64, 16, (5,)),
                                                (10, 3, 3, ()), (257, 300, 256, (9,)), (65, 129, 64, (3, 7))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lowrank_linear_forward_and_backward_match_reference(gen, out, inp, k, lead, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_linear_forward_and_backward_match_reference(gen, out, inp, k, lead, dtype, device):
     """y, dx and dR in each dtype against the float64 materialised adapter (R random so every term counts)."""
     W, U, R, Vh, b = _linear_args(gen, out, inp, k)
     x = torch.randn(*lead, inp, generator=gen, dtype=torch.float64)
     dy = torch.randn(*lead, out, generator=gen, dtype=torch.float64)
     refs = _train_step(reference.lowrank_linear, x, (W, U, R, Vh, b), dy)
     plains = _train_step(reference.lowrank_linear, x.to(dtype), [t.to(dtype) for t in (W, U, R, Vh, b)], dy)
-    factors = (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype))
-    gots = _train_step(sf.ops.lowrank_linear, x.to(dtype), factors, dy)
+    factors = [t.to(device) for t in (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype))]
+    gots = _train_step(sf.ops.lowrank_linear, x.to(dtype).to(device), factors, dy.to(device))
     assert gots[0].dtype == gots[1].dtype == dtype and gots[2].dtype == torch.float32
     for what, got, plain, ref in zip(("y", "dx", "dR"), gots, plains, refs):
         assert_close_to_reference(got if what != "dR" else got.to(dtype), plain, ref, what)
@@ -82,7 +83,8 @@ def test_lowrank_conv2d_matches_reference(gen, cin, out, kernel, k, stride, padd
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel, padding, dilation, unbatched", [(3, 1, 1, False), ((2, 4), "same", 1, False),
                                                                   (3, "same", 2, True), (1, "valid", 1, False)])
-def test_lowrank_conv2d_gradients_match_reference(gen, dtype, kernel, padding, dilation, unbatched):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_conv2d_gradients_match_reference(gen, dtype, kernel, padding, dilation, unbatched, device):
     """dx and dR through the conv weight gradient contracted with U and Vh, in each dtype."""
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     cin, out, k = 4, 70, min(3, kh * kw)
@@ -94,8 +96,9 @@ def test_lowrank_conv2d_gradients_match_reference(gen, dtype, kernel, padding, d
     dy = ref_fn(x, W, U, R, Vh, b).detach().clone().normal_(generator=gen)
     refs = _train_step(ref_fn, x, (W, U, R, Vh, b), dy)
     plains = _train_step(ref_fn, x.to(dtype), [t.to(dtype) for t in (W, U, R, Vh, b)], dy)
-    gots = _train_step(lambda x, *p: sf.ops.lowrank_conv2d(x, *p, **args), x.to(dtype),
-                       (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype)), dy)
+    gots = _train_step(lambda x, *p: sf.ops.lowrank_conv2d(x, *p, **args), x.to(dtype).to(device),
+                       [t.to(device) for t in (W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype))],
+                       dy.to(device))
     assert gots[2].dtype == torch.float32
     for what, got, plain, ref in zip(("y", "dx", "dR"), gots, plains, refs):
         assert_close_to_reference(got.to(dtype), plain, ref, what)
@@ -214,15 +217,19 @@ def test_lowrank_ops_compile_without_graph_breaks(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M, N, K1, K2, bias, transposed", [(5, 7, 9, 1, True, False), (40, 33, 70, 17, False, True),
-                                                            (1, 64, 16, 16, True, True)])
+@pytest.mark.parametrize("M, N, K1, K2, bias, transposed", [(5, 7, 9, 1, "contiguous", False),
+                                                            (40, 33, 70, 17, None, True),
+                                                            (1, 64, 16, 16, "strided", True)])
 def test_triton_dual_matmul_matches_reference(gen, dtype, M, N, K1, K2, bias, transposed):
-    triton_lowrank = pytest.importorskip("semu_fast.triton_kernels.lowrank")
+    device = triton_device()
+    from semu_fast.triton_kernels import lowrank as triton_lowrank
+
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    a1, a2, bb = r(M, K1), r(M, K2), r(N) if bias else None
+    a1, a2 = r(M, K1), r(M, K2)
+    bb = None if bias is None else r(N) if bias == "contiguous" else r(2 * N)[::2]  # a strided bias reads right
     b1, b2 = (r(N, K1).t(), r(N, K2).t()) if transposed else (r(K1, N), r(K2, N))
     ref64 = a1 @ b1 + a2 @ b2 + (0 if bb is None else bb)
-    cast = [None if t is None else t.to(dtype) for t in (a1, b1, a2, b2, bb)]
+    cast = [None if t is None else t.to(dtype).to(device) for t in (a1, b1, a2, b2, bb)]
     plain = cast[0] @ cast[1] + cast[2] @ cast[3] + (0 if bb is None else cast[4])
     got = triton_lowrank.dual_matmul(*cast)
     assert got.dtype == dtype
@@ -233,18 +240,21 @@ def test_triton_dual_matmul_matches_reference(gen, dtype, M, N, K1, K2, bias, tr
 @pytest.mark.parametrize("cin, out, kernel, k", [(3, 5, (3, 3), 2), (2, 70, (3, 3), 9), (4, 17, (1, 1), 1),
                                                   (2, 33, (5, 5), 20)])
 def test_triton_conv_delta_kernels_match_reference(gen, dtype, cin, out, kernel, k):
-    triton_lowrank = pytest.importorskip("semu_fast.triton_kernels.lowrank")
+    device = triton_device()
+    from semu_fast.triton_kernels import lowrank as triton_lowrank
+
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     P = kernel[0] * kernel[1]
     A, U, R, Vh, dW = r(out, cin, *kernel), r(cin, out, k), r(cin, k, k), r(cin, k, P), r(out, cin, *kernel)
     ref64 = A + reference.conv_delta_weight(U, R, Vh, kernel)
     plain = A.to(dtype) + reference.conv_delta_weight(U.to(dtype), R.to(dtype), Vh.to(dtype), kernel)
-    assert_close_to_reference(triton_lowrank.conv_delta_add(A.to(dtype), U.float(), R.float(), Vh.float()), plain,
-                              ref64, "A + dW")
+    on = lambda t, dt=torch.float32: t.to(dt).to(device)  # noqa: E731
+    assert_close_to_reference(triton_lowrank.conv_delta_add(on(A, dtype), on(U), on(R), on(Vh)), plain, ref64,
+                              "A + dW")
     Gn = dW.permute(1, 0, 2, 3).flatten(2)
     ref64 = U.transpose(1, 2) @ Gn @ Vh.transpose(1, 2)
     plain = (U.to(dtype).transpose(1, 2) @ Gn.to(dtype) @ Vh.to(dtype).transpose(1, 2))
-    got = triton_lowrank.conv_delta_contract(dW.to(dtype), U.float(), Vh.float())
+    got = triton_lowrank.conv_delta_contract(on(dW, dtype), on(U), on(Vh))
     assert got.dtype == torch.float32
     assert_close_to_reference(got.to(dtype), plain, ref64, "dR")
 
@@ -252,6 +262,8 @@ def test_triton_conv_delta_kernels_match_reference(gen, dtype, cin, out, kernel,
 def test_forcing_triton_serves_the_adapter_ops_end_to_end():
     """SEMU_FAST_IMPL=triton routes the adapters' products through the Triton kernels (interpreter on CPU)."""
     pytest.importorskip("triton")
+    if interpreter_ok():
+        pytest.skip(interpreter_ok())
     script = (
         "import torch, semu_fast as sf\n"
         "from semu_fast.ops import reference\n"

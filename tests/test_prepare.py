@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -5,6 +7,7 @@ import torch.nn.functional as F
 
 import semu_fast as sf
 from semu_fast.adapters import SEMUConv2d, SEMULinear
+from conftest import requires_cuda
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -270,3 +273,28 @@ def test_a_fixed_seed_gives_identical_ranks_and_adapters():
     assert first.keys() == second.keys() and "0" in first
     for name, (U, Vh, k) in first.items():
         assert k == second[name][2] and torch.equal(U, second[name][0]) and torch.equal(Vh, second[name][1])
+
+
+@requires_cuda
+def test_prepare_on_cuda_matches_cpu():
+    """The same model and forget data on the GPU: the same ranks, and the same subspaces up to sign (the kept U
+    and Vh span what the CPU's do), within float32 tolerance."""
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(300, 260), nn.Tanh(), nn.Linear(260, 5))  # its first layer takes the range finder
+    cases = [(small_cnn(), forget_batches(), sf.SEMUConfig(gamma=0.9)),
+             (wide, [(torch.randn(24, 300), torch.randint(0, 5, (24,))) for _ in range(2)],
+              sf.SEMUConfig(gamma=0.8))]
+    for model, batches, config in cases:
+        gpu_model = copy.deepcopy(model).cuda()
+        cpu = sf.prepare(model, batches, config=config)
+        gpu = sf.prepare(gpu_model, [(x.cuda(), y.cuda()) for x, y in batches], config=config)
+        assert [layer.k for layer in cpu.report.layers] == [layer.k for layer in gpu.report.layers]
+        for name, a in cpu.adapters.items():
+            b = gpu.adapters[name]
+            for part in ("U", "Vh"):
+                x, y = getattr(a, part).double(), getattr(b, part).double().cpu()
+                if part == "Vh":
+                    x, y = x.transpose(-1, -2), y.transpose(-1, -2)
+                # projector distance, free of sign and rotation within the kept space
+                dist = (x @ x.transpose(-1, -2) - y @ y.transpose(-1, -2)).abs().max().item()
+                assert dist < 1e-3, (name, part, dist)

@@ -4,6 +4,7 @@ import torch
 import semu_fast as sf
 from semu_fast.ops import reference
 from semu_fast.ops.svd import select_rank
+from conftest import DEVICES
 
 
 def _decaying(gen, m, n, rank=None, batch=None, decay=0.7):
@@ -132,10 +133,12 @@ def _gradient_like(gen, m, n, decay=0.08, noise=0.02):
 @pytest.mark.parametrize("shape", [(300, 500), (600, 280), (256, 256)])
 @pytest.mark.parametrize("gamma", [0.8, 0.9, 0.95])
 @pytest.mark.parametrize("rule", ["at_least", "official"])
-def test_randomized_svd_meets_the_contract(gen, shape, gamma, rule):
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_meets_the_contract(gen, shape, gamma, rule, device):
     G = _gradient_like(gen, *shape)
-    result = sf.ops.truncated_svd(G, gamma, rule, method="randomized", generator=torch.Generator().manual_seed(0))
-    U, S, Vh = result
+    result = sf.ops.truncated_svd(G.to(device), gamma, rule, method="randomized",
+                                  generator=torch.Generator(device=device).manual_seed(0))
+    U, S, Vh = (t.cpu() for t in result)
     _, S_ex, _, k_ex = reference.truncated_svd(G.double(), gamma, rule)
     k, k_ex = S.shape[-1], int(k_ex)
     total = G.double().square().sum()

@@ -10,7 +10,8 @@ BLOCK = 1024
 
 @triton.jit
 def _accumulate_kernel(acc_ptr, grad_ptr, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # 64-bit offsets: a layer's weight can hold more than 2^31 elements (an LLM's embedding or LM head).
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     acc = tl.load(acc_ptr + offsets, mask=mask)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)

@@ -6,7 +6,8 @@
 - conv_delta_contract: dR[n] = U[n]^T dW[:, n] Vh[n]^T, one program per input channel.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests it). float16/bfloat16/float32;
-float32 products use IEEE precision (no TF32), as cuBLAS does by default."""
+float32 products use IEEE precision (no TF32), as cuBLAS does by default. Index arithmetic is 64-bit (an operand may
+hold more than 2^31 elements)."""
 import os
 
 import torch
@@ -23,12 +24,20 @@ _GEMM_CONFIGS = [triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 4})] if
 ]
 
 
+def _prune(configs, named_args, **kwargs):
+    """float32 (IEEE) GEMMs: one config. Autotuning four of them cost ~40 s of compilation on the first call (H200),
+    for a kernel that is only used when forced (it measured slower than cuBLAS there)."""
+    if named_args["a1"].dtype == torch.float32 and len(configs) > 1:
+        return [c for c in configs if c.kwargs["BK"] == 32][:1]
+    return configs
+
+
 @triton.jit
 def _accumulate_product(acc, a_ptr, b_ptr, rm, rn, M, N, K, s_am, s_ak, s_bk, s_bn, BK: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += A[rm, :K] @ B[:K, rn], streaming K in BK-wide slices."""
+    """acc += A[rm, :K] @ B[:K, rn], streaming K in BK-wide slices (rm, rn: int64 row and column indices)."""
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
+        rk = (k0 + tl.arange(0, BK)).to(tl.int64)
         a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0)
         b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=(rk[:, None] < K) & (rn[None, :] < N),
@@ -39,10 +48,12 @@ def _accumulate_product(acc, a_ptr, b_ptr, rm, rn, M, N, K, s_am, s_ak, s_bk, s_
     return acc
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K1", "K2"])
+# Tuned per power-of-two bucket of M (the token count changes every batch; re-tuning each time would dominate).
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K1", "K2"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _dual_matmul_kernel(a1, b1, a2, b2, bias, c, M, N, K1, K2,
-                        s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2k, s_b2k, s_b2n, s_cm, s_cn,
+def _dual_matmul_kernel(a1, b1, a2, b2, bias, c, M, N, K1, K2, M_BUCKET,
+                        s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2k, s_b2k, s_b2n, s_bias, s_cm, s_cn,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped launch order: GROUP_M row blocks share each column block of B while it is in L2.
@@ -53,13 +64,13 @@ def _dual_matmul_kernel(a1, b1, a2, b2, bias, c, M, N, K1, K2,
     rows = min(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
     pid_n = (pid % (GROUP_M * grid_n)) // rows
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _accumulate_product(acc, a1, b1, rm, rn, M, N, K1, s_a1m, s_a1k, s_b1k, s_b1n, BK, PRECISION, UPCAST)
     acc = _accumulate_product(acc, a2, b2, rm, rn, M, N, K2, s_a2m, s_a2k, s_b2k, s_b2n, BK, PRECISION, UPCAST)
     if HAS_BIAS:
-        acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + rn * s_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -76,7 +87,8 @@ def dual_matmul(a1, b1, a2, b2, bias=None):
         return c
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
     _dual_matmul_kernel[grid](a1, b1, a2, b2, bias if bias is not None else c, c, M, N, a1.shape[1], a2.shape[1],
-                              *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
+                              triton.next_power_of_2(M), *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(),
+                              bias.stride(0) if bias is not None else 0, *c.stride(),
                               HAS_BIAS=bias is not None, PRECISION=_precision(a1.dtype),
                               UPCAST=_INTERPRET and a1.dtype == torch.bfloat16)
     return c
@@ -90,8 +102,8 @@ def _block(n: int) -> int:
 def _conv_delta_add_kernel(A, U, R, Vh, out, OUT, K, P,
                            s_ao, s_an, s_ap, s_un, s_uo, s_uk, s_rn, s_ra, s_rb, s_vn, s_vk, s_vp,
                            BO: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
-    n = tl.program_id(0)
-    ro = tl.program_id(1) * BO + tl.arange(0, BO)
+    n = tl.program_id(0).to(tl.int64)
+    ro = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     rk = tl.arange(0, BK)
     rp = tl.arange(0, BP)
     u = tl.load(U + n * s_un + ro[:, None] * s_uo + rk[None, :] * s_uk, mask=(ro[:, None] < OUT) & (rk[None, :] < K),
@@ -126,12 +138,12 @@ def conv_delta_add(A, U, R, Vh):
 @triton.jit
 def _conv_delta_contract_kernel(dW, U, Vh, dR, OUT, K, P, s_wo, s_wn, s_wp, s_un, s_uo, s_uk, s_vn, s_vk, s_vp,
                                 s_rn, s_ra, s_rb, BO: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BK)
     rp = tl.arange(0, BP)
     acc = tl.zeros((BK, BP), dtype=tl.float32)  # U[n]^T dW[:, n], streamed over the outputs
     for o0 in range(0, OUT, BO):
-        ro = o0 + tl.arange(0, BO)
+        ro = (o0 + tl.arange(0, BO)).to(tl.int64)
         u = tl.load(U + n * s_un + ro[:, None] * s_uo + rk[None, :] * s_uk,
                     mask=(ro[:, None] < OUT) & (rk[None, :] < K), other=0.0).to(tl.float32)
         g = tl.load(dW + n * s_wn + ro[:, None] * s_wo + rp[None, :] * s_wp,

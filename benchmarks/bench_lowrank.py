@@ -1,4 +1,6 @@
-"""The SEMU adapters, forward + backward while training R (x requires grad), against their anchors in one run.
+"""sf.ops.lowrank_linear and sf.ops.lowrank_conv2d (the SEMU adapters), forward + backward while training R (x
+requires grad), against their anchors in one run. Before timing, each case checks the op's output and gradients
+against the official adapter's (so a forced backend, SEMU_FAST_IMPL=triton, is checked for values too).
 
 Linear: the frozen nn.Linear (the floor), the official adapter that materialises A + U R Vh on every forward, a
 peft-style unfused LoRA chain through autograd, and sf.ops.lowrank_linear (the custom op: the low-rank term
@@ -9,7 +11,6 @@ Conv: CIFAR ResNet-18 3x3 convs at batch 128, 32x32 input: the frozen conv, the 
 A + dW through autograd) and sf.ops.lowrank_conv2d."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import alternate, backend, device_name, emit, parser as make_parser  # noqa: E402
-from semu_fast import reference  # noqa: E402
+from common import Table, alternate, backend, device_name, parser as make_parser  # noqa: E402
+from semu_fast.ops import reference  # noqa: E402
 
 LINEAR_IMPLS = {
     "frozen nn.Linear": lambda x, W, U, R, Vh: F.linear(x, W),
@@ -66,7 +67,7 @@ def peak_memory_mb(impl, out, inp, tokens, k, device, dtype) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     # CPU (Linux): a fresh process; after a warm-up step, reset its RSS high-water mark (clear_refs 5) and read it
     # back after one more step.
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_adapter as b, torch\n"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_lowrank as b, torch\n"
               f"a = b._linear_case({out}, {inp}, {tokens}, {k}, torch.device('cpu'), {dtype})\n"
               f"step = lambda: b._step(b.LINEAR_IMPLS[{impl!r}], *a)\n"
               "step(); a[0].grad = a[3].grad = None\n"
@@ -80,36 +81,62 @@ def peak_memory_mb(impl, out, inp, tokens, k, device, dtype) -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+# Largest error against the official adapter that a case may show, relative to the output's scale.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def check_against_official(ours, official, inputs, dy, dtype) -> float:
+    """Max error of ours vs the official adapter over y, dx and dR (relative to each one's largest entry); raises
+    when it passes TOLERANCE[dtype]."""
+    results = []
+    for fn in (ours, official):
+        for t in inputs:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        results.append([y.detach().float()] + [t.grad.float() for t in inputs])
+    err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(*results))
+    if not err <= TOLERANCE[dtype]:
+        raise AssertionError(f"values differ from the official adapter: relative error {err:.3g} (tolerance "
+                             f"{TOLERANCE[dtype]:g} in {dtype})")
+    return err
+
+
 def bench_linear(args, device, dtype):
-    rows = []
+    table = Table(f"Linear adapter fwd+bwd (train R, x requires grad), {dtype}, dual_matmul backend "
+                  f"{backend('dual_matmul', device)}, {device_name(device)}", args.json)
     for shape in args.shapes.split(","):
         out, inp = map(int, shape.split("x"))
         for tokens in map(int, args.tokens.split(",")):
             for k in map(int, args.ranks.split(",")):
                 case = _linear_case(out, inp, tokens, k, device, dtype)
+                x, W, U, R, Vh, dy = case
+                R.data.normal_()  # a trained R: the low-rank term must show in the check
+                err = check_against_official(lambda: LINEAR_IMPLS["sf.ops.lowrank_linear"](x, W, U, R, Vh),
+                                             lambda: LINEAR_IMPLS["official (materialise)"](x, W, U, R, Vh),
+                                             [x, R], dy, dtype)
                 t = alternate({name: lambda fn=fn: _step(fn, *case) for name, fn in LINEAR_IMPLS.items()}, device,
                               args.repeats)
                 ours = t["sf.ops.lowrank_linear"]
                 row = {"shape": shape, "tokens": tokens, "k": k, "ours ms": ours * 1e3,
                        "ours / frozen (goal <= 1.10 CPU fp32, 1.05 GPU bf16)": ours / t["frozen nn.Linear"],
                        "official / ours (goal >= 1.3 CPU)": t["official (materialise)"] / ours,
-                       "peft chain / ours": t["peft-style chain"] / ours}
+                       "peft chain / ours": t["peft-style chain"] / ours, "max rel err": err}
                 if args.memory:
                     mem = {name: peak_memory_mb(name, out, inp, tokens, k, device, dtype)
                            for name in ("frozen nn.Linear", "official (materialise)", "sf.ops.lowrank_linear")}
                     row.update({"peak MiB ours": mem["sf.ops.lowrank_linear"],
                                 "peak MiB official": mem["official (materialise)"],
                                 "peak MiB frozen": mem["frozen nn.Linear"]})
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    emit(rows, f"Linear adapter fwd+bwd (train R, x requires grad), {dtype}, dual_matmul backend "
-               f"{backend('dual_matmul', device)}, {device_name(device)}", args.json)
-    return rows
+                table.add(row)
+    table.close()
 
 
 def bench_conv(args, device, dtype):
-    rows = []
-    for channels, size, stride in RESNET18_CONVS:
+    table = Table(f"Conv adapter fwd+bwd (train R, x requires grad), batch {args.batch}, {dtype}, conv_delta "
+                  f"backends {backend('conv_delta_add', device)}/{backend('conv_delta_contract', device)}, "
+                  f"{device_name(device)}", args.json)
+    for channels, size, stride in RESNET18_CONVS[:1] if args.quick else RESNET18_CONVS:
         cin = channels // stride  # the strided conv of each stage halves the size and doubles the channels
         W = torch.randn(channels, cin, 3, 3, device=device, dtype=dtype) / (9 * cin) ** 0.5
         x = torch.randn(args.batch, cin, size, size, device=device, dtype=dtype, requires_grad=True)
@@ -123,16 +150,18 @@ def bench_conv(args, device, dtype):
                 x.grad = R.grad = None
                 fn(x, W, U, R, Vh, stride).backward(dy)
 
+            with torch.no_grad():
+                R.normal_()
+            err = check_against_official(lambda: CONV_IMPLS["sf.ops.lowrank_conv2d"](x, W, U, R, Vh, stride),
+                                         lambda: CONV_IMPLS["official (materialise)"](x, W, U, R, Vh, stride),
+                                         [x, R], dy, dtype)
+
             t = alternate({name: lambda fn=fn: step(fn) for name, fn in CONV_IMPLS.items()}, device, args.repeats)
             ours = t["sf.ops.lowrank_conv2d"]
-            rows.append({"conv": f"{cin}->{channels} @{size} s{stride}", "k": k, "ours ms": ours * 1e3,
-                         "ours / frozen (goal <= 1.15)": ours / t["frozen conv"],
-                         "official / ours": t["official (materialise)"] / ours})
-            print(json.dumps(rows[-1]), flush=True)
-    emit(rows, f"Conv adapter fwd+bwd (train R, x requires grad), batch {args.batch}, {dtype}, conv_delta backends "
-               f"{backend('conv_delta_add', device)}/{backend('conv_delta_contract', device)}, "
-               f"{device_name(device)}", args.json and args.json.replace(".json", "_conv.json"))
-    return rows
+            table.add({"conv": f"{cin}->{channels} @{size} s{stride}", "k": k, "ours ms": ours * 1e3,
+                       "ours / frozen (goal <= 1.15)": ours / t["frozen conv"],
+                       "official / ours": t["official (materialise)"] / ours, "max rel err": err})
+    table.close()
 
 
 def main(argv=None):
@@ -149,6 +178,8 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.tokens = args.tokens or ("2048,8192" if device.type == "cuda" else "2048")
+    if args.quick:
+        args.shapes, args.tokens, args.ranks, args.batch, args.conv_ranks = "96x64", "32", "4", 2, "3"
     if args.layer in ("linear", "both"):
         bench_linear(args, device, dtype)
     if args.layer in ("conv", "both"):

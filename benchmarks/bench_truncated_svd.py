@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import device_name, emit, parser as make_parser, timeit  # noqa: E402
-from semu_fast.svd import select_rank  # noqa: E402
+from common import Table, device_name, parser as make_parser, timeit  # noqa: E402
+from semu_fast.ops.svd import select_rank  # noqa: E402
 
 
 def gradient_like(m: int, n: int, device, seed: int = 0, decay: float = 0.015, noise: float = 0.05) -> torch.Tensor:
@@ -34,7 +34,9 @@ def main(argv=None):
     parser.add_argument("--gammas", default="0.9,0.95")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = []
+    if args.quick:
+        args.shapes = "300x260"
+    table = Table(f"truncated_svd on {device_name(device)} (linalg.svd once per shape)", args.json)
     for shape in args.shapes.split(","):
         m, n = map(int, shape.split("x"))
         G = gradient_like(m, n, device)
@@ -51,13 +53,12 @@ def main(argv=None):
             k = S.shape[-1]
             captured = float((U.T @ G).double().square().sum() / total)
             lead = min(k, k_exact)
-            rows.append({"shape": shape, "gamma": gamma, "k exact": k_exact, "k": k,
-                         "captured": captured, "S rel err (max)": float(((S[:lead] - S_ex[:lead]) / S_ex[:lead]).abs().max()),
-                         "ms": t_ours * 1e3, "x faster than linalg.svd": t_full / t_ours,
-                         "time vs svd_lowrank(told k)": t_ours / t_lowrank,
-                         "contract ok": captured >= gamma - 1e-6 and k <= k_exact + max(2, 0.02 * k_exact)})
-            print(rows[-1], flush=True)
-    emit(rows, f"truncated_svd on {device_name(device)} (linalg.svd once per shape)", args.json)
+            table.add({"shape": shape, "gamma": gamma, "k exact": k_exact, "k": k,
+                       "captured": captured, "S rel err (max)": float(((S[:lead] - S_ex[:lead]) / S_ex[:lead]).abs().max()),
+                       "ms": t_ours * 1e3, "x faster than linalg.svd": t_full / t_ours,
+                       "time vs svd_lowrank(told k)": t_ours / t_lowrank,
+                       "contract ok": captured >= gamma - 1e-6 and k <= k_exact + max(2, 0.02 * k_exact)})
+    table.close()
 
 
 if __name__ == "__main__":

@@ -4,28 +4,30 @@ here once, cached) forgets one class with SEMU; a digits classifier labels sampl
 Goal: at most 10% of the forgotten class's samples labelled as that class after SEMU, and the accuracy on the other
 classes' samples at most 5 points lower than before.
 
-    python benchmarks/quality_ddpm_digits.py [--forget-class 3 [0 7 ...]] [--steps 300] [--guidance-scale 2] [--json F]
+    python benchmarks/quality/ddpm_digits.py [--forget-class 3 [0 7 ...]] [--steps 300] [--guidance-scale 2] [--json F]
 
 About 8 minutes on 2 CPU cores the first time (training the DDPM takes ~4.5), ~3.5 once it is cached."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from semu_fast import diffusion as D
-from semu_fast.cli_args import default_cache
-from semu_fast.digits import pretrained_digits_cnn
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from common import Table, device_name, parser as make_parser  # noqa: E402
+from semu_fast.cli._common import default_cache  # noqa: E402
+from semu_fast.workflows import diffusion as D  # noqa: E402
+from semu_fast.workflows.classification import pretrained_digits_cnn  # noqa: E402
+from semu_fast.workflows.digits import DIGITS_NUM_CLASSES  # noqa: E402
 
 GOALS = {"forget_class_rate_after_max": 10.0, "other_accuracy_drop_max": 5.0}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__, repeats=None)
     parser.add_argument("--forget-class", type=int, nargs="+", default=[3],
                         help="one run per class, each from the same original DDPM")
     parser.add_argument("--seed", type=int, default=0)
@@ -39,15 +41,20 @@ def main(argv=None):
     parser.add_argument("--inference-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 2.0],
                         help="classifier-free guidance scales to evaluate (1: none); the first decides the goals")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=default_cache())
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache())
     args = parser.parse_args(argv)
+    if args.quick:  # a DDPM trained for a few steps, not cached: checks that the script runs
+        args.cache_dir, args.train_steps, args.steps, args.samples_per_class = None, 2, 2, 1
+        args.inference_steps, args.guidance_scale = 2, [1.0]
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    device = torch.device(args.device)
     start = time.perf_counter()
-    unet, scheduler = D.pretrained_digits_ddpm(args.cache_dir, args.seed, args.train_steps, progress=True)
-    classifier = pretrained_digits_cnn(args.cache_dir, args.seed).eval()
+    unet, scheduler = D.pretrained_digits_ddpm(args.cache_dir, args.seed, args.train_steps, progress=not args.quick)
+    unet = unet.to(device)
+    classifier = pretrained_digits_cnn(args.cache_dir, args.seed).eval().to(device)
     model_seconds = time.perf_counter() - start
+    table = Table(f"DDPM class forgetting on the digits DDPM (goals: <= 10% labelled as the forgotten class, other "
+                  f"classes' accuracy drop <= 5), {device_name(device)}", args.json)
 
     evaluate = dict(samples_per_class=args.samples_per_class, num_inference_steps=args.inference_steps,
                     seed=args.seed)
@@ -61,10 +68,11 @@ def main(argv=None):
 
         start = time.perf_counter()
         forget, remain = D.digits_loaders(args.seed, forget_class, batch_size=64)
-        semu_model, report = D.unlearn_ddpm(unet, scheduler, forget, forget_class,
-                                            remain if args.alpha > 0 else None, num_classes=D.DIGITS_NUM_CLASSES,
-                                            alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
-                                            lr=args.lr, steps=args.steps, seed=args.seed, progress=True)
+        semu_model, report, _ = D.unlearn_ddpm(unet, scheduler, forget, forget_class,
+                                               remain if args.alpha > 0 else None, num_classes=DIGITS_NUM_CLASSES,
+                                               alpha=args.alpha, gamma=args.gamma,
+                                               attention_gamma=args.attention_gamma, lr=args.lr, steps=args.steps,
+                                               seed=args.seed, progress=not args.quick)
         timings["SEMU (prepare + train R)"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -84,6 +92,8 @@ def main(argv=None):
             row["goals_met"] = (row["forget_class_rate_after"] <= GOALS["forget_class_rate_after_max"]
                                 and row["other_accuracy_drop"] <= GOALS["other_accuracy_drop_max"])
             rows.append(row)
+            table.add({"class": forget_class, **{k: v for k, v in row.items() if k != "per_class_accuracy_after"},
+                       "trainable %": 100 * report.trainable_params / report.total_params})
             print(f"guidance {g}: forgotten class {forget_class} labelled as itself "
                   f"{row['forget_class_rate_before']:.1f}% -> {row['forget_class_rate_after']:.1f}% (goal <= 10); "
                   f"other classes' accuracy {row['other_accuracy_before']:.1f}% -> {row['other_accuracy_after']:.1f}% "
@@ -104,12 +114,9 @@ def main(argv=None):
                  "other_accuracy_after", "other_accuracy_drop")}
         print(f"mean over classes {args.forget_class} (guidance {args.guidance_scale[0]}):",
               {key: round(value, 1) for key, value in mean.items()}, "goals", "met" if met else "MISSED")
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "goals": GOALS, "runs": runs, "goals_met": met,
-              "models_seconds (train or load)": model_seconds}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0 if met else 1
+    print(f"models trained or loaded in {model_seconds:.1f} s")
+    table.close()
+    return 0 if met or args.quick else 1
 
 
 if __name__ == "__main__":

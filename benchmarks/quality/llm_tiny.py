@@ -4,23 +4,24 @@ for a few minutes on synthetic facts ("p17 lives in c3 and works as j8 ."), one 
 is the facts of 10% of the people. Reports forget and retain perplexity before and after for each forget loss,
 with and without training on the retain texts, next to the trainable share.
 
-    python benchmarks/quality_llm_tiny.py [--seed 0] [--people 300] [--train-steps 1500] [--json F]
+    python benchmarks/quality/llm_tiny.py [--seed 0] [--people 300] [--train-steps 1500] [--json F]
 
 The tokenizer is word-level over the facts' vocabulary (tokenizers' WordLevel), saved with the model so that
 the run goes through the same load_causal_lm path as a real local model."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from semu_fast import llm
-from semu_fast.cli_args import default_cache
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from common import Table, device_name, parser as make_parser  # noqa: E402
+from semu_fast.cli._common import default_cache  # noqa: E402
+from semu_fast.workflows import llm  # noqa: E402
 
 CITIES, JOBS = 20, 20
 
@@ -84,7 +85,7 @@ def fact_recall(model, tokenizer, batches) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__, repeats=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--people", type=int, default=300)
     parser.add_argument("--train-steps", type=int, default=1500)
@@ -92,11 +93,13 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="one run per learning rate")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--target-modules", nargs="+", default=["mlp.down_proj"])
-    parser.add_argument("--cache-dir", type=Path,
-                        default=default_cache())
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache())
     args = parser.parse_args(argv)
+    if args.quick:
+        args.people, args.train_steps, args.epochs = 20, 2, 1
+        args.cache_dir = args.cache_dir / "quick"
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    device = torch.device(args.device)
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     texts = facts(args.people, args.seed)
@@ -113,17 +116,17 @@ def main(argv=None):
         print(f"trained {args.train_steps} steps in {time.perf_counter() - start:.0f} s")
         model.save_pretrained(tmp)
         os.replace(tmp, folder)
-    model, tokenizer = llm.load_causal_lm(folder)
+    model, tokenizer = llm.load_causal_lm(folder, device=device)
     forget = llm.make_batches(tokenizer, forget_texts, 32, 8)
     retain = llm.make_batches(tokenizer, retain_texts, 32, 8)
     print(f"trained model: forget ppl {llm.perplexity(model, forget):.3f}, retain ppl "
           f"{llm.perplexity(model, retain):.3f}, fact recall forget {fact_recall(model, tokenizer, forget):.1f}% "
           f"retain {fact_recall(model, tokenizer, retain):.1f}%")
-    rows = []
+    table = Table(f"SEMU on a tiny Llama trained on synthetic facts, {device_name(device)}", args.json)
     for lr in args.lr:
         for forget_loss in ("ascent", "random"):
             for on_retain in (False, True):
-                model, _ = llm.load_causal_lm(folder)  # the trained model again, untouched
+                model, _ = llm.load_causal_lm(folder, device=device)  # the trained model again, untouched
                 start = time.perf_counter()
                 semu_model, report, metrics = llm.unlearn_llm(
                     model, forget, retain, target_modules=tuple(args.target_modules), gamma=args.gamma,
@@ -136,15 +139,13 @@ def main(argv=None):
                        **{key: metrics[key] for key in ("forget_ppl_before", "forget_ppl_after",
                                                         "retain_ppl_before", "retain_ppl_after",
                                                         "trainable_share")}}
-                rows.append(row)
+                table.add({k: v for k, v in row.items() if k != "ranks"})
                 print(f"lr {lr:g} {forget_loss:6s} retain-trained={str(on_retain):5s}: forget ppl "
                       f"{row['forget_ppl_before']:.3f} -> {row['forget_ppl_after']:.4g}, retain ppl "
                       f"{row['retain_ppl_before']:.3f} -> {row['retain_ppl_after']:.4g}, recall forget "
                       f"{row['forget_recall']:.1f}% retain {row['retain_recall']:.1f}%, trainable "
                       f"{row['trainable_share']:.4f}% (ranks {row['ranks']}), {row['seconds']:.1f} s")
-    if args.json:
-        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    table.close()
     return 0
 
 
