@@ -97,7 +97,7 @@ else:
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
     base = status("VmRSS")
 if variant == "streamed":
-    accumulate_gradients(model, data, {str(i): l.weight for i, l in enumerate(model)}, loss_fn)
+    accumulate_gradients(model, data, {str(i): l for i, l in enumerate(model)}, loss_fn)
 else:  # the official code: per-batch gradients cloned, then summed
     total = None
     for batch in data:

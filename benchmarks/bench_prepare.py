@@ -71,9 +71,9 @@ def streamed(model, loader, loss_fn, device):
     """sf.prepare's gradient pass alone."""
     from semu_fast.gradients import accumulate_gradients
 
-    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     start = time.perf_counter()
-    accumulate_gradients(model, loader, weights, loss_fn)
+    accumulate_gradients(model, loader, layers, loss_fn)
     sync(device)
     return time.perf_counter() - start
 

@@ -149,6 +149,9 @@ run bench_lowrank 90 "$BODY" $PY benchmarks/bench_lowrank.py --memory "${BENCH[@
 run "bench_lowrank (forced Triton)" 90 "$BODY" env SEMU_FAST_IMPL=triton $PY benchmarks/bench_lowrank.py --layer linear \
   "${BENCH[@]}"
 run bench_prepare 90 "$BODY" $PY benchmarks/bench_prepare.py "${BENCH[@]}"
+# The large-model headline: a Llama-2-7B shape, 64 x 512 tokens, every projection (goal: prepare < 60 s, <= 1.2x floor).
+if [ "$DEVICE" = cpu ]; then LLM=(--quick); else LLM=(--size 7b --compare-svd); fi
+run bench_prepare_llm 180 "$BODY" $PY benchmarks/bench_prepare_llm.py "${LLM[@]}" "${BENCH[@]}"
 
 # --- what the GPU measured, and racecheck with whatever time is left ------------------------------------------------
 if [ -f "$OUT/bench.json" ]; then

@@ -7,11 +7,11 @@
 from . import ops
 from .config import SEMUConfig
 from .model import SEMUModel, load_adapters, save_adapters
-from .ops import backends
+from .ops import backends, calibrate
 from .pipeline import prepare
 from .report import LayerReport, SEMUReport
 from .training import unlearn
 
 __version__ = "0.1.0"
-__all__ = ["SEMUConfig", "SEMUModel", "SEMUReport", "LayerReport", "backends", "ops", "prepare", "unlearn",
-           "save_adapters", "load_adapters"]
+__all__ = ["SEMUConfig", "SEMUModel", "SEMUReport", "LayerReport", "backends", "calibrate", "ops", "prepare",
+           "unlearn", "save_adapters", "load_adapters"]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import distributed, ops
 from .losses import cross_entropy_loss
@@ -40,29 +41,73 @@ class _ModelState:
             param.grad = grad
 
 
-def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, torch.Tensor],
-                         loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
-                         group: Optional[distributed.Group] = None) -> dict[str, torch.Tensor]:
-    """{name: sum over batches of d loss / d weight} as float32 tensors.
+class _StreamedLinear(torch.autograd.Function):
+    """F.linear whose backward adds the weight gradient dy^T x straight into a float32 accumulator (one GEMM with
+    float32 output, sf.ops.accumulate_matmul_) instead of forming it in the weight's dtype and adding that: half the
+    memory traffic, and no rounding of each batch's gradient to bf16. The weight needs no grad; `token` (an empty
+    tensor that requires grad) keeps the layer on the backward path."""
 
-    A contiguous float32 weight accumulates in its own .grad, exactly as a plain backward does (the first batch's
-    gradient is kept, later ones are added in place): no copy, no extra pass. Any other weight's gradient is added
-    to a float32 accumulator by a post-accumulate-grad hook and freed at once. Either way the pass holds the
-    accumulators plus one layer's fresh gradient. The model's modes, requires_grad flags and existing gradients
-    are restored afterwards, also on error. With a distributed group, each rank passes its shard and the sums are
-    all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises ValueError for an empty loader, TypeError for a loss that is
-    not a scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
-    loss_fn = loss_fn or cross_entropy_loss
-    sharded = {name for name, w in weights.items() if distributed.is_sharded(w)}  # FSDP2: reduced per batch
-    direct = {name for name, w in weights.items()
-              if name not in sharded and w.dtype == torch.float32 and w.is_contiguous()}
-    accumulators = {name: None if name in direct else
-                    torch.zeros_like(w, dtype=torch.float32) if name in sharded else
-                    torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-    state = _ModelState(model)
-    hooks = []
+    @staticmethod
+    def forward(ctx, x, weight, bias, token, acc):
+        ctx.save_for_backward(x, weight)
+        ctx.acc = acc
+        return F.linear(x, weight, bias)
 
-    def hook_for(acc):
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
+        a, b = dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1])
+        if a.dtype != b.dtype:  # autocast: dy in the autocast dtype, x as it came
+            a, b = a.float(), b.float()
+        ops.accumulate_matmul_(ctx.acc, a, b)
+        return dx, None, None, None, None
+
+
+def _streamable(module: nn.Module) -> bool:
+    """A plain nn.Linear (its own forward) with a half-precision, unsharded weight."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and module.weight.dtype in (torch.bfloat16, torch.float16) and not distributed.is_sharded(module.weight))
+
+
+class _Pass:
+    """The hooks of one gradient pass and their undoing. Three ways a layer's gradient reaches its accumulator:
+    "direct" (a contiguous float32 weight sums in its own .grad, as a plain backward does: no copy, no extra pass),
+    "streamed" (a half-precision Linear: _StreamedLinear) and "hooked" (any other weight: a post-accumulate-grad hook
+    adds autograd's gradient to a float32 accumulator and frees it)."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]):
+        self.model, self.layers = model, layers
+        self.weights = {name: layer.weight for name, layer in layers.items()}
+        self.sharded = {n for n, w in self.weights.items() if distributed.is_sharded(w)}  # FSDP2: reduced per batch
+        self.direct = {n for n, w in self.weights.items()
+                       if n not in self.sharded and w.dtype == torch.float32 and w.is_contiguous()}
+        self.streamed = {n for n, layer in layers.items() if n not in self.direct and _streamable(layer)}
+        self.accumulators = {
+            name: None if name in self.direct else
+            torch.zeros_like(w, dtype=torch.float32) if name in self.sharded else
+            torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in self.weights.items()}
+        self.state = _ModelState(model)
+        self.hooks, self.patched = [], []
+
+    def install(self) -> None:
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+            param.grad = None
+        token = torch.empty(0, requires_grad=True)
+        for name, layer in self.layers.items():
+            acc = self.accumulators[name]
+            if name in self.streamed:
+                self.patched.append((layer, layer.__dict__.get("forward")))
+                layer.forward = (lambda x, layer=layer, acc=acc:
+                                 _StreamedLinear.apply(x, layer.weight, layer.bias, token, acc))
+                continue
+            layer.weight.requires_grad_(True)
+            if name not in self.direct:
+                self.hooks.append(layer.weight.register_post_accumulate_grad_hook(self._hook(acc)))
+
+    @staticmethod
+    def _hook(acc):
         # A sharded (FSDP2) accumulator adds shard by shard; the others take the fused fp32 accumulate.
         add = acc.add_ if distributed.is_sharded(acc) else lambda grad: ops.accumulate_([acc], [grad])
 
@@ -71,16 +116,53 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
             param.grad = None
         return hook
 
+    def after_batch(self) -> None:
+        for name in self.direct:
+            grad = self.weights[name].grad
+            if self.accumulators[name] is None:
+                self.accumulators[name] = grad
+            elif grad is not self.accumulators[name]:
+                raise RuntimeError(f"the gradient of layer {name!r} was replaced during the pass (does loss_fn "
+                                   f"call zero_grad?); loss_fn must only compute the loss")
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for layer, forward in self.patched:
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
+        self.state.restore()
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        for name in self.direct:
+            acc = self.accumulators[name]
+            self.accumulators[name] = torch.zeros_like(self.weights[name]) if acc is None else acc.contiguous()
+        for name in [n for n in self.weights if n in self.sharded]:  # in model order on every rank
+            # FSDP2 averaged each batch over its mesh: gather the whole sum.
+            mesh_size = self.accumulators[name].device_mesh.size()
+            self.accumulators[name] = distributed.full_tensor(self.accumulators[name]).mul_(mesh_size)
+        return self.accumulators
+
+
+def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
+                         loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
+                         group: Optional[distributed.Group] = None) -> dict[str, torch.Tensor]:
+    """{name: sum over batches of d loss / d layer.weight} as float32 tensors, for the layers (modules with a
+    .weight) named in `layers`.
+
+    Gradients stream into float32 accumulators as backward produces them (see _Pass): the pass holds the
+    accumulators plus at most one layer's fresh gradient. The model's modes, forwards, requires_grad flags and
+    existing gradients are restored afterwards, also on error. With a distributed group, each rank passes its shard
+    and the sums are all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises
+    ValueError for an empty loader, TypeError for a loss that is not a scalar tensor, FloatingPointError (naming the
+    layer) for NaN or Inf in a summed gradient."""
+    loss_fn = loss_fn or cross_entropy_loss
+    grad_pass = _Pass(model, layers)
+    batches = 0
     try:
-        for param in model.parameters():
-            param.requires_grad_(False)
-            param.grad = None
-        for name, weight in weights.items():
-            weight.requires_grad_(True)
-            if name not in direct:
-                hooks.append(weight.register_post_accumulate_grad_hook(hook_for(accumulators[name])))
+        grad_pass.install()
         set_norm_mode(model, norm_mode)
-        batches = 0
         for batch in loader:
             loss = loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -89,29 +171,14 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, weights: dict[str, 
                 raise ValueError("the loss does not depend on any selected layer's weight (no gradient flows)")
             loss.reshape(()).backward()
             batches += 1
-            for name in direct:
-                grad = weights[name].grad
-                if accumulators[name] is None:
-                    accumulators[name] = grad
-                elif grad is not accumulators[name]:
-                    raise RuntimeError(f"the gradient of layer {name!r} was replaced during the pass (does loss_fn "
-                                       f"call zero_grad?); loss_fn must only compute the loss")
+            grad_pass.after_batch()
     finally:
-        for hook in hooks:
-            hook.remove()
-        state.restore()
-    for name in direct:
-        acc = accumulators[name]
-        w = weights[name]
-        accumulators[name] = torch.zeros_like(w) if acc is None else acc.contiguous()
-    for name in [n for n in weights if n in sharded]:  # in model order on every rank (a set's order differs)
-        # FSDP2 averaged each batch over its mesh: gather the whole sum.
-        mesh_size = accumulators[name].device_mesh.size()
-        accumulators[name] = distributed.full_tensor(accumulators[name]).mul_(mesh_size)
+        grad_pass.remove()
+    accumulators = grad_pass.sums()
     if group is not None:  # a rank may hold no batch (without FSDP); only the whole forget set must
-        count = torch.tensor([float(batches)], device=next(iter(weights.values())).device)
-        distributed.all_reduce_sum_([acc for name, acc in accumulators.items() if name not in sharded] + [count],
-                                    group)
+        count = torch.tensor([float(batches)], device=next(iter(accumulators.values())).device)
+        distributed.all_reduce_sum_([acc for name, acc in accumulators.items() if name not in grad_pass.sharded]
+                                    + [count], group)
         batches = int(count.item())
     if batches == 0:
         raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")

@@ -110,7 +110,7 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     device = layers[next(iter(layers))].weight.device
     timings = {}
     with _phase("gradients", timings, device):
-        grads = accumulate_gradients(model, forget_loader, {n: m.weight for n, m in layers.items()}, loss_fn,
+        grads = accumulate_gradients(model, forget_loader, layers, loss_fn,
                                      config.norm_mode, group)
     with _phase("projection", timings, device):
         # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.

@@ -22,11 +22,12 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     verdicts = log.split("# --- every step's output ---")[0]
     assert "DONE: every step passed" in verdicts and "FAILED" not in verdicts
     for step in ("tests", "bench_accumulate", "bench_project_perpendicular", "bench_gram_svd", "bench_truncated_svd",
-                 "bench_lowrank", "bench_prepare"):
+                 "bench_lowrank", "bench_prepare", "bench_prepare_llm"):
         assert f"OK {step}" in verdicts, step
     tables = json.loads((out / "bench.json").read_text())["tables"]
     assert {t["benchmark"] for t in tables} >= {"bench_accumulate", "bench_project_perpendicular", "bench_gram_svd",
-                                                "bench_truncated_svd", "bench_lowrank", "bench_prepare"}
+                                                "bench_truncated_svd", "bench_lowrank", "bench_prepare",
+                                                "bench_prepare_llm"}
     assert all(t["rows"] for t in tables)
     assert (out / "RESULTS_gpu.md").read_text().count("### ") == len(tables)
     assert "testsuite" in (out / "junit.xml").read_text()

@@ -23,7 +23,7 @@ def _clone_and_sum(model, batches):
 
 
 def _weights(model):
-    return {n: m.weight for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
 def test_streamed_sum_equals_clone_and_sum_in_float64():
@@ -101,3 +101,64 @@ def test_nan_gradient_names_the_layer():
     model[7].weight.register_hook(lambda g: g * float("nan"))  # only this layer's gradient goes bad
     with pytest.raises(FloatingPointError, match="layer '7'"):
         accumulate_gradients(model, forget_batches(), _weights(model))
+
+
+def _mlp(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 40), torch.nn.Tanh(),
+                               torch.nn.Linear(40, 7)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_linears_stream_more_accurately_than_summing_rounded_gradients(dtype):
+    """A half-precision Linear under a loss linear in its output (so dy = c is the same however the sum is formed):
+    the streamed weight gradient, summed in float32, against the float64 sum of c^T x over the batches, next to the
+    per-batch gradients autograd forms in the weight's dtype, summed. The streamed sum must be far closer."""
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(96, 80).to(dtype)
+    c = torch.randn(32, 80, generator=gen).to(dtype)
+    xs = [torch.randn(32, 96, generator=gen).to(dtype) for _ in range(16)]
+    loss_fn = lambda m, batch: (m(batch[0]) * c).float().sum()  # noqa: E731
+    got = accumulate_gradients(layer, [(x,) for x in xs], {"": layer}, loss_fn)[""]
+    exact = sum(c.double().T @ x.double() for x in xs)
+    rounded = torch.zeros_like(exact)
+    for x in xs:
+        layer.weight.requires_grad_(True)
+        layer.weight.grad = None
+        loss_fn(layer, (x,)).backward()
+        rounded += layer.weight.grad.double()  # autograd's gradient, in the weight's dtype
+    err = (got.double() - exact).abs().max().item()
+    err_rounded = (rounded - exact).abs().max().item()
+    assert err <= 1e-5 * exact.abs().max().item() and err < err_rounded / 50, (err, err_rounded)
+
+
+def test_streamed_pass_restores_the_layers_forward_and_flags():
+    model = _mlp(torch.bfloat16)
+    own = model[2].forward = lambda x: torch.nn.Linear.forward(model[2], x)  # a user's own instance-level forward
+    flags = [p.requires_grad for p in model.parameters()]
+    batches = [(torch.randn(8, 48).bfloat16(), torch.randint(0, 7, (8,)))]
+    accumulate_gradients(model, batches, _weights(model))
+    assert "forward" not in model[0].__dict__ and model[2].forward is own
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+
+
+def test_streamed_and_hooked_paths_agree():
+    """The same half-precision model through the streamed path (plain Linear) and the hook path (a Linear subclass
+    with its own forward, which is not streamed)."""
+    class OwnLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    model = _mlp(torch.bfloat16)
+    hooked = _mlp(torch.bfloat16)
+    for i in (0, 2, 4):
+        own = OwnLinear(hooked[i].in_features, hooked[i].out_features).to(torch.bfloat16)
+        own.load_state_dict(hooked[i].state_dict())
+        hooked[i] = own
+    batches = [(torch.randn(32, 48, generator=torch.Generator().manual_seed(i)).bfloat16(),
+                torch.randint(0, 7, (32,), generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    a = accumulate_gradients(model, batches, _weights(model))
+    b = accumulate_gradients(hooked, batches, _weights(hooked))
+    for name in a:
+        scale = b[name].abs().max().item()
+        assert torch.allclose(a[name], b[name], rtol=0, atol=0.02 * scale), name

@@ -251,3 +251,22 @@ def test_cli_unlearn_llm_reports_bad_input_as_a_usage_error(llm_folder, tmp_path
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_factors_and_trains_R(reentrant):
+    """prepare on a bf16 Llama with transformers' gradient checkpointing equals prepare without it, and R then gets
+    gradients (the trap: with frozen inputs, reentrant checkpointing passes no gradient to the blocks)."""
+    batches = id_batches(2, batch=2, length=10)
+    config = sf.SEMUConfig(gamma=0.9, target_modules=["mlp.down_proj", "self_attn.v_proj"])
+    plain = tiny_llama().to(torch.bfloat16)
+    checkpointed = tiny_llama().to(torch.bfloat16)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    a = sf.prepare(plain, batches, loss_fn=llm.nll_loss, config=config)
+    b = sf.prepare(checkpointed, batches, loss_fn=llm.nll_loss, config=config)
+    assert [layer.k for layer in a.report.layers] == [layer.k for layer in b.report.layers]
+    for name, adapter in a.adapters.items():
+        torch.testing.assert_close(adapter.U.abs(), b.adapters[name].U.abs(), rtol=0, atol=1e-3)
+    b.train()
+    llm.nll_loss(b, batches[0]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in b.trainable_parameters())

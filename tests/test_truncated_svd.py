@@ -184,3 +184,62 @@ def test_auto_uses_the_randomized_path_for_large_matrices_only(gen, monkeypatch)
 def test_randomized_rejects_batches():
     with pytest.raises(ValueError, match="2-D"):
         sf.ops.truncated_svd(torch.randn(2, 30, 20), 0.9, method="randomized")
+
+
+# --- the Gram path and the cost model -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(300, 500), (600, 280), (256, 256), (40, 1000)])
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("rule", ["at_least", "official"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_path_matches_the_exact_svd(gen, shape, gamma, rule, device):
+    """Same k as the exact SVD (up to max(2, 2%) near the cut), the kept energy >= gamma measured against the whole
+    G, the leading singular values to 1e-4 and orthonormal factors."""
+    G = _gradient_like(gen, *shape)
+    U, S, Vh = (t.cpu() for t in sf.ops.truncated_svd(G.to(device), gamma, rule, method="gram"))
+    _, S_ex, _, k_ex = reference.truncated_svd(G.double(), gamma, rule)
+    k, k_ex = S.shape[-1], int(k_ex)
+    assert abs(k - k_ex) <= max(2, 0.02 * k_ex)
+    total = G.double().square().sum()
+    captured = ((U.double().T @ G.double()).square().sum() / total).item()
+    if rule == "at_least":
+        assert captured >= gamma - 1e-6
+    lead = min(k, k_ex)
+    assert torch.allclose(S[:lead].double(), S_ex[:lead], rtol=1e-4, atol=1e-6 * S_ex[0].item())
+    assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-4) and torch.allclose(Vh @ Vh.T, torch.eye(k), atol=1e-4)
+
+
+def test_gram_path_refuses_gamma_it_cannot_resolve(gen):
+    from semu_fast.ops.svd import GRAM_MAX_GAMMA
+
+    G = _gradient_like(gen, 50, 60)
+    with pytest.raises(ValueError, match="method='gram' resolves gamma"):
+        sf.ops.truncated_svd(G, (1 + GRAM_MAX_GAMMA) / 2, method="gram")
+
+
+def test_plan_picks_the_cheaper_path_and_caps_the_randomized_basis():
+    from semu_fast.ops.svd_plan import Costs, plan, randomized_seconds
+
+    slow_svd = Costs(gemm=1e-11, thin_gemm=2e-11, eigh=1e-10, svd=1e-9)
+    fast_svd = Costs(gemm=1e-11, thin_gemm=2e-11, eigh=1e-6, svd=1e-11)
+    p, q = 2048, 5632
+    first = plan((q, p), torch.device("cpu"), True, slow_svd)
+    assert first.fallback == "gram" and first.seconds["gram"] < first.seconds["exact"]
+    assert randomized_seconds(p, q, first.max_rank, slow_svd) < first.seconds["gram"]
+    assert randomized_seconds(p, q, first.max_rank + 64, slow_svd) >= first.seconds["gram"] or first.max_rank + 64 > p
+    assert plan((q, p), torch.device("cpu"), True, fast_svd).fallback == "exact"
+    assert plan((q, p), torch.device("cpu"), False, slow_svd).fallback == "exact"  # gamma too close to 1
+
+
+def test_calibration_is_measured_once_and_kept_per_device(tmp_path, monkeypatch):
+    from semu_fast.ops import svd_plan
+
+    monkeypatch.setenv("SEMU_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(svd_plan, "_COSTS", {})
+    measured = svd_plan.calibrate("cpu")
+    assert all(v > 0 for v in vars(measured).values())
+    saved = (tmp_path / "svd_costs.json").read_text()
+    assert svd_plan._device_key(torch.device("cpu")) in saved
+    monkeypatch.setattr(svd_plan, "_COSTS", {})
+    monkeypatch.setattr(svd_plan, "measure", lambda device: pytest.fail("measured again instead of reading the file"))
+    assert svd_plan.costs(torch.device("cpu")) == measured

@@ -2,14 +2,15 @@
 place that says which backend serves each (sf.ops.backends(), sf.ops.describe(); SEMU_FAST_IMPL forces one).
 
 One module per op (checks, torch backend, fake, public wrapper): accumulate, project, svd (truncated_svd and
-gram_svd), lowrank (the adapter ops); range_finder is truncated_svd's randomized path; reference holds the plain
-float64 oracles the tests and benchmarks compare against."""
+gram_svd), lowrank (the adapter ops); range_finder is truncated_svd's randomized path and svd_plan its measured
+cost model (calibrate); reference holds the plain float64 oracles the tests and benchmarks compare against."""
 from __future__ import annotations
 
 import torch
 
 from . import _library, _registry, accumulate, lowrank, project, svd
-from .accumulate import accumulate_
+from .accumulate import accumulate_, accumulate_matmul_
+from .svd_plan import calibrate
 from .lowrank import lowrank_conv2d, lowrank_linear
 from .project import project_perpendicular, project_perpendicular_
 from .svd import gram_svd, truncated_svd
@@ -17,8 +18,8 @@ from .svd import gram_svd, truncated_svd
 for _module in (accumulate, project, svd, lowrank):
     _library.register(_module.KERNELS)
 
-__all__ = ["accumulate_", "project_perpendicular_", "project_perpendicular", "truncated_svd", "gram_svd",
-           "lowrank_linear", "lowrank_conv2d", "backends", "describe"]
+__all__ = ["accumulate_", "accumulate_matmul_", "project_perpendicular_", "project_perpendicular", "truncated_svd", "gram_svd",
+           "lowrank_linear", "lowrank_conv2d", "calibrate", "backends", "describe"]
 
 
 def backends() -> dict[str, dict[str, dict]]:

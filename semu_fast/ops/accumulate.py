@@ -1,12 +1,15 @@
-"""sf.ops.accumulate_: float32 accumulators += gradients of any float dtype, many tensors in one call.
+"""sf.ops.accumulate_: float32 accumulators += gradients of any float dtype, many tensors in one call; and
+sf.ops.accumulate_matmul_: a float32 accumulator += a @ b (a Linear's weight gradient dy^T x, formed and summed in
+float32 from bf16/fp16 activations, never rounded to their dtype).
 
-Backends: C++ (CPU) and CUDA (multi-tensor: one launch for all tensors) in csrc/, Triton
-(semu_fast.triton_kernels.accumulate), torch (the reference loop)."""
+accumulate_ backends: C++ (CPU) and CUDA (multi-tensor: one launch for all tensors) in csrc/, Triton
+(semu_fast.triton_kernels.accumulate), torch (the reference loop). accumulate_matmul_: torch (cuBLAS with float32
+output from half-precision inputs where torch offers it, else a float32 addmm)."""
 from __future__ import annotations
 
 import torch
 
-from .._checks import check_disjoint, check_tensor_lists
+from .._checks import check_disjoint, check_same_device, check_tensor, check_tensor_lists
 from . import _registry, reference
 from ._library import Kernel
 from .._profile import annotate
@@ -33,8 +36,54 @@ def _triton(accumulators, grads):
     _registry.triton_module("accumulate")[0].accumulate_(*_check(accumulators, grads))
 
 
+def _check_matmul(acc, a, b):
+    check_tensor("acc", acc, dims=(2,))
+    check_tensor("a", a, dims=(2,))
+    check_tensor("b", b, dims=(2,))
+    if acc.dtype != torch.float32 or not acc.is_contiguous():
+        raise TypeError(f"accumulate_matmul_: acc must be a contiguous float32 tensor, got {acc.dtype}"
+                        f"{'' if acc.is_contiguous() else ', non-contiguous'}")
+    if a.shape[1] != b.shape[0] or acc.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"accumulate_matmul_: acc {tuple(acc.shape)} += a {tuple(a.shape)} @ b {tuple(b.shape)} "
+                         f"needs acc (m, n), a (m, k), b (k, n)")
+    if a.dtype != b.dtype:
+        raise TypeError(f"accumulate_matmul_: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    check_same_device(acc=acc, a=a, b=b)
+    return acc, a, b
+
+
+_HALF = (torch.bfloat16, torch.float16)
+_OUT_DTYPE_ADDMM: dict = {}  # device type -> whether torch.addmm(..., out_dtype=float32, out=acc) works there
+
+
+def _addmm_out_dtype(device: torch.device) -> bool:
+    """Whether this torch has cuBLAS's half-precision GEMM with a float32 output (aten::addmm.dtype_out) on this
+    device, checked once on a tiny case against the float32 result."""
+    if device.type not in _OUT_DTYPE_ADDMM:
+        try:
+            a = torch.randn(8, 8, device=device)
+            acc = torch.ones(8, 8, device=device)
+            torch.addmm(acc, a.bfloat16(), a.bfloat16(), out_dtype=torch.float32, out=acc)
+            want = 1 + a.bfloat16().float() @ a.bfloat16().float()
+            _OUT_DTYPE_ADDMM[device.type] = bool(torch.allclose(acc, want, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_ADDMM[device.type] = False
+    return _OUT_DTYPE_ADDMM[device.type]
+
+
+def _matmul_torch(acc, a, b):
+    if a.dtype in _HALF and acc.is_cuda and _addmm_out_dtype(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # products summed in float32 by cuBLAS
+    elif a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:  # exact upcast: a bf16/fp16 product is exact in float32, and float64 inputs sum in float32 here too
+        acc.addmm_(a.float(), b.float())
+
+
 KERNELS = {"accumulate_": Kernel(SCHEMA, fake=lambda accumulators, grads: None,
-                                 impls={"torch": _torch, "triton": _triton}, cpp=True, triton_module="accumulate")}
+                                 impls={"torch": _torch, "triton": _triton}, cpp=True, triton_module="accumulate"),
+           "accumulate_matmul_": Kernel("accumulate_matmul_(Tensor(a!) acc, Tensor a, Tensor b) -> ()",
+                                        fake=lambda acc, a, b: None, impls={"torch": _matmul_torch})}
 
 
 def accumulate_(accumulators, grads) -> None:
@@ -45,3 +94,13 @@ def accumulate_(accumulators, grads) -> None:
     accumulators, grads = _check(accumulators, grads)
     with annotate("semu_fast.accumulate_"):
         torch.ops.semu_fast.accumulate_(accumulators, grads)
+
+
+def accumulate_matmul_(acc, a, b) -> None:
+    """acc += a @ b with the products summed in float32.
+
+    acc: (m, n) float32, contiguous; a: (m, k), b: (k, n), one float dtype, any strides. A Linear's weight gradient
+    over a batch is accumulate_matmul_(acc, dy.T, x) with dy (tokens, out) and x (tokens, in)."""
+    acc, a, b = _check_matmul(acc, a, b)
+    with annotate("semu_fast.accumulate_matmul_"):
+        torch.ops.semu_fast.accumulate_matmul_(acc, a, b)

@@ -1,6 +1,7 @@
 """sf.ops.truncated_svd (the rank chosen by explained variance) and sf.ops.gram_svd (thin SVDs of a batch of
-matrices with few columns): the SEMU rank rules, the exact path, the adaptive randomized path
-(semu_fast.ops.range_finder), the Gram path for conv batches, and the choice between them.
+matrices with few columns): the SEMU rank rules and the paths of truncated_svd: exact (torch.linalg.svd), gram (the
+eigendecomposition of the smaller Gram matrix), randomized (the adaptive range finder of semu_fast.ops.range_finder)
+and, for conv batches, the gram_svd kernel. semu_fast.ops.svd_plan chooses among them by measured cost.
 
 gram_svd backends: C++ (CPU: float64 Gram + LAPACK syevd) and CUDA (one block per matrix) in csrc/, torch."""
 from __future__ import annotations
@@ -13,15 +14,22 @@ import torch
 from .._checks import check_choice, check_gamma
 from ._library import Kernel
 from .._profile import annotate
+from . import svd_plan
 from .range_finder import range_finder
 
 RANK_RULES = ("at_least", "official")
-METHODS = ("auto", "exact", "randomized")
-# Below this min(m, n) a full SVD costs about as much as a few randomized blocks: "auto" takes the exact path.
+METHODS = ("auto", "exact", "gram", "randomized")
+# Below this min(m, n) a full SVD costs about as much as a few randomized blocks: "auto" skips the randomized path.
 RANDOMIZED_MIN_DIM = 256
-# Randomized path: block width, power iterations per block, and when to give up for the exact SVD (a basis wider
-# than this share of min(m, n) costs about what the full SVD does).
-BLOCK, POWER_ITERS, MAX_RANK_SHARE = 64, 2, 0.25
+# Randomized path: block width, power iterations per block, and (method="randomized") when to give up for the exact
+# SVD: a basis wider than this share of min(m, n) costs about what the full SVD does. "auto" sets that cap from
+# the measured cost model instead.
+BLOCK, POWER_ITERS, MAX_RANK_SHARE = svd_plan.BLOCK, 2, 0.25
+# The Gram path's eigenvalues carry an absolute error of about p * eps(float32) * sigma_max^2 (p = min(m, n)), which
+# is below 1e-3 of the energy for p <= 8192 only when nearly all the energy sits in few directions; the kept energy
+# is measured exactly afterwards, so the rank can only come out short by the error near the cut. Above this gamma
+# the tail it must resolve is too thin: truncated_svd uses the other paths.
+GRAM_MAX_GAMMA = 0.999
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
 GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
@@ -142,8 +150,32 @@ def rank_from_partial_spectrum(S: torch.Tensor, total: float, gamma: float, rank
     return None
 
 
-def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, generator) -> Optional[TruncatedSVD]:
-    """Randomized truncated SVD of a 2-D G with ||G||_F^2 = total; None when the spectrum is too flat for it."""
+def _gram(G: torch.Tensor, total: float, gamma: float, rank_rule: str) -> Optional[TruncatedSVD]:
+    """Truncated SVD of a 2-D G through the eigendecomposition of its smaller Gram matrix (float32 products, float64
+    eigensolver); None when the kept energy, measured exactly, falls short of gamma (then the exact path runs)."""
+    transpose = G.shape[0] < G.shape[1]  # A = G or G^T with p = min(m, n) columns: C = A^T A is p x p
+    A = G.T if transpose else G
+    lam, V = torch.linalg.eigh((A.T @ A).double())
+    lam, V = lam.flip(-1).clamp(min=0), V.flip(-1)
+    k = rank_from_partial_spectrum(lam.sqrt(), total, gamma, rank_rule, complete=True)
+    Y = A @ V[:, :k].to(A.dtype)  # = U S, exact up to the product's rounding
+    S = torch.linalg.vector_norm(Y.double(), dim=0)
+    captured = S.square().sum()
+    if rank_rule == "at_least" and captured < gamma * total * (1 - 1e-6):
+        return None
+    order = torch.argsort(S, descending=True)  # eigenvalues near each other may come out of order
+    S, Y, Vk = S[order], Y[:, order], V[:, :k][:, order]
+    U = (Y.double() / torch.where(S > 0, S, 1.0)).to(A.dtype)
+    U, S, Vh = U, S.to(A.dtype), Vk.T.to(A.dtype)
+    if transpose:
+        U, Vh = Vh.T, U.T
+    return TruncatedSVD(U, S, Vh, torch.tensor(k), torch.tensor(total, dtype=torch.float64), captured)
+
+
+def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, generator,
+                max_rank: int) -> Optional[TruncatedSVD]:
+    """Randomized truncated SVD of a 2-D G with ||G||_F^2 = total; None when it would need a basis wider than
+    max_rank (a spectrum too flat for it)."""
     transpose = G.shape[0] > G.shape[1]  # keep the basis in the smaller dimension: cheaper QRs
     A = G.T if transpose else G
     p = A.shape[0]
@@ -152,8 +184,7 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
         k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=l >= p)
         return None if k is None else max(0, min(p, k + oversampling(k)) - l)
 
-    found = range_finder(A, columns_needed, gamma * total, BLOCK, POWER_ITERS, max(BLOCK, int(MAX_RANK_SHARE * p)),
-                         generator)
+    found = range_finder(A, columns_needed, gamma * total, BLOCK, POWER_ITERS, max_rank, generator)
     if not found.converged:
         return None
     Ub, S, Vh = torch.linalg.svd(found.B, full_matrices=False)
@@ -165,45 +196,53 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
     return TruncatedSVD(U, S, Vh, torch.tensor(k), torch.tensor(total, dtype=torch.float64), captured)
 
 
-def _use_gram(G: torch.Tensor, method: str) -> bool:
-    return method == "auto" and G.dim() == 3 and G.shape[-1] <= GRAM_SVD_MAX_N
-
-
-def _use_randomized(G: torch.Tensor, method: str) -> bool:
-    if method == "randomized":
-        if G.dim() != 2:
-            raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
-        return True
-    return method == "auto" and G.dim() == 2 and min(G.shape) >= RANDOMIZED_MIN_DIM
-
-
 def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", method: str = "auto",
                   generator: Optional[torch.Generator] = None) -> TruncatedSVD:
     """Truncated SVD of G keeping the rank that explains gamma of ||G||_F^2.
 
     G: (m, n) or (B, m, n), any float dtype; computed in float32 (float64 for float64 input).
     Returns TruncatedSVD: U (..., m, k), S (..., k), Vh (..., k, n) in the compute dtype, with .ranks per matrix.
-    method: "exact" (torch.linalg.svd), "randomized" (adaptive range finder, 2-D only; falls back to exact on flat
-    spectra), "auto" (randomized for 2-D G with min(m, n) >= 256; for batches with n <= 64 the Gram-matrix kernel
-    sf.ops.gram_svd; else exact). generator seeds the randomized
-    path (same seed, same device: same result)."""
+    method: "exact" (torch.linalg.svd); "gram" (2-D: the eigendecomposition of the smaller Gram matrix, for
+    gamma <= GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel); "randomized" (adaptive range finder, 2-D
+    only; exact on flat spectra); "auto": batches with n <= 64 take gram_svd, other batches exact; a 2-D G takes
+    the randomized path with its basis capped where it would cost more than the cheaper of gram and exact, then
+    that one (costs measured on this device, semu_fast.ops.svd_plan). generator seeds the randomized path (same
+    seed, same device, same calibration: same result)."""
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)
     check_choice("method", method, METHODS)
     _check_matrix(G)
+    if method == "randomized" and G.dim() != 2:
+        raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
     G = G.to(svd_compute_dtype(G.dtype))
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
     # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
     total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
     if not math.isfinite(total):
         raise ValueError("G holds NaN or Inf values")
-    if _use_randomized(G, method):
-        result = _randomized(G, total, gamma, rank_rule, generator)
-        if result is not None:
-            return result
-    if _use_gram(G, method):
-        return _truncate(*gram_svd(G), gamma, rank_rule)
-    return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
+    if G.dim() == 3:
+        if method in ("auto", "gram") and G.shape[-1] <= GRAM_SVD_MAX_N:
+            return _truncate(*gram_svd(G), gamma, rank_rule)
+        if method == "gram":
+            raise ValueError(f"method='gram' on a batch needs n <= {GRAM_SVD_MAX_N} columns, got {tuple(G.shape)}")
+        return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
+    result = None
+    gram_ok = gamma <= GRAM_MAX_GAMMA and min(G.shape) > 0
+    if method == "gram" and not gram_ok:
+        raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
+    fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
+    if method == "randomized":
+        result = _randomized(G, total, gamma, rank_rule, generator, max(BLOCK, int(MAX_RANK_SHARE * min(G.shape))))
+    elif method == "auto":
+        plan = svd_plan.plan(G.shape, G.device, gram_ok)
+        fallback = plan.fallback
+        if min(G.shape) >= RANDOMIZED_MIN_DIM and plan.max_rank > 0:
+            result = _randomized(G, total, gamma, rank_rule, generator, plan.max_rank)
+    if result is None and fallback == "gram":
+        result = _gram(G, total, gamma, rank_rule)
+    if result is None:
+        result = _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
+    return result
 
 
 def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gamma: float, rank_rule: str) -> TruncatedSVD:

@@ -1,0 +1,167 @@
+"""sf.prepare on Llama-shaped causal LMs (transformers' LlamaForCausalLM built from a LlamaConfig, random init, bf16,
+every projection Linear targeted), phase by phase, against its anchors in one run:
+  - the gradient pass against a plain forward + backward over the same batches (the floor any method pays);
+  - the SVD phase per weight shape, on the real summed gradients: ours (auto) against the exact SVD and the Gram
+    path (--compare-svd; the exact SVD of every layer would take minutes, so one layer per shape);
+  - peak memory against the floor: the bf16 weights plus the float32 accumulators of the targeted weights.
+Sizes: --size 100m | 350m | 1.1b (TinyLlama's shapes) | 7b (Llama-2-7B's); the 7B case is the GPU headline (goal:
+whole prepare under 60 s on one H200 at <= 1.2x the floor)."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import semu_fast as sf  # noqa: E402
+from common import Table, device_name, parser as make_parser, sync, timeit  # noqa: E402
+from semu_fast.ops import svd_plan  # noqa: E402
+from semu_fast.workflows import llm  # noqa: E402
+
+# hidden, intermediate, layers, attention heads, key-value heads
+SIZES = {"tiny": (64, 160, 2, 4, 2), "100m": (768, 2048, 12, 12, 12), "350m": (1024, 2816, 24, 16, 16),
+         "1.1b": (2048, 5632, 22, 32, 4), "7b": (4096, 11008, 32, 32, 32)}
+TARGETS = ["self_attn.(q|k|v|o)_proj", "mlp.(gate|up|down)_proj"]
+
+
+def build(size: str, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv = SIZES[size]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a 7B model initialised on a CPU takes minutes
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def batches(sequences: int, tokens: int, batch: int, device: torch.device) -> list:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (sequences, tokens), generator=gen)
+    return [{"input_ids": ids[i:i + batch].to(device)} for i in range(0, sequences, batch)]
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start counting the peak here; returns the memory in use now (bytes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: the RSS high-water mark restarts from the current RSS
+        f.write("5")
+    return _status_bytes("VmRSS:")
+
+
+def peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM:")
+
+
+def _status_bytes(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+
+def plain_backward(model, data, targets) -> float:
+    """Forward + backward over the batches with only the targeted weights requiring grad (what any fine-tuning of
+    them pays), in seconds."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in targets.values():
+        layer.weight.requires_grad_(True)
+    device = next(model.parameters()).device
+    sync(device)
+    start = time.perf_counter()
+    for batch in data:
+        llm.nll_loss(model, batch).backward()
+    sync(device)
+    seconds = time.perf_counter() - start
+    for p, flag in flags:
+        p.grad = None
+        p.requires_grad_(flag)
+    return seconds
+
+
+def compare_svd(model, data, targets, gamma, device, table):
+    """One layer per weight shape: ours (auto) against the exact SVD and the Gram path on its real gradient."""
+    from semu_fast.gradients import accumulate_gradients
+
+    first = {}
+    for name, layer in targets.items():
+        first.setdefault(tuple(layer.weight.shape), name)
+    grads = accumulate_gradients(model, data, {n: targets[n] for n in first.values()}, llm.nll_loss)
+    for shape, name in first.items():
+        G = grads[name]
+        sf.ops.project_perpendicular_([G], [targets[name].weight.detach()])
+        seconds = {m: timeit(lambda m=m: sf.ops.truncated_svd(G, gamma, method=m), device, 1, warmup=0)
+                   for m in ("auto", "gram", "exact")}
+        ks = {m: sf.ops.truncated_svd(G, gamma, method=m).S.shape[-1] for m in ("auto", "exact")}
+        best = min(seconds["gram"], seconds["exact"])
+        table.add({"shape": "x".join(map(str, shape)), "k exact": ks["exact"], "k ours": ks["auto"],
+                   "ours s": seconds["auto"], "gram s": seconds["gram"], "exact s": seconds["exact"],
+                   "ours / best other": seconds["auto"] / best,
+                   "plan": svd_plan.plan(G.shape, device, gamma <= 0.999).fallback})
+
+
+def main(argv=None):
+    parser = make_parser(__doc__, repeats=None)
+    parser.add_argument("--size", choices=tuple(SIZES), default="1.1b")
+    parser.add_argument("--sequences", type=int, default=None, help="forget sequences (default 2 on CPU, 64 on GPU)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default 256 CPU, 512 GPU)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 1 CPU, 4 GPU)")
+    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--compare-svd", action="store_true", help="time the exact and Gram SVDs per shape too")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        args.size, args.sequences, args.tokens, args.batch = "tiny", 2, 16, 1
+    args.sequences = args.sequences or (64 if gpu else 2)
+    args.tokens = args.tokens or (512 if gpu else 256)
+    args.batch = args.batch or (4 if gpu else 1)
+    sf.calibrate(device)  # measured before the clock starts (it is cached for later runs)
+
+    model = build(args.size, device)
+    data = batches(args.sequences, args.tokens, args.batch, device)
+    config = sf.SEMUConfig(gamma=args.gamma, target_modules=TARGETS)
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "proj" in n}
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = weights_bytes + sum(m.weight.numel() * 4 for m in targets.values())
+
+    plain = plain_backward(model, data, targets)
+    before = reset_peak(device)
+    start = time.perf_counter()
+    semu_model = sf.prepare(model, data, loss_fn=llm.nll_loss, config=config)
+    sync(device)
+    total = time.perf_counter() - start
+    used = peak(device) - before + (before if gpu else 0)  # GPU: everything allocated; CPU: the process's growth
+    report = semu_model.report
+    ks = sorted(layer.k for layer in report.layers)
+    title = (f"sf.prepare on a Llama-{args.size} shape (bf16, {len(targets)} projection Linears), {args.sequences} x "
+             f"{args.tokens} tokens, gamma {args.gamma}, {device_name(device)}")
+    with Table(title, args.json) as table:
+        table.add({"plain fwd+bwd s": plain, "gradients s": report.timings["gradients"],
+                   "gradients / plain": report.timings["gradients"] / plain,
+                   "projection s": report.timings["projection"], "svd s": report.timings["svd"], "prepare s": total,
+                   "peak GB": used / 1e9, "floor GB": floor / 1e9,
+                   "peak / floor": used / floor if gpu else float("nan"),
+                   "k min/median/max": f"{ks[0]}/{ks[len(ks) // 2]}/{ks[-1]}",
+                   "trainable %": report.trainable_share})
+    if not gpu:
+        print(f"CPU peak RSS growth during prepare {used / 1e9:.2f} GB (the process also holds the model: "
+              f"{weights_bytes / 1e9:.2f} GB); ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    if args.compare_svd:
+        model = semu_model.unload()
+        with Table(f"SVD per weight shape on the real gradients (one layer each), Llama-{args.size}, "
+                   f"{device_name(device)}", args.json) as table:
+            compare_svd(model, data, targets, args.gamma, device, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Which path truncated_svd(method="auto") takes for a 2-D gradient: a cost model whose constants are measured on
+the device at hand (sf.calibrate(); done once automatically and cached per device).
+
+The three paths and their cost for G (m, n), p = min(m, n), q = max(m, n):
+  exact       torch.linalg.svd                      svd * q p^2
+  gram        eigh of the p x p Gram matrix           gemm * q p^2 (the Gram) + eigh * p^3 + gemm * q p k (U)
+  randomized  adaptive range finder, l = k + margin    per 64-column block: thin_gemm * 6 q p 64 (one product, two
+                                                       power iterations, B) + svd * q l^2 (the spectrum so far)
+The randomized path is tried first, with its basis capped where it would cost more than the cheaper of the other
+two; it gives up early on a flat spectrum (range_finder), and the cheaper one runs instead."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("semu_fast")
+
+BLOCK = 64          # the range finder's block width (semu_fast.ops.svd.BLOCK)
+PASSES = 6          # passes over G per block: the product, 2 power iterations of 2 products, and B = Q^T G
+CACHE_ENV = "SEMU_FAST_CACHE"
+_PROBE = (384, 1152)  # (p, q) of the matrices the calibration times: big enough to run at speed, under a second
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per unit of work on one device (see the module docstring for the units)."""
+
+    gemm: float
+    thin_gemm: float
+    eigh: float
+    svd: float
+
+
+def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(device: torch.device) -> Costs:
+    """Time each kind of work once at a probe size on `device` (about a second on a CPU, less on a GPU)."""
+    p, q = _PROBE
+    gen = torch.Generator(device=device).manual_seed(0)
+    A = torch.randn(p, q, generator=gen, device=device)
+    omega = torch.randn(q, BLOCK, generator=gen, device=device)
+    C = (A @ A.T).double()
+    return Costs(gemm=_median_seconds(lambda: A @ A.T, device) / (q * p * p),
+                 thin_gemm=_median_seconds(lambda: A @ omega, device) / (q * p * BLOCK),
+                 eigh=_median_seconds(lambda: torch.linalg.eigh(C), device) / p ** 3,
+                 svd=_median_seconds(lambda: torch.linalg.svd(A, full_matrices=False), device) / (q * p * p))
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}-threads{torch.get_num_threads()}"
+    return f"{name} / torch {torch.__version__}"
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "semu_fast")) / "svd_costs.json"
+
+
+_COSTS: dict[str, Costs] = {}
+
+
+def calibrate(device=None, persist: bool = True) -> Costs:
+    """Measure the SVD cost model's constants on `device` (default: CUDA when present, else the CPU), use them from
+    now on, and (persist) keep them in $SEMU_FAST_CACHE/svd_costs.json for later processes."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    costs = measure(device)
+    key = _device_key(device)
+    _COSTS[key] = costs
+    if persist:
+        path = _cache_file()
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            saved[key] = asdict(costs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(saved, indent=2))
+            os.replace(tmp, path)
+        except (OSError, ValueError) as err:  # a read-only home or a damaged file: keep the costs in memory only
+            log.warning("could not keep the SVD cost calibration in %s (%s)", path, err)
+    return costs
+
+
+def costs(device: torch.device) -> Costs:
+    """This device's constants: measured in this process, else read from the cache file, else measured now."""
+    key = _device_key(device)
+    if key not in _COSTS:
+        try:
+            _COSTS[key] = Costs(**json.loads(_cache_file().read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.info("calibrating the SVD cost model on %s (once; see sf.calibrate)", key)
+            calibrate(device)
+    return _COSTS[key]
+
+
+def randomized_seconds(p: int, q: int, columns: int, c: Costs) -> float:
+    """Predicted time of the range finder growing a basis of `columns` columns in BLOCK-wide blocks."""
+    seconds, width = 0.0, 0
+    while width < columns:
+        width = min(columns, width + BLOCK)
+        seconds += c.thin_gemm * PASSES * q * p * BLOCK + c.svd * q * width * width
+    return seconds
+
+
+@dataclass(frozen=True)
+class Plan:
+    """fallback: "gram" or "exact", whichever is predicted cheaper for this shape; max_rank: the widest randomized
+    basis predicted to cost less than the fallback (0: do not try the randomized path)."""
+
+    fallback: str
+    max_rank: int
+    seconds: dict
+
+
+def plan(shape, device: torch.device, gram_allowed: bool, c: Optional[Costs] = None) -> Plan:
+    """The path for a 2-D G of `shape` on `device`. gram_allowed: the rank rule's accuracy permits the Gram path
+    (see semu_fast.ops.svd.GRAM_MAX_GAMMA)."""
+    c = c or costs(device)
+    p, q = min(shape), max(shape)
+    seconds = {"exact": c.svd * q * p * p}
+    if gram_allowed:
+        # the Gram, its eigendecomposition, and U = G V for about a quarter of the spectrum
+        seconds["gram"] = c.gemm * q * p * p + c.eigh * p ** 3 + c.gemm * q * p * (p // 4)
+    fallback = min(seconds, key=seconds.get)
+    budget = seconds[fallback]
+    max_rank = 0
+    while max_rank + BLOCK <= p and randomized_seconds(p, q, max_rank + BLOCK, c) < budget:
+        max_rank += BLOCK
+    return Plan(fallback, max_rank, seconds)
