@@ -13,9 +13,8 @@ from . import plots
 
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"),
            ("trainable_share", "trainable %"), ("seconds", "seconds"))
-FIGURES = {"accuracy_per_epoch.png": ("history", plots.accuracy_per_epoch),
-           "spectra.png": ("semu_report", plots.spectra),
-           "trainable_share.png": ("semu_report", plots.trainable_share)}
+FIGURES = {"accuracy_per_epoch.png": plots.accuracy_per_epoch, "spectra.png": plots.spectra,
+           "trainable_share.png": plots.trainable_share}
 
 
 def _columns(metrics: dict):
@@ -116,7 +115,7 @@ def render(out) -> list[str]:
         run = read_json(out / "run.json")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{str(out)!r} is not a semu-fast results folder: {err.filename} is missing") from None
-    figures = [name for name, (key, draw) in FIGURES.items() if draw(run.get(key, {}), out / name)]
+    figures = [name for name, draw in FIGURES.items() if draw(run, out / name)]
     text = _report_md(metrics, run, figures)
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
     return ["report.md", *figures]
