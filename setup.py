@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import setup
@@ -52,19 +53,40 @@ def _wheel_cuda_includes():
     return sorted(p for p in glob.glob(os.path.join(purelib, "nvidia", "*", "include")) if os.path.isdir(p))
 
 
+def _cuda_archs():
+    """TORCH_CUDA_ARCH_LIST ("9.0", "8.0;9.0a", "8.6+PTX") as the targets nvcc builds: sm_XY, and compute_XY (PTX)
+    for +PTX entries; build_info() reports them."""
+    archs = []
+    for major, minor, suffix, ptx in re.findall(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?",
+                                                os.environ["TORCH_CUDA_ARCH_LIST"]):
+        archs.append(f"sm_{major}{minor}{suffix}")
+        if ptx:
+            archs.append(f"compute_{major}{minor}{suffix}")
+    return archs
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-DSEMU_FAST_PYTHON_MODULE"]
+    # at::parallel_for runs serially unless the extension itself is compiled with OpenMP (ATen/Parallel-inl.h
+    # checks _OPENMP); the libgomp it links is the one torch has already loaded (same soname).
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not _want_cuda():
         print("semu_fast: building the C++ CPU kernels only")
-        return CppExtension("semu_fast._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("semu_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     print(f"semu_fast: building C++ and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DSEMU_FAST_PYTHON_MODULE"]
+    # A bare comma-separated token list (no quotes to survive the shell); csrc/module.cpp turns it into a string.
+    archs = f"-DSEMU_FAST_CUDA_ARCHS={','.join(_cuda_archs())}"
     return CUDAExtension("semu_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
                          include_dirs=_wheel_cuda_includes(),
-                         extra_compile_args={"cxx": cxx + ["-DSEMU_FAST_WITH_CUDA"],
-                                             "nvcc": nvcc + ["-DSEMU_FAST_WITH_CUDA"]})
+                         extra_compile_args={"cxx": cxx + ["-DSEMU_FAST_WITH_CUDA", archs],
+                                             "nvcc": nvcc + ["-DSEMU_FAST_WITH_CUDA"]},
+                         extra_link_args=link)
 
 
 setup(

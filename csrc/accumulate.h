@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "disjoint.h"
+
 namespace semu_fast {
 
 inline void check_accumulate_args(at::TensorList accumulators, at::TensorList grads, c10::DeviceType device) {
@@ -22,6 +24,7 @@ inline void check_accumulate_args(at::TensorList accumulators, at::TensorList gr
                 acc.device(), " and ", grad.device());
     TORCH_CHECK(acc.is_contiguous(), "accumulate_: accumulators[", i, "] must be contiguous");
   }
+  check_disjoint("accumulate_", "accumulators", accumulators);
 }
 
 }  // namespace semu_fast

@@ -1,5 +1,6 @@
 // Every schema of the semu_fast operator library, in one place. CPU kernels register in csrc/cpu/, CUDA kernels in
-// csrc/cuda/; the Python layer adds fake (meta) implementations and fills any key a kernel is missing for.
+// csrc/cuda/; the Python layer adds fake (meta) implementations and fills any key a kernel is missing for. The
+// Python module around the library (semu_fast._C) is csrc/module.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(semu_fast, m) {
@@ -12,12 +13,3 @@ TORCH_LIBRARY(semu_fast, m) {
   // energies ||grads[i]||^2 after the projection. grads: float32, contiguous; weights: any float dtype.
   m.def("project_perpendicular_(Tensor(a!)[] grads, Tensor[] weights, str projection) -> Tensor");
 }
-
-#ifdef SEMU_FAST_PYTHON_MODULE
-// Importing semu_fast._C runs the static registrations above; the module itself exports nothing.
-#include <Python.h>
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "semu_fast operator library", -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif

@@ -1,15 +1,37 @@
-// Shared pieces of semu_fast::project_perpendicular_: argument checks and the projection coefficient.
+// Shared pieces of semu_fast::project_perpendicular_: argument checks and the projection coefficient, used by the
+// CPU and CUDA kernels alike.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string_view>
+
+#include "disjoint.h"
+#include "host_device.h"
 
 namespace semu_fast {
 
-inline void check_project_args(at::TensorList grads, at::TensorList weights, std::string_view mode,
-                               c10::DeviceType device) {
-  TORCH_CHECK(mode == "orthogonal" || mode == "official" || mode == "none",
-              "project_perpendicular_: mode must be 'orthogonal', 'official' or 'none', got '", mode, "'");
+enum class Projection { kOrthogonal, kOfficial, kNone };
+
+inline Projection parse_projection(std::string_view mode) {
+  if (mode == "orthogonal") return Projection::kOrthogonal;
+  if (mode == "official") return Projection::kOfficial;
+  TORCH_CHECK(mode == "none", "project_perpendicular_: mode must be 'orthogonal', 'official' or 'none', got '",
+              mode, "'");
+  return Projection::kNone;
+}
+
+// c in G - c W, from gw = <G,W> and ww = ||W||^2: gw / ww ("orthogonal": the result is orthogonal to W),
+// gw / ||W|| ("official", as the official code divides by the norm), 0 ("none", or W = 0).
+SEMU_HD inline double projection_coefficient(double gw, double ww, Projection mode) {
+  if (mode == Projection::kNone || ww <= 0.0) return 0.0;
+  return mode == Projection::kOrthogonal ? gw / ww : gw / sqrt(ww);
+}
+
+// Returns the parsed mode. Runs over every pair before any grad is written.
+inline Projection check_project_args(at::TensorList grads, at::TensorList weights, std::string_view mode,
+                                     c10::DeviceType device) {
+  const Projection projection = parse_projection(mode);
   TORCH_CHECK(grads.size() == weights.size(), "project_perpendicular_: grads and weights must have the same length, got ",
               grads.size(), " and ", weights.size());
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -24,12 +46,8 @@ inline void check_project_args(at::TensorList grads, at::TensorList weights, std
                 "project_perpendicular_: grads[", i, "] and weights[", i, "] must both be on one ",
                 c10::DeviceTypeName(device), " device, got ", grads[i].device(), " and ", weights[i].device());
   }
-}
-
-// c in G - c W: <G,W>/||W||^2 ("orthogonal"), <G,W>/||W|| ("official", as the official code), 0 ("none" or W = 0).
-inline double projection_coefficient(double gw, double ww, std::string_view mode) {
-  if (mode == "none" || ww <= 0.0) return 0.0;
-  return mode == "orthogonal" ? gw / ww : gw / std::sqrt(ww);
+  check_disjoint("project_perpendicular_", "grads", grads);
+  return projection;
 }
 
 }  // namespace semu_fast

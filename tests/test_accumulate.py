@@ -7,7 +7,7 @@ import torch
 
 import semu_fast as sf
 from semu_fast.ops import reference
-from conftest import DEVICES, FLOAT_DTYPES, interpreter_ok, triton_device
+from conftest import DEVICES, FLOAT_DTYPES, interpreter_ok, requires_cuda, triton_device
 
 SHAPES = [(1,), (7,), (33, 65), (3, 5, 3, 3), (70001,)]
 
@@ -140,3 +140,72 @@ def test_forcing_a_backend_serves_the_op_with_it(impl):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == impl
+
+
+# csrc/cuda/multi_tensor.cuh: tensors per chunk table, and the most elements one table covers (blocks x chunk).
+MAX_TENSORS_PER_TABLE = 48
+MAX_ELEMENTS_PER_TABLE = 320 * (1 << 18)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cpp_accumulate_rejects_the_same_accumulator_twice_untouched(gen, device):
+    acc = torch.randn(1000, generator=gen).to(device)
+    before = acc.clone()
+    grads = [torch.randn(1000, generator=gen).to(device) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"accumulators\[0\] and accumulators\[1\] overlap"):
+        torch.ops.semu_fast.accumulate_([acc, acc], grads)
+    buffer = torch.zeros(30, device=device)  # overlapping views of one buffer are duplicates too ...
+    with pytest.raises(ValueError, match=r"accumulators\[1\] and accumulators\[2\] overlap"):
+        torch.ops.semu_fast.accumulate_([acc, buffer[10:20], buffer[:15]], [grads[0], buffer[:10], buffer[:15]])
+    assert torch.equal(acc, before) and not buffer.any()
+    # ... but disjoint views of one flat buffer are fine (the check is not merely "same storage").
+    ones = torch.ones(10, device=device)
+    torch.ops.semu_fast.accumulate_([buffer[:10], buffer[10:20]], [ones, 2 * ones])
+    assert torch.equal(buffer[:20].cpu(), torch.cat([torch.ones(10), torch.full((10,), 2.0)]))
+
+
+def _many_pairs(gen, device):
+    """More tensors than one chunk table holds, of every float grad dtype: empty, tiny, odd-sized (scalar tails),
+    transposed (non-contiguous) and misaligned (offset by one element: the element-wise path) grads, and
+    misaligned accumulators. Views are taken on the device (moving a view copies it)."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    accs, grads = [], []
+    for i in range(2 * MAX_TENSORS_PER_TABLE + 5):
+        dtype, kind = dtypes[i % len(dtypes)], i % 5
+        if kind == 0:
+            grad = randn(37, 129).to(dtype).t()  # non-contiguous
+        elif kind == 1:
+            grad = randn(70001 + i).to(dtype)[1:]  # one element in: not aligned for vector loads
+        elif kind == 2:
+            grad = randn(i % 2).to(dtype)  # empty or one element
+        else:
+            grad = randn(4096 * 3 + 3 if kind == 3 else (3, 5, 3, 3)).to(dtype)
+        acc = randn(grad.numel() + 1)[1:].view(grad.shape) if kind == 3 else randn(grad.shape)
+        accs.append(acc)
+        grads.append(grad)
+    return accs, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_many_tensors_of_mixed_dtypes_and_strides_bit_exact(gen, device):
+    accs, grads = _many_pairs(gen, device)
+    assert len(accs) > MAX_TENSORS_PER_TABLE and not all(g.is_contiguous() for g in grads)
+    assert any(g.data_ptr() % 16 for g in grads) and any(a.data_ptr() % 16 for a in accs)
+    expected = [a + g.float() for a, g in zip(accs, grads)]
+    sf.ops.accumulate_(accs, grads)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)
+
+
+@requires_cuda  # the chunk table is CUDA's; on the CPU this is only big
+def test_accumulate_tensor_longer_than_one_chunk_table_bit_exact(gen):
+    # One tensor with more chunks than a table holds: the table is launched full and the tensor continues in the
+    # next one. bf16 grads, an odd length (a partial last chunk and a scalar tail).
+    n = MAX_ELEMENTS_PER_TABLE + 4096 * 7 + 3
+    acc = torch.randn(n, device="cuda")
+    grad = torch.randn(n, device="cuda").bfloat16()
+    small_acc, small_grad = torch.randn(5, device="cuda"), torch.randn(5, device="cuda")
+    expected, expected_small = acc + grad.float(), small_acc + small_grad
+    torch.ops.semu_fast.accumulate_([small_acc, acc], [small_grad, grad])
+    assert torch.equal(acc, expected) and torch.equal(small_acc, expected_small)

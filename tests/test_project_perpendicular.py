@@ -111,20 +111,6 @@ def test_inplace_projection_torch_fallback_agrees_with_the_kernel(gen):
     assert torch.allclose(a, b, rtol=2e-7, atol=1e-7) and torch.allclose(ea, eb, rtol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_inplace_projection_is_deterministic(gen, device):
-    """Bit-identical gradients and energies run to run (no order-dependent reductions such as float atomics)."""
-    pairs = [_pair(gen, s) for s in [(300, 257), (1024, 700), (3, 3)]]
-    results = []
-    for _ in range(3):
-        grads = [g.clone().to(device) for g, _ in pairs]
-        energies = sf.ops.project_perpendicular_(grads, [w.to(device) for _, w in pairs], "orthogonal")
-        results.append((grads, energies))
-    for grads, energies in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][0]))
-        assert torch.equal(energies, results[0][1])
-
-
 @pytest.mark.parametrize("grads, error, match", [
     ([torch.zeros(3, 3, dtype=torch.float64)], TypeError, "contiguous float32"),
     ([torch.zeros(3, 3).t()], TypeError, "non-contiguous"),
@@ -146,3 +132,48 @@ def test_cpp_projection_checks_arguments_itself():
 def test_opcheck_inplace_projection(gen):
     g, w = _pair(gen, (6, 5))
     torch.library.opcheck(torch.ops.semu_fast.project_perpendicular_.default, ([g], [w], "official"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cpp_projection_rejects_the_same_grad_twice_untouched(gen, device):
+    g = torch.randn(64, 9, generator=gen).to(device)
+    before = g.clone()
+    w = torch.randn(64, 9, generator=gen).to(device)
+    with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] overlap"):
+        torch.ops.semu_fast.project_perpendicular_([g, g], [w, w], "orthogonal")
+    assert torch.equal(g, before)
+
+
+def _layers(gen, device):
+    """Layers of mixed weight dtypes, some spanning many chunks, one empty, one with an odd size (a tail)."""
+    shapes = [(512, 1000), (64, 3, 3, 3), (0, 7), (4097,), (1000, 300), (33, 65)]
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32, torch.bfloat16]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    # Weights partly aligned with their grads, so the projection changes them substantially.
+    weights = [(0.5 * g.cpu() + torch.randn(s, generator=gen)).to(device, d) for g, s, d in zip(grads, shapes, dtypes)]
+    return grads, weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["orthogonal", "official"])
+def test_projection_and_energies_are_bit_identical_across_calls(gen, device, mode):
+    grads, weights = _layers(gen, device)
+    runs = []
+    for _ in range(4):
+        g = [x.clone() for x in grads]
+        energies = torch.ops.semu_fast.project_perpendicular_(g, weights, mode)
+        runs.append((g, energies))
+    for g, energies in runs[1:]:
+        assert torch.equal(energies, runs[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(g, runs[0][0]))
+    # Bit-identical and right: against the float64 formula.
+    g, energies = runs[0]
+    for i, (g0, w, got) in enumerate(zip(grads, weights, g)):
+        g64, w64 = g0.double().cpu(), w.double().cpu()
+        ww = (w64 * w64).sum()
+        c = (g64 * w64).sum() / (ww if mode == "orthogonal" else ww.sqrt()) if ww > 0 else 0.0
+        want = g64 - c * w64
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        assert torch.allclose(got.double().cpu(), want, rtol=1e-6, atol=1e-6 * scale)
+        assert energies[i].item() == pytest.approx(got.double().square().sum().item(), rel=1e-12, abs=0)
+    assert energies[0] > 0 and energies[2] == 0  # a real layer, and the empty one

@@ -4,12 +4,10 @@
 #include <torch/library.h>
 
 #include "../accumulate.h"
+#include "parallel.h"
 
 namespace semu_fast {
 namespace {
-
-// Below this many elements a tensor is added on one thread: spawning costs more than it saves.
-constexpr int64_t kGrain = 1 << 15;
 
 void accumulate_cpu(at::TensorList accumulators, at::TensorList grads) {
   check_accumulate_args(accumulators, grads, c10::DeviceType::CPU);

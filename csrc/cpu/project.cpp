@@ -8,15 +8,14 @@
 #include <functional>
 
 #include "../project.h"
+#include "parallel.h"
 
 namespace semu_fast {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;
-
 at::Tensor project_perpendicular_cpu(at::TensorList grads, at::TensorList weights, c10::string_view mode_) {
-  const std::string_view mode(mode_.data(), mode_.size());
-  check_project_args(grads, weights, mode, c10::DeviceType::CPU);
+  const Projection mode = check_project_args(grads, weights, std::string_view(mode_.data(), mode_.size()),
+                                             c10::DeviceType::CPU);
   at::Tensor energies = at::empty({static_cast<int64_t>(grads.size())}, at::kDouble);
   double* energy = energies.data_ptr<double>();
   for (size_t t = 0; t < grads.size(); ++t) {

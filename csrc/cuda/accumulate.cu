@@ -1,61 +1,72 @@
-// CUDA kernel of semu_fast::accumulate_, multi-tensor-apply style: every tensor of one grad dtype is cut into
-// fixed-size chunks, a table of (accumulator, grad, offset, length) rows goes to the device, and one launch
-// handles all chunks, one thread block each. Hundreds of layer gradients cost one launch, not hundreds.
+// CUDA kernel of semu_fast::accumulate_ on multi_tensor.cuh: one launch per grad dtype (and device) serves all
+// tensors, one block per chunk. Pure streaming (read acc and grad, write acc), so the kernel is about bytes in
+// flight: kVec-element vector loads, kUnroll of them issued before the first add.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <map>
+#include <utility>
 #include <vector>
 
 #include "../accumulate.h"
+#include "multi_tensor.cuh"
 
 namespace semu_fast {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;
-constexpr int kThreads = 512;
-
+// At most 64 registers per thread, so 4 blocks fit an SM and a full table (kMaxBlocks) runs in one wave.
+// __grid_constant__: the table is read in place from the kernel argument space, never copied per thread.
 template <typename scalar_t>
-__global__ void accumulate_chunks_kernel(const int64_t* __restrict__ table) {
-  const int64_t* row = table + 4 * static_cast<int64_t>(blockIdx.x);
-  float* acc = reinterpret_cast<float*>(row[0]) + row[2];
-  const scalar_t* grad = reinterpret_cast<const scalar_t*>(row[1]) + row[2];
-  const int64_t length = row[3];
-  for (int64_t j = threadIdx.x; j < length; j += blockDim.x) acc[j] += static_cast<float>(grad[j]);
+__global__ void __launch_bounds__(kMultiTensorThreads, 4)
+    accumulate_kernel(const __grid_constant__ ChunkTable<2> table) {
+  const Chunk chunk = block_chunk(table);
+  float* acc = static_cast<float*>(table.ptrs[0][chunk.tensor]) + chunk.begin;
+  const scalar_t* grad = static_cast<const scalar_t*>(table.ptrs[1][chunk.tensor]) + chunk.begin;
+  const int64_t n = chunk.length;
+  const bool vector = pack_aligned(acc) && pack_aligned(grad);
+  for (int64_t pass = 0; pass * kTile < n; ++pass) {
+    Pack<float> a[kUnroll];
+    Pack<scalar_t> g[kUnroll];
+    load_pass(acc, grad, pass, n, vector, a, g);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      // One fp32 add of the exactly converted value, as the CPU kernel and acc + grad.float(): bit-exact.
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) a[u].v[k] += static_cast<float>(g[u].v[k]);
+      store_pack(acc, pack_start(pass, u), n, vector, a[u]);
+    }
+  }
 }
 
 void accumulate_cuda(at::TensorList accumulators, at::TensorList grads) {
   check_accumulate_args(accumulators, grads, c10::DeviceType::CUDA);
-  if (accumulators.empty()) return;
-  const c10::cuda::CUDAGuard guard(accumulators[0].device());
   // Contiguous grads are kept alive here until the launches are queued (the caching allocator orders reuse on
   // the stream, so nothing is freed under a running kernel).
   std::vector<at::Tensor> contiguous;
-  std::map<std::pair<c10::ScalarType, c10::DeviceIndex>, std::vector<int64_t>> tables;
+  contiguous.reserve(grads.size());
+  std::map<std::pair<c10::DeviceIndex, c10::ScalarType>, std::vector<TensorRef<2>>> groups;
   for (size_t i = 0; i < accumulators.size(); ++i) {
     contiguous.push_back(grads[i].contiguous());
     const at::Tensor& grad = contiguous.back();
-    auto& table = tables[{grad.scalar_type(), grad.device().index()}];
-    for (int64_t start = 0; start < grad.numel(); start += kChunk) {
-      table.insert(table.end(), {reinterpret_cast<int64_t>(accumulators[i].data_ptr<float>()),
-                                 reinterpret_cast<int64_t>(grad.data_ptr()), start,
-                                 std::min(kChunk, grad.numel() - start)});
-    }
+    void* ptrs[2] = {accumulators[i].data_ptr(), const_cast<void*>(grad.const_data_ptr())};
+    groups[{grad.device().index(), grad.scalar_type()}].push_back(
+        {{ptrs[0], ptrs[1]}, grad.numel(), static_cast<int32_t>(i), /*first_slot=*/0});
   }
-  for (auto& [key, table] : tables) {
-    if (table.empty()) continue;
-    const auto [dtype, index] = key;
-    const c10::cuda::CUDAGuard device_guard(index);
-    const at::Tensor host = at::from_blob(table.data(), {static_cast<int64_t>(table.size())}, at::kLong);
-    const at::Tensor rows = host.to(at::Device(at::kCUDA, index));
-    const auto stream = at::cuda::getCurrentCUDAStream(index);
-    const auto blocks = static_cast<unsigned>(table.size() / 4);
+  for (const auto& [key, refs] : groups) {
+    const auto [device, dtype] = key;
+    const c10::cuda::CUDAGuard guard(device);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
+    int64_t total = 0;
+    for (const auto& ref : refs) total += ref.numel;
+    const int64_t chunk = chunk_elements(total, static_cast<int64_t>(refs.size()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "accumulate_cuda", [&] {
-      accumulate_chunks_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(rows.const_data_ptr<int64_t>());
+      multi_tensor_apply<2>(refs, chunk, [&](const ChunkTable<2>& table, int blocks) {
+        accumulate_kernel<scalar_t><<<blocks, kMultiTensorThreads, 0, stream>>>(table);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -4,6 +4,9 @@
 #include <torch/torch.h>
 
 #include <iostream>
+#include <vector>
+
+#include "../gram_svd.h"
 
 namespace {
 
@@ -55,6 +58,14 @@ void test_accumulate_rejects_bad_input_untouched() {
     threw = true;
   }
   expect(threw, "integer grads raise");
+  threw = false;
+  try {
+    accumulate({acc, acc}, {good, good});  // the same accumulator twice: the adds would race on a GPU
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  expect(threw, "a duplicated accumulator raises");
+  expect(torch::equal(acc, torch::zeros({4})), "a duplicated accumulator leaves it untouched");
 }
 
 void test_gram_svd_reconstructs_the_batch() {
@@ -67,6 +78,76 @@ void test_gram_svd_reconstructs_the_batch() {
   expect(torch::allclose(rebuilt, G, 1e-4, 1e-4), "gram_svd: U diag(S) Vh == G");
   auto reference = torch::linalg_svdvals(G.to(at::kDouble));
   expect(torch::allclose(S.to(at::kDouble), reference, 1e-5, 1e-6), "gram_svd: S equals the LAPACK singular values");
+}
+
+// The Jacobi of the CUDA gram_svd kernel (csrc/cuda/gram_svd.cu), step for step but serially (the updates of one
+// step touch disjoint elements, so their order does not matter): CI machines have no GPU, so this is where its
+// math (round-robin schedule with a padding index, rotations, 2x2 block updates, convergence test, sort) is
+// checked. Returns the eigenvalues sorted descending.
+std::vector<double> gpu_jacobi_on_host(const at::Tensor& gram, at::Tensor& vectors) {
+  using namespace semu_fast;
+  const int n = static_cast<int>(gram.size(0)), np = jacobi_padded(n), half = np / 2;
+  std::vector<double> a(np * np, 0.0), vt(np * np, 0.0);
+  for (int i = 0; i < np; ++i) vt[i * np + i] = 1.0;
+  auto g = gram.accessor<double, 2>();
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) a[i * np + j] = g[i][j];
+  std::vector<JacobiRotation> rot(half);
+  std::vector<int> pp(half), pq(half);
+  for (int sweep = 0; sweep < kJacobiMaxSweeps; ++sweep) {
+    double off = 0.0, diag = 0.0;
+    for (int i = 0; i < n; ++i)
+      for (int j = i; j < n; ++j) (i == j ? diag : off) += a[i * np + j] * a[i * np + j];
+    if (jacobi_converged(off, diag)) break;
+    for (int step = 0; step < np - 1; ++step) {
+      for (int i = 0; i < half; ++i) {
+        jacobi_pair(np, step, i, pp[i], pq[i]);
+        rot[i] = jacobi_rotation(a[pp[i] * np + pp[i]], a[pq[i] * np + pq[i]], a[pp[i] * np + pq[i]]);
+      }
+      for (int i = 0; i < half; ++i) {
+        const int p = pp[i], q = pq[i];
+        if (rot[i].s != 0.0) jacobi_rotate_diagonal(a[p * np + p], a[q * np + q], a[p * np + q], a[q * np + p], rot[i]);
+        for (int j = i + 1; j < half; ++j) {
+          if (rot[i].s == 0.0 && rot[j].s == 0.0) continue;
+          const int r = pp[j], s = pq[j];
+          double xpr = a[p * np + r], xps = a[p * np + s], xqr = a[q * np + r], xqs = a[q * np + s];
+          jacobi_rotate_block(xpr, xps, xqr, xqs, rot[i], rot[j]);
+          a[p * np + r] = a[r * np + p] = xpr;
+          a[p * np + s] = a[s * np + p] = xps;
+          a[q * np + r] = a[r * np + q] = xqr;
+          a[q * np + s] = a[s * np + q] = xqs;
+        }
+        if (rot[i].s != 0.0)
+          for (int r = 0; r < n; ++r) jacobi_rotate_pair(vt[p * np + r], vt[q * np + r], rot[i]);
+      }
+    }
+  }
+  std::vector<double> eig(n), sorted(n);
+  for (int i = 0; i < n; ++i) eig[i] = a[i * np + i];
+  vectors = torch::empty({n, n}, torch::kDouble);  // column k: eigenvector of sorted[k]
+  for (int i = 0; i < n; ++i) {
+    const int k = descending_rank(eig.data(), i, n);
+    sorted[k] = eig[i];
+    for (int r = 0; r < n; ++r) vectors[r][k] = vt[i * np + r];
+  }
+  return sorted;
+}
+
+void test_gpu_jacobi_math_on_the_host() {
+  for (int n : {1, 2, 3, 9, 25, 49, 55, 64}) {
+    auto G = torch::randn({2 * n + 3, n}, torch::kDouble);
+    G.narrow(1, 0, 1).mul_(1e-4);  // a small singular value too
+    const auto gram = G.t().mm(G);
+    at::Tensor V;
+    const auto eig = gpu_jacobi_on_host(gram, V);
+    const auto expected = std::get<0>(torch::linalg_eigh(gram)).flip(0);
+    const double top = expected[0].item<double>();
+    const auto got = torch::tensor(eig, torch::kDouble);
+    expect((got - expected).abs().max().item<double>() <= 1e-13 * top, "gpu Jacobi: eigenvalues match LAPACK");
+    expect(torch::allclose(V.t().mm(V), torch::eye(n, torch::kDouble), 0, 1e-13), "gpu Jacobi: V orthonormal");
+    expect((gram.mm(V) - V * got).abs().max().item<double>() <= 1e-12 * top, "gpu Jacobi: A V = V diag(eig)");
+    for (int k = 1; k < n; ++k) expect(eig[k - 1] >= eig[k], "gpu Jacobi: eigenvalues sorted descending");
+  }
 }
 
 void test_projection_is_orthogonal() {
@@ -90,6 +171,7 @@ int main() {
   test_accumulate_matches_reference();
   test_accumulate_rejects_bad_input_untouched();
   test_gram_svd_reconstructs_the_batch();
+  test_gpu_jacobi_math_on_the_host();
   test_projection_is_orthogonal();
   if (failures == 0) std::cout << "all semu_fast C++ op tests passed\n";
   return failures == 0 ? 0 : 1;

@@ -29,7 +29,8 @@ class Kernel:
         only recorded, as served by "torch"). fake: its meta implementation. impls: Python-side backends by name
         ("torch" always; "triton" optional). cpp: csrc/ops.cpp defines the schema and semu_fast._C may hold C++/CUDA
         kernels. triton_module: the semu_fast.triton_kernels module the Triton backend needs. triton_gate: when set,
-        why the Triton kernel is not the CUDA default (it serves only when forced)."""
+        why the Triton kernel is not the CUDA default (it serves only when forced). cuda_after_triton: when set, the
+        Triton kernel comes before the CUDA one on a GPU, for the measured reason given."""
 
     schema: Optional[str]
     fake: Optional[Callable] = None
@@ -37,6 +38,7 @@ class Kernel:
     cpp: bool = False
     triton_module: Optional[str] = None
     triton_gate: Optional[str] = None
+    cuda_after_triton: Optional[str] = None  # when set: the Triton kernel measured faster on a GPU, and why
     note: str = ""  # why an op has a single backend (shown for the others)
 
 
@@ -64,10 +66,15 @@ def _availability(op: str, kernel: Kernel, device: str, backend: str) -> str:
 def _choose(op: str, kernel: Kernel, device: str) -> None:
     candidates = [b for b in _registry.BACKENDS if b != ("cuda" if device == "CPU" else "cpp")]
     reasons = {b: _availability(op, kernel, device, b) for b in candidates}
-    usable = [b for b in PREFERENCE[device] if not reasons[b]]
+    preference = PREFERENCE[device]
+    if device == "CUDA" and kernel.cuda_after_triton:
+        preference = ("triton", "cuda", "torch")
+    usable = [b for b in preference if not reasons[b]]
     chosen = usable[0]  # "torch" is always usable
+    if chosen == "triton" and kernel.cuda_after_triton and not reasons["cuda"]:
+        reasons["cuda"] = f"{kernel.cuda_after_triton}; {_registry.IMPL_ENV}=cuda uses it"
     force = _registry.forced()
-    gated = kernel.triton_gate is not None and reasons.get(force) == kernel.triton_gate
+    gated = reasons.get(force) in (kernel.triton_gate, f"{kernel.cuda_after_triton}; {_registry.IMPL_ENV}=cuda uses it")
     if force in reasons and force != chosen:
         if reasons[force] and not gated:
             warnings.warn(f"{_registry.IMPL_ENV}={force} cannot serve {op} on {device}: {reasons[force]}; "

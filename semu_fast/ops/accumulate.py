@@ -80,8 +80,12 @@ def _matmul_torch(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
+# Measured on an H200 (benchmarks/RESULTS.md): the Triton kernel (one launch per tensor) moved 4.05 TB/s with bf16
+# gradients and 4.06 with fp32; the multi-tensor CUDA kernel 2.97 and 3.70 (a plain torch loop: 2.68 and 4.08).
+_CUDA_SLOWER = "measured slower than the Triton kernel on an H200 (2.97 vs 4.05 TB/s with bf16 gradients)"
 KERNELS = {"accumulate_": Kernel(SCHEMA, fake=lambda accumulators, grads: None,
-                                 impls={"torch": _torch, "triton": _triton}, cpp=True, triton_module="accumulate"),
+                                 impls={"torch": _torch, "triton": _triton}, cpp=True, triton_module="accumulate",
+                                 cuda_after_triton=_CUDA_SLOWER),
            "accumulate_matmul_": Kernel("accumulate_matmul_(Tensor(a!) acc, Tensor a, Tensor b) -> ()",
                                         fake=lambda acc, a, b: None, impls={"torch": _matmul_torch})}
 
