@@ -1,11 +1,12 @@
-"""sf.prepare on Llama-shaped causal LMs (transformers' LlamaForCausalLM built from a LlamaConfig, random init, bf16,
-every projection Linear targeted), phase by phase, against its anchors in one run:
+"""sf.prepare on Llama-shaped causal LMs (transformers' LlamaForCausalLM built from a LlamaConfig, random init, bf16
+on a GPU, every projection Linear targeted), phase by phase, against its anchors in one run:
   - the gradient pass against a plain forward + backward over the same batches (the floor any method pays);
   - the SVD phase per weight shape, on the real summed gradients: ours (auto) against the exact SVD and the Gram
     path (--compare-svd; the exact SVD of every layer would take minutes, so one layer per shape);
   - peak memory against the floor: the bf16 weights plus the float32 accumulators of the targeted weights.
 Sizes: --size 100m | 350m | 1.1b (TinyLlama's shapes) | 7b (Llama-2-7B's); the 7B case is the GPU headline (goal:
-whole prepare under 60 s on one H200 at <= 1.2x the floor)."""
+whole prepare under 60 s on one H200 at <= 1.2x the floor). --dtype float32 on CPUs without bf16 GEMMs (AVX2 only:
+there a bf16 matmul ran 400x slower than float32)."""
 from __future__ import annotations
 
 import resource
@@ -27,7 +28,7 @@ SIZES = {"tiny": (64, 160, 2, 4, 2), "100m": (768, 2048, 12, 12, 12), "350m": (1
 TARGETS = ["self_attn.(q|k|v|o)_proj", "mlp.(gate|up|down)_proj"]
 
 
-def build(size: str, device: torch.device):
+def build(size: str, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, layers, heads, kv = SIZES[size]
@@ -36,7 +37,7 @@ def build(size: str, device: torch.device):
                          max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 7B model initialised on a CPU takes minutes
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -116,6 +117,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default 256 CPU, 512 GPU)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 1 CPU, 4 GPU)")
     parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--compare-svd", action="store_true", help="time the exact and Gram SVDs per shape too")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -127,7 +129,8 @@ def main(argv=None):
     args.batch = args.batch or (4 if gpu else 1)
     sf.calibrate(device)  # measured before the clock starts (it is cached for later runs)
 
-    model = build(args.size, device)
+    dtype = getattr(torch, args.dtype)
+    model = build(args.size, device, dtype)
     data = batches(args.sequences, args.tokens, args.batch, device)
     config = sf.SEMUConfig(gamma=args.gamma, target_modules=TARGETS)
     targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "proj" in n}
@@ -143,7 +146,7 @@ def main(argv=None):
     used = peak(device) - before + (before if gpu else 0)  # GPU: everything allocated; CPU: the process's growth
     report = semu_model.report
     ks = sorted(layer.k for layer in report.layers)
-    title = (f"sf.prepare on a Llama-{args.size} shape (bf16, {len(targets)} projection Linears), {args.sequences} x "
+    title = (f"sf.prepare on a Llama-{args.size} shape ({args.dtype}, {len(targets)} projection Linears), {args.sequences} x "
              f"{args.tokens} tokens, gamma {args.gamma}, {device_name(device)}")
     with Table(title, args.json) as table:
         table.add({"plain fwd+bwd s": plain, "gradients s": report.timings["gradients"],

@@ -17,7 +17,10 @@ from .ops.lowrank import conv_delta_weight
 class SEMUAdapter(nn.Module):
     """Base of the Linear and Conv2d adapters. U and Vh are float32 buffers, R a float32 zero-initialised Parameter.
 
-    rank: k (the size of R); ranks: for conv layers, each input channel's own k (columns beyond it are zero)."""
+    rank: k (the size of R); ranks: for conv layers, each input channel's own k (columns beyond it are zero).
+    Every attribute of the base layer reads through the adapter (in_features, kernel_size, ...), as peft's LoRA
+    layers do, so code that inspects layers keeps working; `weight` and `bias` are the base layer's (the weight
+    without the adapter's term; the adapted weight is weight + delta_weight())."""
 
     def __init__(self, base_layer: nn.Module, U: torch.Tensor, Vh: torch.Tensor, R_shape, ranks=None):
         super().__init__()
@@ -30,6 +33,14 @@ class SEMUAdapter(nn.Module):
         self.merged = False
         self.disabled = False
         self._original_weight: Optional[torch.Tensor] = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # the adapter's own parameters, buffers and modules
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
     @property
     def rank(self) -> int:

@@ -31,6 +31,8 @@ class Checkpoint:
             raise ValueError(f"checkpoint_every must be a positive int or None, got {every!r}")
         if every is not None and folder is None:
             raise ValueError("checkpoint_every needs checkpoint_dir (where to write the checkpoints)")
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ValueError(f"checkpoint_dir {str(folder)!r} exists and is not a folder")
         self.folder = None if folder is None else Path(folder)
         self.every = every
         self.settings = settings
@@ -57,10 +59,11 @@ class Checkpoint:
             raise ValueError(f"{path} is corrupted or truncated ({err}); delete it to start afresh") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} checkpoint")
-        differ = {k: (state["settings"].get(k), v) for k, v in self.settings.items() if state["settings"].get(k) != v}
+        differ = sorted(k for k, v in self.settings.items() if state["settings"].get(k) != v)
         if differ:
-            raise ValueError(f"{path} was written with other training settings (saved, now): {differ}; pass the "
-                             f"same ones, use another checkpoint_dir, or resume=False")
+            raise ValueError(f"{path} was written by another run: {', '.join(differ)} differ (the SEMU config, the "
+                             f"targeted layers and their weights, and the optimizer settings must all match); pass "
+                             f"the same ones, use another checkpoint_dir, or resume=False")
         return state
 
     def save_adapters(self, semu_model, group) -> None:
@@ -74,6 +77,8 @@ class Checkpoint:
     def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group) -> None:
         if group is not None and group.rank != 0:  # every rank holds the same R
             return
+        for stale in self.folder.glob(f".{STATE_NAME}.*.tmp"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         state = {
             "format": FORMAT, "settings": self.settings, "run": run,
             "R": {name: a.R.detach().cpu() for name, a in semu_model.adapters.items()},

@@ -39,11 +39,17 @@ class SEMUConfig:
     conv_rank: "max" (one k per conv layer, the max over input channels) or "per_channel".
     target_modules / exclude_modules: regular expressions searched in module names (re.search); None = every
         Linear and Conv2d.
-    gamma_overrides: {pattern: gamma}; the first pattern found in a layer's name sets its gamma.
-    svd: "auto" (randomized for large Linear gradients, exact for small and conv ones), "exact", "randomized".
-    norm_mode: "eval" keeps norm layers' running statistics untouched in the gradient pass and in training;
-        "train" updates them on the forget data, as the official code does.
-    seed: seeds every random choice (randomized SVD, random labels).
+    gamma_overrides: {pattern: gamma}; the first pattern found in a layer's name sets its gamma (each pattern must
+        match a selected layer).
+    svd: "auto" (the path a cost model measured on this device picks: randomized, Gram or exact; conv batches take
+        the gram_svd kernel), "exact", "gram", "randomized" (see sf.ops.truncated_svd).
+    norm_mode: "eval" keeps norm layers' running statistics untouched (and dropout in the mode the model was left
+        in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
+        statistics on the forget data, as the official code does.
+    seed: seeds every random choice (randomized SVD, random labels); in [0, 2**63).
+    max_accumulator_bytes: a budget for the float32 gradient accumulators (None: all layers at once). When the
+        targeted layers' gradients exceed it, the forget pass runs once per group of layers that fits (more
+        compute, bounded memory).
     """
 
     gamma: float = 0.95
@@ -56,6 +62,7 @@ class SEMUConfig:
     svd: str = "auto"
     norm_mode: str = "eval"
     seed: int = 0
+    max_accumulator_bytes: Optional[int] = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: normalise in place once, here
@@ -72,8 +79,11 @@ class SEMUConfig:
         _check_patterns("gamma_overrides", list(self.gamma_overrides))
         set_(self, "gamma_overrides", {p: check_gamma(f"gamma_overrides[{p!r}]", g)
                                        for p, g in self.gamma_overrides.items()})
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        budget = self.max_accumulator_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"max_accumulator_bytes must be a positive int (bytes) or None, got {budget!r}")
 
     def gamma_for(self, layer_name: str) -> float:
         for pattern, gamma in self.gamma_overrides.items():

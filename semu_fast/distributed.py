@@ -50,10 +50,17 @@ def resolve(distributed: Optional[bool], process_group=None) -> Optional[Group]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a DDP wrapper holds (the forget pass must not trigger DDP's per-batch gradient averaging); an FSDP2
-    model as it is; FSDP1 and other sharded (DTensor) models are refused with what they need."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+    """The module a DDP wrapper holds (the forget pass must not trigger DDP's per-batch gradient averaging), and the
+    model inside nn.DataParallel or torch.compile's wrapper (so layer names carry no "module." / "_orig_mod."
+    prefix and the adapters load on the plain model); an FSDP2 model as it is; FSDP1 and other sharded (DTensor)
+    models are refused with what they need."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            break
     fsdp1, fsdp2, dtensor = _sharding(model)
     if fsdp1 or (dtensor and not fsdp2):
         raise TypeError("this sharded model is not supported: SEMU takes plain, DDP-wrapped or FSDP2 (fully_shard) "

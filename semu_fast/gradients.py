@@ -16,13 +16,21 @@ LossFn = Callable[[nn.Module, object], torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+
+
 def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
-    """model.train(), but with norm layers in eval mode unless norm_mode == "train" (the official behaviour)."""
+    """model.train() as the official code does for norm_mode == "train"; for "eval" (the default) norm layers stay
+    in eval mode and dropout layers in the mode the user left them, so an eval-mode model gives the same gradients
+    (and ranks) on every run."""
+    dropout = {m: m.training for m in model.modules() if isinstance(m, DROPOUT_TYPES)}
     model.train()
     if norm_mode == "eval":
         for module in model.modules():
             if isinstance(module, NORM_TYPES):
                 module.eval()
+        for module, mode in dropout.items():
+            module.train(mode)
 
 
 class _ModelState:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch.nn as nn
 
@@ -65,4 +66,43 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         chosen = {name: m for name, m in chosen.items() if name not in excluded}
     if not chosen:
         raise ValueError(f"no layer left to adapt after target_modules/exclude_modules; candidates: {candidates}")
+    if config.gamma_overrides:
+        matches(list(config.gamma_overrides), chosen)  # a gamma_overrides pattern must pick a layer, as targets do
+    _check_shared_weights(model, chosen)
     return chosen
+
+
+def skipped_layers(model: nn.Module, config: SEMUConfig) -> dict[str, str]:
+    """{name: why} for the layers with a weight that the config's patterns would cover but SEMU cannot adapt
+    (grouped convs, nn.MultiheadAttention's out_proj, embeddings, other conv kinds): the report lists them."""
+    out = {}
+    for name, module in model.named_modules():
+        reason = unsupported_reason(module) if name else ""
+        if not reason or reason == "not a layer":
+            continue
+        if config.target_modules is not None and not any(re.search(p, name) for p in config.target_modules):
+            continue
+        if config.exclude_modules is not None and any(re.search(p, name) for p in config.exclude_modules):
+            continue
+        out[name] = reason
+    return out
+
+
+def _check_shared_weights(model: nn.Module, chosen: dict) -> None:
+    """Two adapted layers on one weight tensor cannot both be merged and unmerged exactly: refuse. A weight shared
+    with a module SEMU does not adapt (an LM head tied to the embeddings) is fine until merged: warn."""
+    owners: dict[int, list] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0] if name.endswith(".weight") else name)
+    for name, layer in chosen.items():
+        sharing = [o for o in owners.get(id(layer.weight), []) if o != name]
+        adapted = [o for o in sharing if o in chosen]
+        if adapted:
+            pattern = f"^{re.escape(adapted[0])}$"
+            raise ValueError(f"layers {name!r} and {adapted[0]!r} share one weight tensor, and SEMU adapts each "
+                             f"weight once: keep one of them (exclude_modules=[{pattern!r}]), or untie the weights "
+                             f"first")
+        if sharing:
+            warnings.warn(f"{name}.weight is shared with {', '.join(sharing)}: the adapter acts on {name} only, but "
+                          f"merge_adapters()/merge_and_unload() would write into the shared tensor and change those "
+                          f"too; keep the adapters unmerged (or export them as LoRA) for an exact original elsewhere")

@@ -21,7 +21,8 @@ class SEMUModel(nn.Module):
     """Wraps `model` (changed in place: each adapted layer is swapped for its adapter) and forwards to it.
 
     Only the adapters' R matrices require grad; every other parameter's requires_grad is restored by unload()
-    and merge_and_unload()."""
+    and merge_and_unload(). After those two the SEMUModel is detached: it holds no adapters any more, and calls that
+    would act on them (save, merge, unmerge, disable, unload) raise instead of silently doing nothing."""
 
     def __init__(self, model: nn.Module, adapters: dict[str, SEMUAdapter], config: SEMUConfig, report: SEMUReport):
         super().__init__()
@@ -29,6 +30,7 @@ class SEMUModel(nn.Module):
         self.config = config
         self.report = report
         self._saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._detached_by = None
         for param in model.parameters():
             param.requires_grad_(False)
         for name, adapter in adapters.items():
@@ -44,13 +46,21 @@ class SEMUModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [adapter.R for adapter in self.adapters.values()]
 
+    def _attached(self, action: str) -> None:
+        if self._detached_by is not None:
+            raise RuntimeError(f"cannot {action}: this SEMUModel was detached by {self._detached_by}() and holds no "
+                               f"adapters any more (its model is the plain one); keep the adapters with "
+                               f"save_adapters() before unloading, or load them again with sf.load_adapters()")
+
     def merge_adapters(self) -> None:
         """Write W + U R Vh into every adapted weight (reversible with unmerge_adapters)."""
+        self._attached("merge_adapters")
         for adapter in self.adapters.values():
             adapter.merge()
 
     def unmerge_adapters(self) -> None:
         """Give every merged weight back bit for bit."""
+        self._attached("unmerge_adapters")
         for adapter in self.adapters.values():
             adapter.unmerge()
 
@@ -58,6 +68,7 @@ class SEMUModel(nn.Module):
     def merged(self):
         """The adapters merged into the weights inside the block (a faster forward, e.g. for sampling), the weights
         given back bit for bit afterwards; adapters merged before the block stay merged."""
+        self._attached("merge the adapters")
         unmerged = [a for a in self.adapters.values() if not a.merged]
         try:
             for adapter in unmerged:
@@ -70,6 +81,7 @@ class SEMUModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self):
         """Run the original model inside the block (merged weights are unmerged for it, then merged again)."""
+        self._attached("disable_adapters")
         adapters = list(self.adapters.values())
         merged = [a for a in adapters if a.merged]
         for adapter in merged:
@@ -84,24 +96,26 @@ class SEMUModel(nn.Module):
             for adapter in merged:
                 adapter.merge()
 
-    def _remove_adapters(self) -> nn.Module:
+    def _remove_adapters(self, by: str) -> nn.Module:
         for name, adapter in self.adapters.items():
             replace_module(self.model, name, adapter.base_layer)
         for param, flag in self._saved_requires_grad:
             param.requires_grad_(flag)
+        self._detached_by = by
         return self.model
 
     def unload(self) -> nn.Module:
         """The original model with its original layers and weights (bit for bit); the adapters are dropped."""
         self.unmerge_adapters()
-        return self._remove_adapters()
+        return self._remove_adapters("unload")
 
     def merge_and_unload(self) -> nn.Module:
         """The original model with W + U R Vh written into each adapted layer: a plain model, permanently changed."""
+        self._attached("merge_and_unload")
         for adapter in self.adapters.values():
             adapter.merge()
             adapter._original_weight = None
-        return self._remove_adapters()
+        return self._remove_adapters("merge_and_unload")
 
     def save_adapters(self, path) -> None:
         """Write R, U, Vh and the ranks of every adapter to the folder `path` (safetensors + JSON), atomically."""
@@ -110,21 +124,37 @@ class SEMUModel(nn.Module):
 
 def save_adapters(semu_model: SEMUModel, path) -> None:
     """Write semu_model's adapters (R, U, Vh, ranks), its SEMUConfig and its report to the folder `path`."""
+    semu_model._attached("save_adapters")
     tensors, layers = {}, {}
     for name, adapter in semu_model.adapters.items():
         for part in ("R", "U", "Vh"):
             tensors[f"{name}.{part}"] = getattr(adapter, part)
-        layers[name] = {"kind": adapter.kind, "shape": list(adapter.base_layer.weight.shape), "k": adapter.rank,
-                        "ranks": adapter.ranks}
+        weight = adapter._original_weight if adapter.merged else adapter.base_layer.weight
+        layers[name] = {"kind": adapter.kind, "shape": list(weight.shape), "k": adapter.rank, "ranks": adapter.ranks,
+                        "base_fingerprint": serialization.fingerprint(weight)}
     serialization.write_folder(path, tensors, {"semu_config": semu_model.config.to_dict(), "layers": layers,
                                                "report": semu_model.report.to_dict()})
 
 
-def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict) -> nn.Module:
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the adapter file has layer {name!r}, which the model does not have") from None
+# Wrappers whose prefix a saved layer name may carry: torch.compile's OptimizedModule and nn.DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _find_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """(name in `model`, layer) for a saved layer name, also when it was saved from (or is loaded onto) a compiled or
+    DataParallel wrapper of the model."""
+    candidates = [name] + [name[len(p):] for p in _WRAPPER_PREFIXES if name.startswith(p)]
+    candidates += [p + c for c in list(candidates) for p in _WRAPPER_PREFIXES]
+    for candidate in candidates:
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise ValueError(f"the adapter file has layer {name!r}, which the model does not have")
+
+
+def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_base: bool) -> tuple[str, nn.Module]:
+    found, layer = _find_layer(model, name)
     kind = info.get("kind")
     expected = {"linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
     if expected is None or not isinstance(layer, expected):
@@ -132,33 +162,39 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict) -> nn.M
     if list(layer.weight.shape) != list(info.get("shape", [])):
         raise ValueError(f"layer {name!r} has weight shape {tuple(layer.weight.shape)} but the adapters were "
                          f"made for {tuple(info.get('shape', []))}")
+    saved = info.get("base_fingerprint")
+    if check_base and saved is not None and serialization.fingerprint(layer.weight) != saved:
+        raise ValueError(f"layer {name!r} holds other weights than the ones the adapters were made for (another "
+                         f"checkpoint, seed or dtype?); load them onto that model, or pass check_base=False to apply "
+                         f"them anyway")
     for part, shape in serialization.factor_shapes(kind, layer.weight.shape, info.get("k")).items():
         tensor = tensors.get(f"{name}.{part}")
         if tensor is None or tuple(tensor.shape) != shape or not tensor.is_floating_point():
             got = None if tensor is None else f"{tensor.dtype} of shape {tuple(tensor.shape)}"
             raise ValueError(f"the adapter file's {name}.{part} should be a float tensor of shape {shape}, got {got}")
-    return layer
+    return found, layer
 
 
-def load_adapters(model: nn.Module, path) -> SEMUModel:
+def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUModel:
     """Install the adapters saved in folder `path` on `model` (the original model, without adapters).
 
-    Everything is checked (files intact, every layer present with the same type and shape) before the model is
-    changed; R, U and Vh come back exactly as saved."""
+    Everything is checked before the model is changed: the files intact (the weights' SHA-256), every layer present
+    with the same type and shape, every value finite, and (check_base) each base weight the one the adapters were
+    made for. R, U and Vh come back exactly as saved."""
     config, tensors = serialization.read_folder(path)
-    layers = {name: _check_layer(model, name, info, tensors) for name, info in config["layers"].items()}
+    layers = {name: _check_layer(model, name, info, tensors, check_base) for name, info in config["layers"].items()}
     semu_config = SEMUConfig.from_dict(config["semu_config"])
     adapters = {}
-    for name, layer in layers.items():
+    for name, (found, layer) in layers.items():
         info = config["layers"][name]
         U, Vh = tensors[f"{name}.U"], tensors[f"{name}.Vh"]
         adapter = SEMUConv2d(layer, U, Vh, info.get("ranks")) if info["kind"] == "conv2d" else \
             SEMULinear(layer, U, Vh)
         with torch.no_grad():
             adapter.R.copy_(tensors[f"{name}.R"])
-        adapters[name] = adapter
+        adapters[found] = adapter
     saved_report = config.get("report", {})
     report = SEMUReport(layers=[LayerReport(**{**entry, "shape": tuple(entry["shape"])})
                                 for entry in saved_report.get("layers", [])],
-                        total_params=saved_report.get("total_params", 0))
+                        total_params=saved_report.get("total_params", 0), skipped=saved_report.get("skipped", {}))
     return SEMUModel(model, adapters, semu_config, report)

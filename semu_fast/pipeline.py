@@ -16,7 +16,7 @@ from ._profile import annotate
 from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import LossFn, accumulate_gradients
-from .layers import select_layers
+from .layers import select_layers, skipped_layers
 from .model import SEMUModel
 from .ops.svd import conv_gradient_matrices
 from .report import LayerReport, SEMUReport
@@ -30,7 +30,49 @@ def _phase(name: str, timings: dict, device: torch.device):
         yield
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _accumulator_groups(layers: dict, budget: Optional[int]) -> list[dict]:
+    """The layers in model order, cut into groups whose float32 gradient accumulators fit `budget` bytes together
+    (one group without a budget). Each group costs a whole forget pass: the budget trades compute for memory."""
+    if budget is None:
+        return [layers]
+    parts, current, used = [], {}, 0
+    for name, layer in layers.items():
+        size = layer.weight.numel() * 4
+        if size > budget:
+            raise ValueError(f"max_accumulator_bytes={budget} cannot hold the float32 gradient of layer {name!r} "
+                             f"({size} bytes); raise it to at least that, or exclude the layer")
+        if used + size > budget:
+            parts.append(current)
+            current, used = {}, 0
+        current[name] = layer
+        used += size
+    return parts + [current]
+
+
+def check_loader(name: str, loader, passes: int = 1) -> None:
+    """A loader of batches that can be read `passes` times: not None, iterable, not empty when its length is known,
+    and not a one-shot iterator when read more than once."""
+    if loader is None or isinstance(loader, (torch.Tensor, str, bytes, dict)) or not isinstance(loader, Iterable):
+        raise TypeError(f"{name} must be an iterable of batches (a list or a DataLoader), got "
+                        f"{type(loader).__name__}")
+    if passes > 1 and iter(loader) is loader:
+        raise ValueError(f"{name} is a one-shot iterator, but it is read {passes} or more times (the gradient pass, "
+                         f"then every epoch); pass a list or a DataLoader")
+    if hasattr(loader, "__len__") and len(loader) == 0:
+        raise ValueError(f"{name} is empty: give at least one batch")
+
+
+def _check_model_and_mode(layers: dict) -> None:
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        raise RuntimeError("prepare computes gradients, but it was called with grad mode off (inside torch.no_grad() "
+                           "or torch.inference_mode()); call it outside that block")
+    meta = [name for name, layer in layers.items() if layer.weight.is_meta]
+    if meta:
+        raise ValueError(f"layer(s) {', '.join(meta[:5])} hold their weights on the meta device (no values yet): load "
+                         f"the weights (load_state_dict(..., assign=True), from_pretrained) before prepare")
 
 
 def _project(grads: dict, layers: dict, mine: list, projection: str) -> None:
@@ -92,7 +134,9 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
 
     loss_fn(model, batch) -> scalar; None means cross-entropy on (inputs, targets) batches. Base weights are never
     written; every check runs before the model is changed. Returns a SEMUModel whose .report lists per layer the
-    shape, rank k, captured variance and trainable parameters, the totals and the time of each phase.
+    shape, rank k, captured variance and trainable parameters, the totals and the time of each phase. With
+    config.max_accumulator_bytes the layers are split into groups whose float32 gradients fit that budget, and the
+    forget data is passed once per group (the model stays unchanged until every group's factors exist).
 
     distributed: None (default) runs on torch.distributed when it is initialised with several processes, True
     requires it, False never uses it. Then each rank passes its own shard of the forget data, the gradients are
@@ -107,23 +151,28 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     model = distributed_setup.unwrap(model)
     layers = select_layers(model, config)
     distributed_setup.check_fsdp_units(layers)
+    _check_model_and_mode(layers)
     device = layers[next(iter(layers))].weight.device
-    timings = {}
-    with _phase("gradients", timings, device):
-        grads = accumulate_gradients(model, forget_loader, layers, loss_fn,
-                                     config.norm_mode, group)
-    with _phase("projection", timings, device):
-        # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
-        owners = (distributed_setup.assign_owners({n: tuple(m.weight.shape) for n, m in layers.items()}, group.size)
-                  if group is not None else dict.fromkeys(layers, 0))
-        mine = [n for n in layers if owners[n] == (group.rank if group is not None else 0)]
-        _project(grads, layers, mine, config.projection)
+    parts = _accumulator_groups(layers, config.max_accumulator_bytes)
+    check_loader("forget_loader", forget_loader, passes=len(parts))
+    # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
+    owners = (distributed_setup.assign_owners({n: tuple(m.weight.shape) for n, m in layers.items()}, group.size)
+              if group is not None else dict.fromkeys(layers, 0))
+    mine = {n for n in layers if owners[n] == (group.rank if group is not None else 0)}
+    timings, factors = {}, {}
+    for part in parts:  # one forget pass per group of layers whose float32 gradients fit the budget together
+        with _phase("gradients", timings, device):
+            grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group)
+        with _phase("projection", timings, device):
+            _project(grads, part, [n for n in part if n in mine], config.projection)
+        with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
+            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config) if n in mine else None
+                            for n in part})
     with _phase("svd", timings, device):
-        factors = {n: _layer_factors(n, layers[n], grads.pop(n), config) if n in mine else None for n in layers}
-        grads.clear()
         if group is not None:
             factors = distributed_setup.broadcast_factors(factors, owners, group, device)
-        report = SEMUReport(total_params=sum(p.numel() for p in model.parameters()))
+        report = SEMUReport(total_params=sum(p.numel() for p in model.parameters()),
+                            skipped=skipped_layers(model, config))
         adapters: dict[str, SEMUAdapter] = {}
         for name in layers:
             adapter, layer_report = _install(name, layers[name], factors.pop(name), config)
@@ -132,5 +181,6 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
                 adapters[name] = adapter
     with _phase("install", timings, device):
         semu_model = SEMUModel(model, adapters, config, report)
+    report.gradient_passes = len(parts)
     report.timings = timings
     return semu_model

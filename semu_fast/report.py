@@ -26,6 +26,8 @@ class SEMUReport:
     total_params: int = 0          # every parameter of the model before adapters
     timings: dict = field(default_factory=dict)   # seconds per phase
     training: dict = field(default_factory=dict)  # filled by sf.unlearn: history, best epoch
+    skipped: dict = field(default_factory=dict)   # {layer: why SEMU could not adapt it}
+    gradient_passes: int = 1                      # forget passes (more than one under max_accumulator_bytes)
 
     @property
     def trainable_params(self) -> int:
@@ -39,7 +41,8 @@ class SEMUReport:
     def to_dict(self) -> dict:
         return {"layers": [asdict(layer) for layer in self.layers], "total_params": self.total_params,
                 "trainable_params": self.trainable_params, "trainable_share": self.trainable_share,
-                "timings": dict(self.timings), "training": dict(self.training)}
+                "timings": dict(self.timings), "training": dict(self.training), "skipped": dict(self.skipped),
+                "gradient_passes": self.gradient_passes}
 
     def __str__(self) -> str:
         rows = [f"{'layer':32s} {'kind':6s} {'shape':22s} {'gamma':>5s} {'k':>5s} {'captured':>8s} {'trainable':>10s}"]
@@ -49,6 +52,10 @@ class SEMUReport:
                         + (f"  ({layer.note})" if layer.note else ""))
         rows.append(f"trainable: {self.trainable_params} of {self.total_params} parameters "
                     f"({self.trainable_share:.3f}%)")
+        for reason in sorted(set(self.skipped.values())):
+            names = [name for name, why in self.skipped.items() if why == reason]
+            rows.append(f"skipped {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
+                        f"{reason}")
         if self.timings:
             rows.append("timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))
         return "\n".join(rows)

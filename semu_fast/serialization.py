@@ -1,22 +1,35 @@
-"""The SEMU adapter folder on plain tensors and dicts: adapters.safetensors ("<layer>.R", ".U", ".Vh") and
-adapter_config.json (format, SEMUConfig as a dict, each layer's kind, shape and ranks, the report). U and Vh are
-saved because they come from the forget-set gradients and cannot be rebuilt from the base weights.
+"""The SEMU adapter folder on plain tensors and dicts. This module never imports the model classes: semu_fast.model
+turns a SEMUModel into these pieces and back.
 
-This module never imports the model classes: semu_fast.model turns a SEMUModel into these pieces and back."""
+A folder holds adapter_config.json (format, SEMUConfig as a dict, each layer's kind, shape, ranks and a fingerprint
+of the base weight it was made for, the report, and the name and SHA-256 of the weights file) and that weights file,
+adapters-<digest>.safetensors ("<layer>.R", ".U", ".Vh"). U and Vh are saved because they come from the forget-set
+gradients and cannot be rebuilt from the base weights.
+
+Saving is atomic for the folder as a whole: the new weights file gets a new name, then the config that names it
+replaces the old config in one rename (the commit), then the files of older saves and stray temporaries go. A save
+killed at any point leaves a folder that loads as the old set or the new one, never a mix. Loading checks the
+digest, that the tensors are exactly the config's layers, and that every value is finite."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from ._utils import atomic_write
 
-FORMAT = "semu_fast.adapters/1"
-WEIGHTS_NAME = "adapters.safetensors"
+FORMAT = "semu_fast.adapters/2"
+OLD_FORMAT = "semu_fast.adapters/1"  # a fixed adapters.safetensors, without digests: still read
 CONFIG_NAME = "adapter_config.json"
+OLD_WEIGHTS_NAME = "adapters.safetensors"
+_WEIGHTS = re.compile(r"adapters-[0-9a-f]{16}\.safetensors")
+_TEMPORARY = re.compile(r"\..+\.tmp")  # atomic_write's temporaries
 
 
 def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
@@ -28,31 +41,70 @@ def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
     return {"U": (cin, out, k), "R": (cin, k, k), "Vh": (cin, k, khw)}
 
 
+def fingerprint(weight: torch.Tensor) -> dict:
+    """A cheap identity of a weight's values: its shape, dtype, and float64 sums over a fixed sample of at most
+    4096 evenly spaced elements. Other weights (another seed, another checkpoint, another dtype) give another one."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].double()
+    return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
+            "sum": float(sample.sum()), "sum_sq": float(sample.square().sum()),
+            "head": [float(v) for v in flat[:4].double()]}
+
+
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write the tensors and the JSON config into folder `path` (created if needed), each file atomically."""
+    """Write the tensors and the JSON config into folder `path` (created if needed), atomically as a whole."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, **config}
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata={"format": FORMAT})
+    digest = hashlib.sha256(data).hexdigest()
+    weights_name = f"adapters-{digest[:16]}.safetensors"
+    atomic_write(folder / weights_name, lambda tmp: Path(tmp).write_bytes(data))
+    text = json.dumps({"format": FORMAT, "weights_file": weights_name, "weights_sha256": digest, **config}, indent=2)
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))  # the commit
+    for stale in folder.iterdir():  # older saves' weights, and temporaries a killed save left
+        if (_WEIGHTS.fullmatch(stale.name) and stale.name != weights_name) or _TEMPORARY.fullmatch(stale.name) \
+                or stale.name == OLD_WEIGHTS_NAME:
+            stale.unlink(missing_ok=True)
 
 
 def read_folder(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter folder; errors name the file and what is wrong with it."""
     folder = Path(path)
+    config = _read_config(folder)
+    weights = folder / config.get("weights_file", OLD_WEIGHTS_NAME)
+    try:
+        data = weights.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"no {weights.name} in {folder} (named by its {CONFIG_NAME})") from None
+    if config["format"] == FORMAT and hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
+        raise ValueError(f"{weights} does not match the SHA-256 its {CONFIG_NAME} records: the file is corrupted")
+    try:
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is corrupted or truncated ({err})") from None
+    expected = {f"{name}.{part}" for name in config["layers"] for part in ("R", "U", "Vh")}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise ValueError(f"{weights} does not hold exactly the layers of its {CONFIG_NAME}: tensors without a layer "
+                         f"{extra[:6]}, layers without tensors {missing[:6]}")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{weights} holds NaN or Inf in {', '.join(sorted(bad)[:6])}")
+    return config, tensors
+
+
+def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a saved SEMU adapter folder") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / CONFIG_NAME} is corrupted ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("layers"), dict):
+    if not isinstance(config, dict) or config.get("format") not in (FORMAT, OLD_FORMAT) \
+            or not isinstance(config.get("layers"), dict):
         raise ValueError(f"{folder / CONFIG_NAME} is not a {FORMAT} adapter config")
-    try:
-        tensors = load_file(folder / WEIGHTS_NAME)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{folder / WEIGHTS_NAME} is corrupted or truncated ({err})") from None
-    return config, tensors
+    name = config.get("weights_file", OLD_WEIGHTS_NAME)
+    if not isinstance(name, str) or os.sep in name or name.startswith("."):
+        raise ValueError(f"{folder / CONFIG_NAME} names an invalid weights file {name!r}")
+    return config

@@ -84,7 +84,7 @@ def test_batches_the_loss_cannot_use_leave_the_model_untouched():
     before = snapshot(model)
     with pytest.raises(TypeError, match=r"expects batches of \(inputs, targets\)"):
         sf.prepare(model, [torch.randn(4, 3, 6, 6)])
-    with pytest.raises(ValueError, match="yielded no batches"):
+    with pytest.raises(ValueError, match="forget_loader is empty|yielded no batches"):
         sf.prepare(model, [])
     assert_same_state(model, before)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())

@@ -209,7 +209,7 @@ def test_baselines_move_the_model_the_way_they_should():
     assert not torch.equal(rl[0].weight, model[0].weight)
     with pytest.raises(ValueError, match="FT needs retain data"):
         baselines.finetune(C.copy.deepcopy(model), forget, None, epochs=1, lr=1e-3)
-    with pytest.raises(ValueError, match="lr must be a positive"):
+    with pytest.raises(ValueError, match="lr must be a finite positive"):
         baselines.gradient_ascent(C.copy.deepcopy(model), forget, None, epochs=1, lr=0)
 
 

@@ -23,8 +23,9 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
     assert table["original"]["UA"] < 5 and table["original"]["TA"] > 98
     assert table["semu"]["UA"] > 90 and table["semu"]["RA"] > 85 and 0 < table["semu"]["trainable_share"] < 5
     for name in ("report.md", "run.json", "accuracy_per_epoch.png", "spectra.png", "trainable_share.png",
-                 "adapters/adapters.safetensors"):
+                 "adapters/adapter_config.json"):
         assert (folder / name).exists(), name
+    assert len(list((folder / "adapters").glob("adapters-*.safetensors"))) == 1
     assert "Avg. Gap" in out.stdout and "retrain" in out.stdout
     assert list((tmp_path / "cache").glob("digits-digits-cnn-seed0.pt"))
 

@@ -298,3 +298,44 @@ def test_prepare_on_cuda_matches_cpu():
                 # projector distance, free of sign and rotation within the kept space
                 dist = (x @ x.transpose(-1, -2) - y @ y.transpose(-1, -2)).abs().max().item()
                 assert dist < 1e-3, (name, part, dist)
+
+
+def test_accumulator_budget_splits_the_pass_and_gives_the_same_adapters(monkeypatch):
+    """With max_accumulator_bytes holding one layer's float32 gradient at a time, every forget pass keeps within the
+    budget, the data is passed once per group, and the factors equal the one-pass run's bit for bit."""
+    from semu_fast import pipeline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 5))
+    batches = [(torch.randn(8, 12), torch.randint(0, 5, (8,))) for _ in range(3)]
+    one_pass = sf.prepare(copy.deepcopy(model), batches, config=sf.SEMUConfig(gamma=0.9))
+    budget = 20 * 16 * 4  # the largest layer's gradient
+    held, calls = [], []
+    original = pipeline.accumulate_gradients
+
+    def recording(model, loader, layers, *args):
+        calls.append(list(layers))
+        grads = original(model, loader, layers, *args)
+        held.append(sum(g.numel() * g.element_size() for g in grads.values()))
+        return grads
+
+    monkeypatch.setattr(pipeline, "accumulate_gradients", recording)
+    split = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9, max_accumulator_bytes=budget))
+    assert calls == [["0"], ["2"], ["4"]] and max(held) <= budget
+    assert split.report.gradient_passes == 3 and one_pass.report.gradient_passes == 1
+    for name, adapter in one_pass.adapters.items():
+        assert torch.equal(adapter.U, split.adapters[name].U) and torch.equal(adapter.Vh, split.adapters[name].Vh)
+
+
+def test_accumulator_budget_errors_name_the_layer_and_the_one_shot_loader():
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 5))
+    batches = [(torch.randn(8, 12), torch.randint(0, 5, (8,)))]
+    with pytest.raises(ValueError, match="cannot hold the float32 gradient of layer '0'"):
+        sf.prepare(model, batches, config=sf.SEMUConfig(max_accumulator_bytes=100))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        sf.prepare(model, iter(batches), config=sf.SEMUConfig(max_accumulator_bytes=20 * 12 * 4))
+    assert all(isinstance(m, (nn.Linear, nn.Tanh)) for m in model)  # nothing installed
+    with pytest.raises(ValueError, match="max_accumulator_bytes must be a positive int"):
+        sf.SEMUConfig(max_accumulator_bytes=0)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+        sf.SEMUConfig(seed=2 ** 64)

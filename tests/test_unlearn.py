@@ -68,9 +68,11 @@ def test_custom_train_loss_is_used():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"optimizer": "lbfgs"}, "optimizer must be one of"),
-    ({"lr": 0}, "lr must be a positive"),
+    ({"lr": 0}, "lr must be a finite positive"),
     ({"epochs": 0}, "epochs must be a positive int"),
-    ({"momentum": -1}, "momentum must be a non-negative"),
+    ({"momentum": -1}, "momentum must be a finite non-negative"),
+    ({"lr": float("nan")}, "lr must be a finite positive"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite non-negative"),
 ])
 def test_bad_training_arguments_fail_before_the_model_changes(kwargs, match):
     model = small_cnn()
@@ -90,8 +92,9 @@ def test_same_seed_gives_identical_results():
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_semu_forgets_a_digit_class():
-    """The whole method on real data: a trained digits CNN forgets class 3 while keeping the others."""
+def test_semu_forgets_a_digit_class_with_the_default_settings():
+    """The whole method on real data, with sf.unlearn's defaults: a trained digits CNN forgets class 3 while keeping
+    the others (the official SGD lr 1e-5 left it at 100% there)."""
     from semu_fast.workflows.classification import pretrained_digits_cnn
     from semu_fast.workflows.digits import load_digits_split, loader
     from semu_fast.metrics import accuracy
@@ -100,7 +103,7 @@ def test_semu_forgets_a_digit_class():
     model = pretrained_digits_cnn(seed=0)
     forget, retain = loader(x[y == 3], y[y == 3]), loader(x[y != 3], y[y != 3])
     assert accuracy(model, forget) > 95
-    sm, _ = sf.unlearn(model, forget, optimizer="adam", lr=1e-2, epochs=5, progress=False)
+    sm, _ = sf.unlearn(model, forget, progress=False)
     assert accuracy(sm, forget) < 10
     assert accuracy(sm, retain) > 85
 

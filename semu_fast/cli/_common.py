@@ -40,6 +40,13 @@ def positive(kind):
     return parse
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**63), got {text}")
+    return value
+
+
 def device(text: str) -> str:
     """A torch device that exists here ("cpu", "cuda", "cuda:1")."""
     import torch
@@ -69,7 +76,7 @@ def add_run_flags(group, default_out: str, what: str) -> None:
     """--out, --seed and --quiet."""
     group.add_argument("--out", type=out_folder, default=Path(default_out),
                        help=f"folder for {what} (default ./{default_out})")
-    group.add_argument("--seed", type=int, default=0, help="seeds the data order, SEMU and everything random")
+    group.add_argument("--seed", type=seed, default=0, help="seeds the data order, SEMU and everything random")
     group.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_run_flags, default_cache, finish_run, fraction, gamma, positive
+from ._common import add_run_flags, default_cache, finish_run, fraction, gamma, positive, seed
 
 
 def _methods(text: str) -> tuple:
@@ -155,7 +155,7 @@ def register(sub) -> None:
                         "adapters on it)")
     ev.add_argument("--adapters", type=Path, default=None, help="a folder written by save_adapters")
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
-    ev.add_argument("--seed", type=int, default=0, help="seeds the split and the models trained here (use the one "
+    ev.add_argument("--seed", type=seed, default=0, help="seeds the split and the models trained here (use the one "
                     "the adapters were made with)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     ev.set_defaults(func=run_eval, parser=ev)

@@ -249,19 +249,6 @@ def _check_targets(model: nn.Module, target_modules) -> tuple:
     return target_modules
 
 
-def _warn_tied(model: nn.Module, target_modules: tuple) -> None:
-    """A targeted weight shared with another module (e.g. lm_head tied to the embeddings): merging would change both."""
-    owners: dict[int, list] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for name, layer in _linear_layers(model).items():
-        if any(re.search(p, name) for p in target_modules) and len(owners.get(id(layer.weight), [])) > 1:
-            others = [o for o in owners[id(layer.weight)] if o != f"{name}.weight"]
-            warnings.warn(f"{name}.weight is tied to {', '.join(others)}: the adapters act on {name} only, but "
-                          f"merge_adapters()/merge_and_unload() would write into the shared tensor and change "
-                          f"those too; keep the adapters unmerged or export them as LoRA")
-
-
 def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
                 target_modules: Union[str, Sequence[str]] = ("mlp.down_proj",), gamma: float = 0.9,
                 forget_loss: Union[str, Callable] = "ascent", train_on_retain: bool = False,
@@ -285,7 +272,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     target_modules = _check_targets(model, target_modules)
     config = SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
-    select_layers(model, config)  # fails now, not after the perplexities, on a layer SEMU cannot adapt
+    select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     if callable(forget_loss):
         train_loss_fn = forget_loss
     elif forget_loss in _FORGET_LOSS_FNS:
@@ -296,7 +283,6 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     if train_on_retain and retain_batches is None:
         raise ValueError("train_on_retain=True needs retain_batches")
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
-    _warn_tied(model, target_modules)
 
     metrics = {"forget_nll_before": mean_nll(model, forget_batches)}
     if retain_batches is not None:
