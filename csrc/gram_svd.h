@@ -75,6 +75,17 @@ SEMU_HD inline void jacobi_rotate_block(double& xpr, double& xps, double& xqr, d
   xqs = P.s * yps + P.c * yqs;
 }
 
+// The same on the symmetric np x np matrix a (row-major): the block at rows (p, q), columns (r, s), and its mirror.
+SEMU_HD inline void jacobi_update_block(double* a, int np, int p, int q, int r, int s, JacobiRotation P,
+                                        JacobiRotation R) {
+  double xpr = a[p * np + r], xps = a[p * np + s], xqr = a[q * np + r], xqs = a[q * np + s];
+  jacobi_rotate_block(xpr, xps, xqr, xqs, P, R);
+  a[p * np + r] = a[r * np + p] = xpr;
+  a[p * np + s] = a[s * np + p] = xps;
+  a[q * np + r] = a[r * np + q] = xqr;
+  a[q * np + s] = a[s * np + q] = xqs;
+}
+
 // The diagonal block of pair P: a_pq becomes exactly 0 and the diagonal moves by t a_pq (the accurate form).
 SEMU_HD inline void jacobi_rotate_diagonal(double& app, double& aqq, double& apq, double& aqp, JacobiRotation P) {
   app -= P.t * apq;

@@ -155,13 +155,7 @@ __global__ void __launch_bounds__(kThreads) gram_svd_kernel(const in_t* __restri
           continue;
         }
         if (rot[i].s == 0.0 && rot[j].s == 0.0) continue;
-        const int r = pair_p[j], s = pair_q[j];
-        double xpr = a[p * np + r], xps = a[p * np + s], xqr = a[qq * np + r], xqs = a[qq * np + s];
-        jacobi_rotate_block(xpr, xps, xqr, xqs, rot[i], rot[j]);
-        a[p * np + r] = a[r * np + p] = xpr;
-        a[p * np + s] = a[s * np + p] = xps;
-        a[qq * np + r] = a[r * np + qq] = xqr;
-        a[qq * np + s] = a[s * np + qq] = xqs;
+        jacobi_update_block(a, np, p, qq, pair_p[j], pair_q[j], rot[i], rot[j]);
       }
       // Rows p, q of V^T (columns of V): consecutive threads take consecutive entries of a row.
       for (int x = tid; x < half * n; x += kThreads) {

@@ -109,13 +109,7 @@ std::vector<double> gpu_jacobi_on_host(const at::Tensor& gram, at::Tensor& vecto
         if (rot[i].s != 0.0) jacobi_rotate_diagonal(a[p * np + p], a[q * np + q], a[p * np + q], a[q * np + p], rot[i]);
         for (int j = i + 1; j < half; ++j) {
           if (rot[i].s == 0.0 && rot[j].s == 0.0) continue;
-          const int r = pp[j], s = pq[j];
-          double xpr = a[p * np + r], xps = a[p * np + s], xqr = a[q * np + r], xqs = a[q * np + s];
-          jacobi_rotate_block(xpr, xps, xqr, xqs, rot[i], rot[j]);
-          a[p * np + r] = a[r * np + p] = xpr;
-          a[p * np + s] = a[s * np + p] = xps;
-          a[q * np + r] = a[r * np + q] = xqr;
-          a[q * np + s] = a[s * np + q] = xqs;
+          jacobi_update_block(a.data(), np, p, q, pp[j], pq[j], rot[i], rot[j]);
         }
         if (rot[i].s != 0.0)
           for (int r = 0; r < n; ++r) jacobi_rotate_pair(vt[p * np + r], vt[q * np + r], rot[i]);

@@ -80,6 +80,18 @@ def add_run_flags(group, default_out: str, what: str) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
+def add_training_flags(group, *, gamma_default: float, lr: float, epochs=None, optimizer=None, what: str = "",
+                       epochs_help: str = "passes over the forget set") -> None:
+    """--gamma, --lr and, when given defaults, --epochs and --optimizer: the SEMU settings every command takes."""
+    group.add_argument("--gamma", type=gamma, default=gamma_default,
+                       help=f"explained-variance threshold in (0, 1] (default {gamma_default:g})")
+    if optimizer is not None:
+        group.add_argument("--optimizer", choices=("adam", "sgd"), default=optimizer)
+    group.add_argument("--lr", type=positive(float), default=lr, help=f"learning rate for R (default {lr:g}{what})")
+    if epochs is not None:
+        group.add_argument("--epochs", type=positive(int), default=epochs, help=f"{epochs_help} (default {epochs})")
+
+
 def add_device_flag(group) -> None:
     group.add_argument("--device", type=device, default=None, help="e.g. cuda or cpu (default: cuda when available)")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_run_flags, default_cache, finish_run, fraction, gamma, positive, seed
+from ._common import add_run_flags, add_training_flags, default_cache, finish_run, fraction, positive, seed
 
 
 def _methods(text: str) -> tuple:
@@ -138,10 +138,7 @@ def register(sub) -> None:
     g = un.add_argument_group("SEMU and baselines")
     g.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
                    help="share of the retain set unlearning may use (0 = data-free, the default)")
-    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    g.add_argument("--lr", type=positive(float), default=5e-3, help="SEMU's learning rate for R")
-    g.add_argument("--epochs", type=positive(int), default=15, help="SEMU's epochs over the forget set")
+    add_training_flags(g, gamma_default=0.95, lr=5e-3, epochs=15, optimizer="adam")
     g.add_argument("--baselines", type=_methods, default=("ft", "ga", "rl"),
                    help="comma-separated among ft, ga, rl, or 'none' (default ft,ga,rl)")
     g.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=None,

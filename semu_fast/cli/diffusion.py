@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import (add_device_flag, add_run_flags, default_cache, finish_run, gamma, non_negative, positive,
-                      require, settings, silence)
+from ._common import (add_device_flag, add_run_flags, add_training_flags, default_cache, finish_run, gamma,
+                      non_negative, positive, require, settings, silence)
 
 
 def register(subparsers) -> None:
@@ -34,12 +34,11 @@ def register(subparsers) -> None:
                    help="state dict of semu_fast.workflows.digits.digits_cnn to label samples (default: the cached "
                    "one, trained here the first time)")
     g = ddpm.add_argument_group("SEMU")
-    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    add_training_flags(g, gamma_default=0.95, lr=1e-3, what=", Adam")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
                    "(default 1.0: full rank, as the official DDPM code)")
     g.add_argument("--alpha", type=non_negative, default=1.0,
                    help="weight of the remain loss (standard loss on the other classes); 0: forget loss only")
-    g.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate for R (default 1e-3)")
     g.add_argument("--steps", type=positive(int), default=300,
                    help="optimizer steps, rounded up to whole passes over the forget class (official: 1000)")
     g.add_argument("--batch-size", type=positive(int), default=64)
@@ -67,7 +66,7 @@ def register(subparsers) -> None:
     g = sd.add_argument_group("SEMU")
     g.add_argument("--preset", choices=tuple(SD_PRESETS), default="xattn",
                    help="layers to change: xattn (every attn2 projection), xattn-kv (attn2.to_k/to_v), all")
-    g.add_argument("--gamma", type=gamma, default=0.95, help="explained-variance threshold in (0, 1]")
+    add_training_flags(g, gamma_default=0.95, lr=1e-5, epochs=5, what=", Adam, as the official SD run")
     g.add_argument("--attention-gamma", type=gamma, default=None,
                    help="gamma of the attention projections (default: same as --gamma)")
     g.add_argument("--num-latents", type=positive(int), default=16,
@@ -75,8 +74,6 @@ def register(subparsers) -> None:
     g.add_argument("--sample-steps", type=positive(int), default=20, help="DDIM steps to sample them")
     g.add_argument("--guidance", type=non_negative, default=7.5,
                    help="guidance scale for sampling the latents and in the gradient pass (official 7.5)")
-    g.add_argument("--lr", type=positive(float), default=1e-5, help="Adam learning rate for R (official 1e-5)")
-    g.add_argument("--epochs", type=positive(int), default=5)
     g.add_argument("--batch-size", type=positive(int), default=8)
     g = sd.add_argument_group("output")
     add_run_flags(g, "semu_fast_sd_out", "metrics.json, adapters/ (and unet/, lora/)")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_device_flag, add_run_flags, finish_run, gamma, positive, require, settings, silence
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, positive, require, settings,
+                      silence)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -45,13 +46,11 @@ def register(subparsers) -> None:
     g = p.add_argument_group("SEMU")
     g.add_argument("--target-modules", action="append", default=None, metavar="PATTERN",
                    help="regular expression searched in layer names; repeat for several (default mlp.down_proj)")
-    g.add_argument("--gamma", type=gamma, default=0.9, help="explained-variance threshold in (0, 1]")
     g.add_argument("--forget-loss", choices=FORGET_LOSSES, default="ascent",
                    help="ascent: -NLL on the forget texts; random: NLL towards random tokens != the true ones")
     g.add_argument("--train-on-retain", action="store_true", help="also train R on the retain texts' NLL")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    g.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate for R")
-    g.add_argument("--epochs", type=positive(int), default=3, help="passes over the forget texts")
+    add_training_flags(g, gamma_default=0.9, lr=1e-4, epochs=3, optimizer="adam",
+                       epochs_help="passes over the forget texts")
     g = p.add_argument_group("output")
     add_run_flags(g, "semu_fast_llm_out", "adapters/, metrics.json and lora/")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a peft LoRA folder out/lora")

@@ -222,7 +222,11 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     _check_matrix(G)
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
-    G = G.to(svd_compute_dtype(G.dtype))
+    with annotate("semu_fast.truncated_svd"):
+        return _truncated_svd(G.to(svd_compute_dtype(G.dtype)), gamma, rank_rule, method, generator)
+
+
+def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
     # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
     total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
