@@ -24,6 +24,9 @@ def unsupported_reason(module: nn.Module) -> str:
         return "" if module.groups == 1 else f"grouped Conv2d (groups={module.groups}) is not supported"
     if isinstance(module, _UNSUPPORTED):
         return f"{type(module).__name__} is not supported (only nn.Linear and nn.Conv2d)"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return ("transformers' Conv1D (GPT-2-style models: a Linear with a transposed weight) is not supported yet; "
+                "SEMU adapts nn.Linear and nn.Conv2d")
     return "not a layer"
 
 
@@ -44,7 +47,8 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     named = [(name, m) for name, m in model.named_modules() if name]
     supported = {name: m for name, m in named if not unsupported_reason(m)}
-    with_weights = {name: m for name, m in named if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d))}
+    with_weights = {name: m for name, m in named
+                    if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d)) or unsupported_reason(m).startswith("trans")}
     candidates = describe_names(supported)
 
     def matches(patterns, pool):

@@ -272,3 +272,15 @@ def test_gradient_checkpointing_gives_the_same_factors_and_trains_R(reentrant):
     b.train()
     llm.nll_loss(b, batches[0]).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in b.trainable_parameters())
+
+
+def test_gpt2_conv1d_layers_are_named_not_silently_skipped():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.raises(ValueError, match="Conv1D .* is not supported yet"):
+        sf.prepare(model, id_batches(1, length=8), loss_fn=llm.nll_loss,
+                   config=sf.SEMUConfig(target_modules=["attn.c_attn"]))
+    sm = sf.prepare(model, [{"input_ids": torch.randint(0, 50, (2, 8))}], loss_fn=llm.nll_loss)
+    assert set(sm.report.skipped) >= {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"}
+    assert "Conv1D" in str(sm.report)
