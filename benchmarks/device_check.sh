@@ -150,7 +150,8 @@ run bench_accumulate 60 "$BODY" $PY benchmarks/bench_accumulate.py "${BENCH[@]}"
 run bench_project_perpendicular 40 "$BODY" $PY benchmarks/bench_project_perpendicular.py "${BENCH[@]}"
 run bench_gram_svd 40 "$BODY" $PY benchmarks/bench_gram_svd.py "${BENCH[@]}"
 run bench_truncated_svd 60 "$BODY" $PY benchmarks/bench_truncated_svd.py "${BENCH[@]}"
-run bench_lowrank 90 "$BODY" $PY benchmarks/bench_lowrank.py --memory "${BENCH[@]}"
+if [ "$DEVICE" = cpu ]; then MEMORY=(); else MEMORY=(--memory); fi  # --memory spawns a process per case on a CPU
+run bench_lowrank 90 "$BODY" $PY benchmarks/bench_lowrank.py "${MEMORY[@]}" "${BENCH[@]}"
 # The Triton dual_matmul is gated behind cuBLAS until it measures faster: this is that measurement (values checked).
 run "bench_lowrank (forced Triton)" 90 "$BODY" env SEMU_FAST_IMPL=triton $PY benchmarks/bench_lowrank.py --layer linear \
   "${BENCH[@]}"

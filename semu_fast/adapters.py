@@ -102,6 +102,20 @@ class SEMULinear(SEMUAdapter):
         return ops.lowrank_linear(x, base.weight, self.U, self.R, self.Vh, base.bias)
 
 
+class SEMUConv1D(SEMULinear):
+    """transformers' Conv1D (weight A stored as (in, out)): the same adapter as SEMULinear on the (out, in) view A^T,
+    so U: (out, k), R: (k, k), Vh: (k, in), and dW = (U R Vh)^T in the stored layout."""
+
+    kind = "conv1d"
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.U @ self.R @ self.Vh).T
+
+    def adapted_forward(self, x):
+        base = self.base_layer
+        return ops.lowrank_linear(x, base.weight.T, self.U, self.R, self.Vh, base.bias)
+
+
 class SEMUConv2d(SEMUAdapter):
     """conv(x, A + dW), dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel. U: (in, out, k), R: (in, k, k),
     Vh: (in, k, kh*kw). With per-channel ranks, U's columns and Vh's rows past a channel's k are zero, so R[n]

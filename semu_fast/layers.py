@@ -1,4 +1,5 @@
-"""Which layers SEMU changes: every nn.Linear and nn.Conv2d by default, narrowed by name patterns."""
+"""Which layers SEMU changes: every nn.Linear, nn.Conv2d and transformers Conv1D by default, narrowed by name
+patterns."""
 from __future__ import annotations
 
 import re
@@ -14,8 +15,15 @@ _UNSUPPORTED = (nn.Embedding, nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
                 nn.EmbeddingBag)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2-style models): a Linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
 def unsupported_reason(module: nn.Module) -> str:
     """"" when SEMU can adapt module, else why not."""
+    if is_conv1d(module):
+        return ""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would be bypassed"
     if isinstance(module, nn.Linear):
@@ -24,9 +32,6 @@ def unsupported_reason(module: nn.Module) -> str:
         return "" if module.groups == 1 else f"grouped Conv2d (groups={module.groups}) is not supported"
     if isinstance(module, _UNSUPPORTED):
         return f"{type(module).__name__} is not supported (only nn.Linear and nn.Conv2d)"
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return ("transformers' Conv1D (GPT-2-style models: a Linear with a transposed weight) is not supported yet; "
-                "SEMU adapts nn.Linear and nn.Conv2d")
     return "not a layer"
 
 
@@ -47,8 +52,7 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     named = [(name, m) for name, m in model.named_modules() if name]
     supported = {name: m for name, m in named if not unsupported_reason(m)}
-    with_weights = {name: m for name, m in named
-                    if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d)) or unsupported_reason(m).startswith("trans")}
+    with_weights = {name: m for name, m in named if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d)) or is_conv1d(m)}
     candidates = describe_names(supported)
 
     def matches(patterns, pool):

@@ -1,7 +1,8 @@
 """Export SEMU's Linear adapters as a standard LoRA (a peft adapter folder), so any LoRA runtime can apply them.
 
 A SEMU Linear delta U R Vh (U: out x k, R: k x k, Vh: k x in) is a LoRA of rank k with lora_A = Vh (k x in),
-lora_B = U R (out x k) and scaling lora_alpha / r = 1. SEMU picks k per layer, so the folder sets r and lora_alpha to
+lora_B = U R (out x k) and scaling lora_alpha / r = 1 (for transformers' Conv1D layers too, with peft's
+fan_in_fan_out). SEMU picks k per layer, so the folder sets r and lora_alpha to
 the most common rank and gives every other layer its own r (and alpha = r) in peft's rank_pattern / alpha_pattern.
 The LoRA applies to the original base model (the delta is relative to the unadapted weights, whether or not the
 SEMU adapters are merged). A conv adapter has one R per input channel (dW[:, n] = U[n] R[n] Vh[n]): that is not a
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ._utils import atomic_write
-from .adapters import SEMUConv2d, SEMULinear
+from .adapters import SEMUConv1D, SEMUConv2d, SEMULinear
 from .model import SEMUModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,10 +86,16 @@ def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_pat
         if any(name == e or name.endswith("." + e) for e in exclude) or ranks.get(_pattern_key(special, name), r) != k:
             raise ValueError(f"module {name!r} cannot be addressed unambiguously by peft's target_modules/"
                              f"rank_pattern (its name is a dotted suffix of another module's)")
+    # peft takes transformers' Conv1D (weight stored (in, out)) with fan_in_fan_out, one setting for all targets.
+    conv1d = {name for name, a in semu_model.adapters.items() if name in ranks and isinstance(a, SEMUConv1D)}
+    if conv1d and conv1d != set(ranks):
+        raise ValueError(f"peft's LoRA config has one fan_in_fan_out for every target, but these adapters mix "
+                         f"Conv1D layers ({', '.join(sorted(conv1d)[:3])}) with Linear ones: export them in two "
+                         f"folders (target_modules/exclude_modules when preparing)")
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": r, "rank_pattern": special, "alpha_pattern": dict(special),
-        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(conv1d),
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None,
     }

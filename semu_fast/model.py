@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from . import serialization
-from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
+from .adapters import SEMUAdapter, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
+from .layers import is_conv1d
 from .report import LayerReport, SEMUReport
 
 
@@ -157,7 +158,8 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
     found, layer = _find_layer(model, name)
     kind = info.get("kind")
     expected = {"linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
-    if expected is None or not isinstance(layer, expected):
+    fits = is_conv1d(layer) if kind == "conv1d" else expected is not None and isinstance(layer, expected)
+    if not fits:
         raise ValueError(f"layer {name!r} is a {type(layer).__name__} but the adapter file holds a {kind} adapter")
     if list(layer.weight.shape) != list(info.get("shape", [])):
         raise ValueError(f"layer {name!r} has weight shape {tuple(layer.weight.shape)} but the adapters were "
@@ -188,8 +190,10 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
     for name, (found, layer) in layers.items():
         info = config["layers"][name]
         U, Vh = tensors[f"{name}.U"], tensors[f"{name}.Vh"]
-        adapter = SEMUConv2d(layer, U, Vh, info.get("ranks")) if info["kind"] == "conv2d" else \
-            SEMULinear(layer, U, Vh)
+        if info["kind"] == "conv2d":
+            adapter = SEMUConv2d(layer, U, Vh, info.get("ranks"))
+        else:
+            adapter = (SEMUConv1D if info["kind"] == "conv1d" else SEMULinear)(layer, U, Vh)
         with torch.no_grad():
             adapter.R.copy_(tensors[f"{name}.R"])
         adapters[found] = adapter

@@ -13,10 +13,10 @@ import torch.nn as nn
 from . import distributed as distributed_setup
 from . import ops
 from ._profile import annotate
-from .adapters import SEMUAdapter, SEMUConv2d, SEMULinear
+from .adapters import SEMUAdapter, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import LossFn, accumulate_gradients
-from .layers import select_layers, skipped_layers
+from .layers import is_conv1d, select_layers, skipped_layers
 from .model import SEMUModel
 from .ops.svd import conv_gradient_matrices
 from .report import LayerReport, SEMUReport
@@ -95,7 +95,7 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance."""
     gamma = config.gamma_for(name)
     is_conv = isinstance(layer, nn.Conv2d)
-    matrices = conv_gradient_matrices(G) if is_conv else G
+    matrices = conv_gradient_matrices(G) if is_conv else G.T if is_conv1d(layer) else G  # Conv1D: (in, out)
     method = "exact" if is_conv and config.svd == "randomized" else config.svd  # conv: a batch of small SVDs
     generator = torch.Generator(device=G.device).manual_seed(_layer_seed(config.seed, name))
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator)
@@ -113,7 +113,7 @@ def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     spectrum = {"singular_values": factors["singular_values"], "total_energy": factors["total_energy"]}
     k = U.shape[-1]
     gamma = config.gamma_for(name)
-    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "conv1d" if is_conv1d(layer) else "linear"
     if k == 0:
         report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, 0, captured, 0, ranks,
                              note="zero gradient: no adapter", **spectrum)
@@ -121,7 +121,7 @@ def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     if kind == "conv2d":
         adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
     else:
-        adapter = SEMULinear(layer, U, Vh)
+        adapter = (SEMUConv1D if kind == "conv1d" else SEMULinear)(layer, U, Vh)
     report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, k, captured, adapter.trainable_params(), ranks,
                          **spectrum)
     return adapter, report

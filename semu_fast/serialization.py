@@ -33,9 +33,10 @@ _TEMPORARY = re.compile(r"\..+\.tmp")  # atomic_write's temporaries
 
 
 def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
-    """The shapes of R, U and Vh for a layer of `kind` ("linear" or "conv2d") with this weight shape and rank k."""
-    out, cin = weight_shape[:2]
-    if kind == "linear":
+    """The shapes of R, U and Vh for a layer of `kind` ("linear", "conv1d" or "conv2d") with this weight shape and
+    rank k (a Conv1D's weight is stored (in, out))."""
+    out, cin = weight_shape[:2] if kind != "conv1d" else tuple(weight_shape)[::-1]
+    if kind in ("linear", "conv1d"):
         return {"U": (out, k), "R": (k, k), "Vh": (k, cin)}
     khw = weight_shape[2] * weight_shape[3]
     return {"U": (cin, out, k), "R": (cin, k, k), "Vh": (cin, k, khw)}

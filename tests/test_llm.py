@@ -274,13 +274,66 @@ def test_gradient_checkpointing_gives_the_same_factors_and_trains_R(reentrant):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in b.trainable_parameters())
 
 
-def test_gpt2_conv1d_layers_are_named_not_silently_skipped():
+def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
-    with pytest.raises(ValueError, match="Conv1D .* is not supported yet"):
-        sf.prepare(model, id_batches(1, length=8), loss_fn=llm.nll_loss,
-                   config=sf.SEMUConfig(target_modules=["attn.c_attn"]))
-    sm = sf.prepare(model, [{"input_ids": torch.randint(0, 50, (2, 8))}], loss_fn=llm.nll_loss)
-    assert set(sm.report.skipped) >= {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"}
-    assert "Conv1D" in str(sm.report)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def test_gpt2_conv1d_layers_are_adapted_like_linear_ones(tmp_path):
+    """transformers' Conv1D (weight stored (in, out)): SEMU adapts it as the Linear of the transposed weight; the
+    model is unchanged at R = 0, merge/unmerge are exact, R trains, and save/load round-trips."""
+    model = _tiny_gpt2()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    with torch.no_grad():
+        before = model(**batches[0]).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = sf.SEMUConfig(gamma=0.9, target_modules=["attn.c_attn", "mlp.c_fc", "mlp.c_proj"])
+    sm = sf.prepare(model, batches, loss_fn=llm.nll_loss, config=config)
+    assert {layer.kind for layer in sm.report.layers} == {"conv1d"} and len(sm.adapters) == 6
+    attn = sm.model.transformer.h[0].attn.c_attn
+    assert attn.U.shape[0] == attn.base_layer.weight.shape[1] and attn.Vh.shape[1] == attn.base_layer.weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(sm(**batches[0]).logits, before)
+    sm.train()
+    opt = torch.optim.Adam(sm.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (-llm.nll_loss(sm, batches[0])).backward()
+        opt.step()
+    sm.eval()
+    with torch.no_grad():
+        adapted = sm(**batches[0]).logits
+        assert not torch.allclose(adapted, before)
+        with sm.merged():
+            torch.testing.assert_close(sm(**batches[0]).logits, adapted, rtol=1e-4, atol=1e-4)
+    sm.save_adapters(tmp_path / "a")
+    base = sm.unload()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+    loaded = sf.load_adapters(base, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, adapted)
+
+
+def test_gpt2_conv1d_adapters_export_as_a_peft_lora():
+    peft = pytest.importorskip("peft")
+    from semu_fast.lora import export_lora
+
+    model = _tiny_gpt2()
+    batch = {"input_ids": torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))}
+    sm = sf.prepare(model, [batch], loss_fn=llm.nll_loss,
+                    config=sf.SEMUConfig(gamma=0.9, target_modules=["attn.c_attn", "mlp.c_proj"]))
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.normal_()
+        expected = sm(**batch).logits
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        config = export_lora(sm, folder)
+        assert config["fan_in_fan_out"] is True
+        peft_model = peft.PeftModel.from_pretrained(_tiny_gpt2(), folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
