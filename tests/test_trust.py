@@ -343,3 +343,54 @@ def test_run_folder_files_follow_the_umask(tmp_path):
         os.umask(mask)
     for path in (tmp_path / "a").iterdir():
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+# --- clear errors from the command line, before any work ----------------------------------------------------------------
+
+def _cli_error(argv, capsys) -> str:
+    from semu_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    err = _cli_error(["unlearn", "--out", str(tmp_path / "taken"), "--quiet"], capsys)
+    assert "argument --out" in err and "is not a folder" in err
+
+
+def test_cli_report_names_a_corrupt_metrics_file(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("{broken")
+    (tmp_path / "run.json").write_text("{}")
+    err = _cli_error(["report", str(tmp_path)], capsys)
+    assert "metrics.json is not valid JSON" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cli_names_a_missing_gpu(tmp_path, capsys):
+    err = _cli_error(["unlearn-llm", "--model", str(tmp_path), "--forget-texts", str(tmp_path / "f.txt"),
+                      "--device", "cuda"], capsys)
+    assert "argument --device" in err and "no such CUDA device" in err
+
+
+def test_cli_rejects_a_seed_torch_cannot_take(capsys):
+    err = _cli_error(["unlearn", "--seed", str(2 ** 64)], capsys)
+    assert "argument --seed" in err
+
+
+def test_plots_log_nothing_and_tell_every_layer_apart(tmp_path, caplog):
+    import logging
+
+    from semu_fast.workflows import plots
+
+    layers = [{"name": f"layer{i}", "kind": "linear", "shape": [64, 32], "k": 3, "gamma": 0.9,
+               "singular_values": [3.0, 2.0, 1.0], "total_energy": 14.0, "trainable_params": 9 * (i % 3)}
+              for i in range(14)]
+    run = {"semu_report": {"layers": layers, "trainable_share": 0.1}}
+    with caplog.at_level(logging.INFO):
+        assert plots.trainable_share(run, tmp_path / "t.png") and plots.spectra(run, tmp_path / "s.png")
+    assert not [r for r in caplog.records if "categorical units" in r.getMessage()]
+    assert len(set(map(str, plots._colors(plots._pyplot(), 14)))) == 14
