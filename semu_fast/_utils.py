@@ -10,6 +10,12 @@ import torch
 import torch.nn as nn
 
 
+def default_cache() -> Path:
+    """Where semu_fast keeps what it trains or measures once (models, the SVD cost calibration): $SEMU_FAST_CACHE,
+    else ~/.cache/semu_fast."""
+    return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
     param = next(model.parameters(), None)
@@ -53,6 +59,12 @@ def atomic_write(path, write) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere the set-and-restore,
+    which other threads could race with, is the only way)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask

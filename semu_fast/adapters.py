@@ -15,7 +15,7 @@ from .ops.lowrank import conv_delta_weight
 
 
 class SEMUAdapter(nn.Module):
-    """Base of the Linear and Conv2d adapters. U and Vh are float32 buffers, R a float32 zero-initialised Parameter.
+    """Base of the Linear, Conv1D and Conv2d adapters. U and Vh are float32 buffers, R a float32 zero-initialised Parameter.
 
     rank: k (the size of R); ranks: for conv layers, each input channel's own k (columns beyond it are zero).
     Every attribute of the base layer reads through the adapter (in_features, kernel_size, ...), as peft's LoRA

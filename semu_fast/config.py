@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ._checks import check_choice, check_gamma
 from .ops.project import PROJECTIONS
-from .ops.svd import METHODS, RANK_RULES
+from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES
 
 CONV_RANKS = ("max", "per_channel")
 NORM_MODES = ("eval", "train")
@@ -79,6 +79,10 @@ class SEMUConfig:
         _check_patterns("gamma_overrides", list(self.gamma_overrides))
         set_(self, "gamma_overrides", {p: check_gamma(f"gamma_overrides[{p!r}]", g)
                                        for p, g in self.gamma_overrides.items()})
+        too_close = [g for g in (self.gamma, *self.gamma_overrides.values()) if g > GRAM_MAX_GAMMA]
+        if self.svd == "gram" and too_close:
+            raise ValueError(f"svd='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {max(too_close)} (gamma or "
+                             f"gamma_overrides); use svd='auto' or 'exact'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         budget = self.max_accumulator_bytes

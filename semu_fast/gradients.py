@@ -72,9 +72,12 @@ class _StreamedLinear(torch.autograd.Function):
         return dx, None, None, None, None
 
 
-def _streamable(module: nn.Module) -> bool:
-    """A plain nn.Linear (its own forward) with a half-precision, unsharded weight."""
+def _streamable(module: nn.Module, shared: set) -> bool:
+    """A plain nn.Linear (its class's forward, not one set on the instance by a hook library or the user) with a
+    half-precision, unsharded weight that no other module uses (a shared weight's gradient sums every use: the
+    hook path gives that in every dtype, the streamed one would see this layer's use alone)."""
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and "forward" not in module.__dict__ and id(module.weight) not in shared
             and module.weight.dtype in (torch.bfloat16, torch.float16) and not distributed.is_sharded(module.weight))
 
 
@@ -90,7 +93,11 @@ class _Pass:
         self.sharded = {n for n, w in self.weights.items() if distributed.is_sharded(w)}  # FSDP2: reduced per batch
         self.direct = {n for n, w in self.weights.items()
                        if n not in self.sharded and w.dtype == torch.float32 and w.is_contiguous()}
-        self.streamed = {n for n, layer in layers.items() if n not in self.direct and _streamable(layer)}
+        uses: dict[int, int] = {}
+        for _, param in model.named_parameters(remove_duplicate=False):
+            uses[id(param)] = uses.get(id(param), 0) + 1
+        shared = {key for key, count in uses.items() if count > 1}
+        self.streamed = {n for n, layer in layers.items() if n not in self.direct and _streamable(layer, shared)}
         self.accumulators = {
             name: None if name in self.direct else
             torch.zeros_like(w, dtype=torch.float32) if name in self.sharded else
@@ -106,7 +113,7 @@ class _Pass:
         for name, layer in self.layers.items():
             acc = self.accumulators[name]
             if name in self.streamed:
-                self.patched.append((layer, layer.__dict__.get("forward")))
+                self.patched.append(layer)
                 layer.forward = (lambda x, layer=layer, acc=acc:
                                  _StreamedLinear.apply(x, layer.weight, layer.bias, token, acc))
                 continue
@@ -136,10 +143,8 @@ class _Pass:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        for layer, forward in self.patched:
-            del layer.forward
-            if forward is not None:
-                layer.forward = forward
+        for layer in self.patched:
+            del layer.forward  # only layers without an instance-level forward are streamed
         self.state.restore()
 
     def sums(self) -> dict[str, torch.Tensor]:

@@ -113,8 +113,17 @@ class SEMUModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The original model with W + U R Vh written into each adapted layer: a plain model, permanently changed."""
         self._attached("merge_and_unload")
-        for adapter in self.adapters.values():
-            adapter.merge()
+        adapters = list(self.adapters.values())
+        was_merged = [a.merged for a in adapters]
+        try:
+            for adapter in adapters:
+                adapter.merge()
+        except BaseException:  # all or nothing: the layers merged by this call are given back
+            for adapter, before in zip(adapters, was_merged):
+                if not before:
+                    adapter.unmerge()
+            raise
+        for adapter in adapters:
             adapter._original_weight = None
         return self._remove_adapters("merge_and_unload")
 

@@ -52,6 +52,25 @@ def _accumulator_groups(layers: dict, budget: Optional[int]) -> list[dict]:
     return parts + [current]
 
 
+class _Rewind:
+    """The model's buffers (norm statistics move under norm_mode="train") and torch's random state (dropout) as they
+    were before the first of several forget passes, put back before each later one. (A loss function that keeps its
+    own generator, as the diffusion losses do, still draws afresh in every pass.)"""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
 def check_loader(name: str, loader, passes: int = 1) -> None:
     """A loader of batches that can be read `passes` times: not None, iterable, not empty when its length is known,
     and not a one-shot iterator when read more than once."""
@@ -83,7 +102,11 @@ def _project(grads: dict, layers: dict, mine: list, projection: str) -> None:
         weight = distributed_setup.full_tensor(layer.weight.detach())
         if name in mine:
             weights[name] = weight
-    ops.project_perpendicular_([grads[n] for n in mine], [weights[n] for n in mine], projection)
+    by_device: dict[torch.device, list] = {}
+    for name in mine:  # the kernels take one device per call (a model may be split over several GPUs)
+        by_device.setdefault(grads[name].device, []).append(name)
+    for names in by_device.values():
+        ops.project_perpendicular_([grads[n] for n in names], [weights[n] for n in names], projection)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -160,7 +183,10 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
               if group is not None else dict.fromkeys(layers, 0))
     mine = {n for n in layers if owners[n] == (group.rank if group is not None else 0)}
     timings, factors = {}, {}
-    for part in parts:  # one forget pass per group of layers whose float32 gradients fit the budget together
+    rewind = _Rewind(model) if len(parts) > 1 else None
+    for i, part in enumerate(parts):  # one forget pass per group of layers whose float32 gradients fit the budget
+        if i:
+            rewind()  # every pass starts from the same statistics and random state, as one pass would
         with _phase("gradients", timings, device):
             grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group)
         with _phase("projection", timings, device):

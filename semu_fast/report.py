@@ -8,7 +8,7 @@ from typing import Optional
 @dataclass
 class LayerReport:
     name: str
-    kind: str                      # "linear" or "conv2d"
+    kind: str                      # "linear", "conv1d" (transformers' Conv1D) or "conv2d"
     shape: tuple
     gamma: float
     k: int                         # size of R (for conv: the max over input channels); 0 = no adapter

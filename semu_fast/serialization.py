@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ._utils import atomic_write
+from .distributed import is_sharded
 
 FORMAT = "semu_fast.adapters/2"
 OLD_FORMAT = "semu_fast.adapters/1"  # a fixed adapters.safetensors, without digests: still read
@@ -43,14 +44,16 @@ def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
 
 
 def fingerprint(weight: torch.Tensor) -> dict:
-    """A cheap identity of a weight's values: its shape, dtype, and float64 sums over a fixed sample of at most
-    4096 evenly spaced elements. Other weights (another seed, another checkpoint, another dtype) give another one."""
+    """A cheap identity of a weight's values: its shape, dtype, and the SHA-256 of the exact bytes of a fixed sample
+    of at most 4096 evenly spaced elements (bytes, not sums: the same values give the same digest on any device).
+    Other weights (another seed, another checkpoint, another dtype) give another one; an FSDP2-sharded weight is
+    identified by its shape and dtype only."""
+    identity = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+    if is_sharded(weight):  # FSDP2: each rank holds a shard; gathering every weight to hash it costs too much
+        return identity
     flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // 4096)
-    sample = flat[::step].double()
-    return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            "sum": float(sample.sum()), "sum_sq": float(sample.square().sum()),
-            "head": [float(v) for v in flat[:4].double()]}
+    sample = flat[::max(1, flat.numel() // 4096)].to("cpu").contiguous()
+    return {**identity, "sample_sha256": hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()}
 
 
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:

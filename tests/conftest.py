@@ -1,12 +1,17 @@
 """Shared test setup: Triton runs under its interpreter where there is no GPU, the devices every op test covers
 (CUDA cases are collected everywhere and skipped without a GPU), and one tolerance table per dtype."""
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere: it decides at @triton.jit time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The SVD cost calibration (and any other cache) goes to a folder of this test session, not the user's home: the
+# tests must not depend on, or write, a developer's cached measurements.
+os.environ.setdefault("SEMU_FAST_CACHE", tempfile.mkdtemp(prefix="semu_fast_test_cache_"))
 
 import pytest  # noqa: E402
 

@@ -399,3 +399,15 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     assert "prediction gap" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])
+
+
+def test_unlearn_ddpm_on_a_unet_without_attention():
+    """The library's default attention override must not trip the "every gamma_overrides pattern matches" rule."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=NUM_CLASSES + 1,
+                                 norm_num_groups=4, add_attention=False).eval()
+    semu_model, report, _ = D.unlearn_ddpm(unet, scheduler(), batches(1, 2, 8), 1, num_classes=NUM_CLASSES,
+                                           steps=2, progress=False)
+    assert report.layers and not any(D.matches_attention(layer.name) for layer in report.layers)

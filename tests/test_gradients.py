@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,14 +134,32 @@ def test_half_precision_linears_stream_more_accurately_than_summing_rounded_grad
     assert err <= 1e-5 * exact.abs().max().item() and err < err_rounded / 50, (err, err_rounded)
 
 
-def test_streamed_pass_restores_the_layers_forward_and_flags():
+def test_streamed_pass_restores_the_layers_and_leaves_instance_forwards_alone():
     model = _mlp(torch.bfloat16)
-    own = model[2].forward = lambda x: torch.nn.Linear.forward(model[2], x)  # a user's own instance-level forward
+    calls = []
+    own = model[2].forward = lambda x: calls.append(1) or torch.nn.Linear.forward(model[2], x)  # e.g. a device hook
     flags = [p.requires_grad for p in model.parameters()]
     batches = [(torch.randn(8, 48).bfloat16(), torch.randint(0, 7, (8,)))]
     accumulate_gradients(model, batches, _weights(model))
-    assert "forward" not in model[0].__dict__ and model[2].forward is own
+    assert "forward" not in model[0].__dict__ and model[2].forward is own and calls == [1]  # ran, not bypassed
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+
+
+def test_a_shared_half_precision_weight_sums_every_use_as_in_float32():
+    """A weight used by two modules (a tied LM head): its gradient is the parameter's whole gradient in every dtype
+    (the hook path), not one module's share."""
+    torch.manual_seed(0)
+    embed, head = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11, bias=False)
+    head.weight = embed.weight
+    model = torch.nn.Sequential(embed, torch.nn.Tanh(), head)
+    batch = [(torch.randint(0, 11, (6,)), torch.randint(0, 11, (6,)))]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = copy.deepcopy(model).to(dtype)
+        results[dtype] = accumulate_gradients(m, batch, {"2": m[2]}, lambda m, b: F.cross_entropy(
+            m(b[0]).float(), b[1]))["2"]
+    scale = results[torch.float32].abs().max()
+    assert (results[torch.bfloat16] - results[torch.float32]).abs().max() <= 0.02 * scale
 
 
 def test_streamed_and_hooked_paths_agree():

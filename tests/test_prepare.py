@@ -339,3 +339,24 @@ def test_accumulator_budget_errors_name_the_layer_and_the_one_shot_loader():
         sf.SEMUConfig(max_accumulator_bytes=0)
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
         sf.SEMUConfig(seed=2 ** 64)
+
+
+def test_accumulator_budget_under_train_norm_mode_moves_the_statistics_once():
+    """Several passes must act as one: the norm statistics move as one pass moves them, and the factors equal the
+    one-pass run's (dropout draws rewound too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    batches = forget_batches()
+    config = sf.SEMUConfig(gamma=0.9, norm_mode="train")
+    one = copy.deepcopy(model)
+    torch.manual_seed(1)
+    a = sf.prepare(one, batches, config=config)
+    torch.manual_seed(1)
+    budget = 8 * 36 * 5 * 4  # the Linear's gradient: the conv goes in a pass of its own
+    b = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9, norm_mode="train", max_accumulator_bytes=budget))
+    assert b.report.gradient_passes == 2
+    assert torch.equal(one[1].running_mean, model[1].running_mean)
+    assert int(one[1].num_batches_tracked) == int(model[1].num_batches_tracked) == len(batches)
+    for name, adapter in a.adapters.items():
+        torch.testing.assert_close(adapter.U, b.adapters[name].U)

@@ -215,6 +215,16 @@ def test_gram_path_refuses_gamma_it_cannot_resolve(gen):
     G = _gradient_like(gen, 50, 60)
     with pytest.raises(ValueError, match="method='gram' resolves gamma"):
         sf.ops.truncated_svd(G, (1 + GRAM_MAX_GAMMA) / 2, method="gram")
+    with pytest.raises(ValueError, match="svd='gram' resolves gamma"):  # before any forget pass
+        sf.SEMUConfig(svd="gram", gamma_overrides={"attn": 1.0})
+
+
+def test_empty_and_wide_kernel_batches_take_the_exact_path(gen):
+    empty = sf.ops.truncated_svd(torch.zeros(3, 5, 0), 0.9)
+    assert empty.U.shape == (3, 5, 0) and (empty.ranks == 0).all()
+    wide = torch.randn(2, 20, 81, generator=gen)  # a 9x9 kernel: n = 81 > 64, no gram_svd
+    assert torch.equal(sf.ops.truncated_svd(wide, 0.9, method="gram").ranks,
+                       sf.ops.truncated_svd(wide, 0.9, method="exact").ranks)
 
 
 def test_plan_picks_the_cheaper_path_and_caps_the_randomized_basis():

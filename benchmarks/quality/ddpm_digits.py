@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from common import Table, device_name, parser as make_parser  # noqa: E402
-from semu_fast.cli._common import default_cache  # noqa: E402
+from semu_fast._utils import default_cache  # noqa: E402
 from semu_fast.workflows import diffusion as D  # noqa: E402
 from semu_fast.workflows.classification import pretrained_digits_cnn  # noqa: E402
 from semu_fast.workflows.digits import DIGITS_NUM_CLASSES  # noqa: E402

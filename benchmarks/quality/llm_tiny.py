@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from common import Table, device_name, parser as make_parser  # noqa: E402
-from semu_fast.cli._common import default_cache  # noqa: E402
+from semu_fast._utils import default_cache  # noqa: E402
 from semu_fast.workflows import llm  # noqa: E402
 
 CITIES, JOBS = 20, 20

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 from pathlib import Path
+
+from .._checks import check_gamma
 
 
 def gamma(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    try:
+        return check_gamma("gamma", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}") from None
 
 
 def fraction(text: str) -> float:
@@ -66,10 +67,6 @@ def out_folder(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
     return path
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
 
 
 def add_run_flags(group, default_out: str, what: str) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_run_flags, add_training_flags, default_cache, finish_run, fraction, positive, seed
+from .._utils import default_cache
+from ._common import add_run_flags, add_training_flags, finish_run, fraction, positive, seed
 
 
 def _methods(text: str) -> tuple:

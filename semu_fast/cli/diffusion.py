@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import (add_device_flag, add_run_flags, add_training_flags, default_cache, finish_run, gamma,
-                      non_negative, positive, require, settings, silence)
+from .._utils import default_cache
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, gamma, non_negative, positive,
+                      require, settings, silence)
 
 
 def register(subparsers) -> None:
     """Add the `unlearn-ddpm` and `unlearn-sd` subcommands to an argparse subparsers object."""
+    _register_ddpm(subparsers)
+    _register_sd(subparsers)
+
+
+def _register_ddpm(subparsers) -> None:
     from ..workflows.diffusion import DIGITS_TRAIN_STEPS
-    from ..workflows.stable_diffusion import SD_PRESETS
 
     ddpm = subparsers.add_parser("unlearn-ddpm", help="forget a class of the embedded digits DDPM with SEMU",
                                  description="The embedded digits DDPM forgets --forget-class with SEMU; a digits "
@@ -49,6 +54,10 @@ def register(subparsers) -> None:
                    help="classifier-free guidance of the samples (default 1: none)")
     add_run_flags(ddpm.add_argument_group("run"), "semu_fast_ddpm_out", "metrics.json and adapters/")
     ddpm.set_defaults(func=run_ddpm, parser=ddpm)
+
+
+def _register_sd(subparsers) -> None:
+    from ..workflows.stable_diffusion import SD_PRESETS
 
     sd = subparsers.add_parser("unlearn-sd", help="remove a concept from a local Stable Diffusion UNet with SEMU",
                                description="Concept removal: the noise prediction under the forget prompt is "

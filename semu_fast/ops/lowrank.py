@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .._checks import check_same_device, check_tensor
 from . import _registry
 from ._library import Kernel
+from .svd import conv_gradient_matrices, compute_dtype
 
 Tensor = torch.Tensor
 
@@ -34,15 +35,6 @@ def _dual_matmul_fake(a1, b1, a2, b2, bias):
     return a1.new_empty(a1.shape[0], b1.shape[1])
 
 
-def _channel_matrices(W: Tensor) -> Tensor:
-    """(out, in, kh, kw) -> (in, out, kh*kw) view."""
-    return W.flatten(2).transpose(0, 1)
-
-
-def _delta_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def conv_delta_weight(U: Tensor, R: Tensor, Vh: Tensor, kernel_size) -> Tensor:
     """dW (out, in, kh, kw) with dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel, in U's dtype."""
     delta = torch.bmm(U, torch.bmm(R, Vh))  # (in, out, kh*kw)
@@ -50,13 +42,13 @@ def conv_delta_weight(U: Tensor, R: Tensor, Vh: Tensor, kernel_size) -> Tensor:
 
 
 def conv_delta_add_torch(A, U, R, Vh):
-    ct = _delta_dtype(A.dtype)
+    ct = compute_dtype(A.dtype)
     return (A.to(ct) + conv_delta_weight(U.to(ct), R.to(ct), Vh.to(ct), A.shape[2:])).to(A.dtype)
 
 
 def conv_delta_contract_torch(dW, U, Vh):
-    ct = _delta_dtype(dW.dtype)
-    return torch.bmm(torch.bmm(U.to(ct).transpose(1, 2), _channel_matrices(dW).to(ct)), Vh.to(ct).transpose(1, 2))
+    ct = compute_dtype(dW.dtype)
+    return torch.bmm(torch.bmm(U.to(ct).transpose(1, 2), conv_gradient_matrices(dW).to(ct)), Vh.to(ct).transpose(1, 2))
 
 
 def _triton(name: str):
@@ -85,7 +77,7 @@ KERNELS = {
                              triton_module="lowrank"),
     "conv_delta_contract": Kernel("conv_delta_contract(Tensor dW, Tensor U, Tensor Vh) -> Tensor",
                                   fake=lambda dW, U, Vh: U.new_empty(U.shape[0], U.shape[2], U.shape[2],
-                                                                     dtype=_delta_dtype(dW.dtype)),
+                                                                     dtype=compute_dtype(dW.dtype)),
                                   impls={"torch": conv_delta_contract_torch,
                                          "triton": _triton("conv_delta_contract")},
                                   triton_module="lowrank"),
@@ -221,7 +213,7 @@ def _lowrank_conv2d_backward(ctx, dy, _):
     dR = _kernels().conv_delta_contract(dW, U, Vh).to(R.dtype) if need_r else None
     dU = dVh = None
     if need_u or need_vh:
-        G = _channel_matrices(dW).to(U.dtype)  # (in, out, kh*kw)
+        G = conv_gradient_matrices(dW).to(U.dtype)  # (in, out, kh*kw)
         dU = G @ (R @ Vh).transpose(1, 2) if need_u else None
         dVh = (U @ R).transpose(1, 2) @ G if need_vh else None
     return dx, dW if need_w else None, dU, dR, dVh, db, None, None, None

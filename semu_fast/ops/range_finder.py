@@ -53,7 +53,9 @@ def predicted_columns(S: torch.Tensor, missing: float, room: int) -> int:
     slope = float(torch.cov(torch.stack([steps, tail.log()]))[0, 1] / steps.var())  # least squares: log S^2 vs i
     ratio = math.exp(min(slope, 0.0))  # each next direction keeps this share of the previous one's energy
     extrapolated = room + 1
-    reachable = float(energy[-1]) * ratio / (1.0 - ratio) if ratio < 1.0 - 1e-9 else math.inf
+    if ratio >= 1.0 - 1e-9:  # no decay to continue: the floor is the estimate
+        return floor
+    reachable = float(energy[-1]) * ratio / (1.0 - ratio)
     if reachable > missing:  # energy[-1] * (ratio + ratio^2 + ... + ratio^j) >= missing
         extrapolated = min(extrapolated, math.ceil(
             math.log(1.0 - missing * (1.0 - ratio) / (float(energy[-1]) * ratio)) / math.log(ratio)))

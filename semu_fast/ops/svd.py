@@ -35,14 +35,15 @@ GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
 GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
 
 
-def svd_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SVDs run in float64 for float64 input and in float32 for every narrower float."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the SVDs and the conv adapter's deltas compute in: float64 for float64 input, float32 for every narrower
+    float."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def conv_gradient_matrices(G: torch.Tensor) -> torch.Tensor:
-    """(out, in, kh, kw) -> (in, out, kh*kw): one matrix per input channel, as the official code splits it."""
-    return G.permute(1, 0, 2, 3).flatten(2)
+    """(out, in, kh, kw) -> (in, out, kh*kw) view: one matrix per input channel, as the official code splits it."""
+    return G.flatten(2).transpose(0, 1)
 
 
 # ---- gram_svd ------------------------------------------------------------------------------------------------------
@@ -68,13 +69,13 @@ def _gram_svd_torch(G):
     keep = sigma > GRAM_SVD_REL_TOL * sigma[..., :1]
     sigma = sigma * keep
     U = (G64 @ V) / torch.where(keep, sigma, 1.0).unsqueeze(-2) * keep.unsqueeze(-2)
-    out = svd_compute_dtype(G.dtype)
+    out = compute_dtype(G.dtype)
     return U.to(out), sigma.to(out), V.mT.to(out)
 
 
 def _gram_svd_fake(G):
     q = min(G.shape[1], G.shape[2])
-    dtype = svd_compute_dtype(G.dtype)
+    dtype = compute_dtype(G.dtype)
     return (G.new_empty(G.shape[0], G.shape[1], q, dtype=dtype), G.new_empty(G.shape[0], q, dtype=dtype),
             G.new_empty(G.shape[0], q, G.shape[2], dtype=dtype))
 
@@ -211,10 +212,11 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     G: (m, n) or (B, m, n), any float dtype; computed in float32 (float64 for float64 input).
     Returns TruncatedSVD: U (..., m, k), S (..., k), Vh (..., k, n) in the compute dtype, with .ranks per matrix.
     method: "exact" (torch.linalg.svd); "gram" (2-D: the eigendecomposition of the smaller Gram matrix, for
-    gamma <= GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel); "randomized" (adaptive range finder, 2-D
-    only; exact on flat spectra); "auto": batches with n <= 64 take gram_svd, other batches exact; a 2-D G takes
-    the randomized path with its basis capped where it would cost more than the cheaper of gram and exact, then
-    that one (costs measured on this device, semu_fast.ops.svd_plan). generator seeds the randomized path (same
+    gamma <= GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel, other batches exact); "randomized" (adaptive
+    range finder, 2-D only; exact on flat spectra); "auto": batches with n <= 64 take gram_svd, other batches exact;
+    a 2-D G with min(m, n) >= 256 takes the randomized path with its basis capped where it would cost more than the
+    cheaper of gram and exact, then that one (costs measured on this device, semu_fast.ops.svd_plan); a smaller one
+    the exact SVD. generator seeds the randomized path (same
     seed, same device, same calibration: same result)."""
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)
@@ -223,7 +225,7 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
     with annotate("semu_fast.truncated_svd"):
-        return _truncated_svd(G.to(svd_compute_dtype(G.dtype)), gamma, rank_rule, method, generator)
+        return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, method, generator)
 
 
 def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
@@ -232,11 +234,9 @@ def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
     total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
     if not math.isfinite(total):
         raise ValueError("G holds NaN or Inf values")
-    if G.dim() == 3:
-        if method in ("auto", "gram") and G.shape[-1] <= GRAM_SVD_MAX_N:
+    if G.dim() == 3:  # a batch: the gram_svd kernel where its n fits (and the matrices are not empty), else exact
+        if method in ("auto", "gram") and 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1:
             return _truncate(*gram_svd(G), gamma, rank_rule)
-        if method == "gram":
-            raise ValueError(f"method='gram' on a batch needs n <= {GRAM_SVD_MAX_N} columns, got {tuple(G.shape)}")
         return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
     result = None
     gram_ok = gamma <= GRAM_MAX_GAMMA and min(G.shape) > 0
@@ -245,10 +245,10 @@ def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
     fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
     if method == "randomized":
         result = _randomized(G, total, gamma, rank_rule, generator, max(BLOCK, int(MAX_RANK_SHARE * min(G.shape))))
-    elif method == "auto":
+    elif method == "auto" and min(G.shape) >= RANDOMIZED_MIN_DIM:  # smaller: the exact SVD costs next to nothing
         plan = svd_plan.plan(G.shape, G.device, gram_ok)
         fallback = plan.fallback
-        if min(G.shape) >= RANDOMIZED_MIN_DIM and plan.max_rank > 0:
+        if plan.max_rank > 0:
             result = _randomized(G, total, gamma, rank_rule, generator, plan.max_rank)
     if result is None and fallback == "gram":
         result = _gram(G, total, gamma, rank_rule)

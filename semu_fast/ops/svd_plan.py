@@ -21,11 +21,12 @@ from typing import Optional
 
 import torch
 
+from .._utils import default_cache
+
 log = logging.getLogger("semu_fast")
 
 BLOCK = 64          # the range finder's block width (semu_fast.ops.svd.BLOCK)
 PASSES = 6          # passes over G per block: the product, 2 power iterations of 2 products, and B = Q^T G
-CACHE_ENV = "SEMU_FAST_CACHE"
 _PROBE = (384, 1152)  # (p, q) of the matrices the calibration times: big enough to run at speed, under a second
 
 
@@ -77,7 +78,7 @@ def _device_key(device: torch.device) -> str:
 
 
 def _cache_file() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "semu_fast")) / "svd_costs.json"
+    return default_cache() / "svd_costs.json"
 
 
 _COSTS: dict[str, Costs] = {}

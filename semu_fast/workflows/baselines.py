@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from ..losses import ascent_loss, random_label_loss, true_label_loss
 from ..training import check_training_args, interleave
 
-BASELINES = ("ft", "ga", "rl", "retrain")
 # Adam settings that unlearn the bundled digits task without wrecking it (see README's table); override per run.
 DEFAULTS = {"ft": {"lr": 3e-3, "epochs": 10}, "ga": {"lr": 1e-3, "epochs": 8}, "rl": {"lr": 1e-3, "epochs": 5}}
 EpochHook = Optional[Callable[[int, nn.Module], Optional[dict]]]

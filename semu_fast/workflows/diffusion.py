@@ -13,7 +13,7 @@ DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM c
   random class other than the forgotten ones, drawn per sample, plus alpha * the standard loss on a remain batch when
   a remain loader is given (summed in the same step, as the official `semu_unlearn_retrain`).
 
-Stable-Diffusion-style concept removal builds on these pieces in semu_fast.stable_diffusion.
+Stable-Diffusion-style concept removal builds on these pieces in semu_fast.workflows.stable_diffusion.
 
 Batches are (x0, labels) tuples with x0 in the model's range ([-1, 1] for the digits model). Every random draw
 (noise, timesteps, other classes) comes from a seeded torch.Generator.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -198,6 +199,11 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
         if not num_classes:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed)
+    if ATTENTION_PATTERN in config.gamma_overrides and not any(
+            matches_attention(name) for name, _ in base_model(unet).named_modules()):
+        # a UNet without attention: the library's own attention override has nothing to act on
+        config = dataclasses.replace(config, gamma_overrides={p: g for p, g in config.gamma_overrides.items()
+                                                              if p != ATTENTION_PATTERN})
     if epochs is None:
         try:
             batches = len(forget_loader)

@@ -20,7 +20,6 @@ train_on_retain=True its NLL joins training too, interleaved with the forget bat
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
-from ..layers import describe_names, select_layers
+from ..layers import select_layers
 from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
@@ -226,26 +225,12 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
     return batches
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _check_targets(model: nn.Module, target_modules) -> tuple:
+def _check_targets(target_modules) -> tuple:
+    """One or more patterns (SEMUConfig checks each is a valid regular expression, select_layers that it matches)."""
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     if not isinstance(target_modules, Iterable) or not (target_modules := tuple(target_modules)):
         raise ValueError(f"target_modules must be one or more name patterns, got {target_modules!r}")
-    linear = _linear_layers(model)
-    for pattern in target_modules:
-        if not isinstance(pattern, str):
-            raise ValueError(f"target_modules must hold strings (regular expressions), got {pattern!r}")
-        try:
-            hit = any(re.search(pattern, name) for name in linear)
-        except re.error as err:
-            raise ValueError(f"target_modules: {pattern!r} is not a valid regular expression ({err})") from None
-        if not hit:
-            raise ValueError(f"target_modules: {pattern!r} matches no nn.Linear layer of the model; its Linear "
-                             f"layers: {describe_names(linear)}")
     return target_modules
 
 
@@ -258,7 +243,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics).
 
     forget_batches / retain_batches: lists of make_batches dicts. target_modules: regular expressions searched in
-    module names; each must match at least one nn.Linear (default: every MLP down projection). forget_loss: "ascent",
+    module names; each must match a layer SEMU adapts (nn.Linear, or transformers' Conv1D; default: every MLP down
+    projection). forget_loss: "ascent",
     "random" or a callable (model, batch, generator) -> scalar (see the module docstring). train_on_retain: also
     train on the retain NLL (needs retain_batches); otherwise retain data is only evaluated. optimizer "adam" or
     "sgd" (no weight decay), lr, epochs: as sf.unlearn. seed: SEMU's randomized SVD, the random tokens and the
@@ -270,7 +256,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
-    target_modules = _check_targets(model, target_modules)
+    target_modules = _check_targets(target_modules)
     config = SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     if callable(forget_loss):
