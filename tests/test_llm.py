@@ -11,10 +11,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import semu_fast as sf  # noqa: E402
-from semu_fast.workflows import llm  # noqa: E402
+from semu_fast.workflows import llm, llm_losses  # noqa: E402
 from semu_fast.adapters import SEMUAdapter  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is the fastest, and it does not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,7 @@ def test_random_token_loss_never_targets_the_true_token_and_ignores_padding(monk
         seen["targets"] = targets
         return real(logits, targets, **kwargs)
 
-    monkeypatch.setattr(llm.F, "cross_entropy", spy)
+    monkeypatch.setattr(llm_losses.F, "cross_entropy", spy)
     batch = llm.make_batches(tiny_tokenizer(), random_texts(8, seed=4, min_len=2, max_len=30), 32, 8)[0]
     loss = llm.random_token_loss(tiny_llama(), batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
@@ -147,6 +156,54 @@ def test_a_callable_forget_loss_is_used_on_every_forget_batch():
     assert len(calls) == 6 and all(c is f for c, f in zip(calls, forget * 2))
 
 
+def _qa_data(tokenizer):
+    questions, answers = random_texts(8, seed=5, max_len=6), random_texts(8, seed=6, max_len=8)
+    records = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+    forget = llm.make_qa_batches(tokenizer, records, max_length=24, batch_size=4, alternate=True)
+    retain = llm.make_batches(tokenizer, random_texts(8, seed=1), max_length=16, batch_size=4)
+    return forget, retain
+
+
+@pytest.mark.parametrize("forget_loss, retain_loss, trains_retain", [
+    ("npo", "kl", True), ("simnpo", None, False), ("idkdpo", None, False), ("graddiff", None, True)])
+def test_unlearn_llm_trains_each_objective_on_question_answer_batches(forget_loss, retain_loss, trains_retain,
+                                                                     monkeypatch):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, retain = _qa_data(tokenizer)
+    seen = []
+    real = llm.unlearn
+
+    def spy(model, forget_loader, retain_loader, config, **kwargs):
+        seen.append((retain_loader, kwargs["train_loss_fn"], kwargs["retain_loss_fn"]))
+        return real(model, forget_loader, retain_loader, config, **kwargs)
+
+    monkeypatch.setattr(llm, "unlearn", spy)
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss=forget_loss, retain_loss=retain_loss,
+                                          lr=3e-2, epochs=2, progress=False)
+    retain_loader, train_fn, retain_fn = seen[0]
+    assert (retain_loader is not None) == trains_retain and train_fn.name in (forget_loss, "idkdpo")
+    assert retain_fn.name == (retain_loss or "nll")
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert all((a.R != 0).any() for a in sm.adapters.values())
+    if forget_loss != "idkdpo":  # the others push the forget answers' likelihood down
+        assert metrics["forget_nll_after"] > metrics["forget_nll_before"]
+    with torch.no_grad(), sm.disable_adapters():  # the reference stayed the original model
+        assert llm.mean_nll(sm, forget) == metrics["forget_nll_before"]
+
+
+def test_unlearn_llm_rmu_trains_its_own_retain_term_on_the_chosen_layer():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, retain = _qa_data(tokenizer)
+    rmu = llm.make_loss("rmu", layer=1, steering_coeff=4.0, alpha=5.0)
+    before = rmu(sf.prepare(tiny_llama(), forget, loss_fn=llm.nll_loss,
+                            config=sf.SEMUConfig(gamma=0.9, target_modules=("mlp.down_proj",))), forget[0], None)
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss=rmu, retain_loss="rmu", lr=3e-2,
+                                          epochs=3, progress=False)
+    assert rmu(sm, forget[0], None).item() < before.item()
+    history = report.training["history"]
+    assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+
+
 @pytest.mark.parametrize("change, match", [
     ({"forget_batches": []}, "forget_batches is empty"),
     ({"forget_batches": None}, "forget_batches is required"),
@@ -157,8 +214,18 @@ def test_a_callable_forget_loss_is_used_on_every_forget_batch():
     ({"target_modules": ["mlp.down_proj", "("]}, "target_modules: '\\(' is not a valid regular expression"),
     ({"target_modules": []}, "target_modules must be one or more"),
     ({"target_modules": ".*"}, "target_modules selects 'model.embed_tokens', which SEMU cannot adapt"),
-    ({"forget_loss": "npo"}, "forget_loss must be one of 'ascent', 'random'"),
+    ({"forget_loss": "nope"}, "forget_loss must be one of 'ascent', 'random', 'graddiff', 'npo'"),
+    ({"retain_loss": "mse", "retain_batches": id_batches(1)}, "retain_loss must be one of 'nll', 'kl', 'rmu'"),
     ({"train_on_retain": True}, "train_on_retain=True needs retain_batches"),
+    ({"forget_loss": "graddiff"}, "forget_loss='graddiff' needs retain_batches: it is defined with a retain term"),
+    ({"forget_loss": "rmu"}, "forget_loss='rmu' needs retain_batches"),
+    ({"retain_loss": "kl"}, "retain_loss='kl' needs retain_batches"),
+    ({"forget_loss": "graddiff", "retain_batches": id_batches(1), "train_on_retain": False},
+     "forget_loss='graddiff' is defined with a retain term, so it trains on retain data: train_on_retain=False"),
+    ({"retain_loss": "kl", "retain_batches": id_batches(1), "train_on_retain": False},
+     "retain_loss='kl' is given, but train_on_retain=False"),
+    ({"forget_loss": "idkdpo"}, r"forget_loss='idkdpo' needs alternate answers: forget_batches\[0\] has no"),
+    ({"train_on_retain": "yes"}, "train_on_retain must be True, False or None"),
     ({"gamma": 0.0}, "gamma must be a number in"),
     ({"lr": 0}, "lr must be a finite positive"),
     ({"epochs": 0}, "epochs must be a positive int"),
@@ -250,6 +317,56 @@ def test_cli_unlearn_llm_reports_bad_input_as_a_usage_error(llm_folder, tmp_path
     base = ["unlearn-llm", "--model", str(llm_folder), "--forget-texts", "forget.txt", "--quiet", "--out", "out"]
     with pytest.raises(SystemExit) as exit_info:
         _cli(base + argv)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unlearn_llm_takes_a_loss_and_record_files(llm_folder, tmp_path, capsys):
+    questions, answers = random_texts(8, seed=5, max_len=6), random_texts(8, seed=6, max_len=8)
+    llm.save_records(tmp_path / "forget.jsonl", [{"question": q, "answer": a} for q, a in zip(questions, answers)])
+    (tmp_path / "retain.json").write_text(json.dumps([{"text": t} for t in random_texts(8, seed=1)]))
+    out = tmp_path / "out"
+    code = _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-file", str(tmp_path / "forget.jsonl"),
+                 "--retain-file", str(tmp_path / "retain.json"), "--loss", "npo", "--loss-arg", "beta=0.2",
+                 "--retain-loss", "kl", "--lr", "0.03", "--epochs", "2", "--max-length", "24", "--batch-size", "4",
+                 "--device", "cpu", "--quiet", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "metrics.json").read_text())
+    metrics, settings = data["metrics"], data["settings"]
+    assert metrics["forget_ppl_after"] > metrics["forget_ppl_before"] and "retain_ppl_after" in metrics
+    assert settings["forget_loss"] == "npo" and settings["retain_loss"] == "kl"
+    assert settings["loss_arg"] == [["beta", 0.2]]
+    assert "forget" in capsys.readouterr().out
+    # the saved adapters reproduce the forget answers' NLL on a freshly loaded model
+    model, tokenizer = llm.load_causal_lm(llm_folder)
+    forget = llm.make_record_batches(tokenizer, llm.load_records(tmp_path / "forget.jsonl"), 24, 4)
+    assert llm.mean_nll(sf.load_adapters(model, out / "adapters"), forget) == \
+        pytest.approx(metrics["forget_nll_after"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--forget-texts", "forget.txt", "--forget-file", "qa.jsonl"], "not allowed with argument"),
+    (["--forget-file", "bad.jsonl"], r"argument --forget-file: path: bad.jsonl, line 1 has no 'answer' field"),
+    (["--forget-file", "empty.jsonl"], "argument --forget-file: path: empty.jsonl is empty"),
+    (["--forget-texts", "forget.txt", "--loss", "idk"], "argument --loss: idk needs question/answer records"),
+    (["--forget-file", "qa.jsonl", "--loss", "graddiff"], "argument --loss: graddiff trains on retain data"),
+    (["--forget-file", "qa.jsonl", "--retain-loss", "kl"], "argument --retain-loss: needs --retain-texts or"),
+    (["--forget-file", "qa.jsonl", "--loss", "npo", "--loss-arg", "bta=1"],
+     "argument --loss-arg: forget_loss='npo' has no hyper-parameter 'bta'"),
+    (["--forget-file", "qa.jsonl", "--loss-arg", "beta"], "argument --loss-arg: expected KEY=VALUE"),
+    (["--forget-file", "qa.jsonl", "--loss", "nope"], "argument --loss/--forget-loss: invalid choice"),
+    (["--forget-file", "qa.jsonl", "--retain-file", "qa.jsonl", "--loss", "rmu"],
+     "rmu: layer=7 is out of range"),
+])
+def test_cli_unlearn_llm_reports_bad_losses_and_record_files(llm_folder, tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "forget.txt").write_text("w1 w2 w3\n")
+    (tmp_path / "qa.jsonl").write_text('{"question": "w1 w2", "answer": "w3 w4"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"question": "w1 w2"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["unlearn-llm", "--model", str(llm_folder), "--quiet", "--out", "out"] + argv)
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()

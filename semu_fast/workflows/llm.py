@@ -1,33 +1,40 @@
-"""SEMU on transformers causal language models: texts to batches, token NLL and perplexity, and `unlearn_llm`.
+"""SEMU on transformers causal language models: loading, perplexity and `unlearn_llm`.
 
     model, tokenizer = load_causal_lm("path/to/local/model")
-    forget = make_batches(tokenizer, forget_texts, max_length=256, batch_size=8)
-    semu_model, report, metrics = unlearn_llm(model, forget, retain_batches=make_batches(tokenizer, retain_texts))
+    forget = make_qa_batches(tokenizer, load_records("forget.jsonl"))      # or make_batches(tokenizer, texts)
+    retain = make_batches(tokenizer, retain_texts)
+    semu_model, report, metrics = unlearn_llm(model, forget, retain, forget_loss="npo", retain_loss="kl")
 
-Models load from a local folder only (`local_files_only=True`): nothing is ever downloaded. A batch is a dict of
-(B, T) tensors: input_ids, attention_mask and labels (a copy of input_ids with -100 on padding); the model predicts
-token t+1 from tokens <= t, so a text of n tokens holds n - 1 predictions.
+Models load from a local folder only (`local_files_only=True`): nothing is ever downloaded. The data side lives in
+llm_data (re-exported here): a batch is a dict of (B, T) tensors, input_ids, attention_mask and labels (-100 where
+nothing is learned: padding, and the prompt of a question/answer pair); the model predicts token t+1 from tokens
+<= t. Records come from JSON / JSONL files (load_records), question/answer pairs framed by the tokenizer's chat
+template when it has one.
 
 SEMU's LLM recipe here follows its classification one: the gradient pass takes the forget set's NLL (the "true
-label" loss), then only the k x k cores R train, on a forget loss:
-    "ascent": -NLL (gradient ascent, the usual LLM-unlearning baseline the TOFU/MUSE benchmarks start from);
-    "random": NLL towards a random token != the true one at every predicted position (SEMU's random-label loss,
-        per token: bounded, unlike ascent);
-    or any callable (model, batch, generator) -> scalar.
-Retain data is data-free by default, as SEMU's: its perplexity is reported before and after; with
-train_on_retain=True its NLL joins training too, interleaved with the forget batches (gradient difference).
+label" loss), then only the k x k cores R train, on a forget objective from llm_losses (re-exported here):
+    "ascent"    -NLL (gradient ascent, the baseline the TOFU / MUSE benchmarks start from);
+    "random"    NLL towards a random token != the true one at every predicted position (SEMU's random labels);
+    "graddiff"  ascent plus a retain term (gradient difference);
+    "npo", "simnpo"     negative preference optimization, with the reference model, or length-normalised without;
+    "idkdpo" ("idk"), "idknll"  towards "I don't know" answers (batches from make_qa_batches(..., alternate=True));
+    "rmu"       representation misdirection of one decoder layer's hidden states;
+    or make_loss(name, **hyper_parameters), or any callable (model, batch, generator) -> scalar.
+The reference model of NPO, IdkDPO, KL and RMU is the model itself with its adapters disabled (no copy).
+Retain data is data-free by default, as SEMU's: its perplexity is reported before and after. It trains too, on the
+retain objective ("nll", "kl" or "rmu"; default: the forget objective's own retain term, else NLL), interleaved
+with the forget batches, when train_on_retain=True, when retain_loss is given, or when the forget objective is
+defined with a retain term (graddiff, rmu).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
@@ -35,13 +42,13 @@ from ..layers import select_layers
 from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
+from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, load_records, make_batches,  # noqa: F401
+                       make_qa_batches, make_record_batches, save_records)
+from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll_sum, ascent_loss,  # noqa: F401
+                         make_loss, make_retain_loss, nll_loss, random_token_loss, retain_nll_loss, sequence_nll)
 
-IGNORE_INDEX = -100  # label of a position that predicts nothing (padding), as transformers and F.cross_entropy use
-FORGET_LOSSES = ("ascent", "random")
-Batch = dict
 
-
-# ---- loading and batching ----------------------------------------------------------------------------------------
+# ---- loading -----------------------------------------------------------------------------------------------------
 
 def load_causal_lm(path, dtype: Union[str, torch.dtype, None] = "auto", device=None):
     """(model, tokenizer) from a local folder written by save_pretrained: AutoModelForCausalLM and AutoTokenizer
@@ -66,120 +73,8 @@ def load_causal_lm(path, dtype: Union[str, torch.dtype, None] = "auto", device=N
     return model, tokenizer
 
 
-def _check_texts(texts) -> list:
-    if isinstance(texts, str) or not isinstance(texts, Iterable):
-        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: give at least one text")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"texts[{i}] must be a non-blank string, got {text!r:.60}")
-    return texts
 
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def make_batches(tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 8) -> list[Batch]:
-    """Tokenise `texts` (truncated to max_length tokens, special tokens as the tokenizer adds them) into batches of
-    batch_size, right-padded: {"input_ids", "attention_mask", "labels"}, each (B, T) int64, labels -100 on padding.
-
-    The tokenizer is not changed (padding is done here, so a tokenizer without a pad token works). Texts that give
-    fewer than 2 tokens predict nothing: they are skipped with a warning; if all are, ValueError."""
-    texts = _check_texts(texts)
-    _check_positive_int("max_length", max_length, 2)
-    _check_positive_int("batch_size", batch_size)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    kept = [ids for ids in encoded if len(ids) >= 2]
-    if not kept:
-        raise ValueError("texts: every text gives fewer than 2 tokens, so there is nothing to predict")
-    if len(kept) < len(encoded):
-        warnings.warn(f"texts: {len(encoded) - len(kept)} of {len(encoded)} texts give fewer than 2 tokens and "
-                      f"were skipped (nothing to predict)")
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    batches = []
-    for start in range(0, len(kept), batch_size):
-        chunk = kept[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[row, :len(ids)] = 1
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
-    return batches
-
-
-# ---- losses and perplexity ---------------------------------------------------------------------------------------
-
-def _check_batch(batch) -> None:
-    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor) \
-            or batch["input_ids"].dim() != 2:
-        raise TypeError(f"an LLM batch must be a dict with a (B, T) input_ids tensor (see make_batches), got "
-                        f"{type(batch).__name__}")
-
-
-def _logits_and_targets(model: nn.Module, batch: Batch):
-    """Float32 logits of positions 0..T-2, (B, T-1, V), and their targets (labels shifted left), (B, T-1)."""
-    _check_batch(batch)
-    device = model_device(model)
-    input_ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
-    mask = mask.to(device) if mask is not None else None
-    labels = batch.get("labels")
-    if labels is None:
-        labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    return logits[:, :-1].float(), labels.to(device)[:, 1:]
-
-
-def _nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    logits, targets = _logits_and_targets(model, batch)
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets != IGNORE_INDEX).sum())
-
-
-def nll_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token negative log-likelihood over the batch's labelled positions: SEMU's gradient-pass loss
-    (loss_fn) for LLMs."""
-    total, count = _nll_sum(model, batch)
-    if count == 0:
-        raise ValueError("the batch has no labelled position to predict (every label is -100)")
-    return total / count
-
-
-def retain_nll_loss(model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """nll_loss with sf.unlearn's train-loss signature: keeps the model on retain data."""
-    return nll_loss(model, batch)
-
-
-def ascent_loss(model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """-NLL on the forget batch: gradient ascent on its likelihood."""
-    return -nll_loss(model, batch)
-
-
-def random_token_loss(model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """NLL towards a token drawn uniformly among those != the true next token at every labelled position:
-    SEMU's random-label loss, per token."""
-    logits, targets = _logits_and_targets(model, batch)
-    vocab = logits.shape[-1]
-    if vocab < 2:
-        raise ValueError(f"random tokens need a vocabulary of at least 2, the model outputs {vocab}")
-    shift = torch.randint(1, vocab, targets.shape, generator=generator).to(targets.device)
-    labelled = targets != IGNORE_INDEX
-    random_targets = torch.where(labelled, (targets + shift) % vocab, targets)
-    if not labelled.any():
-        raise ValueError("the batch has no labelled position to predict (every label is -100)")
-    return F.cross_entropy(logits.flatten(0, 1), random_targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-_FORGET_LOSS_FNS = {"ascent": ascent_loss, "random": random_token_loss}
-
+# ---- perplexity ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
@@ -213,13 +108,14 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
             raise ValueError(f"{name} is required")
         return None
     if isinstance(batches, dict) or not isinstance(batches, Iterable):
-        raise ValueError(f"{name} must be a list of batches (dicts from make_batches), got {type(batches).__name__}")
+        raise ValueError(f"{name} must be a list of batches (dicts from make_batches or make_qa_batches), got "
+                         f"{type(batches).__name__}")
     batches = list(batches)  # read several times: gradient pass, every epoch, perplexities
     if not batches:
         raise ValueError(f"{name} is empty: give at least one batch")
     for i, batch in enumerate(batches):
         try:
-            _check_batch(batch)
+            check_batch(batch)
         except TypeError as err:
             raise ValueError(f"{name}[{i}]: {err}") from None
     return batches
@@ -234,24 +130,71 @@ def _check_targets(target_modules) -> tuple:
     return target_modules
 
 
+def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, retain_batches, seed):
+    """(train_loss_fn, retain_loss_fn, train_on_retain) for unlearn_llm, every combination checked first."""
+    if isinstance(forget_loss, str) and forget_loss == "rmu":  # its control vector follows the run's seed
+        train_loss_fn = make_loss(forget_loss, seed=seed)
+    else:
+        train_loss_fn = make_loss(forget_loss)
+    name = forget_loss if isinstance(forget_loss, str) else getattr(train_loss_fn, "name", None)
+    what = f"forget_loss={name!r}" if name else "the forget_loss given"
+    own = getattr(train_loss_fn, "retain_loss", None)
+    own = own() if callable(own) else None  # the forget objective's retain term, with its settings (alpha, layer)
+    if retain_loss is None:
+        retain_loss_fn = own if own is not None else retain_nll_loss
+    elif isinstance(retain_loss, str) and own is not None and getattr(own, "name", None) == retain_loss:
+        retain_loss_fn = own
+    else:
+        retain_loss_fn = make_retain_loss(retain_loss)
+    needs_retain = bool(getattr(train_loss_fn, "needs_retain", False))
+    if train_on_retain is None:
+        train_on_retain = needs_retain or retain_loss is not None
+    elif not isinstance(train_on_retain, bool):
+        raise ValueError(f"train_on_retain must be True, False or None (automatic), got {train_on_retain!r}")
+    elif not train_on_retain and needs_retain:
+        raise ValueError(f"{what} is defined with a retain term, so it trains on retain data: train_on_retain=False "
+                         f"contradicts it")
+    elif not train_on_retain and retain_loss is not None:
+        raise ValueError(f"retain_loss={retain_loss!r} is given, but train_on_retain=False never trains on retain "
+                         f"data")
+    if train_on_retain and retain_batches is None:
+        if needs_retain:
+            raise ValueError(f"{what} needs retain_batches: it is defined with a retain term")
+        if retain_loss is not None:
+            raise ValueError(f"retain_loss={retain_loss!r} needs retain_batches")
+        raise ValueError("train_on_retain=True needs retain_batches")
+    if getattr(train_loss_fn, "needs_alternate", False):
+        for i, batch in enumerate(forget_batches):
+            if not isinstance(batch.get("alternate"), dict):
+                raise ValueError(f"{what} needs alternate answers: forget_batches[{i}] has no 'alternate' batch "
+                                 f"(build the forget batches with make_qa_batches(..., alternate=True))")
+    return train_loss_fn, retain_loss_fn, train_on_retain
+
+
 def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
                 target_modules: Union[str, Sequence[str]] = ("mlp.down_proj",), gamma: float = 0.9,
-                forget_loss: Union[str, Callable] = "ascent", train_on_retain: bool = False,
-                optimizer: str = "adam", lr: float = 1e-4, epochs: int = 3, seed: int = 0,
-                progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
+                forget_loss: Union[str, Callable] = "ascent", retain_loss: Union[str, Callable, None] = None,
+                train_on_retain: Optional[bool] = None, optimizer: str = "adam", lr: float = 1e-4, epochs: int = 3,
+                seed: int = 0, progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU on a causal LM: gradients of the forget NLL, SVD per targeted Linear layer (explained variance gamma),
     then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics).
 
-    forget_batches / retain_batches: lists of make_batches dicts. target_modules: regular expressions searched in
-    module names; each must match a layer SEMU adapts (nn.Linear, or transformers' Conv1D; default: every MLP down
-    projection). forget_loss: "ascent",
-    "random" or a callable (model, batch, generator) -> scalar (see the module docstring). train_on_retain: also
-    train on the retain NLL (needs retain_batches); otherwise retain data is only evaluated. optimizer "adam" or
-    "sgd" (no weight decay), lr, epochs: as sf.unlearn. seed: SEMU's randomized SVD, the random tokens and the
-    dropout of the model (the global RNG is restored afterwards).
+    forget_batches / retain_batches: lists of batches (make_batches, make_qa_batches, make_record_batches).
+    target_modules: regular expressions searched in module names; each must match a layer SEMU adapts (nn.Linear,
+    or transformers' Conv1D; default: every MLP down projection). forget_loss: a FORGET_LOSSES name ("ascent",
+    "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module docstring and
+    llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model, batch,
+    generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a callable; None: the forget
+    objective's own retain term (NLL for most, RMU's for "rmu"), else NLL. train_on_retain: None (automatic) trains
+    on retain data when the forget objective needs it (graddiff, rmu) or retain_loss is given; True also does
+    (NPO, SimNPO and the IDK objectives as open-unlearning runs them); False only evaluates retain data. Training
+    on retain data needs retain_batches. optimizer "adam" or "sgd" (no weight decay), lr, epochs: as sf.unlearn.
+    seed: SEMU's randomized SVD, the random tokens, RMU's control vector and the dropout of the model (the global
+    RNG is restored afterwards).
 
-    metrics: forget_nll/ppl_before/after (and retain_* with retain_batches), trainable_params, trainable_share (%).
-    The model is changed in place only by installing adapters: semu_model.unload() gives it back bit for bit."""
+    metrics: forget_nll/ppl_before/after (and retain_* with retain_batches; over labelled tokens, so the answers of
+    question/answer batches), trainable_params, trainable_share (%). The model is changed in place only by
+    installing adapters: semu_model.unload() gives it back bit for bit."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
@@ -259,15 +202,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     target_modules = _check_targets(target_modules)
     config = SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
-    if callable(forget_loss):
-        train_loss_fn = forget_loss
-    elif forget_loss in _FORGET_LOSS_FNS:
-        train_loss_fn = _FORGET_LOSS_FNS[forget_loss]
-    else:
-        raise ValueError(f"forget_loss must be one of {', '.join(map(repr, FORGET_LOSSES))} or a callable "
-                         f"(model, batch, generator) -> scalar, got {forget_loss!r}")
-    if train_on_retain and retain_batches is None:
-        raise ValueError("train_on_retain=True needs retain_batches")
+    train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,
+                                                                      forget_batches, retain_batches, seed)
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
 
     metrics = {"forget_nll_before": mean_nll(model, forget_batches)}
@@ -277,7 +213,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         semu_model, report = unlearn(model, forget_batches, retain_batches if train_on_retain else None, config,
-                                     loss_fn=nll_loss, train_loss_fn=train_loss_fn, retain_loss_fn=retain_nll_loss,
+                                     loss_fn=nll_loss, train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn,
                                      optimizer=optimizer, lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
                                      progress=progress)
     metrics["forget_nll_after"] = mean_nll(semu_model, forget_batches)
