@@ -56,6 +56,68 @@ def test_mia_efficacy_matches_salun_formula_computed_independently():
     assert got == pytest.approx(expected, abs=1e-9)
 
 
+def _salun_svc_mia(model, shadow_train, shadow_test, target_test):
+    """SalUn's SVC_MIA with target_train=None, re-done in torch as its evaluation/SVC_MIA.py computes it (m_entropy
+    included, with its whole-label-vector column indexing and log p as the reverse log-probability)."""
+    from sklearn.svm import SVC
+
+    def collect(x, y):
+        with torch.no_grad():
+            return torch.softmax(model.eval()(x).float(), -1).double(), y
+
+    def entropy(p):
+        return -torch.where(p > 0, p * p.log(), torch.zeros(())).sum(-1)
+
+    def m_entropy(p, y):
+        log_p = torch.where(p > 0, p.log(), torch.tensor(1e-30, dtype=p.dtype).log())
+        probs, logs = p.clone(), log_p.clone()
+        probs[:, y] = (1 - p)[:, y]
+        logs[:, y] = log_p[:, y]
+        return -(probs * logs).sum(-1)
+
+    def feats(p, y):
+        return {"correctness": (p.argmax(1) == y).double(), "confidence": p.gather(1, y[:, None]),
+                "entropy": entropy(p), "m_entropy": m_entropy(p, y), "prob": p}
+
+    a, b, c = (feats(*collect(*split)) for split in (shadow_train, shadow_test, target_test))
+    out = {}
+    for name in a:
+        x = torch.cat([a[name], b[name]]).reshape(len(a[name]) + len(b[name]), -1).numpy()
+        clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, np.r_[np.ones(len(a[name])), np.zeros(len(b[name]))])
+        out[name] = 100 * (1 - clf.predict(c[name].reshape(len(c[name]), -1).numpy()).mean())
+    return out
+
+
+def test_mia_variants_match_salun_svc_mia_computed_independently():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    x_tr, y_tr = task.train_set.tensors
+    x_te, y_te = task.test_set.tensors
+    forget, retain = (x_tr[:30], y_tr[:30]), (x_tr[30:], y_tr[30:])
+    expected = _salun_svc_mia(model, (retain[0][:len(y_te)], retain[1][:len(y_te)]), (x_te, y_te), forget)
+    loader = lambda x, y: DataLoader(TensorDataset(x, y), batch_size=9)  # noqa: E731
+    got = metrics.mia_variants(model, loader(*retain), loader(x_te, y_te), loader(*forget))
+    assert set(got) == set(metrics.MIA_FEATURES)
+    for name in metrics.MIA_FEATURES:
+        assert got[name] == pytest.approx(expected[name], abs=1e-9), name
+    assert len({round(v, 6) for v in got.values()}) > 1  # the features are not all the same thing
+    with pytest.raises(ValueError, match="features must be names"):
+        metrics.mia_variants(model, loader(*retain), loader(x_te, y_te), loader(*forget), ("loss",))
+
+
+def test_mia_features_on_hand_made_probabilities():
+    probs = np.array([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    labels = np.array([0, 2])
+    f = metrics.mia_features(probs, labels)
+    assert f["correctness"][:, 0].tolist() == [1.0, 1.0]  # argmax of a tie is the first column
+    assert f["confidence"][:, 0].tolist() == [0.5, 0.7]
+    assert f["entropy"][0, 0] == pytest.approx(np.log(2))
+    # labels {0, 2} present: columns 0 and 2 take (1 - p) log p, column 1 p log p (p = 0 gives log 1e-30 * 1)
+    row0 = -(0.5 * np.log(0.5) + 0.5 * np.log(0.5) + 1.0 * np.log(1e-30))
+    assert f["m_entropy"][0, 0] == pytest.approx(row0)
+    assert f["prob"].shape == (2, 3)
+
+
 def test_svc_mia_separates_members_from_non_members():
     rng = np.random.default_rng(0)
     members, non_members = rng.uniform(0.9, 1.0, 200), rng.uniform(0.0, 0.5, 200)
@@ -70,7 +132,7 @@ def test_evaluate_and_avg_gap():
     model = trained_small_cnn(task)
     loader = DataLoader(task.test_set, batch_size=16)
     m = metrics.evaluate(model, loader, loader, loader)
-    assert set(m) == {"UA", "RA", "TA", "MIA"}
+    assert set(m) == {"UA", "RA", "TA", "MIA", *(f"MIA_{f}" for f in metrics.MIA_FEATURES if f != "confidence")}
     assert m["UA"] == pytest.approx(100 - m["TA"]) and m["RA"] == m["TA"]
     assert all(0 <= v <= 100 for v in m.values())
     assert metrics.avg_gap({"UA": 10, "RA": 90, "TA": 80, "MIA": 20}, {"UA": 14, "RA": 92, "TA": 80, "MIA": 10}) \
