@@ -114,8 +114,10 @@ def test_unlearn_llm_raises_forget_perplexity_and_changes_only_R(loaded):
     model, tokenizer = loaded
     forget, retain = _data(tokenizer)
     before = snapshot(model)
-    sm, report, metrics = llm.unlearn_llm(model, forget, retain, lr=3e-2, epochs=3, progress=False)
-    # retain texts come from the same distribution, yet the forget gradients' subspace leaves them almost alone
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss="ascent", train_on_retain=False,
+                                          select_best=False, lr=3e-2, epochs=3, progress=False)
+    # data-free: retain texts come from the same distribution, yet the forget gradients' subspace leaves them almost
+    # alone
     assert metrics["forget_ppl_after"] > 1.15 * metrics["forget_ppl_before"]
     assert metrics["retain_ppl_after"] == pytest.approx(metrics["retain_ppl_before"], rel=0.02)
     for part in ("forget", "retain"):
@@ -164,10 +166,11 @@ def _qa_data(tokenizer):
     return forget, retain
 
 
-@pytest.mark.parametrize("forget_loss, retain_loss, trains_retain", [
-    ("npo", "kl", True), ("simnpo", None, False), ("idkdpo", None, False), ("graddiff", None, True)])
-def test_unlearn_llm_trains_each_objective_on_question_answer_batches(forget_loss, retain_loss, trains_retain,
-                                                                     monkeypatch):
+@pytest.mark.parametrize("forget_loss, retain_loss, train_on_retain, trains_retain", [
+    ("npo", "kl", None, True), ("simnpo", None, False, False), ("idkdpo", None, None, True),
+    ("graddiff", None, None, True)])
+def test_unlearn_llm_trains_each_objective_on_question_answer_batches(forget_loss, retain_loss, train_on_retain,
+                                                                     trains_retain, monkeypatch):
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     forget, retain = _qa_data(tokenizer)
     seen = []
@@ -179,7 +182,8 @@ def test_unlearn_llm_trains_each_objective_on_question_answer_batches(forget_los
 
     monkeypatch.setattr(llm, "unlearn", spy)
     sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss=forget_loss, retain_loss=retain_loss,
-                                          lr=3e-2, epochs=2, progress=False)
+                                          train_on_retain=train_on_retain, select_best=False, lr=3e-2, epochs=2,
+                                          progress=False)
     retain_loader, train_fn, retain_fn = seen[0]
     assert (retain_loader is not None) == trains_retain and train_fn.name in (forget_loss, "idkdpo")
     assert retain_fn.name == (retain_loss or "nll")
@@ -202,6 +206,87 @@ def test_unlearn_llm_rmu_trains_its_own_retain_term_on_the_chosen_layer():
     assert rmu(sm, forget[0], None).item() < before.item()
     history = report.training["history"]
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_select_best_restores_the_R_of_the_best_scored_epoch():
+    """A criterion that scores epoch 2 best: its R is the one kept, whatever the later epochs did."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, retain = _data(tokenizer)
+    scores = iter([0.0, 1.0, 3.0, 2.0])  # the original model (epoch 0), then epochs 1, 2, 3
+    seen = {}
+
+    def record(epoch, semu_model):
+        seen[epoch] = [p.detach().clone() for p in semu_model.trainable_parameters()]
+        return {"mine": float(epoch)}
+
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss="ascent", lr=3e-2, epochs=3,
+                                          criterion=lambda m: next(scores), retain_tolerance=math.inf,
+                                          on_epoch=record, progress=False)
+    assert metrics["best_epoch"] == report.training["best_epoch"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(sm.trainable_parameters(), seen[2]))
+    assert not all(torch.equal(p, q) for p, q in zip(seen[2], seen[3]))  # epoch 3 did move R
+    history = report.training["history"]
+    assert [h["score"] for h in history] == [1.0, 3.0, 2.0] and [h["mine"] for h in history] == [1.0, 2.0, 3.0]
+    assert all(h["within_tolerance"] for h in history)
+    assert report.training["selection"] == {"criterion": "callable", "retain_tolerance": math.inf,
+                                            "guard": "retain_batches"}
+    assert metrics["forget_nll_after"] == pytest.approx(llm.mean_nll(sm, forget))
+
+
+def test_select_best_never_keeps_an_epoch_past_the_retain_tolerance():
+    """Guarding with the forget batches themselves at tolerance 0: every epoch that raised the forget NLL broke the
+    guard, so R falls back to zero (the original model), with a warning."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, _ = _data(tokenizer)
+    with pytest.warns(UserWarning, match="no epoch kept the retain perplexity within retain_tolerance"):
+        sm, report, metrics = llm.unlearn_llm(model, forget, eval_batches=forget, forget_loss="ascent", lr=3e-2,
+                                              epochs=2, retain_tolerance=0.0, progress=False)
+    history = report.training["history"]
+    assert all(h["guard_nll"] > metrics["eval_nll_before"] and not h["within_tolerance"] for h in history)
+    assert metrics["best_epoch"] == 0 and all((p == 0).all() for p in sm.trainable_parameters())
+    assert metrics["forget_nll_after"] == pytest.approx(metrics["forget_nll_before"], rel=1e-6)
+    assert metrics["eval_ppl_after"] == pytest.approx(math.exp(metrics["eval_nll_after"]))
+
+
+def test_defaults_train_npo_on_retain_data_and_keep_an_epoch_within_the_tolerance(monkeypatch):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, retain = _qa_data(tokenizer)
+    seen = []
+    real = llm.unlearn
+
+    def spy(model, forget_loader, retain_loader, config, **kwargs):
+        seen.append((retain_loader, kwargs["train_loss_fn"], kwargs["epochs"], kwargs["lr"]))
+        return real(model, forget_loader, retain_loader, config, **kwargs)
+
+    monkeypatch.setattr(llm, "unlearn", spy)
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, lr=3e-2, progress=False)
+    retain_loader, train_fn, epochs, lr = seen[0]
+    assert [id(b) for b in retain_loader] == [id(b) for b in retain]  # trained on
+    assert train_fn.name == llm.DEFAULTS.forget_loss == "npo"
+    assert epochs == llm.DEFAULTS.epochs and lr == 3e-2
+    history = report.training["history"]
+    assert len(history) == epochs and all({"score", "guard_nll", "within_tolerance"} <= set(h) for h in history)
+    best = metrics["best_epoch"]
+    limit = metrics["retain_nll_before"] + math.log1p(llm.DEFAULTS.retain_tolerance)
+    feasible = [h for h in history if h["guard_nll"] <= limit]
+    if best:
+        assert history[best - 1]["within_tolerance"] and history[best - 1]["score"] == max(h["score"] for h in feasible)
+        assert metrics["retain_nll_after"] <= limit
+    assert metrics["forget_nll_after"] >= metrics["forget_nll_before"]
+    # without retain data nothing guards the choice: every epoch is kept as trained (the last one)
+    sm2, report2, metrics2 = llm.unlearn_llm(tiny_llama(), forget, epochs=1, progress=False)
+    assert "best_epoch" not in metrics2 and "score" not in report2.training["history"][0]
+
+
+def test_mean_answer_prob_is_the_mean_of_per_sequence_answer_probabilities():
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    forget, _ = _qa_data(tokenizer)
+    expected = []
+    for batch in forget:
+        for row in range(batch["input_ids"].shape[0]):
+            one = {k: v[row:row + 1] for k, v in batch.items() if k != "alternate"}
+            expected.append(math.exp(-llm.nll_loss(model, one).item()))
+    assert llm.mean_answer_prob(model, forget) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -230,6 +315,13 @@ def test_unlearn_llm_rmu_trains_its_own_retain_term_on_the_chosen_layer():
     ({"lr": 0}, "lr must be a finite positive"),
     ({"epochs": 0}, "epochs must be a positive int"),
     ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"eval_batches": []}, "eval_batches is empty"),
+    ({"select_best": True}, "select_best=True needs retain_batches or eval_batches"),
+    ({"select_best": "yes", "retain_batches": id_batches(1)}, "select_best must be True, False or None"),
+    ({"criterion": "accuracy"}, "criterion must be one of 'forget_nll', 'forget_prob' or a callable"),
+    ({"retain_tolerance": -0.1}, "retain_tolerance must be a number >= 0"),
+    ({"retain_tolerance": float("nan")}, "retain_tolerance must be a number >= 0"),
+    ({"on_epoch": 3}, "on_epoch must be a callable"),
 ])
 def test_bad_unlearn_llm_arguments_raise_before_the_model_changes(change, match):
     model = tiny_llama()
@@ -345,6 +437,60 @@ def test_cli_unlearn_llm_takes_a_loss_and_record_files(llm_folder, tmp_path, cap
         pytest.approx(metrics["forget_nll_after"], rel=1e-6)
 
 
+def _tofu_records(n, seed):
+    """Question/answer records with TOFU's paraphrased and perturbed answers (random words)."""
+    fields = [random_texts(n, seed=seed + i, max_len=6) for i in range(5)]
+    return [{"question": q, "answer": a, "paraphrased_answer": pa, "perturbed_answer": [p1, p2]}
+            for q, a, pa, p1, p2 in zip(*fields)]
+
+
+def test_cli_unlearn_llm_eval_writes_tofu_metrics_before_and_after(llm_folder, tmp_path, capsys):
+    from semu_fast.workflows import llm_eval
+
+    for name, seed in (("forget", 10), ("retain", 20), ("holdout", 30)):
+        llm.save_records(tmp_path / f"{name}.jsonl", _tofu_records(6, seed))
+    out = tmp_path / "out"
+    code = _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-file", str(tmp_path / "forget.jsonl"),
+                 "--retain-file", str(tmp_path / "retain.jsonl"), "--holdout-file", str(tmp_path / "holdout.jsonl"),
+                 "--reference-model", str(llm_folder), "--eval", "--max-new-tokens", "4", "--lr", "0.03",
+                 "--epochs", "2", "--max-length", "24", "--batch-size", "3", "--device", "cpu", "--quiet",
+                 "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "metrics.json").read_text())
+    metrics = data["metrics"]
+    for key in ("forget_answer_prob", "forget_rougeL_recall", "forget_truth_ratio", "forget_quality",
+                "retain_answer_prob", "retain_truth_ratio", "model_utility", "mia_min_k_auc", "privleak"):
+        for when in ("before", "after"):
+            assert f"{key}_{when}" in metrics, f"{key}_{when}"
+    assert metrics["forget_quality_before"] == pytest.approx(1.0)  # the reference is the original model itself
+    assert metrics["best_epoch"] in (0, 1, 2) and data["settings"]["eval"] is True
+    assert len(data["training"]["history"]) == 2
+    # the "after" numbers are those of the saved adapters
+    model, tokenizer = llm.load_causal_lm(llm_folder)
+    semu_model = sf.load_adapters(model, out / "adapters")
+    split = llm.qa_split(llm.load_records(tmp_path / "forget.jsonl"))
+    again = llm_eval.evaluate_llm(semu_model.model, tokenizer, split, generate=False, batch_size=3, max_length=24)
+    assert again["forget_answer_prob"] == pytest.approx(metrics["forget_answer_prob_after"], rel=1e-5)
+    report = (out / "report.md").read_text()
+    assert "| forget_answer_prob |" in report and "| model_utility |" in report and "## Epochs" in report
+    assert f"Kept: epoch {metrics['best_epoch']}" in report and "## SEMU per layer" in report
+    printed = capsys.readouterr().out
+    assert "forget_answer_prob" in printed and "report.md" in printed
+
+
+def test_cli_unlearn_llm_eval_scores_texts_whole(llm_folder, tmp_path):
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(6, seed=0)))
+    (tmp_path / "retain.txt").write_text("\n".join(random_texts(6, seed=1)))
+    out = tmp_path / "out"
+    assert _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+                 "--retain-texts", str(tmp_path / "retain.txt"), "--eval", "--no-select-best", "--epochs", "1",
+                 "--lr", "0.03", "--max-length", "16", "--batch-size", "3", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert "forget_answer_prob_after" in metrics and "forget_rougeL_recall_after" not in metrics  # no generation
+    assert "best_epoch" not in metrics
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--forget-texts", "forget.txt", "--forget-file", "qa.jsonl"], "not allowed with argument"),
     (["--forget-file", "bad.jsonl"], r"argument --forget-file: path: bad.jsonl, line 1 has no 'answer' field"),
@@ -358,6 +504,15 @@ def test_cli_unlearn_llm_takes_a_loss_and_record_files(llm_folder, tmp_path, cap
     (["--forget-file", "qa.jsonl", "--loss", "nope"], "argument --loss/--forget-loss: invalid choice"),
     (["--forget-file", "qa.jsonl", "--retain-file", "qa.jsonl", "--loss", "rmu"],
      "rmu: layer=7 is out of range"),
+    (["--forget-file", "qa.jsonl", "--holdout-file", "qa.jsonl"], "argument --holdout-file: only used with --eval"),
+    (["--forget-file", "qa.jsonl", "--reference-model", "."], "argument --reference-model: only used with --eval"),
+    (["--forget-file", "qa.jsonl", "--select-best"], "argument --select-best: needs --retain-texts or"),
+    (["--forget-file", "qa.jsonl", "--retain-texts", "forget.txt", "--eval"],
+     "argument --eval: the forget, retain and holdout data must be of one kind"),
+    (["--forget-file", "qa.jsonl", "--eval", "--reference-model", "missing"],
+     "argument --reference-model: .*missing is not a folder"),
+    (["--forget-file", "qa.jsonl", "--retain-tolerance", "-1"], "argument --retain-tolerance: must be a finite"),
+    (["--forget-file", "qa.jsonl", "--criterion", "acc"], "argument --criterion: invalid choice"),
 ])
 def test_cli_unlearn_llm_reports_bad_losses_and_record_files(llm_folder, tmp_path, monkeypatch, capsys, argv, match):
     monkeypatch.chdir(tmp_path)

@@ -5,15 +5,20 @@ a file.
     semu-fast unlearn-llm --model ./my-llama --forget-file forget.jsonl --retain-file retain.jsonl --loss npo \
         --retain-loss kl --out out
 
-writes out/adapters (sf.load_adapters), out/metrics.json (forget and retain perplexity before and after, settings,
-per-layer ranks) and, with --lora, out/lora (a peft LoRA adapter folder). Nothing is downloaded."""
+    semu-fast unlearn-llm --model ./my-llama --forget-file forget.jsonl --retain-file retain.jsonl \
+        --holdout-file holdout.jsonl --eval --out out
+
+writes out/adapters (sf.load_adapters), out/metrics.json (forget and retain perplexity before and after, with --eval
+the TOFU / MUSE metrics of llm_eval.evaluate_llm before and after, settings, per-layer ranks, the epochs' history and
+the one kept), out/report.md (the same as tables) and, with --lora, out/lora (a peft LoRA adapter folder). Every
+default is in semu_fast.workflows.llm.DEFAULTS. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, positive, require, settings,
-                      silence)
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, non_negative, positive, require,
+                      settings, silence)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -52,24 +57,36 @@ def _read_records(path: Path, flag: str, parser) -> list:
         parser.error(f"argument {flag}: {err}")
 
 
-def _batches(tokenizer, args, kind: str, parser, alternate: bool):
-    """Batches from --{kind}-texts or --{kind}-file (None when neither is given)."""
-    from ..workflows import llm
-
-    texts, file = getattr(args, f"{kind}_texts"), getattr(args, f"{kind}_file")
+def _records(args, kind: str, parser):
+    """The records of --{kind}-file, or --{kind}-texts as {"text"} records; None when neither is given."""
+    texts, file = getattr(args, f"{kind}_texts", None), getattr(args, f"{kind}_file")
     if file is not None:
-        records = _read_records(file, f"--{kind}-file", parser)
-        return llm.make_record_batches(tokenizer, records, args.max_length, args.batch_size,
-                                       alternate=alternate and kind == "forget", seed=args.seed)
+        return _read_records(file, f"--{kind}-file", parser)
     if texts is not None:
-        return llm.make_batches(tokenizer, _read_texts(texts, f"--{kind}-texts", parser), args.max_length,
-                                args.batch_size)
+        return [{"text": text} for text in _read_texts(texts, f"--{kind}-texts", parser)]
     return None
+
+
+def _eval_splits(data: dict, parser) -> tuple[dict, str]:
+    """({"forget", "retain", "holdout"}: evaluate_llm splits or None, framing) from the records: question/answer
+    records are framed as training frames them ("qa"), texts are scored whole ("raw")."""
+    from ..workflows import llm
+    from ..workflows.llm_data import check_records
+
+    kinds = {name: check_records(records)[1] for name, records in data.items() if records is not None}
+    if len(set(kinds.values())) > 1:
+        parser.error("argument --eval: the forget, retain and holdout data must be of one kind, question/answer "
+                     "records or texts; got " + ", ".join(f"{name}: {'question/answer' if kind == 'qa' else 'texts'}"
+                                                           for name, kind in kinds.items()))
+    splits = {name: (llm.qa_split(records) if records is not None else None) for name, records in data.items()}
+    return splits, ("qa" if kinds["forget"] == "qa" else "raw")
 
 
 def register(subparsers) -> None:
     """Add the `unlearn-llm` subcommand to an argparse subparsers object."""
-    from ..workflows.llm import FORGET_LOSSES, RETAIN_LOSSES
+    import argparse
+
+    from ..workflows.llm import CRITERIA, DEFAULTS, FORGET_LOSSES, RETAIN_LOSSES
 
     p = subparsers.add_parser("unlearn-llm", help="forget texts from a local transformers causal LM with SEMU",
                               description=__doc__.split("\n\n")[0])
@@ -83,54 +100,65 @@ def register(subparsers) -> None:
                         "optional \"alternate\" answers) or {\"text\"}")
     retain = g.add_mutually_exclusive_group()
     retain.add_argument("--retain-texts", type=Path, default=None, metavar="FILE",
-                        help="texts to keep, one a line: their perplexity is reported (and trained on with "
-                        "--train-on-retain, --retain-loss or a loss that needs them)")
+                        help="texts to keep, one a line: trained on (unless --no-train-on-retain), guard the choice "
+                        "of the epoch kept, and their perplexity is reported")
     retain.add_argument("--retain-file", type=Path, default=None, metavar="FILE",
                         help="records to keep, as --forget-file")
-    g.add_argument("--max-length", type=positive(int), default=256, help="tokens per text, at most")
-    g.add_argument("--batch-size", type=positive(int), default=8)
+    g.add_argument("--max-length", type=positive(int), default=DEFAULTS.max_length, help="tokens per text, at most")
+    g.add_argument("--batch-size", type=positive(int), default=DEFAULTS.batch_size)
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="load the model in this dtype (auto: as saved)")
     add_device_flag(g)
-    g = p.add_argument_group("SEMU")
+    g = p.add_argument_group("SEMU (defaults: semu_fast.workflows.llm.DEFAULTS)")
     g.add_argument("--target-modules", action="append", default=None, metavar="PATTERN",
-                   help="regular expression searched in layer names; repeat for several (default mlp.down_proj)")
-    g.add_argument("--loss", "--forget-loss", dest="forget_loss", choices=tuple(FORGET_LOSSES), default="ascent",
-                   metavar="LOSS", help="forget objective: ascent (-NLL), random (NLL towards random tokens), graddiff (ascent + "
+                   help="regular expression searched in layer names; repeat for several (default "
+                   f"{' '.join(DEFAULTS.target_modules)})")
+    g.add_argument("--loss", "--forget-loss", dest="forget_loss", choices=tuple(FORGET_LOSSES),
+                   default=DEFAULTS.forget_loss, metavar="LOSS",
+                   help="forget objective: ascent (-NLL), random (NLL towards random tokens), graddiff (ascent + "
                    "retain NLL), npo, simnpo, idkdpo/idk and idknll (towards \"I don't know\" answers; need "
                    "--forget-file with questions), rmu (steer one decoder layer's hidden states; set its layer with "
-                   "--loss-arg layer=N); default ascent")
+                   f"--loss-arg layer=N); default {DEFAULTS.forget_loss}")
     g.add_argument("--loss-arg", type=_loss_arg, action="append", default=None, metavar="KEY=VALUE",
                    help="a hyper-parameter of the forget objective, e.g. beta=0.2 (npo) or layer=3 (rmu); repeat "
                    "for several")
     g.add_argument("--retain-loss", choices=tuple(RETAIN_LOSSES), default=None,
                    help="retain objective, trained on the retain data: nll, kl (KL to the original model) or rmu; "
                    "default: the forget objective's own (nll for most)")
-    g.add_argument("--train-on-retain", action="store_true", help="also train R on the retain data")
-    add_training_flags(g, gamma_default=0.9, lr=1e-4, epochs=3, optimizer="adam",
-                       epochs_help="passes over the forget texts")
+    g.add_argument("--train-on-retain", action=argparse.BooleanOptionalAction, default=None,
+                   help="train R on the retain data too (default: yes when retain data is given); "
+                   "--no-train-on-retain only evaluates it (SEMU's data-free setting)")
+    add_training_flags(g, gamma_default=DEFAULTS.gamma, lr=DEFAULTS.lr, epochs=DEFAULTS.epochs,
+                       optimizer=DEFAULTS.optimizer, epochs_help="passes over the forget texts")
+    g = p.add_argument_group("which epoch to keep")
+    g.add_argument("--select-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the R of the epoch with the best --criterion among those whose retain perplexity rose "
+                   "by at most --retain-tolerance (R = 0, the original model, when none did); default: on with "
+                   "retain data")
+    g.add_argument("--criterion", choices=CRITERIA, default=DEFAULTS.criterion,
+                   help="forget_nll: the highest forget NLL; forget_prob: the lowest mean forget answer probability "
+                   f"(default {DEFAULTS.criterion})")
+    g.add_argument("--retain-tolerance", type=non_negative, default=DEFAULTS.retain_tolerance,
+                   help="share by which the retain perplexity may rise in a kept epoch (default "
+                   f"{DEFAULTS.retain_tolerance:g})")
+    g = p.add_argument_group("evaluation (TOFU / MUSE metrics, semu_fast.workflows.llm_eval)")
+    g.add_argument("--eval", action="store_true",
+                   help="evaluate the model before and after on the forget and retain data (answer probability, "
+                   "ROUGE-L of greedy answers, truth ratio when the records have paraphrased_answer and "
+                   "perturbed_answer, model utility, membership-inference AUCs with --holdout-file)")
+    g.add_argument("--holdout-file", type=Path, default=None, metavar="FILE",
+                   help="records never trained on, of the kind of the forget data: MIA AUCs of forget vs holdout")
+    g.add_argument("--reference-model", type=Path, default=None, metavar="FOLDER",
+                   help="a model trained without the forget data (local folder): forget quality, and privleak "
+                   "with --holdout-file")
+    g.add_argument("--max-new-tokens", type=positive(int), default=32,
+                   help="greedy answer length for ROUGE-L (default 32)")
     g = p.add_argument_group("output")
-    add_run_flags(g, "semu_fast_llm_out", "adapters/, metrics.json and lora/")
+    add_run_flags(g, "semu_fast_llm_out", "adapters/, metrics.json, report.md and lora/")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a peft LoRA folder out/lora")
     p.set_defaults(func=run, parser=p)
 
 
-def run(args, parser) -> int:
-    import torch
-
-    require(parser, "transformers")
-    from ..lora import export_lora
-    from ..workflows import llm, results
-
-    if args.quiet:
-        silence("transformers")
-    targets = list(args.target_modules or ("mlp.down_proj",))
-    overrides = dict(args.loss_arg or ())
-    if args.forget_loss == "rmu":  # its control vector follows --seed unless a seed is given
-        overrides.setdefault("seed", args.seed)
-    try:
-        forget_loss = llm.make_loss(args.forget_loss, **overrides)
-    except ValueError as err:
-        parser.error(f"argument --loss-arg: {err}")
+def _check_flags(args, parser, forget_loss) -> None:
     alternate = bool(getattr(forget_loss, "needs_alternate", False))
     if alternate and args.forget_file is None:
         parser.error(f"argument --loss: {args.forget_loss} needs question/answer records: give --forget-file")
@@ -142,30 +170,90 @@ def run(args, parser) -> int:
     if getattr(forget_loss, "needs_retain", False) and not has_retain:
         parser.error(f"argument --loss: {args.forget_loss} trains on retain data: give --retain-texts or "
                      f"--retain-file")
+    if args.select_best and not has_retain:
+        parser.error("argument --select-best: needs --retain-texts or --retain-file (the retain perplexity guards "
+                     "the choice)")
+    for flag, value in (("--holdout-file", args.holdout_file), ("--reference-model", args.reference_model)):
+        if value is not None and not args.eval:
+            parser.error(f"argument {flag}: only used with --eval")
+
+
+def run(args, parser) -> int:
+    import torch
+
+    require(parser, "transformers")
+    from .._utils import atomic_write
+    from ..lora import export_lora
+    from ..workflows import llm, llm_eval, results
+
+    if args.quiet:
+        silence("transformers")
+    targets = list(args.target_modules or llm.DEFAULTS.target_modules)
+    overrides = dict(args.loss_arg or ())
+    if args.forget_loss == "rmu":  # its control vector follows --seed unless a seed is given
+        overrides.setdefault("seed", args.seed)
+    try:
+        forget_loss = llm.make_loss(args.forget_loss, **overrides)
+    except ValueError as err:
+        parser.error(f"argument --loss-arg: {err}")
+    _check_flags(args, parser, forget_loss)
+    data = {"forget": _records(args, "forget", parser), "retain": _records(args, "retain", parser),
+            "holdout": _read_records(args.holdout_file, "--holdout-file", parser) if args.holdout_file else None}
+    splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    loaded = {}
+    for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):
+        try:
+            loaded[flag] = llm.load_causal_lm(folder, dtype=dtype, device=device) if folder is not None else (None,)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            parser.error(f"argument {flag}: {err}")
+    (model, tokenizer), reference = loaded["--model"], loaded["--reference-model"][0]
+
+    def evaluate(which) -> dict:
+        return llm_eval.evaluate_llm(which, tokenizer, splits["forget"], retain=splits["retain"],
+                                     holdout=splits["holdout"], reference_model=reference, framing=framing,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     max_length=args.max_length, generate=framing == "qa")
+
+    alternate = bool(getattr(forget_loss, "needs_alternate", False))
     try:
-        model, tokenizer = llm.load_causal_lm(args.model, dtype=dtype, device=device)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        parser.error(f"argument --model: {err}")
-    try:
-        forget = _batches(tokenizer, args, "forget", parser, alternate)
-        retain = _batches(tokenizer, args, "retain", parser, False)
+        forget = llm.make_record_batches(tokenizer, data["forget"], args.max_length, args.batch_size,
+                                         alternate=alternate, seed=args.seed)
+        retain = llm.make_record_batches(tokenizer, data["retain"], args.max_length, args.batch_size) \
+            if data["retain"] is not None else None
+        before = evaluate(model) if args.eval else {}
         semu_model, report, metrics = llm.unlearn_llm(
             model, forget, retain, target_modules=tuple(targets), gamma=args.gamma, forget_loss=forget_loss,
-            retain_loss=args.retain_loss, train_on_retain=True if args.train_on_retain else None,
-            optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+            retain_loss=args.retain_loss, train_on_retain=args.train_on_retain, optimizer=args.optimizer,
+            lr=args.lr, epochs=args.epochs, select_best=args.select_best, criterion=args.criterion,
+            retain_tolerance=args.retain_tolerance, seed=args.seed, progress=not args.quiet)
+        after = evaluate(semu_model.model) if args.eval else {}  # the model with its adapters (it has generate)
     except ValueError as err:
         parser.error(str(err))
-    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "target_modules": targets})
+    metrics.update({f"{key}_before": value for key, value in before.items()})
+    metrics.update({f"{key}_after": value for key, value in after.items()})
+    run_settings = {**settings(args), "target_modules": targets}
+    files = results.write_run(args.out, semu_model, report, metrics, run_settings)
+    text = llm.report_markdown(metrics, report, run_settings)
+    atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    files.insert(1, "report.md")
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
-    rows = [("forget", "forget_ppl_before", "forget_ppl_after")]
+    rows = [("forget ppl", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
-        rows.append(("retain", "retain_ppl_before", "retain_ppl_after"))
-    summary = [f"{'perplexity':10s} {'before':>12s} {'after':>12s}"]
-    summary += [f"{label:10s} {metrics[before]:12.4g} {metrics[after]:12.4g}" for label, before, after in rows]
+        rows.append(("retain ppl", "retain_ppl_before", "retain_ppl_after"))
+    rows += [(key, f"{key}_before", f"{key}_after") for key in before]
+    summary = [f"{'':28s} {'before':>12s} {'after':>12s}"]
+    summary += [f"{label:28s} {_number(metrics[b])} {_number(metrics[a])}" for label, b, a in rows]
+    if "best_epoch" in metrics:
+        summary.append(f"kept epoch {metrics['best_epoch']} of {report.training.get('epochs')} (0: the original "
+                       f"model)")
     summary.append(f"trainable: {metrics['trainable_params']} parameters ({metrics['trainable_share']:.4f}%) in "
                    f"{len(report.layers)} layers")
     return finish_run(args.out, files, summary)
+
+
+def _number(value) -> str:
+    return f"{value:12.4g}" if value is not None else f"{'n/a':>12s}"

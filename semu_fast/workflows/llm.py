@@ -21,15 +21,19 @@ label" loss), then only the k x k cores R train, on a forget objective from llm_
     "rmu"       representation misdirection of one decoder layer's hidden states;
     or make_loss(name, **hyper_parameters), or any callable (model, batch, generator) -> scalar.
 The reference model of NPO, IdkDPO, KL and RMU is the model itself with its adapters disabled (no copy).
-Retain data is data-free by default, as SEMU's: its perplexity is reported before and after. It trains too, on the
-retain objective ("nll", "kl" or "rmu"; default: the forget objective's own retain term, else NLL), interleaved
-with the forget batches, when train_on_retain=True, when retain_loss is given, or when the forget objective is
-defined with a retain term (graddiff, rmu).
+Retain data, when given, trains (interleaved with the forget batches) on the retain objective ("nll", "kl" or
+"rmu"; default: the forget objective's own retain term, else NLL) and guards the choice of the epoch to keep (see
+unlearn_llm's select_best); train_on_retain=False keeps it out of training (SEMU's data-free setting: its
+perplexity is only reported).
+
+Every default of unlearn_llm and of `semu-fast unlearn-llm` is in DEFAULTS below (one place to change them).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -46,6 +50,35 @@ from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, load_recor
                        make_qa_batches, make_record_batches, save_records)
 from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll_sum, ascent_loss,  # noqa: F401
                          make_loss, make_retain_loss, nll_loss, random_token_loss, retain_nll_loss, sequence_nll)
+
+
+# ---- defaults ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LLMDefaults:
+    """The defaults of unlearn_llm and `semu-fast unlearn-llm` (which reads them from DEFAULTS), in one place.
+
+    Chosen to forget selectively rather than to forget most: NPO (bounded, the TOFU / open-unlearning standard)
+    trained with the retain NLL whenever retain data is given (open-unlearning's NPO recipe: beta 0.1, alpha 1),
+    and the epoch kept by the highest forget NLL among those whose retain perplexity rose by at most 10% (an epoch
+    that broke the model is never kept; R = 0, the original model, is the fallback). gamma, lr and epochs are not
+    calibrated on a trained LLM here (none is available offline): benchmarks/quality holds the measurements."""
+    target_modules: tuple = ("mlp.down_proj",)
+    gamma: float = 0.9
+    forget_loss: str = "npo"
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    epochs: int = 5
+    criterion: str = "forget_nll"
+    retain_tolerance: float = 0.1
+    max_length: int = 256
+    batch_size: int = 8
+
+
+DEFAULTS = LLMDefaults()
+# Selection criteria (higher is better): the forget set's token-weighted mean NLL, or minus its mean per-sequence
+# answer probability exp(-mean NLL of the answer) (TOFU's "answer prob").
+CRITERIA = ("forget_nll", "forget_prob")
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
@@ -130,8 +163,11 @@ def _check_targets(target_modules) -> tuple:
     return target_modules
 
 
-def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, retain_batches, seed):
-    """(train_loss_fn, retain_loss_fn, train_on_retain) for unlearn_llm, every combination checked first."""
+def resolve_objectives(forget_loss, retain_loss, seed: int = 0) -> tuple[Callable, Callable, str]:
+    """(forget objective, retain objective, "forget_loss=..." for error messages) from names, objects or callables:
+    the forget objective by make_loss (RMU's control vector seeded by `seed`), the retain one by make_retain_loss,
+    or, when retain_loss is None, the forget objective's own retain term (NLL times alpha for most, RMU's for
+    "rmu"), else NLL."""
     if isinstance(forget_loss, str) and forget_loss == "rmu":  # its control vector follows the run's seed
         train_loss_fn = make_loss(forget_loss, seed=seed)
     else:
@@ -146,9 +182,15 @@ def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, 
         retain_loss_fn = own
     else:
         retain_loss_fn = make_retain_loss(retain_loss)
+    return train_loss_fn, retain_loss_fn, what
+
+
+def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, retain_batches, seed):
+    """(train_loss_fn, retain_loss_fn, train_on_retain) for unlearn_llm, every combination checked first."""
+    train_loss_fn, retain_loss_fn, what = resolve_objectives(forget_loss, retain_loss, seed)
     needs_retain = bool(getattr(train_loss_fn, "needs_retain", False))
     if train_on_retain is None:
-        train_on_retain = needs_retain or retain_loss is not None
+        train_on_retain = retain_batches is not None or needs_retain or retain_loss is not None
     elif not isinstance(train_on_retain, bool):
         raise ValueError(f"train_on_retain must be True, False or None (automatic), got {train_on_retain!r}")
     elif not train_on_retain and needs_retain:
@@ -171,13 +213,113 @@ def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, 
     return train_loss_fn, retain_loss_fn, train_on_retain
 
 
+# ---- choosing the epoch to keep ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def mean_answer_prob(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Mean over sequences of exp(-mean NLL of the labelled tokens): TOFU's answer probability for question/answer
+    batches (eval mode, no grad; sequences without a labelled token are left out)."""
+    probs = []
+    with eval_mode(model):
+        for batch in batches:
+            nll, count = sequence_nll(model, batch)
+            rows = count > 0
+            probs.append(torch.exp(-nll[rows].double() / count[rows]).cpu())
+    probs = torch.cat(probs) if probs else torch.empty(0)
+    if probs.numel() == 0:
+        raise ValueError("batches hold no labelled position to predict")
+    return float(probs.mean())
+
+
+def _check_selection(select_best, criterion, retain_tolerance, guard_batches) -> bool:
+    """select_best resolved (None: on when there is data to guard the retain side), every setting checked."""
+    if not (callable(criterion) or criterion in CRITERIA):
+        raise ValueError(f"criterion must be one of {', '.join(map(repr, CRITERIA))} or a callable (model) -> float "
+                         f"(higher is better), got {criterion!r}")
+    if isinstance(retain_tolerance, bool) or not isinstance(retain_tolerance, (int, float)) \
+            or math.isnan(retain_tolerance) or retain_tolerance < 0:
+        raise ValueError(f"retain_tolerance must be a number >= 0 (the share by which the retain perplexity may rise; "
+                         f"inf: no limit), got {retain_tolerance!r}")
+    if select_best is None:
+        return guard_batches is not None
+    if not isinstance(select_best, bool):
+        raise ValueError(f"select_best must be True, False or None (automatic), got {select_best!r}")
+    if select_best and guard_batches is None:
+        raise ValueError("select_best=True needs retain_batches or eval_batches: without data to keep, the epoch "
+                         "that scores best on the forget set is the one that broke the model most")
+    return select_best
+
+
+def _score(criterion, model: nn.Module, forget_batches) -> float:
+    if criterion == "forget_nll":
+        return mean_nll(model, forget_batches)
+    if criterion == "forget_prob":
+        return -mean_answer_prob(model, forget_batches)
+    value = criterion(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"criterion must return a finite number (higher is better), got {value!r}")
+    return float(value)
+
+
+class _KeepBest:
+    """sf.unlearn's on_epoch: scores every epoch (the criterion on the forget batches, the NLL of the guard batches)
+    and keeps a copy of the R of the best epoch whose guard NLL stays within nll_before + log(1 + tolerance);
+    epoch 0 (R = 0, the original model) is the candidate to beat. restore() writes the kept R back."""
+
+    def __init__(self, criterion, forget_batches, guard_batches, guard_before: float, tolerance: float,
+                 score_before: float, select: bool, user_on_epoch):
+        self.criterion, self.forget_batches, self.guard_batches = criterion, forget_batches, guard_batches
+        self.limit = guard_before + math.log1p(tolerance) if guard_batches is not None else math.inf
+        self.select, self.user_on_epoch = select, user_on_epoch
+        self.best_epoch, self.best_score, self.best_state = 0, score_before, None
+        self.feasible = 0
+
+    def __call__(self, epoch: int, semu_model) -> dict:
+        entry = {}
+        if self.select:
+            entry["score"] = _score(self.criterion, semu_model, self.forget_batches)
+            if self.guard_batches is not None:
+                entry["guard_nll"] = mean_nll(semu_model, self.guard_batches)
+                entry["within_tolerance"] = entry["guard_nll"] <= self.limit
+            feasible = entry.get("within_tolerance", True)
+            self.feasible += feasible
+            if feasible and entry["score"] > self.best_score:  # ties keep the earlier epoch (less drift)
+                self.best_epoch, self.best_score = epoch, entry["score"]
+                self.best_state = [p.detach().clone() for p in semu_model.trainable_parameters()]
+        if self.user_on_epoch is not None:
+            entry.update(self.user_on_epoch(epoch, semu_model) or {})
+        return entry
+
+    @torch.no_grad()
+    def restore(self, semu_model) -> None:
+        params = semu_model.trainable_parameters()
+        if self.best_state is None:  # epoch 0: the zero-initialised R, the original model
+            for param in params:
+                param.zero_()
+            if self.feasible == 0:
+                warnings.warn("select_best: no epoch kept the retain perplexity within retain_tolerance, so R is back "
+                              "at zero (the original model); lower lr, or raise retain_tolerance")
+            else:
+                warnings.warn("select_best: no epoch improved the criterion on the forget set, so R is back at zero "
+                              "(the original model); raise lr or epochs")
+            return
+        for param, saved in zip(params, self.best_state):
+            param.copy_(saved)
+
+
 def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
-                target_modules: Union[str, Sequence[str]] = ("mlp.down_proj",), gamma: float = 0.9,
-                forget_loss: Union[str, Callable] = "ascent", retain_loss: Union[str, Callable, None] = None,
-                train_on_retain: Optional[bool] = None, optimizer: str = "adam", lr: float = 1e-4, epochs: int = 3,
-                seed: int = 0, progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
+                target_modules: Union[str, Sequence[str]] = DEFAULTS.target_modules, gamma: float = DEFAULTS.gamma,
+                forget_loss: Union[str, Callable] = DEFAULTS.forget_loss,
+                retain_loss: Union[str, Callable, None] = None,
+                train_on_retain: Optional[bool] = None, optimizer: str = DEFAULTS.optimizer, lr: float = DEFAULTS.lr,
+                epochs: int = DEFAULTS.epochs, eval_batches=None, select_best: Optional[bool] = None,
+                criterion: Union[str, Callable] = DEFAULTS.criterion,
+                retain_tolerance: float = DEFAULTS.retain_tolerance, on_epoch=None, seed: int = 0,
+                progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU on a causal LM: gradients of the forget NLL, SVD per targeted Linear layer (explained variance gamma),
-    then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics).
+    then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics). Defaults: DEFAULTS.
 
     forget_batches / retain_batches: lists of batches (make_batches, make_qa_batches, make_record_batches).
     target_modules: regular expressions searched in module names; each must match a layer SEMU adapts (nn.Linear,
@@ -186,40 +328,132 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model, batch,
     generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a callable; None: the forget
     objective's own retain term (NLL for most, RMU's for "rmu"), else NLL. train_on_retain: None (automatic) trains
-    on retain data when the forget objective needs it (graddiff, rmu) or retain_loss is given; True also does
-    (NPO, SimNPO and the IDK objectives as open-unlearning runs them); False only evaluates retain data. Training
-    on retain data needs retain_batches. optimizer "adam" or "sgd" (no weight decay), lr, epochs: as sf.unlearn.
-    seed: SEMU's randomized SVD, the random tokens, RMU's control vector and the dropout of the model (the global
-    RNG is restored afterwards).
+    on retain data whenever retain_batches are given; False only evaluates them (SEMU's data-free setting; refused
+    for objectives defined with a retain term, graddiff and rmu, and with a retain_loss). optimizer "adam" or "sgd"
+    (no weight decay), lr, epochs: as sf.unlearn. seed: SEMU's randomized SVD, the random tokens, RMU's control
+    vector and the dropout of the model (the global RNG is restored afterwards).
 
-    metrics: forget_nll/ppl_before/after (and retain_* with retain_batches; over labelled tokens, so the answers of
-    question/answer batches), trainable_params, trainable_share (%). The model is changed in place only by
-    installing adapters: semu_model.unload() gives it back bit for bit."""
+    Which epoch's R is kept: with select_best (None: on when retain_batches or eval_batches are given) every epoch
+    is scored and the R of the best one is restored at the end. The best is the highest `criterion` among the
+    epochs whose guard NLL (over eval_batches, else retain_batches) stays within log(1 + retain_tolerance) of the
+    original model's, i.e. whose guard perplexity rose by at most that share (default 10%); epoch 0, R = 0 (the
+    original model), is the one to beat, so an epoch that broke the model is never kept (a warning says so when
+    R falls back to zero). criterion: "forget_nll" (the forget set's token-weighted mean NLL), "forget_prob" (the
+    lowest mean answer probability exp(-mean answer NLL) per sequence) or a callable (model) -> float, higher is
+    better, called on the original model before training and on the SEMUModel after each epoch. eval_batches:
+    held-out batches of data to keep (never trained on, e.g. a slice of the retain set) that guard the selection
+    and are reported before and after. on_epoch(epoch, semu_model) -> dict or None: your own callback after each
+    epoch (after the scoring); what it returns joins that epoch's entry in report.training["history"], as the
+    score, guard_nll and within_tolerance of the selection do. Stopping early is not offered: every epoch runs.
+
+    metrics: forget_nll/ppl_before/after (and retain_* with retain_batches, eval_* with eval_batches; over labelled
+    tokens, so the answers of question/answer batches), best_epoch (with select_best; 0: R = 0 was kept),
+    trainable_params, trainable_share (%). The model is changed in place only by installing adapters:
+    semu_model.unload() gives it back bit for bit."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
+    eval_batches = _check_batches("eval_batches", eval_batches, required=False)
     target_modules = _check_targets(target_modules)
     config = SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,
                                                                       forget_batches, retain_batches, seed)
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
+    guard_batches = eval_batches if eval_batches is not None else retain_batches
+    select_best = _check_selection(select_best, criterion, retain_tolerance, guard_batches)
+    if on_epoch is not None and not callable(on_epoch):
+        raise ValueError(f"on_epoch must be a callable (epoch, semu_model) -> dict or None, got {on_epoch!r}")
 
     metrics = {"forget_nll_before": mean_nll(model, forget_batches)}
-    if retain_batches is not None:
-        metrics["retain_nll_before"] = mean_nll(model, retain_batches)
+    for name, batches in (("retain", retain_batches), ("eval", eval_batches)):
+        if batches is not None:
+            metrics[f"{name}_nll_before"] = mean_nll(model, batches)
+    score_before = 0.0
+    if select_best:
+        score_before = metrics["forget_nll_before"] if criterion == "forget_nll" else _score(criterion, model,
+                                                                                             forget_batches)
+    guard_before = metrics["eval_nll_before" if eval_batches is not None else "retain_nll_before"] \
+        if select_best else math.nan
+    keep = _KeepBest(criterion, forget_batches, guard_batches, guard_before, retain_tolerance, score_before,
+                     select_best, on_epoch)
     device = model_device(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         semu_model, report = unlearn(model, forget_batches, retain_batches if train_on_retain else None, config,
                                      loss_fn=nll_loss, train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn,
                                      optimizer=optimizer, lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
-                                     progress=progress)
+                                     progress=progress, on_epoch=keep if (select_best or on_epoch) else None)
+    if select_best and semu_model.trainable_parameters():
+        keep.restore(semu_model)
+        report.training["best_epoch"] = keep.best_epoch
+        report.training["selection"] = {"criterion": criterion if isinstance(criterion, str) else "callable",
+                                        "retain_tolerance": retain_tolerance,
+                                        "guard": "eval_batches" if eval_batches is not None else "retain_batches"}
+        metrics["best_epoch"] = keep.best_epoch
     metrics["forget_nll_after"] = mean_nll(semu_model, forget_batches)
-    if retain_batches is not None:
-        metrics["retain_nll_after"] = mean_nll(semu_model, retain_batches)
-    for key in list(metrics):
+    for name, batches in (("retain", retain_batches), ("eval", eval_batches)):
+        if batches is not None:
+            metrics[f"{name}_nll_after"] = mean_nll(semu_model, batches)
+    for key in [k for k in metrics if "_nll_" in k]:
         metrics[key.replace("_nll_", "_ppl_")] = _exp(metrics[key])
     metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share)
     return semu_model, report, metrics
+
+
+# ---- evaluation data and the run's report ------------------------------------------------------------------------
+
+def qa_split(records) -> dict:
+    """llm_eval.evaluate_llm's split ({"questions", "answers"}, and "paraphrased_answers" / "perturbed_answers" when
+    every record has "paraphrased_answer" / "perturbed_answer") from question/answer records; from text records
+    ({"text"}) the texts as answers to empty questions (evaluate them with framing="raw")."""
+    from .llm_data import check_records
+
+    records, kind = check_records(records)
+    if kind == "text":
+        return {"questions": [""] * len(records), "answers": [r["text"] for r in records]}
+    split = {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records]}
+    if all("paraphrased_answer" in r and "perturbed_answer" in r for r in records):
+        split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
+        split["perturbed_answers"] = [[p] if isinstance(p, str) else list(p)
+                                      for p in (r["perturbed_answer"] for r in records)]
+    return split
+
+
+def report_markdown(metrics: Mapping, report: SEMUReport, run_settings: Mapping) -> str:
+    """report.md of an LLM run: every metric measured before and after side by side, the others, the epochs'
+    history (with the selection's scores) and SEMU's layers."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return "" if value is None else str(value)
+
+    pairs = [key[:-len("_before")] for key in metrics if key.endswith("_before") and
+             f"{key[:-len('_before')]}_after" in metrics]
+    paired = {f"{name}_{when}" for name in pairs for when in ("before", "after")}
+    lines = ["# SEMU LLM unlearning report", "",
+             "Settings: " + ", ".join(f"{k} = {v}" for k, v in run_settings.items() if v is not None), "",
+             "NLL: mean next-token negative log-likelihood of the labelled tokens (the answers of question/answer "
+             "data), ppl = exp(NLL). The evaluation metrics (answer_prob, truth_ratio, rougeL_recall, "
+             "model_utility, mia_*_auc, forget_quality, privleak) are TOFU's / MUSE's as semu_fast.workflows.llm_eval "
+             "computes them.", "", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(metrics[name + '_before'])} | {cell(metrics[name + '_after'])} |" for name in pairs]
+    others = [(k, v) for k, v in metrics.items() if k not in paired]
+    if others:
+        lines += ["", "| | |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in others]
+    history = report.training.get("history") or []
+    if history:
+        keys = [k for k in history[0] if k != "epoch"]
+        lines += ["", "## Epochs", "", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {h['epoch']} | " + " | ".join(cell(h.get(k)) for k in keys) + " |" for h in history]
+        if report.training.get("best_epoch") is not None:
+            lines += ["", f"Kept: epoch {report.training['best_epoch']} (0: R = 0, the original model), by "
+                          f"{report.training.get('selection', {})}."]
+    if report.layers:
+        lines += ["", "## SEMU per layer", "", "| layer | shape | k | captured variance | trainable |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {layer.name} | {tuple(layer.shape)} | {layer.k} | {layer.captured_variance:.4f} | "
+                  f"{layer.trainable_params} |" for layer in report.layers]
+        lines += ["", f"Trainable: {report.trainable_params} parameters ({report.trainable_share:.4f}% of the model)."]
+    return "\n".join(lines) + "\n"
