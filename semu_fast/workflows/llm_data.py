@@ -54,15 +54,16 @@ LIST_FIELDS = ("perturbed_answer", "alternate")  # a string or a list of strings
 
 # ---- checks ------------------------------------------------------------------------------------------------------
 
-def check_texts(texts, name: str = "texts") -> list:
+def check_texts(texts, name: str = "texts", allow_empty: bool = False) -> list:
+    """`texts` as a non-empty list of strings, each non-blank unless allow_empty."""
     if isinstance(texts, str) or not isinstance(texts, Iterable):
         raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
         raise ValueError(f"{name} is empty: give at least one text")
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{name}[{i}] must be a non-blank string, got {text!r:.60}")
+        if not isinstance(text, str) or (not allow_empty and not text.strip()):
+            raise ValueError(f"{name}[{i}] must be a {'' if allow_empty else 'non-blank '}string, got {text!r:.60}")
     return texts
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import eval_mode, model_device
-from .llm_data import IGNORE_INDEX, encode_qa
+from .llm_data import IGNORE_INDEX, check_positive_int, check_texts, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
@@ -52,24 +52,6 @@ Scores = Union[torch.Tensor, Sequence[float]]
 
 
 # ---- checks --------------------------------------------------------------------------------------------------------
-
-def _check_strings(name: str, values, allow_empty: bool = False) -> list:
-    if isinstance(values, str) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a list of strings, got {type(values).__name__}")
-    values = list(values)
-    if not values:
-        raise ValueError(f"{name} is empty: give at least one string")
-    for i, value in enumerate(values):
-        if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise ValueError(f"{name}[{i}] must be a {'' if allow_empty else 'non-blank '}string, got {value!r:.60}")
-    return values
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
 
 def _check_k(k) -> float:
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k <= 1.0:
@@ -157,13 +139,13 @@ def _qa_batches(tokenizer, questions: Sequence[str], answers: Sequence[str], bat
     """Right-padded batches of question + answer pairs (see _encode for the framing), labels -100 on the prompt and
     the padding, so only the answer is scored. max_length cuts the answer's end; every pair must keep a scored
     token (no pair is skipped: the statistics stay aligned with the strings)."""
-    questions = _check_strings("questions", questions, allow_empty=True)
-    answers = _check_strings("answers", answers)
+    questions = check_texts(questions, "questions", allow_empty=True)
+    answers = check_texts(answers, "answers")
     if len(questions) != len(answers):
         raise ValueError(f"questions ({len(questions)}) and answers ({len(answers)}) must have the same length")
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if max_length is not None:
-        _check_positive_int("max_length", max_length)
+        check_positive_int("max_length", max_length)
     framing = _check_framing(framing)
     rows = []
     for i, (question, answer) in enumerate(zip(questions, answers)):
@@ -223,7 +205,7 @@ def answer_statistics(model: nn.Module, batches, *, texts: Optional[Sequence[str
     if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
         raise ValueError(f"eos_token_id must be a token id (int) or None, got {eos_token_id!r}")
     if texts is not None:
-        texts = _check_strings("texts", texts)
+        texts = check_texts(texts, "texts")
         samples = sum(batch["input_ids"].shape[0] for batch in batches)
         if len(texts) != samples:
             raise ValueError(f"texts has {len(texts)} strings, the batches {samples} samples")
@@ -395,9 +377,9 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
     (framing "qa" or "raw", see evaluate_llm), cut at the first EOS and decoded without special tokens. Prompts are
     left-padded here, so the tokenizer's padding side does not matter."""
     _check_model(model)
-    questions = _check_strings("questions", questions, allow_empty=True)
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("batch_size", batch_size)
+    questions = check_texts(questions, "questions", allow_empty=True)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
     framing = _check_framing(framing)
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
     encoded = []
@@ -432,8 +414,8 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> tor
     open-unlearning score it), float64 (N,): the longest common subsequence's share of the reference's tokens."""
     from rouge_score import rouge_scorer
 
-    predictions = _check_strings("predictions", predictions, allow_empty=True)
-    references = _check_strings("references", references)
+    predictions = check_texts(predictions, "predictions", allow_empty=True)
+    references = check_texts(references, "references")
     if len(predictions) != len(references):
         raise ValueError(f"predictions ({len(predictions)}) and references ({len(references)}) must have the same "
                          f"length")
@@ -450,8 +432,8 @@ def _check_split(name: str, split) -> Optional[dict]:
     if not isinstance(split, Mapping) or "questions" not in split or "answers" not in split:
         raise ValueError(f"{name} must be a mapping with 'questions' and 'answers' (and optionally "
                          f"'paraphrased_answers', 'perturbed_answers'), got {type(split).__name__}")
-    questions = _check_strings(f"{name}['questions']", split["questions"], allow_empty=True)
-    answers = _check_strings(f"{name}['answers']", split["answers"])
+    questions = check_texts(split["questions"], f"{name}['questions']", allow_empty=True)
+    answers = check_texts(split["answers"], f"{name}['answers']")
     if len(questions) != len(answers):
         raise ValueError(f"{name}: {len(questions)} questions but {len(answers)} answers")
     out = {"questions": questions, "answers": answers}
@@ -459,11 +441,11 @@ def _check_split(name: str, split) -> Optional[dict]:
     if has_para != has_pert:
         raise ValueError(f"{name}: the truth ratio needs both 'paraphrased_answers' and 'perturbed_answers'")
     if has_para:
-        out["paraphrased_answers"] = _check_strings(f"{name}['paraphrased_answers']", split["paraphrased_answers"])
+        out["paraphrased_answers"] = check_texts(split["paraphrased_answers"], f"{name}['paraphrased_answers']")
         perturbed = split["perturbed_answers"]
         if isinstance(perturbed, str) or not isinstance(perturbed, Iterable):
             raise ValueError(f"{name}['perturbed_answers'] must be one list of strings per question")
-        out["perturbed_answers"] = [_check_strings(f"{name}['perturbed_answers'][{i}]", row)
+        out["perturbed_answers"] = [check_texts(row, f"{name}['perturbed_answers'][{i}]")
                                     for i, row in enumerate(perturbed)]
         for key in ("paraphrased_answers", "perturbed_answers"):
             if len(out[key]) != len(questions):
@@ -504,8 +486,8 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
     holdout = _check_split("holdout", holdout)
     framing = _check_framing(framing)
     k = _check_k(k)
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("batch_size", batch_size)
     if reference_model is not None:
         _check_model(reference_model)
         if reference_truth_ratios is not None or reference_auc is not None:
