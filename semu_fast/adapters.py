@@ -12,12 +12,15 @@ import torch.nn.functional as F
 
 from . import distributed, ops
 from .ops.lowrank import conv_delta_weight
+from .ops.svd import compute_dtype
 
 
 class SEMUAdapter(nn.Module):
-    """Base of the Linear, Conv1D and Conv2d adapters. U and Vh are float32 buffers, R a float32 zero-initialised Parameter.
+    """Base of the Linear, Conv1D, per-column Linear and Conv2d adapters. U and Vh are float32 buffers, R a float32
+    zero-initialised Parameter.
 
-    rank: k (the size of R); ranks: for conv layers, each input channel's own k (columns beyond it are zero).
+    rank: k (the size of R); ranks: for conv and per-column layers, each input channel's (column's) own k (U's
+    columns and Vh's rows beyond it are zero).
     Every attribute of the base layer reads through the adapter (in_features, kernel_size, ...), as peft's LoRA
     layers do, so code that inspects layers keeps working; `weight` and `bias` are the base layer's (the weight
     without the adapter's term; the adapted weight is weight + delta_weight())."""
@@ -50,7 +53,7 @@ class SEMUAdapter(nn.Module):
         raise NotImplementedError
 
     def trainable_params(self) -> int:
-        """R entries that can move: k*k for Linear, sum of each channel's k^2 for conv."""
+        """R entries that can move: k*k for Linear, sum of each channel's (column's) k^2 for conv (per-column)."""
         if self.ranks is None:
             return self.R.numel()
         return int(sum(k * k for k in self.ranks))
@@ -116,6 +119,41 @@ class SEMUConv1D(SEMULinear):
         return ops.lowrank_linear(x, base.weight.T, self.U, self.R, self.Vh, base.bias)
 
 
+def mask_ranks(U: torch.Tensor, Vh: torch.Tensor, ranks) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """U (B, m, k) and Vh (B, k, n) with matrix b's columns / rows past ranks[b] zeroed, so that R[b] acts only
+    through its top-left ranks[b] x ranks[b] block (the official gradient mask, without a hook), and the ranks as
+    ints."""
+    keep = torch.arange(U.shape[-1], device=U.device) < torch.as_tensor(ranks, device=U.device).unsqueeze(-1)
+    return U * keep.unsqueeze(1).to(U.dtype), Vh * keep.unsqueeze(-1).to(Vh.dtype), [int(r) for r in ranks]
+
+
+class SEMUColumnLinear(SEMUAdapter):
+    """nn.Linear split per input column, as the official DDPM splits its 1x1-conv attention (q, k, v, proj_out):
+    column n of the weight gets its own correction dW[:, n] = U[n] R[n] Vh[n]. U: (in, out, k), R: (in, k, k),
+    Vh: (in, k, 1), k <= 1: about `in` trainable entries, where a full-rank one-matrix adapter of a C x C
+    projection has C^2. A column with ranks[n] = 0 has zero U[n] and Vh[n]: its R[n] moves nothing.
+
+    dW has full rank in general, so the forward forms A + dW (in float32, float64 for float64 input) and runs one
+    F.linear; autograd carries R's gradient through that sum."""
+
+    kind = "column_linear"
+
+    def __init__(self, base_layer: nn.Linear, U: torch.Tensor, Vh: torch.Tensor, ranks):
+        U, Vh, ranks = mask_ranks(U, Vh, ranks)
+        k = U.shape[-1]
+        super().__init__(base_layer, U, Vh, (U.shape[0], k, k), ranks)
+
+    def delta_weight(self) -> torch.Tensor:
+        return conv_delta_weight(self.U, self.R, self.Vh, (1, 1)).flatten(1)  # the 1x1 conv's delta, (out, in)
+
+    def adapted_forward(self, x):
+        base = self.base_layer
+        ct = compute_dtype(x.dtype)
+        delta = conv_delta_weight(self.U.to(ct), self.R.to(ct), self.Vh.to(ct), (1, 1)).flatten(1)
+        weight = (base.weight.to(ct) + delta).to(x.dtype)
+        return F.linear(x, weight, None if base.bias is None else base.bias.to(x.dtype))
+
+
 class SEMUConv2d(SEMUAdapter):
     """conv(x, A + dW), dW[:, n] = U[n] R[n] Vh[n] reshaped to the kernel. U: (in, out, k), R: (in, k, k),
     Vh: (in, k, kh*kw). With per-channel ranks, U's columns and Vh's rows past a channel's k are zero, so R[n]
@@ -126,10 +164,7 @@ class SEMUConv2d(SEMUAdapter):
     def __init__(self, base_layer: nn.Conv2d, U: torch.Tensor, Vh: torch.Tensor, ranks=None):
         k = U.shape[-1]
         if ranks is not None:
-            keep = torch.arange(k, device=U.device) < torch.as_tensor(ranks, device=U.device).unsqueeze(-1)
-            U = U * keep.unsqueeze(1).to(U.dtype)
-            Vh = Vh * keep.unsqueeze(-1).to(Vh.dtype)
-            ranks = [int(r) for r in ranks]
+            U, Vh, ranks = mask_ranks(U, Vh, ranks)
         super().__init__(base_layer, U, Vh, (U.shape[0], k, k), ranks)
 
     def delta_weight(self) -> torch.Tensor:

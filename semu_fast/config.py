@@ -1,13 +1,14 @@
 """SEMUConfig: every choice of the SEMU transform in one dataclass that validates itself on construction."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from ._checks import check_choice, check_gamma
 from .ops.project import PROJECTIONS
-from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES
+from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES, check_min_rank
 
 CONV_RANKS = ("max", "per_channel")
 NORM_MODES = ("eval", "train")
@@ -46,10 +47,22 @@ class SEMUConfig:
     norm_mode: "eval" keeps norm layers' running statistics untouched (and dropout in the mode the model was left
         in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
         statistics on the forget data, as the official code does.
+    train_norm_mode: the same choice while R trains; None (the default) means norm_mode. The official
+        classification run takes its gradients in train mode but trains R with norms and dropout in eval mode
+        (norm_mode="train", train_norm_mode="eval").
+    grad_clip: clip each forget batch's gradient (its total norm over the targeted layers) to this before it joins
+        the sum, as the official DDPM/SD gradient pass does with clip_grad_norm_(1.0); None (default): no clipping.
     seed: seeds every random choice (randomized SVD, random labels); in [0, 2**63).
     max_accumulator_bytes: a budget for the float32 gradient accumulators (None: all layers at once). When the
         targeted layers' gradients exceed it, the forget pass runs once per group of layers that fits (more
         compute, bounded memory).
+    per_column_modules: regular expressions (re.search) naming nn.Linear layers that take the official DDPM's layout
+        for its 1x1-conv attention: the out x in gradient split into `in` matrices of out x 1, each column its own
+        rank-1 (or 0) adapter dW[:, n] = U[n] R[n] Vh[n], R of shape (in, 1, 1): about `in` trainable entries per
+        layer. Each pattern must match a selected nn.Linear. None: every Linear takes the one-matrix layout.
+    min_rank: the floor of rank_rule="official", 1 (the official classification code, max(1, k)) or 0 (the official
+        DDPM/SD code: a layer or channel whose first direction explains more than gamma gets k = 0 and trains
+        nothing). rank_rule="at_least" never goes below 1 for a non-zero gradient, so 0 needs "official".
     """
 
     gamma: float = 0.95
@@ -61,8 +74,12 @@ class SEMUConfig:
     gamma_overrides: dict = field(default_factory=dict)
     svd: str = "auto"
     norm_mode: str = "eval"
+    train_norm_mode: Optional[str] = None
+    grad_clip: Optional[float] = None
     seed: int = 0
     max_accumulator_bytes: Optional[int] = None
+    per_column_modules: Optional[Sequence[str]] = None
+    min_rank: int = 1
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: normalise in place once, here
@@ -72,6 +89,12 @@ class SEMUConfig:
         check_choice("conv_rank", self.conv_rank, CONV_RANKS)
         check_choice("svd", self.svd, METHODS)
         check_choice("norm_mode", self.norm_mode, NORM_MODES)
+        if self.train_norm_mode is not None:
+            check_choice("train_norm_mode", self.train_norm_mode, NORM_MODES)
+        clip = self.grad_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not math.isfinite(clip) or clip <= 0):
+            raise ValueError(f"grad_clip must be a finite positive number or None, got {clip!r}")
         set_(self, "target_modules", _check_patterns("target_modules", self.target_modules))
         set_(self, "exclude_modules", _check_patterns("exclude_modules", self.exclude_modules))
         if not isinstance(self.gamma_overrides, dict):
@@ -88,6 +111,12 @@ class SEMUConfig:
         budget = self.max_accumulator_bytes
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"max_accumulator_bytes must be a positive int (bytes) or None, got {budget!r}")
+        set_(self, "per_column_modules", _check_patterns("per_column_modules", self.per_column_modules))
+        check_min_rank(self.min_rank)
+        if self.min_rank == 0 and self.rank_rule != "official":
+            raise ValueError(f"min_rank=0 changes nothing with rank_rule={self.rank_rule!r} (it gives every non-zero "
+                             f"gradient k >= 1); use rank_rule='official' for the official DDPM/SD ranks without a "
+                             f"floor")
 
     def gamma_for(self, layer_name: str) -> float:
         for pattern, gamma in self.gamma_overrides.items():
@@ -97,7 +126,7 @@ class SEMUConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for key in ("target_modules", "exclude_modules"):
+        for key in ("target_modules", "exclude_modules", "per_column_modules"):
             out[key] = None if out[key] is None else list(out[key])
         return out
 

@@ -6,7 +6,8 @@ fan_in_fan_out). SEMU picks k per layer, so the folder sets r and lora_alpha to
 the most common rank and gives every other layer its own r (and alpha = r) in peft's rank_pattern / alpha_pattern.
 The LoRA applies to the original base model (the delta is relative to the unadapted weights, whether or not the
 SEMU adapters are merged). A conv adapter has one R per input channel (dW[:, n] = U[n] R[n] Vh[n]): that is not a
-product B A of two matrices, so it has no LoRA form and is refused (or skipped with skip_conv=True).
+product B A of two matrices, so it has no LoRA form and is refused (or skipped with skip_conv=True); the same holds
+for a per-column Linear adapter (the official DDPM's 1x1-conv attention layout).
 
 Two layouts:
 - export_lora (peft): adapter_config.json and adapter_model.safetensors with peft's key names
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from ._utils import atomic_write
-from .adapters import SEMUConv1D, SEMUConv2d, SEMULinear
+from .adapters import SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .model import SEMUModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,10 +46,10 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
     if not isinstance(semu_model, SEMUModel):
         raise TypeError(f"semu_model must be a SEMUModel, got {type(semu_model).__name__}")
     adapters = semu_model.adapters
-    conv = [name for name, a in adapters.items() if isinstance(a, SEMUConv2d)]
+    conv = [name for name, a in adapters.items() if isinstance(a, (SEMUConv2d, SEMUColumnLinear))]
     if conv and not skip_conv:
-        raise ValueError(f"conv adapters have no LoRA form (SEMU's conv delta has one R per input channel, not a "
-                         f"product B A): {', '.join(conv)}; pass skip_conv=True to export the Linear ones only")
+        raise ValueError(f"conv and per-column adapters have no LoRA form (their delta has one R per input channel, "
+                         f"not a product B A): {', '.join(conv)}; pass skip_conv=True to export the Linear ones only")
     if conv:
         warnings.warn(f"skipping {len(conv)} conv adapter(s) with no LoRA form: {', '.join(conv)}")
     factors = {}

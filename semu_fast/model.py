@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import serialization
-from .adapters import SEMUAdapter, SEMUConv1D, SEMUConv2d, SEMULinear
+from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .layers import is_conv1d
 from .report import LayerReport, SEMUReport
@@ -166,7 +166,7 @@ def _find_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
 def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_base: bool) -> tuple[str, nn.Module]:
     found, layer = _find_layer(model, name)
     kind = info.get("kind")
-    expected = {"linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
+    expected = {"linear": nn.Linear, "column_linear": nn.Linear, "conv2d": nn.Conv2d}.get(kind)
     fits = is_conv1d(layer) if kind == "conv1d" else expected is not None and isinstance(layer, expected)
     if not fits:
         raise ValueError(f"layer {name!r} is a {type(layer).__name__} but the adapter file holds a {kind} adapter")
@@ -183,6 +183,13 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
         if tensor is None or tuple(tensor.shape) != shape or not tensor.is_floating_point():
             got = None if tensor is None else f"{tensor.dtype} of shape {tuple(tensor.shape)}"
             raise ValueError(f"the adapter file's {name}.{part} should be a float tensor of shape {shape}, got {got}")
+    ranks = info.get("ranks")
+    if kind == "column_linear" or (kind == "conv2d" and ranks is not None):  # one rank per input channel (column)
+        channels = serialization.factor_shapes(kind, layer.weight.shape, info.get("k"))["U"][0]
+        if not isinstance(ranks, list) or len(ranks) != channels or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= info.get("k") for r in ranks):
+            raise ValueError(f"the adapter file's ranks of layer {name!r} should be {channels} ints in "
+                             f"[0, {info.get('k')}], got {str(ranks)[:80]}")
     return found, layer
 
 
@@ -201,6 +208,8 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
         U, Vh = tensors[f"{name}.U"], tensors[f"{name}.Vh"]
         if info["kind"] == "conv2d":
             adapter = SEMUConv2d(layer, U, Vh, info.get("ranks"))
+        elif info["kind"] == "column_linear":
+            adapter = SEMUColumnLinear(layer, U, Vh, info["ranks"])
         else:
             adapter = (SEMUConv1D if info["kind"] == "conv1d" else SEMULinear)(layer, U, Vh)
         with torch.no_grad():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import zlib
 from collections.abc import Iterable
@@ -13,10 +14,10 @@ import torch.nn as nn
 from . import distributed as distributed_setup
 from . import ops
 from ._profile import annotate
-from .adapters import SEMUAdapter, SEMUConv1D, SEMUConv2d, SEMULinear
+from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import LossFn, accumulate_gradients
-from .layers import is_conv1d, select_layers, skipped_layers
+from .layers import describe_names, is_conv1d, select_layers, skipped_layers
 from .model import SEMUModel
 from .ops.svd import conv_gradient_matrices
 from .report import LayerReport, SEMUReport
@@ -94,6 +95,25 @@ def _check_model_and_mode(layers: dict) -> None:
                          f"the weights (load_state_dict(..., assign=True), from_pretrained) before prepare")
 
 
+def per_column_layers(layers: dict, config: SEMUConfig) -> set[str]:
+    """The selected layers that take the per-column layout (config.per_column_modules). Each pattern must match a
+    selected layer, and every layer it matches must be an nn.Linear."""
+    chosen = set()
+    for pattern in config.per_column_modules or ():
+        hits = [name for name in layers if re.search(pattern, name)]
+        if not hits:
+            raise ValueError(f"per_column_modules pattern {pattern!r} matches no selected layer; selected: "
+                             f"{describe_names(layers)}")
+        for name in hits:
+            layer = layers[name]
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"per_column_modules selects {name!r}, a {type(layer).__name__}: only nn.Linear "
+                                 f"layers take the per-column layout (a Conv2d is split per input channel already: "
+                                 f"conv_rank='per_channel')")
+        chosen.update(hits)
+    return chosen
+
+
 def _project(grads: dict, layers: dict, mine: list, projection: str) -> None:
     """Project the gradients of the layers this rank owns, in place. FSDP2: each weight is gathered whole (every
     rank takes part, layer by layer, in model order) and kept only by its owner."""
@@ -114,20 +134,30 @@ def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 62
 
 
-def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig) -> dict:
+def _layer_kind(layer: nn.Module, per_column: bool) -> str:
+    if isinstance(layer, nn.Conv2d):
+        return "conv2d"
+    return "conv1d" if is_conv1d(layer) else "column_linear" if per_column else "linear"
+
+
+def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig, per_column: bool) -> dict:
     """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance."""
     gamma = config.gamma_for(name)
-    is_conv = isinstance(layer, nn.Conv2d)
-    matrices = conv_gradient_matrices(G) if is_conv else G.T if is_conv1d(layer) else G  # Conv1D: (in, out)
-    method = "exact" if is_conv and config.svd == "randomized" else config.svd  # conv: a batch of small SVDs
+    kind = _layer_kind(layer, per_column)
+    batched = kind in ("conv2d", "column_linear")  # one matrix per input channel (column)
+    if kind == "column_linear":  # the (out, in) gradient as a 1x1 conv's: `in` matrices of out x 1
+        G = G[:, :, None, None]
+    matrices = conv_gradient_matrices(G) if batched else G.T if kind == "conv1d" else G  # Conv1D: (in, out)
+    method = "exact" if batched and config.svd == "randomized" else config.svd  # a batch of small SVDs
     generator = torch.Generator(device=G.device).manual_seed(_layer_seed(config.seed, name))
-    result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator)
+    result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator,
+                               min_rank=config.min_rank)
     U, S, Vh = result
     total = float(result.total_energy.sum())
     captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0
-    spectrum = S.double().square().sum(0).sqrt() if is_conv else S.double()
-    return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if is_conv else None,
-            "singular_values": spectrum.tolist(), "total_energy": total}
+    spectrum = S.double().square().sum(0).sqrt() if batched else S.double()
+    return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if batched else None,
+            "singular_values": spectrum.tolist(), "total_energy": total, "kind": kind}
 
 
 def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
@@ -136,13 +166,18 @@ def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     spectrum = {"singular_values": factors["singular_values"], "total_energy": factors["total_energy"]}
     k = U.shape[-1]
     gamma = config.gamma_for(name)
-    kind = "conv2d" if isinstance(layer, nn.Conv2d) else "conv1d" if is_conv1d(layer) else "linear"
+    kind = factors["kind"]
     if k == 0:
-        report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, 0, captured, 0, ranks,
-                             note="zero gradient: no adapter", **spectrum)
+        note = ("zero gradient: no adapter" if factors["total_energy"] == 0 else
+                f"k = 0 (rank_rule='official' with min_rank=0: the first direction explains more than gamma "
+                f"{gamma:g}{' in every channel' if ranks is not None else ''}): no adapter")
+        report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, 0, captured, 0, ranks, note=note,
+                             **spectrum)
         return None, report
     if kind == "conv2d":
         adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
+    elif kind == "column_linear":
+        adapter = SEMUColumnLinear(layer, U, Vh, ranks)
     else:
         adapter = (SEMUConv1D if kind == "conv1d" else SEMULinear)(layer, U, Vh)
     report = LayerReport(name, kind, tuple(layer.weight.shape), gamma, k, captured, adapter.trainable_params(), ranks,
@@ -173,10 +208,15 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     group = distributed_setup.resolve(distributed, process_group)
     model = distributed_setup.unwrap(model)
     layers = select_layers(model, config)
+    columns = per_column_layers(layers, config)
     distributed_setup.check_fsdp_units(layers)
     _check_model_and_mode(layers)
     device = layers[next(iter(layers))].weight.device
     parts = _accumulator_groups(layers, config.max_accumulator_bytes)
+    if config.grad_clip is not None and len(parts) > 1:
+        raise ValueError(f"grad_clip clips each batch's gradient over every layer at once, but max_accumulator_bytes="
+                         f"{config.max_accumulator_bytes} splits the layers into {len(parts)} passes: raise the "
+                         f"budget or leave grad_clip None")
     check_loader("forget_loader", forget_loader, passes=len(parts))
     # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
     owners = (distributed_setup.assign_owners({n: tuple(m.weight.shape) for n, m in layers.items()}, group.size)
@@ -188,12 +228,13 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
         if i:
             rewind()  # every pass starts from the same statistics and random state, as one pass would
         with _phase("gradients", timings, device):
-            grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group)
+            grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group,
+                                         config.grad_clip)
         with _phase("projection", timings, device):
             _project(grads, part, [n for n in part if n in mine], config.projection)
         with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
-            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config) if n in mine else None
-                            for n in part})
+            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns) if n in mine
+                            else None for n in part})
     with _phase("svd", timings, device):
         if group is not None:
             factors = distributed_setup.broadcast_factors(factors, owners, group, device)

@@ -34,12 +34,12 @@ _TEMPORARY = re.compile(r"\..+\.tmp")  # atomic_write's temporaries
 
 
 def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
-    """The shapes of R, U and Vh for a layer of `kind` ("linear", "conv1d" or "conv2d") with this weight shape and
-    rank k (a Conv1D's weight is stored (in, out))."""
+    """The shapes of R, U and Vh for a layer of `kind` ("linear", "conv1d", "column_linear" or "conv2d") with this
+    weight shape and rank k (a Conv1D's weight is stored (in, out); a per-column Linear is a 1x1 conv)."""
     out, cin = weight_shape[:2] if kind != "conv1d" else tuple(weight_shape)[::-1]
     if kind in ("linear", "conv1d"):
         return {"U": (out, k), "R": (k, k), "Vh": (k, cin)}
-    khw = weight_shape[2] * weight_shape[3]
+    khw = 1 if kind == "column_linear" else weight_shape[2] * weight_shape[3]
     return {"U": (cin, out, k), "R": (cin, k, k), "Vh": (cin, k, khw)}
 
 

@@ -118,7 +118,7 @@ def test_forget_loss_rejects_forgetting_every_class():
 
 # --- unlearn_ddpm ------------------------------------------------------------------------------------------------
 
-def test_unlearn_ddpm_trains_only_R_and_attention_is_full_rank():
+def test_unlearn_ddpm_trains_only_R_and_attention_is_per_column():
     unet, sched = tiny_unet(), scheduler()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     x = torch.rand(2, 1, 8, 8) * 2 - 1
@@ -139,8 +139,14 @@ def test_unlearn_ddpm_trains_only_R_and_attention_is_full_rank():
 
     attention = [layer for layer in report.layers if D.matches_attention(layer.name)]
     assert {layer.name.rsplit(".", 1)[-1] for layer in attention} >= {"to_q", "to_k", "to_v", "0"}
-    for layer in attention:
-        assert layer.gamma == 1.0 and layer.k == min(layer.shape), layer
+    for layer in attention:  # the official 1x1-conv attention: one rank-1 adapter per input column
+        assert layer.gamma == 1.0 and layer.kind == "column_linear" and layer.k == 1, layer
+        assert layer.ranks == [1] * layer.shape[1] and layer.trainable_params == layer.shape[1]
+    split = metrics["trainable_split"]
+    assert split["attention"]["trainable_params"] == sum(layer.trainable_params for layer in attention)
+    assert split["conv"]["trainable_params"] == sum(layer.trainable_params for layer in report.layers
+                                                    if layer.kind == "conv2d")
+    assert sum(part["trainable_params"] for part in split.values()) == report.trainable_params
     convs = [layer for layer in report.layers if layer.kind == "conv2d"]
     assert convs and all(layer.ranks is not None and len(layer.ranks) == layer.shape[1] for layer in convs)
     assert all(layer.gamma == 0.95 for layer in report.layers if not D.matches_attention(layer.name))
@@ -151,6 +157,21 @@ def test_unlearn_ddpm_trains_only_R_and_attention_is_full_rank():
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_unlearn_ddpm_matrix_attention_layout_is_the_one_matrix_adapter():
+    semu_model, report, metrics = D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1, 2, 8), 1,
+                                                 num_classes=NUM_CLASSES, steps=1, attention_layout="matrix",
+                                                 progress=False)
+    attention = [layer for layer in report.layers if D.matches_attention(layer.name)]
+    assert attention and semu_model.config.per_column_modules is None
+    for layer in attention:  # gamma 1.0 on one matrix: full rank, k^2 entries
+        assert layer.kind == "linear" and layer.k == min(layer.shape) and layer.trainable_params == layer.k ** 2
+    assert metrics["trainable_split"]["attention"]["trainable_params"] == sum(layer.k ** 2 for layer in attention)
+    assert D.ddpm_config().per_column_modules == (D.ATTENTION_PATTERN,)
+    assert SD.sd_config().per_column_modules is None  # SD's official projections are nn.Linear matrices
+    with pytest.raises(ValueError, match="attention_layout must be one of"):
+        D.ddpm_config(attention_layout="columns")
 
 
 def test_unlearn_ddpm_lowers_the_forget_loss():

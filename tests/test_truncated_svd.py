@@ -36,6 +36,27 @@ def test_official_rule_is_numpy_searchsorted_right_at_least_one(gen):
         assert int(select_rank(S, gamma, "official")) == expected
 
 
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+def test_official_rule_without_floor_is_plain_searchsorted(gen, method):
+    """min_rank=0: the official DDPM/SD rank, searchsorted(side="right") alone; k = 0 when the first direction
+    already explains more than gamma, on every path of truncated_svd."""
+    S = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    ratios = reference.explained_variance(S)
+    for gamma in (0.01, float(ratios[0]) - 1e-6, float(ratios[1]), 0.99, 1.0):
+        expected = int(torch.searchsorted(ratios, torch.tensor(gamma, dtype=torch.float64), right=True))
+        assert int(select_rank(S, gamma, "official", min_rank=0)) == expected
+        assert int(select_rank(S, gamma, "official", min_rank=1)) == max(1, expected)
+    G = _decaying(gen, 300, 260, decay=0.5)  # the first direction holds 75% of the energy
+    result = sf.ops.truncated_svd(G, 0.5, "official", method=method, generator=gen, min_rank=0)
+    assert result.S.shape == (0,) and result.U.shape == (300, 0) and result.Vh.shape == (0, 260)
+    assert int(result.ranks) == 0 and float(result.captured_energy) == 0.0
+    assert sf.ops.truncated_svd(G, 0.5, "official", method=method, generator=gen).S.shape == (1,)
+    batch = sf.ops.truncated_svd(_decaying(gen, 12, 9, batch=3, decay=0.5), 0.5, "official", min_rank=0)
+    assert batch.ranks.tolist() == [0, 0, 0] and batch.U.shape == (3, 12, 0)
+    with pytest.raises(ValueError, match="min_rank must be 0 or 1"):
+        sf.ops.truncated_svd(G, 0.5, "official", min_rank=2)
+
+
 def test_at_least_rule_is_the_smallest_k_reaching_gamma(gen):
     S = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
     ratios = reference.explained_variance(S)

@@ -41,7 +41,11 @@ def _register_ddpm(subparsers) -> None:
     g = ddpm.add_argument_group("SEMU")
     add_training_flags(g, gamma_default=0.95, lr=1e-3, what=", Adam")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
-                   "(default 1.0: full rank, as the official DDPM code)")
+                   "(default 1.0, as the official DDPM code)")
+    g.add_argument("--attention-layout", choices=("per_column", "matrix"), default="per_column",
+                   help="per_column (default): one rank-1 adapter per input column of each attention projection, "
+                   "as the official DDPM's 1x1-conv attention (about C trainable entries); matrix: one adapter "
+                   "per projection (up to C^2)")
     g.add_argument("--alpha", type=non_negative, default=1.0,
                    help="weight of the remain loss (standard loss on the other classes); 0: forget loss only")
     g.add_argument("--steps", type=positive(int), default=300,
@@ -123,8 +127,10 @@ def run_ddpm(args, parser) -> int:
     forget, remain = D.digits_loaders(args.seed, args.forget_class, args.batch_size)
     semu_model, report, trained = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
                                                  remain if args.alpha > 0 else None, num_classes=DIGITS_NUM_CLASSES,
-                                                 alpha=args.alpha, gamma=args.gamma, attention_gamma=args.attention_gamma,
-                                                 lr=args.lr, steps=args.steps, seed=args.seed, progress=not args.quiet)
+                                                 alpha=args.alpha, gamma=args.gamma,
+                                                 attention_gamma=args.attention_gamma,
+                                                 attention_layout=args.attention_layout, lr=args.lr, steps=args.steps,
+                                                 seed=args.seed, progress=not args.quiet)
     after = D.classifier_metrics(semu_model, scheduler, classifier, args.forget_class, **evaluate)
     metrics = {"forget_class_rate_before": before["forget_class_rate"],
                "forget_class_rate_after": after["forget_class_rate"],
@@ -139,7 +145,9 @@ def run_ddpm(args, parser) -> int:
         f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
         f"{after['forget_class_rate']:8.1f}",
         f"{'other classes':36s} {before['other_accuracy']:8.1f} {after['other_accuracy']:8.1f}",
-        f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers"])
+        f"trainable: {report.trainable_params} of {report.total_params} parameters in {len(report.layers)} layers",
+        "trainable share (%): " + ", ".join(f"{part} {value['trainable_share']:.4f}"
+                                            for part, value in trained["trainable_split"].items())])
 
 
 def run_sd(args, parser) -> int:

@@ -18,6 +18,9 @@ from . import svd_plan
 from .range_finder import range_finder
 
 RANK_RULES = ("at_least", "official")
+# The floor of the "official" rule: 1 as the official classification code (max(1, k)), 0 as the official DDPM and SD
+# code (its searchsorted alone: a matrix whose first direction already explains more than gamma keeps none).
+MIN_RANKS = (0, 1)
 METHODS = ("auto", "exact", "gram", "randomized")
 # Below this min(m, n) a full SVD costs about as much as a few randomized blocks: "auto" skips the randomized path.
 RANDOMIZED_MIN_DIM = 256
@@ -102,11 +105,12 @@ def oversampling(k: int) -> int:
     return 10 + k // 10
 
 
-def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least") -> torch.Tensor:
+def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least", min_rank: int = 1) -> torch.Tensor:
     """k for each spectrum in S (..., q), sorted descending; returns a long tensor of shape S.shape[:-1].
 
-    "at_least": the smallest k whose explained variance reaches gamma. "official": the largest k whose explained
-    variance stays <= gamma, at least 1 (the official searchsorted(side="right")). All-zero spectra give k = 0."""
+    "at_least": the smallest k whose explained variance reaches gamma (at least 1 by construction). "official": the
+    largest k whose explained variance stays <= gamma (the official searchsorted(side="right")), at least min_rank.
+    All-zero spectra give k = 0."""
     energy = S.double().square()
     total = energy.sum(-1, keepdim=True)
     ratios = energy.cumsum(-1) / torch.where(total > 0, total, 1.0)
@@ -114,7 +118,7 @@ def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least") -> t
         # ratios never decrease, so the count below gamma is the index of the first one that reaches it.
         k = ((ratios < gamma).sum(-1) + 1).clamp(max=S.shape[-1])
     else:
-        k = (ratios <= gamma).sum(-1).clamp(min=1)
+        k = (ratios <= gamma).sum(-1).clamp(min=min_rank)
     return torch.where((S == 0).all(-1), 0, k)
 
 
@@ -143,7 +147,8 @@ def _check_matrix(G) -> None:
         raise TypeError(f"G must be a floating tensor (float32, float16, bfloat16, float64), got {G.dtype}")
 
 
-def rank_from_partial_spectrum(S: torch.Tensor, total: float, gamma: float, rank_rule: str, complete: bool):
+def rank_from_partial_spectrum(S: torch.Tensor, total: float, gamma: float, rank_rule: str, complete: bool,
+                               min_rank: int = 1):
     """The rank rule applied to the leading singular values S of a matrix whose ||.||_F^2 is `total`; None when
     S does not reach far enough to decide (more basis needed). complete: S is the whole spectrum."""
     if total == 0:
@@ -155,18 +160,18 @@ def rank_from_partial_spectrum(S: torch.Tensor, total: float, gamma: float, rank
             return below + 1
         return len(S) if complete else None
     if complete or (len(S) and ratios[-1] > gamma):
-        return max(1, int((ratios <= gamma).sum()))
+        return max(min_rank, int((ratios <= gamma).sum()))
     return None
 
 
-def _gram(G: torch.Tensor, total: float, gamma: float, rank_rule: str) -> Optional[TruncatedSVD]:
+def _gram(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_rank: int) -> Optional[TruncatedSVD]:
     """Truncated SVD of a 2-D G through the eigendecomposition of its smaller Gram matrix (float32 products, float64
     eigensolver); None when the kept energy, measured exactly, falls short of gamma (then the exact path runs)."""
     transpose = G.shape[0] < G.shape[1]  # A = G or G^T with p = min(m, n) columns: C = A^T A is p x p
     A = G.T if transpose else G
     lam, V = torch.linalg.eigh((A.T @ A).double())
     lam, V = lam.flip(-1).clamp(min=0), V.flip(-1)
-    k = rank_from_partial_spectrum(lam.sqrt(), total, gamma, rank_rule, complete=True)
+    k = rank_from_partial_spectrum(lam.sqrt(), total, gamma, rank_rule, complete=True, min_rank=min_rank)
     Y = A @ V[:, :k].to(A.dtype)  # = U S, exact up to the product's rounding
     S = torch.linalg.vector_norm(Y.double(), dim=0)
     captured = S.square().sum()
@@ -181,7 +186,7 @@ def _gram(G: torch.Tensor, total: float, gamma: float, rank_rule: str) -> Option
     return TruncatedSVD(U, S, Vh, torch.tensor(k), torch.tensor(total, dtype=torch.float64), captured)
 
 
-def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, generator,
+def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_rank: int, generator,
                 max_rank: int) -> Optional[TruncatedSVD]:
     """Randomized truncated SVD of a 2-D G with ||G||_F^2 = total; None when it would need a basis wider than
     max_rank (a spectrum too flat for it)."""
@@ -190,14 +195,14 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
     p = A.shape[0]
 
     def columns_needed(S, l):
-        k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=l >= p)
+        k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=l >= p, min_rank=min_rank)
         return None if k is None else max(0, min(p, k + oversampling(k)) - l)
 
     found = range_finder(A, columns_needed, gamma * total, BLOCK, POWER_ITERS, max_rank, generator)
     if not found.converged:
         return None
     Ub, S, Vh = torch.linalg.svd(found.B, full_matrices=False)
-    k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=True)
+    k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=True, min_rank=min_rank)
     U, S, Vh = found.U @ Ub[:, :k], S[:k], Vh[:k]
     if transpose:
         U, Vh = Vh.T, U.T
@@ -206,7 +211,7 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, gen
 
 
 def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", method: str = "auto",
-                  generator: Optional[torch.Generator] = None) -> TruncatedSVD:
+                  generator: Optional[torch.Generator] = None, min_rank: int = 1) -> TruncatedSVD:
     """Truncated SVD of G keeping the rank that explains gamma of ||G||_F^2.
 
     G: (m, n) or (B, m, n), any float dtype; computed in float32 (float64 for float64 input).
@@ -217,18 +222,25 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     a 2-D G with min(m, n) >= 256 takes the randomized path with its basis capped where it would cost more than the
     cheaper of gram and exact, then that one (costs measured on this device, semu_fast.ops.svd_plan); a smaller one
     the exact SVD. generator seeds the randomized path (same
-    seed, same device, same calibration: same result)."""
+    seed, same device, same calibration: same result). min_rank: the "official" rule's floor, 1 or 0 (the official
+    DDPM/SD code: a matrix whose first direction explains more than gamma keeps k = 0)."""
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)
     check_choice("method", method, METHODS)
+    check_min_rank(min_rank)
     _check_matrix(G)
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
     with annotate("semu_fast.truncated_svd"):
-        return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, method, generator)
+        return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, min_rank, method, generator)
 
 
-def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
+def check_min_rank(min_rank) -> None:
+    if isinstance(min_rank, bool) or min_rank not in MIN_RANKS:
+        raise ValueError(f"min_rank must be 0 or 1, got {min_rank!r}")
+
+
+def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator) -> TruncatedSVD:
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
     # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
     total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
@@ -236,30 +248,32 @@ def _truncated_svd(G, gamma, rank_rule, method, generator) -> TruncatedSVD:
         raise ValueError("G holds NaN or Inf values")
     if G.dim() == 3:  # a batch: the gram_svd kernel where its n fits (and the matrices are not empty), else exact
         if method in ("auto", "gram") and 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1:
-            return _truncate(*gram_svd(G), gamma, rank_rule)
-        return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
+            return _truncate(*gram_svd(G), gamma, rank_rule, min_rank)
+        return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     result = None
     gram_ok = gamma <= GRAM_MAX_GAMMA and min(G.shape) > 0
     if method == "gram" and not gram_ok:
         raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
     fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
     if method == "randomized":
-        result = _randomized(G, total, gamma, rank_rule, generator, max(BLOCK, int(MAX_RANK_SHARE * min(G.shape))))
+        cap = max(BLOCK, int(MAX_RANK_SHARE * min(G.shape)))
+        result = _randomized(G, total, gamma, rank_rule, min_rank, generator, cap)
     elif method == "auto" and min(G.shape) >= RANDOMIZED_MIN_DIM:  # smaller: the exact SVD costs next to nothing
         plan = svd_plan.plan(G.shape, G.device, gram_ok)
         fallback = plan.fallback
         if plan.max_rank > 0:
-            result = _randomized(G, total, gamma, rank_rule, generator, plan.max_rank)
+            result = _randomized(G, total, gamma, rank_rule, min_rank, generator, plan.max_rank)
     if result is None and fallback == "gram":
-        result = _gram(G, total, gamma, rank_rule)
+        result = _gram(G, total, gamma, rank_rule, min_rank)
     if result is None:
-        result = _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule)
+        result = _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     return result
 
 
-def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gamma: float, rank_rule: str) -> TruncatedSVD:
+def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, gamma: float, rank_rule: str,
+              min_rank: int) -> TruncatedSVD:
     """Cut a full thin SVD to the rank rule's k (the largest over the batch)."""
-    ranks = select_rank(S, gamma, rank_rule)
+    ranks = select_rank(S, gamma, rank_rule, min_rank)
     energy = S.double().square()
     total = energy.sum(-1)
     keep = torch.arange(S.shape[-1], device=S.device) < ranks.unsqueeze(-1).to(S.device)

@@ -8,7 +8,11 @@ DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM c
 
 - gradient pass (`diffusion_loss`): the standard eps-prediction MSE on the forget images at random timesteps;
 - conv layers get one rank per input channel (conv_rank="per_channel"), attention projections their own gamma
-  (`attention_gamma`, default 1.0: full rank) through `SEMUConfig.gamma_overrides`;
+  (`attention_gamma`, default 1.0) through `SEMUConfig.gamma_overrides`;
+- attention projections (diffusers' nn.Linear to_q/to_k/to_v/to_out.0) take the official UNet's layout by default
+  (`attention_layout="per_column"`): the official q/k/v/proj_out are 1x1 convs, split per input channel, so each
+  input column gets its own rank-1 adapter, about C trainable entries per C x C projection
+  (`SEMUConfig.per_column_modules`); `attention_layout="matrix"` adapts each as one matrix (up to C^2 entries);
 - training R (`ddpm_forget_loss`, Adam lr 1e-3): MSE(eps(x_t, c_forget), eps(x_t, c_other).detach()) with c_other a
   random class other than the forgotten ones, drawn per sample, plus alpha * the standard loss on a remain batch when
   a remain loader is given (summed in the same step, as the official `semu_unlearn_retrain`).
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from .._checks import check_choice
 from .._utils import eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..layers import select_layers
@@ -48,6 +53,8 @@ from .digits import DIGITS_NULL_CLASS, DIGITS_NUM_CLASSES, digits_scheduler, dig
 # Attention projections of diffusers' UNets: "...attentions.0.to_q" (UNet2DModel's Attention) and
 # "...transformer_blocks.0.attn1.to_q" / "...attn2.to_out.0" (UNet2DConditionModel).
 ATTENTION_PATTERN = r"(attn\d*|attentions\.\d+)\.to_(q|k|v|out\.0)$"
+# "per_column": the official DDPM UNet's layout for its 1x1-conv attention; "matrix": one SVD per projection.
+ATTENTION_LAYOUTS = ("per_column", "matrix")
 DIGITS_TRAIN_STEPS = 1200
 
 
@@ -168,10 +175,14 @@ class _WithRemain:
 
 
 def ddpm_config(gamma: float = 0.95, attention_gamma: Optional[float] = 1.0, *, seed: int = 0,
-                **overrides) -> SEMUConfig:
+                attention_layout: str = "per_column", **overrides) -> SEMUConfig:
     """The official DDPM SEMU settings: per-channel conv ranks, attention projections at attention_gamma
-    (None: the same gamma as every other layer)."""
+    (None: the same gamma as every other layer) in attention_layout ("per_column": one rank-1 adapter per input
+    column, as the official 1x1-conv attention; "matrix": one adapter per projection)."""
+    check_choice("attention_layout", attention_layout, ATTENTION_LAYOUTS)
     overrides.setdefault("conv_rank", "per_channel")
+    if attention_layout == "per_column":
+        overrides.setdefault("per_column_modules", (ATTENTION_PATTERN,))
     gamma_overrides = dict(overrides.pop("gamma_overrides", {}) or {})
     if attention_gamma is not None:
         gamma_overrides.setdefault(ATTENTION_PATTERN, attention_gamma)
@@ -180,30 +191,35 @@ def ddpm_config(gamma: float = 0.95, attention_gamma: Optional[float] = 1.0, *, 
 
 def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_class: Union[int, Sequence[int]],
                  remain_loader: Optional[Iterable] = None, *, num_classes: Optional[int] = None, alpha: float = 1.0,
-                 gamma: float = 0.95, attention_gamma: Optional[float] = 1.0, lr: float = 1e-3,
+                 gamma: float = 0.95, attention_gamma: Optional[float] = 1.0,
+                 attention_layout: str = "per_column", lr: float = 1e-3,
                  steps: Optional[int] = None, epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
                  antithetic: bool = True, config: Optional[SEMUConfig] = None,
                  **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU class forgetting for a class-conditional diffusers UNet2DModel (changed in place). Returns (SEMUModel,
-    report, metrics) with metrics: trainable_params, trainable_share (%), final_loss (the last epoch's mean).
+    report, metrics) with metrics: trainable_params, trainable_share (%), trainable_split (report.trainable_split:
+    conv / attention / other), final_loss (the last epoch's mean).
 
     forget_loader: (x0, labels) batches of the classes to forget, x0 in the model's range. remain_loader: batches
     of the other classes; when given, each step adds alpha * their standard loss. num_classes: the real classes
     (default unet.config.num_class_embeds; pass it when the embedding has an extra null-class row). Training length:
     `steps` optimizer steps (rounded up to whole passes over forget_loader) or `epochs` passes; neither means the
-    official 1000 steps. config: a full SEMUConfig instead of gamma/attention_gamma/seed (see ddpm_config)."""
+    official 1000 steps. attention_layout: "per_column" (default, the official UNet's 1x1-conv attention) or
+    "matrix" (see ddpm_config). config: a full SEMUConfig instead of gamma/attention_gamma/attention_layout/seed."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if num_classes is None:
         num_classes = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None)
         if not num_classes:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
-    config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed)
-    if ATTENTION_PATTERN in config.gamma_overrides and not any(
-            matches_attention(name) for name, _ in base_model(unet).named_modules()):
-        # a UNet without attention: the library's own attention override has nothing to act on
+    config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed,
+                                                           attention_layout=attention_layout)
+    if not any(matches_attention(name) for name, _ in base_model(unet).named_modules()):
+        # a UNet without attention: the library's own attention override and layout have nothing to act on
+        columns = tuple(p for p in config.per_column_modules or () if p != ATTENTION_PATTERN)
         config = dataclasses.replace(config, gamma_overrides={p: g for p, g in config.gamma_overrides.items()
-                                                              if p != ATTENTION_PATTERN})
+                                                              if p != ATTENTION_PATTERN},
+                                     per_column_modules=columns or None)
     if epochs is None:
         try:
             batches = len(forget_loader)
@@ -219,7 +235,7 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
                                  progress=progress, **unlearn_kwargs)
     history = report.training.get("history") or [{}]
     metrics = {"trainable_params": report.trainable_params, "trainable_share": report.trainable_share,
-               "final_loss": history[-1].get("loss")}
+               "trainable_split": report.trainable_split(ATTENTION_PATTERN), "final_loss": history[-1].get("loss")}
     return semu_model, report, metrics
 
 

@@ -47,7 +47,10 @@ def sd_target_modules(preset: str):
 def sd_config(preset: str = "xattn", gamma: float = 0.95, attention_gamma: Optional[float] = None, *, seed: int = 0,
               **overrides) -> SEMUConfig:
     """SEMUConfig for SD: the preset's layers, per-channel conv ranks; attention_gamma (None: same as gamma, as the
-    official SD scripts end up using) for the attention projections: DDPM's settings on the preset's layers."""
+    official SD scripts end up using) for the attention projections: DDPM's settings on the preset's layers, except
+    that each attention projection is adapted as one matrix (SD's projections are nn.Linear in the official code
+    too, not the DDPM UNet's 1x1 convs)."""
+    overrides.setdefault("attention_layout", "matrix")
     return ddpm_config(gamma, attention_gamma, seed=seed, target_modules=sd_target_modules(preset), **overrides)
 
 
