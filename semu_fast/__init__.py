@@ -9,9 +9,10 @@ from .config import SEMUConfig
 from .model import SEMUModel, load_adapters, save_adapters
 from .ops import backends, calibrate
 from .pipeline import prepare
+from .presets import preset
 from .report import LayerReport, SEMUReport
 from .training import unlearn
 
 __version__ = "0.1.0"
 __all__ = ["SEMUConfig", "SEMUModel", "SEMUReport", "LayerReport", "backends", "calibrate", "ops", "prepare",
-           "unlearn", "save_adapters", "load_adapters"]
+           "preset", "unlearn", "save_adapters", "load_adapters"]

@@ -85,19 +85,25 @@ class _Pass:
     """The hooks of one gradient pass and their undoing. Three ways a layer's gradient reaches its accumulator:
     "direct" (a contiguous float32 weight sums in its own .grad, as a plain backward does: no copy, no extra pass),
     "streamed" (a half-precision Linear: _StreamedLinear) and "hooked" (any other weight: a post-accumulate-grad hook
-    adds autograd's gradient to a float32 accumulator and frees it)."""
+    adds autograd's gradient to a float32 accumulator and frees it). With grad_clip every layer is "clipped": each
+    batch's gradients stay in .grad until the batch's total norm is known, then join the sums scaled by
+    min(1, grad_clip / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ scales them."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]):
-        self.model, self.layers = model, layers
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], grad_clip: Optional[float] = None):
+        self.model, self.layers, self.grad_clip = model, layers, grad_clip
         self.weights = {name: layer.weight for name, layer in layers.items()}
         self.sharded = {n for n, w in self.weights.items() if distributed.is_sharded(w)}  # FSDP2: reduced per batch
-        self.direct = {n for n, w in self.weights.items()
-                       if n not in self.sharded and w.dtype == torch.float32 and w.is_contiguous()}
+        if grad_clip is not None and self.sharded:
+            raise ValueError("grad_clip needs each batch's whole gradient: it does not run on FSDP-sharded weights")
+        self.clipped = set(self.weights) if grad_clip is not None else set()
+        self.direct = {n for n, w in self.weights.items() if n not in self.sharded and n not in self.clipped
+                       and w.dtype == torch.float32 and w.is_contiguous()}
         uses: dict[int, int] = {}
         for _, param in model.named_parameters(remove_duplicate=False):
             uses[id(param)] = uses.get(id(param), 0) + 1
         shared = {key for key, count in uses.items() if count > 1}
-        self.streamed = {n for n, layer in layers.items() if n not in self.direct and _streamable(layer, shared)}
+        self.streamed = {n for n, layer in layers.items() if n not in self.direct and n not in self.clipped
+                         and _streamable(layer, shared)}
         self.accumulators = {
             name: None if name in self.direct else
             torch.zeros_like(w, dtype=torch.float32) if name in self.sharded else
@@ -118,7 +124,7 @@ class _Pass:
                                  _StreamedLinear.apply(x, layer.weight, layer.bias, token, acc))
                 continue
             layer.weight.requires_grad_(True)
-            if name not in self.direct:
+            if name not in self.direct and name not in self.clipped:
                 self.hooks.append(layer.weight.register_post_accumulate_grad_hook(self._hook(acc)))
 
     @staticmethod
@@ -132,6 +138,15 @@ class _Pass:
         return hook
 
     def after_batch(self) -> None:
+        if self.clipped:
+            grads = [self.weights[n].grad for n in self.weights if self.weights[n].grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+                if grads else torch.zeros(())
+            scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            for name, weight in self.weights.items():
+                if weight.grad is not None:
+                    ops.accumulate_([self.accumulators[name]], [weight.grad.mul_(scale.to(weight.grad.dtype))])
+                    weight.grad = None
         for name in self.direct:
             grad = self.weights[name].grad
             if self.accumulators[name] is None:
@@ -160,18 +175,20 @@ class _Pass:
 
 def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
-                         group: Optional[distributed.Group] = None) -> dict[str, torch.Tensor]:
+                         group: Optional[distributed.Group] = None,
+                         grad_clip: Optional[float] = None) -> dict[str, torch.Tensor]:
     """{name: sum over batches of d loss / d layer.weight} as float32 tensors, for the layers (modules with a
     .weight) named in `layers`.
 
     Gradients stream into float32 accumulators as backward produces them (see _Pass): the pass holds the
     accumulators plus at most one layer's fresh gradient. The model's modes, forwards, requires_grad flags and
-    existing gradients are restored afterwards, also on error. With a distributed group, each rank passes its shard
+    existing gradients are restored afterwards, also on error. grad_clip: clip each batch's gradient (total norm
+    over the layers) to this before it joins the sums, as the official DDPM/SD gradient pass does. With a distributed group, each rank passes its shard
     and the sums are all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises
     ValueError for an empty loader, TypeError for a loss that is not a scalar tensor, FloatingPointError (naming the
     layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
-    grad_pass = _Pass(model, layers)
+    grad_pass = _Pass(model, layers, grad_clip)
     batches = 0
     try:
         grad_pass.install()

@@ -1,12 +1,19 @@
 """The classification losses of SEMU: true-label cross-entropy (the gradient pass, and retain batches while R
 trains) and the random-label loss R is trained with (SalUn's RL). Signatures: loss_fn(model, batch) -> scalar for
-the gradient pass; train_loss_fn(model, batch, generator) -> scalar while training R."""
+the gradient pass; train_loss_fn(model, batch, generator) -> scalar while training R.
+
+Random labels follow one of LABEL_RULES: "uniform_other" (uniform over the C - 1 classes != the true one, SalUn's
+intent and our default) or "official" (r uniform over all C classes, and r == y replaced by (r + 1) mod C, as the
+official SEMU code draws them: class y + 1 is then twice as likely as any other)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import check_choice
 from ._utils import model_device, split_batch
 
 
@@ -31,14 +38,42 @@ def ascent_loss(model: nn.Module, batch, generator: torch.Generator) -> torch.Te
     return -true_label_loss(model, batch, generator)
 
 
-def random_label_loss(model: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy against a random label that differs from the true one (SalUn's RL, as SEMU trains)."""
+LABEL_RULES = ("uniform_other", "official")
+
+
+def random_labels(targets: torch.Tensor, num_classes: int, generator: torch.Generator,
+                  rule: str = "uniform_other") -> torch.Tensor:
+    """A random label != target for each target (on the CPU, from `generator`), drawn by `rule` (LABEL_RULES)."""
+    check_choice("label_rule", rule, LABEL_RULES)
+    if num_classes < 2:
+        raise ValueError(f"random labels need at least 2 classes, the model outputs {num_classes}")
+    targets = targets.cpu()
+    if rule == "uniform_other":
+        return (targets + torch.randint(1, num_classes, targets.shape, generator=generator)) % num_classes
+    drawn = torch.randint(0, num_classes, targets.shape, generator=generator)
+    return torch.where(drawn == targets, (drawn + 1) % num_classes, drawn)
+
+
+def random_label_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "uniform_other") -> torch.Tensor:
+    """Cross-entropy against a random label that differs from the true one (SalUn's RL, as SEMU trains), drawn by
+    `rule` (see LABEL_RULES)."""
     inputs, targets = split_batch(batch, "the random-label loss")
     device = model_device(model)
     logits = model(inputs.to(device))
-    num_classes = logits.shape[-1]
-    if num_classes < 2:
-        raise ValueError(f"random labels need at least 2 classes, the model outputs {num_classes}")
-    shift = torch.randint(1, num_classes, targets.shape, generator=generator)
-    random_targets = (targets.cpu() + shift) % num_classes  # uniform over the classes != target
-    return F.cross_entropy(logits, random_targets.to(device))
+    return F.cross_entropy(logits, random_labels(targets, logits.shape[-1], generator, rule).to(device))
+
+
+def random_label_loss_for(rule: str):
+    """random_label_loss drawing by `rule`, in the training-loss signature."""
+    return random_label_loss if rule == "uniform_other" else functools.partial(random_label_loss, rule=rule)
+
+
+def mixed_batch_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "official") -> torch.Tensor:
+    """Cross-entropy on a mixed batch (inputs, targets, is_forget): forget samples against random labels drawn by
+    `rule`, retain samples against their true labels (the official retain variant's shuffled union)."""
+    inputs, targets, is_forget = batch
+    device = model_device(model)
+    logits = model(inputs.to(device))
+    drawn = random_labels(targets, logits.shape[-1], generator, rule)
+    labels = torch.where(is_forget.cpu().bool(), drawn, targets.cpu())
+    return F.cross_entropy(logits, labels.to(device))

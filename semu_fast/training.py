@@ -1,6 +1,7 @@
 """sf.unlearn: prepare SEMU adapters, then train only R (random-label loss on the forget set by default)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -13,11 +14,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed as distributed_setup
+from ._checks import check_choice
 from .checkpoint import Checkpoint
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
 from .layers import select_layers
-from .losses import random_label_loss, true_label_loss
+from .losses import LABEL_RULES, mixed_batch_loss, random_label_loss_for, true_label_loss
 from .metrics import accuracy
 from .model import SEMUModel, load_adapters
 from .pipeline import check_loader, prepare
@@ -25,6 +27,7 @@ from .report import SEMUReport
 from .serialization import fingerprint
 
 OPTIMIZERS = ("sgd", "adam")
+RETAIN_MODES = ("interleave", "mixed", "score")
 TrainLossFn = Callable[[nn.Module, object, torch.Generator], torch.Tensor]
 
 
@@ -35,6 +38,48 @@ def interleave(forget: Iterable, retain: Optional[Iterable]):
         streams.append((("retain", b) for b in retain))
     for group in itertools.zip_longest(*streams):
         yield from (item for item in group if item is not None)
+
+
+class _Tagged(torch.utils.data.Dataset):
+    """A dataset of (x, y) pairs as (x, y, is_forget) triples."""
+
+    def __init__(self, dataset, is_forget: bool):
+        self.dataset, self.is_forget = dataset, is_forget
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        inputs, target = self.dataset[index]
+        return inputs, target, self.is_forget
+
+
+def mixed_batches(forget_loader, retain_loader, seed: int, epoch: int):
+    """("mixed", batch) over the shuffled union of both loaders' datasets in batches of the forget loader's size,
+    each batch (inputs, targets, is_forget): the official retain variant. The order depends on (seed, epoch) only,
+    so a resumed epoch replays it."""
+    union = torch.utils.data.ConcatDataset([_Tagged(forget_loader.dataset, True),
+                                            _Tagged(retain_loader.dataset, False)])
+    order = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2 ** 63)
+    loader = torch.utils.data.DataLoader(union, batch_size=forget_loader.batch_size, shuffle=True, generator=order)
+    return (("mixed", batch) for batch in loader)
+
+
+def _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn, retain_loss_fn, group) -> None:
+    check_choice("retain_mode", retain_mode, RETAIN_MODES)
+    if retain_mode != "interleave" and retain_loader is None:
+        raise ValueError(f"retain_mode={retain_mode!r} needs a retain_loader")
+    if retain_mode != "mixed":
+        return
+    for name, loader in (("forget_loader", forget_loader), ("retain_loader", retain_loader)):
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None:
+            raise ValueError(f"retain_mode='mixed' re-batches the loaders' datasets: {name} must be a torch "
+                             f"DataLoader with a batch_size, got {type(loader).__name__}")
+    if train_loss_fn is not None or retain_loss_fn is not None:
+        raise ValueError("retain_mode='mixed' trains on its own mixed-batch loss (random labels by label_rule for "
+                         "forget samples, true labels for retain ones): leave train_loss_fn and retain_loss_fn None")
+    if group is not None:
+        raise ValueError("retain_mode='mixed' runs in one process: its shuffled union ignores distributed samplers")
 
 
 def check_training_args(optimizer, lr, epochs, momentum, weight_decay):
@@ -69,17 +114,19 @@ class _Trainer:
     def __init__(self, semu_model: SEMUModel, opt, generator, forget_loss, retain_loss, checkpoint, group):
         self.model, self.opt, self.generator = semu_model, opt, generator
         self.params = semu_model.trainable_parameters()
-        self.losses = {"forget": forget_loss, "retain": retain_loss}
+        self.losses = {"forget": forget_loss, "retain": retain_loss, "mixed": None}
+        self.min_delta, self.grad_clip = 0.0, None
         self.checkpoint, self.group = checkpoint, group
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
                     "best_state": None}
 
-    def train_epoch(self, forget_loader, retain_loader) -> None:
+    def train_epoch(self, batches) -> None:
+        """One pass over (kind, batch) pairs; kind names the loss ("forget", "retain" or "mixed")."""
         run = self.run
         if any(adapter.merged for adapter in self.model.adapters.values()):
             raise RuntimeError("R cannot train while the adapters are merged into the weights (the forward then "
                                "skips R); call unmerge_adapters() first")
-        for step, (kind, batch) in enumerate(interleave(forget_loader, retain_loader)):
+        for step, (kind, batch) in enumerate(batches):
             if step < run["step"]:  # done before the checkpoint this run resumes from
                 continue
             loss = self.losses[kind](self.model, batch, self.generator)
@@ -94,6 +141,8 @@ class _Trainer:
             loss.reshape(()).backward()
             if self.group is not None:
                 _average_gradients(self.params, self.group)
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.opt.step()
             run["losses"].append(value)
             run["step"] = step + 1
@@ -103,14 +152,14 @@ class _Trainer:
     def score_epoch(self, epoch: int, forget_loader, retain_loader, select_best: bool) -> dict:
         """Accuracies and the score (100 - forget acc + retain acc) / 2 (without retain data: 100 - forget acc);
         keeps the best epoch's R when select_best."""
-        run = self.run
+        run, improvement = self.run, self.min_delta
         entry = {"forget_acc": accuracy(self.model, forget_loader, self.group)}
         if retain_loader is not None:
             entry["retain_acc"] = accuracy(self.model, retain_loader, self.group)
         retain = entry.get("retain_acc")
         entry["score"] = (100.0 - entry["forget_acc"] + retain) / 2 if retain is not None \
             else 100.0 - entry["forget_acc"]
-        if run["best_score"] is None or entry["score"] > run["best_score"]:
+        if run["best_score"] is None or entry["score"] > run["best_score"] + improvement:
             run["best_score"], run["best_epoch"] = entry["score"], epoch
             if select_best:
                 run["best_state"] = [p.detach().clone() for p in self.params]
@@ -132,9 +181,16 @@ class _Trainer:
                     param.copy_(saved)
 
 
-def _check_patience(patience) -> None:
+def _check_stopping(patience, min_delta, label_rule, train_loss_fn) -> None:
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive int or None, got {patience!r}")
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
+            or min_delta < 0:
+        raise ValueError(f"min_delta must be a finite non-negative number, got {min_delta!r}")
+    check_choice("label_rule", label_rule, LABEL_RULES)
+    if label_rule != "uniform_other" and train_loss_fn is not None:
+        raise ValueError("label_rule applies to the built-in random-label loss: with a train_loss_fn, draw the "
+                         "labels there")
 
 
 class _Undo:
@@ -164,23 +220,34 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             train_loss_fn: Optional[TrainLossFn] = None, retain_loss_fn: Optional[TrainLossFn] = None,
             optimizer: str = "adam", lr: float = 5e-3,
             epochs: int = 15, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
-            patience: Optional[int] = None, progress: bool = True, on_epoch=None, checkpoint_dir=None,
+            patience: Optional[int] = None, min_delta: float = 0.0, label_rule: str = "uniform_other",
+            retain_mode: str = "interleave", grad_clip: Optional[float] = None, progress: bool = True,
+            on_epoch=None, checkpoint_dir=None,
             checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
             process_group=None) -> tuple[SEMUModel, SEMUReport]:
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
     interleaved, when given). Returns (SEMUModel, report).
 
     loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget
-    loss while training R; None means cross-entropy against random labels != the true ones. retain_loss_fn, same
-    signature, for retain batches; None means cross-entropy with their true labels. optimizer "adam" or "sgd" (with
+    loss while training R; None means cross-entropy against random labels != the true ones, drawn by label_rule
+    ("uniform_other" or "official", see sf.losses). retain_loss_fn, same signature, for retain batches; None means
+    cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches alternate),
+    "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
+    forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for
+    select_best and patience, as the official early exit reads it without training on it). grad_clip: clip the
+    gradient of all R (total norm) to this at every step, as the official DDPM/SD training does with 1.0 (there the
+    norm also counts R's entries outside each channel's kept block, whose gradients the official code masks after
+    clipping; ours are zero, so where clipping acts the official steps are slightly smaller). optimizer "adam" or "sgd" (with
     momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits task over 3 seeds x 10 classes
     (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5, 10 epochs, momentum 0.9,
     weight_decay 5e-4, which barely moves R there.
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
-    (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved for
-    this many epochs (classification only; None = run every epoch). progress: show a tqdm bar.
+    (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved by
+    more than min_delta for this many epochs (classification only; None = run every epoch). progress: a tqdm bar.
+    sf.presets.preset("official-classification") gives the official run's settings of all of these.
     on_epoch(epoch, semu_model) -> dict or None: called after each epoch; what it returns joins that epoch's history
-    entry (e.g. accuracies on data the run does not train on).
+    entry (e.g. accuracies on data the run does not train on); {"stop": True} in it ends training after that
+    epoch (early stopping on any criterion, for any task).
 
     checkpoint_dir: keep the adapters (after prepare) and the training state (R, optimizer, random stream, epoch
     and step, history, buffers) there, rewritten atomically every `checkpoint_every` steps (None: at the end of
@@ -192,18 +259,23 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     if not isinstance(config, SEMUConfig):
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     check_training_args(optimizer, lr, epochs, momentum, weight_decay)
-    _check_patience(patience)
+    _check_stopping(patience, min_delta, label_rule, train_loss_fn)
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                  or not math.isfinite(grad_clip) or grad_clip <= 0):
+        raise ValueError(f"grad_clip must be a finite positive number or None, got {grad_clip!r}")
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)
+    group = distributed_setup.resolve(distributed, process_group)
+    _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn, retain_loss_fn, group)
     base = distributed_setup.unwrap(model)
     layers = select_layers(base, config)
     run_identity = {"semu_config": config.to_dict(),
                     "layers": {name: fingerprint(layer.weight) for name, layer in layers.items()}}
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {"optimizer": optimizer, "lr": lr,
                                                                "momentum": momentum, "weight_decay": weight_decay,
-                                                               "seed": config.seed, **run_identity})
-    group = distributed_setup.resolve(distributed, process_group)
+                                                               "seed": config.seed, "label_rule": label_rule,
+                                                               "retain_mode": retain_mode, **run_identity})
     saved = checkpoint.load() if resume else None
     undo, semu_model = _Undo(base), None
     try:
@@ -216,7 +288,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         _train(semu_model, saved, forget_loader, retain_loader, checkpoint, group, config,
                train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn, optimizer=optimizer, lr=lr,
                epochs=epochs, momentum=momentum, weight_decay=weight_decay, select_best=select_best,
-               patience=patience, progress=progress, on_epoch=on_epoch)
+               patience=patience, min_delta=min_delta, label_rule=label_rule, retain_mode=retain_mode,
+               grad_clip=grad_clip, progress=progress, on_epoch=on_epoch)
     except BaseException:
         undo(semu_model)  # the model as it came in, whatever failed (Ctrl-C included)
         raise
@@ -224,8 +297,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
 
 
 def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoint, group, config, *, train_loss_fn,
-           retain_loss_fn, optimizer, lr, epochs, momentum, weight_decay, select_best, patience, progress,
-           on_epoch) -> None:
+           retain_loss_fn, optimizer, lr, epochs, momentum, weight_decay, select_best, patience, min_delta,
+           label_rule, retain_mode, grad_clip, progress, on_epoch) -> None:
     """Train R (see unlearn); the outcome goes to semu_model.report.training."""
     report = semu_model.report
     params = semu_model.trainable_parameters()
@@ -236,28 +309,36 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         return
     opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    trainer = _Trainer(semu_model, opt, generator, train_loss_fn or random_label_loss,
+    trainer = _Trainer(semu_model, opt, generator, train_loss_fn or random_label_loss_for(label_rule),
                        retain_loss_fn or true_label_loss, checkpoint, group)
+    trainer.losses["mixed"] = functools.partial(mixed_batch_loss, rule=label_rule)
+    trainer.min_delta, trainer.grad_clip = float(min_delta), grad_clip
     if saved is not None:
         trainer.run = checkpoint.restore(saved, semu_model, opt, generator)
     classify = train_loss_fn is None
     start = time.perf_counter()
     bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", disable=not progress)
     for epoch in bar:
-        set_norm_mode(semu_model, config.norm_mode)
-        trainer.train_epoch(forget_loader, retain_loader)
+        set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
+        if retain_mode == "mixed":
+            trainer.train_epoch(mixed_batches(forget_loader, retain_loader, config.seed, epoch))
+        else:
+            trainer.train_epoch(interleave(forget_loader, retain_loader if retain_mode == "interleave" else None))
         losses = trainer.run["losses"]
         if not losses:
             raise ValueError(f"epoch {epoch + 1} ran no step: forget_loader (and retain_loader) yielded no batch")
         entry = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
         if classify:
             entry.update(trainer.score_epoch(epoch + 1, forget_loader, retain_loader, select_best))
+        stop = False
         if on_epoch is not None:
-            entry.update(on_epoch(epoch + 1, semu_model) or {})
+            extra = dict(on_epoch(epoch + 1, semu_model) or {})
+            stop = bool(extra.pop("stop", False))
+            entry.update(extra)
         trainer.end_epoch(entry)
         bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch" and isinstance(v, float)})
         best = trainer.run["best_epoch"]
-        if patience is not None and best is not None and epoch + 1 - best >= patience:
+        if stop or (patience is not None and best is not None and epoch + 1 - best >= patience):
             break
     trainer.restore_best()
     semu_model.eval()

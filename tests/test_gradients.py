@@ -182,3 +182,41 @@ def test_streamed_and_hooked_paths_agree():
     for name in a:
         scale = b[name].abs().max().item()
         assert torch.allclose(a[name], b[name], rtol=0, atol=0.02 * scale), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_clip_scales_each_batch_like_clip_grad_norm(dtype):
+    """The official DDPM gradient pass: per batch, backward, clip_grad_norm_(weights, c), then add to the sum."""
+    batches = forget_batches()
+    ref_model = small_cnn().double()
+    ref_model.train()
+    ref_model[1].eval()
+    weights = [m.weight for m in _weights(ref_model).values()]
+    total = [torch.zeros_like(w) for w in weights]
+    norms = []
+    for x, y in batches:
+        ref_model.zero_grad()
+        F.cross_entropy(ref_model(x.double()), y).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(weights, 0.1).item())
+        total = [t + w.grad for t, w in zip(total, weights)]
+    assert max(norms) > 0.1 > min(norms)  # clipped and unclipped batches both occur
+    model = small_cnn(dtype=dtype)
+    got = accumulate_gradients(model, batches if dtype == torch.float32 else
+                               [(x.to(dtype), y) for x, y in batches], _weights(model), grad_clip=0.1)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for (name, acc), ref in zip(got.items(), total):
+        torch.testing.assert_close(acc.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(), msg=name)
+    plain = small_cnn(dtype=dtype)
+    unclipped = accumulate_gradients(plain, batches if dtype == torch.float32 else
+                                     [(x.to(dtype), y) for x, y in batches], _weights(plain))
+    assert any(not torch.allclose(unclipped[n], got[n]) for n in got)
+
+
+def test_grad_clip_is_checked_and_refuses_split_passes():
+    import semu_fast as sf
+
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="grad_clip must be a finite positive number"):
+            sf.SEMUConfig(grad_clip=bad)
+    with pytest.raises(ValueError, match="grad_clip clips each batch's gradient over every layer at once"):
+        sf.prepare(small_cnn(), forget_batches(), config=sf.SEMUConfig(grad_clip=1.0, max_accumulator_bytes=2000))

@@ -47,3 +47,14 @@ def test_llm_example_runs(tmp_path, monkeypatch):
     metrics = names["metrics"]
     assert metrics["forget_ppl_after"] >= metrics["forget_ppl_before"] and "retain_ppl_after" in metrics
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+
+
+def test_official_preset_example_runs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(40, 3, 6, 6), torch.arange(40) % 5
+    names = {"model": small_cnn(), "forget_loader": DataLoader(TensorDataset(x[:10], y[:10]), batch_size=5),
+             "retain_loader": DataLoader(TensorDataset(x[10:], y[10:]), batch_size=10)}
+    exec(compile(python_block('sf.preset("official-classification")'), "README.md", "exec"), names)
+    assert names["report"].training["optimizer"] == "sgd"
+    assert names["kwargs"]["retain_mode"] == "mixed" and names["kwargs"]["config"].gamma == 0.9

@@ -117,3 +117,29 @@ def test_patience_stops_when_the_score_stops_improving():
 def test_bad_patience_is_rejected():
     with pytest.raises(ValueError, match="patience must be a positive int"):
         sf.unlearn(small_cnn(), forget_batches(), patience=0, progress=False)
+
+
+def test_grad_clip_bounds_every_step_of_R():
+    batches = forget_batches()  # 3 batches: 3 SGD steps of lr 1
+    settings = dict(epochs=1, optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=1.0, select_best=False,
+                    progress=False)
+    clipped, _ = sf.unlearn(small_cnn(), batches, grad_clip=1e-3, **settings)
+    free, _ = sf.unlearn(small_cnn(), batches, **settings)
+    norm = lambda sm: torch.linalg.vector_norm(torch.cat([p.flatten() for p in sm.trainable_parameters()]))  # noqa
+    assert norm(clipped) <= 3 * 1e-3 * (1 + 1e-4)
+    assert norm(free) > 10 * norm(clipped)
+    with pytest.raises(ValueError, match="grad_clip must be a finite positive number"):
+        sf.unlearn(small_cnn(), batches, grad_clip=0.0, progress=False)
+
+
+def test_on_epoch_can_stop_training():
+    seen = []
+
+    def on_epoch(epoch, semu_model):
+        seen.append(epoch)
+        return {"marker": float(epoch), "stop": epoch == 2}
+
+    _, report = sf.unlearn(small_cnn(), forget_batches(), epochs=5, on_epoch=on_epoch, progress=False)
+    assert seen == [1, 2] and report.training["epochs"] == 2
+    assert all("stop" not in entry for entry in report.training["history"])
+    assert report.training["history"][-1]["marker"] == 2.0

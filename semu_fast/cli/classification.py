@@ -36,9 +36,17 @@ def _scenario(args, parser):
     if forget_class is not None and not 0 <= forget_class < task.num_classes:
         parser.error(f"argument --forget-class: must be in [0, {task.num_classes}) for {task.name}, "
                      f"got {forget_class}")
+    official = getattr(args, "preset", "ours") == "official"
+    if official and getattr(args, "retain_fraction", 0.0):
+        parser.error("argument --retain-fraction: the official preset reads the whole retain set (its early exit "
+                     "scores on it); leave --retain-fraction out")
     try:
-        split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
-                               args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)
+        if official:
+            split = C.salun_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
+                                  args.num_forget, args.seed)
+        else:
+            split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
+                                   args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)
         model = C.original_model(task, args.arch, args.checkpoint, args.cache_dir or default_cache(), args.seed,
                                  args.train_epochs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
@@ -55,6 +63,11 @@ def run_unlearn(args, parser) -> int:
     import semu_fast as sf
     from ..workflows import classification as C, results
 
+    if args.seed is None:  # SalUn's default seed for the official preset (its split draws with seed - 1)
+        args.seed = 2 if args.preset == "official" else 0
+    if args.preset == "official" and args.seed < 1:
+        parser.error(f"argument --seed: the official preset draws SalUn's split with seed - 1, so it needs a seed >= 1 "
+                     f"(SalUn's default 2), got {args.seed}")
     torch.manual_seed(args.seed)
     task, model, split, scenario = _scenario(args, parser)
     retrain = args.retrain if args.retrain is not None else task.name == "digits"
@@ -65,12 +78,18 @@ def run_unlearn(args, parser) -> int:
     elif retrain:
         retrain_fn = lambda: C.train_model(task, scenario["arch"], split.retain, args.seed,  # noqa: E731
                                            args.train_epochs, not args.quiet, "Retrain")
-    config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)
-    semu = {"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
+    flags = {"gamma": args.gamma, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
+    if args.preset == "official":  # the preset's settings, except the flags given with other values
+        given = {k: v for k, v in flags.items() if v != parser.get_default(k)}
+        semu = sf.preset("official-classification", seed=args.seed, **given)
+        config = semu.pop("config")
+    else:
+        config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)
+        semu = {k: v for k, v in flags.items() if k != "gamma"}
     semu_model, report, result = C.run(task, model, split, config=config, semu_settings=semu,
                                        methods=args.baselines, retrain=retrain_fn, seed=args.seed,
-                                       progress=not args.quiet)
-    scenario.update(gamma=args.gamma, semu=semu)
+                                       augment=args.preset == "official", progress=not args.quiet)
+    scenario.update(gamma=config.gamma, preset=args.preset, semu={**semu, "semu_config": config.to_dict()})
     files = results.write_classification(args.out, semu_model, report, result, scenario)
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
@@ -137,6 +156,10 @@ def register(sub) -> None:
     un = sub.add_parser("unlearn", parents=[data], help="forget with SEMU next to the baselines, write a report "
                         "(default: the bundled digits)")
     g = un.add_argument_group("SEMU and baselines")
+    g.add_argument("--preset", choices=("ours", "official"), default="ours",
+                   help="official: the official SEMU run (sf.preset('official-classification'): SGD lr 1e-5 x 10 "
+                   "epochs, its projection, rank and label rules, early exit; SalUn's 90%% split and augmentation; "
+                   "flags given with other values override it); ours (default): the settings that forget best")
     g.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
                    help="share of the retain set unlearning may use (0 = data-free, the default)")
     add_training_flags(g, gamma_default=0.95, lr=5e-3, epochs=15, optimizer="adam")
@@ -147,7 +170,7 @@ def register(sub) -> None:
     g.add_argument("--retrain-checkpoint", type=Path, default=None, help="a trained Retrain model to compare with")
     add_run_flags(un.add_argument_group("run"), "semu_fast_out",
                   "metrics.json, run.json, report.md, plots and adapters/")
-    un.set_defaults(func=run_unlearn, parser=un)
+    un.set_defaults(func=run_unlearn, parser=un, seed=None)  # None: 0, or SalUn's 2 with --preset official
 
     ev = sub.add_parser("eval", parents=[data], help="SalUn's metrics of the original model (and of saved SEMU "
                         "adapters on it)")

@@ -46,6 +46,7 @@ class Task:
     train_lr: float = 3e-3
     train_batch_size: int = 64
     batch_size: int = 256         # unlearning and evaluation
+    augmented_train_set: Optional[Dataset] = None  # the train set under SalUn's training augmentation (CIFAR)
 
 
 def _image_folder(root: Path, image_size: int):
@@ -82,12 +83,16 @@ def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 
     from torchvision import transforms
 
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                  transforms.ToTensor()])  # SalUn's (and the official SEMU code's) training views
     try:
-        train, test = (cls(str(data), train=t, download=False, transform=transforms.ToTensor()) for t in (True, False))
+        train, test, augmented = (cls(str(data), train=t, download=False, transform=f) for t, f in
+                                  ((True, transforms.ToTensor()), (False, transforms.ToTensor()), (True, augment)))
     except RuntimeError as err:
         raise FileNotFoundError(f"--data {str(data)!r}: no {dataset} there ({err}); put the python version of the "
                                 f"dataset (e.g. cifar-10-batches-py/) in that folder") from None
-    return Task(dataset, train, test, 10 if dataset == "cifar10" else 100, 3, "resnet18-cifar")
+    return Task(dataset, train, test, 10 if dataset == "cifar10" else 100, 3, "resnet18-cifar",
+                augmented_train_set=augmented)
 
 
 def targets_of(dataset: Dataset) -> torch.Tensor:
@@ -142,6 +147,41 @@ def forget_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget
     return Split(pool, retain, subset, test)
 
 
+def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_class: Optional[int] = None,
+                num_forget: Optional[int] = None, seed: int = 2) -> Split:
+    """SalUn's split, which the official SEMU runs use: 10% of each class (numpy RandomState(seed), classes in
+    order) is held out as validation and never used; from the other 90% the forget set is `num_forget` samples
+    drawn with RandomState(seed - 1) among forget_class's (or among all when forget_class is None), or the whole
+    class; the retain set is the rest of the 90%. The test set drops forget_class when the whole class is
+    forgotten. Indices refer to the full train set. seed: SalUn's --seed (default 2), at least 1."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
+        raise ValueError(f"seed must be an int >= 1 (SalUn draws the forget set with seed - 1), got {seed!r}")
+    if forget_class is None and num_forget is None:
+        raise ValueError("pass forget_class (class-wise forgetting) or num_forget (random forgetting), or both")
+    targets = train_targets.numpy()
+    num_classes = int(max(targets.max(), int(test_targets.max()))) + 1
+    if forget_class is not None and not 0 <= forget_class < num_classes:
+        raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
+    rng = np.random.RandomState(seed)
+    valid = np.hstack([rng.choice(members, int(0.1 * len(members)), replace=False)
+                       for members in (np.flatnonzero(targets == c) for c in range(int(targets.max()) + 1))])
+    kept = np.setdiff1d(np.arange(len(targets)), valid)  # ascending, as SalUn's list(set(...)) of ints iterates
+    candidates = np.flatnonzero(targets[kept] == forget_class) if forget_class is not None else np.arange(len(kept))
+    chosen = candidates
+    if num_forget is not None:
+        if not 0 < num_forget <= len(candidates):
+            raise ValueError(f"num_forget must be in [1, {len(candidates)}] (the samples to choose from), got "
+                             f"{num_forget}")
+        chosen = np.random.RandomState(seed - 1).choice(candidates, size=num_forget, replace=False)
+    in_forget = np.zeros(len(kept), dtype=bool)
+    in_forget[chosen] = True
+    whole_class = forget_class is not None and len(chosen) == len(candidates)
+    test = (test_targets != forget_class).nonzero().flatten() if whole_class else torch.arange(len(test_targets))
+    return Split(torch.from_numpy(kept[in_forget]), torch.from_numpy(kept[~in_forget]), None, test)
+
+
 def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, seed: int = 0,
                 epochs: Optional[int] = None, progress: bool = False, desc: str = "train") -> nn.Module:
     """A fresh `arch` trained with the task's recipe on its train set (or the train samples at `indices`)."""
@@ -187,15 +227,19 @@ class Loaders:
     test_eval: DataLoader
 
 
-def make_loaders(task: Task, split: Split, seed: int = 0, batch_size: Optional[int] = None) -> Loaders:
+def make_loaders(task: Task, split: Split, seed: int = 0, batch_size: Optional[int] = None,
+                 augment: bool = False) -> Loaders:
+    """The run's loaders; augment: unlearning reads the train set under the task's training augmentation (SalUn's
+    RandomCrop + flip for CIFAR; tasks without one read it plain), as the official runs do."""
     batch_size = batch_size or task.batch_size
+    train_view = task.augmented_train_set if augment and task.augmented_train_set is not None else task.train_set
 
     def loader(dataset, idx, shuffle=False):
         return DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=shuffle,
                           generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
-    subset = loader(task.train_set, split.retain_subset, True) if split.retain_subset is not None else None
-    return Loaders(loader(task.train_set, split.forget, True), subset, loader(task.train_set, split.forget),
+    subset = loader(train_view, split.retain_subset, True) if split.retain_subset is not None else None
+    return Loaders(loader(train_view, split.forget, True), subset, loader(task.train_set, split.forget),
                    loader(task.train_set, split.retain), loader(task.test_set, split.test))
 
 
@@ -208,24 +252,31 @@ def _epoch_hook(loaders: Loaders):
 
 def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_settings: Optional[dict] = None,
         methods=("ft", "ga", "rl"), baseline_settings: Optional[dict] = None,
-        retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0,
+        retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0, augment: bool = False,
         progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU and `methods` (baselines.METHODS keys) each on their own copy of `model` (never changed), evaluated with
     SalUn's metrics. retrain: a callable returning the Retrain model (trained here or loaded); with it every method
     gets its "avg_gap". Returns (SEMUModel, SEMUReport, metrics) with metrics = {"metrics": {method: {UA, RA, TA,
-    MIA, trainable_share, seconds}}, "history": {method: per-epoch list}}; FT is skipped without retain data."""
+    MIA, trainable_share, seconds}}, "history": {method: per-epoch list}}; FT is skipped without retain data.
+    semu_settings: sf.unlearn's keyword arguments (e.g. from sf.preset); with retain_mode "score" or "mixed" SEMU
+    reads the whole retain set, as the official runs do. augment: see make_loaders."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ValueError(f"methods must be among {', '.join(baselines.METHODS)}, got {unknown}")
-    loaders = make_loaders(task, split, seed)
+    loaders = make_loaders(task, split, seed, augment=augment)
     hook = _epoch_hook(loaders)
+    semu_settings = dict(semu_settings or {})
+    semu_retain = loaders.retain_subset
+    if semu_settings.get("retain_mode") in ("score", "mixed"):
+        semu_retain = DataLoader(Subset(loaders.forget.dataset.dataset, split.retain.tolist()),
+                                 batch_size=loaders.forget.batch_size)
     evaluate = lambda m: metrics.evaluate(m, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)  # noqa
     results, history = {}, {}
 
     results["original"] = {**evaluate(model), "trainable_share": 0.0, "seconds": 0.0}
     start = time.perf_counter()
-    semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, loaders.retain_subset, config=config,
-                                 progress=progress, on_epoch=hook, **(semu_settings or {}))
+    semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, semu_retain, config=config,
+                                 progress=progress, on_epoch=hook, **semu_settings)
     seconds = time.perf_counter() - start
     results["semu"] = {**evaluate(semu_model), "trainable_share": report.trainable_share, "seconds": seconds}
     history["semu"] = report.training.get("history", [])

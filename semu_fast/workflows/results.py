@@ -1,7 +1,7 @@
 """What a run leaves in its folder. Every workflow: adapters/ (sf.load_adapters) and metrics.json, strict JSON
 written atomically. A classification run also: run.json (the scenario, per-epoch histories, SEMU's per-layer
-report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA, trainable_share, seconds
-[, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files."""
+report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA (and its other SalUn features MIA_*),
+trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,12 @@ FIGURES = {"accuracy_per_epoch.png": plots.accuracy_per_epoch, "spectra.png": pl
            "trainable_share.png": plots.trainable_share}
 
 
-def _columns(metrics: dict):
-    return [(key, title) for key, title in COLUMNS if any(key in m for m in metrics.values())]
+MIA_COLUMNS = (("MIA_correctness", "correctness"), ("MIA", "confidence"), ("MIA_entropy", "entropy"),
+               ("MIA_m_entropy", "m_entropy"), ("MIA_prob", "prob"))
+
+
+def _columns(metrics: dict, columns=COLUMNS):
+    return [(key, title) for key, title in columns if any(key in m for m in metrics.values())]
 
 
 def format_table(metrics: dict) -> str:
@@ -31,8 +35,8 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def markdown_table(metrics: dict) -> str:
-    columns = _columns(metrics)
+def markdown_table(metrics: dict, columns=COLUMNS) -> str:
+    columns = _columns(metrics, columns)
     lines = ["| method | " + " | ".join(title for _, title in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for method, values in metrics.items():
@@ -51,6 +55,11 @@ def _report_md(metrics: dict, run: dict, figures: list[str]) -> str:
              "of forget samples an SVC on confidence calls non-members). Avg. Gap: mean |difference| to Retrain "
              "over those four. Trainable %: share of all weights the method trains.", "",
              markdown_table(metrics), ""]
+    if any("MIA_entropy" in m for m in metrics.values()):
+        lines += ["## MIA-efficacy on each of SalUn's features", "",
+                  "The SVC above reads the true label's confidence; SalUn also fits it on correctness, entropy, "
+                  "its m_entropy and the whole softmax (metrics.MIA_FEATURES).", "",
+                  markdown_table(metrics, MIA_COLUMNS), ""]
     if semu.get("layers"):
         lines += ["## SEMU per layer", "", "| layer | kind | shape | gamma | k | captured variance | trainable |",
                   "|---|---|---|---|---|---|---|"]

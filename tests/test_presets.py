@@ -1,0 +1,297 @@
+"""Presets reproduce the official SEMU runs: each checked against a straight re-implementation of the official loop
+written here (not our code path), and the training switches they rely on (label rule, retain modes, early exit,
+norm modes) checked on their own."""
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import semu_fast as sf
+from semu_fast import losses, presets
+from semu_fast.training import mixed_batches
+from helpers import small_cnn
+
+
+def _data(n, seed, num_classes=5):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = torch.randn(n, 3, 6, 6, generator=gen) + 0.5 * y.view(-1, 1, 1, 1)
+    return TensorDataset(x, y)
+
+
+class _OfficialLayer(nn.Module):
+    """The official CustomLinear / CustomConv2d: the weight A + U R Vh materialised on every forward."""
+
+    def __init__(self, layer, u, r, vh):
+        super().__init__()
+        self.layer, self.u, self.r, self.vh = layer, u, r, vh
+
+    def delta(self):
+        d = self.u @ self.r @ self.vh
+        return d if d.dim() == 2 else d.unflatten(2, self.layer.kernel_size).permute(1, 0, 2, 3)
+
+    def forward(self, x):
+        weight = self.layer.weight + self.delta()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def _official_run(model, forget, retain, gamma, lr, epochs, seed, patience, min_delta):
+    """Classification/unlearn/own_SVD.py as the official code runs it, written out plainly (float64 SVDs): gradient
+    pass in train mode summing per-batch weight gradients, projection dividing by ||W||, searchsorted rank with
+    floor 1 (conv: max over input channels), materialised W + U R Vh, SGD(momentum 0.9, weight decay 5e-4) with
+    everything in eval mode, labels r ~ U{0..C-1} with r == y -> (r + 1) mod C, early exit on
+    (100 - forget acc + retain acc) / 2 with patience and min_delta, best epoch not restored."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+    model.train()
+    sums = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in layers.items()}
+    for x, y in forget:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for n, m in layers.items():
+            sums[n] += m.weight.grad.double()
+    factors, ranks = {}, {}
+    for n, m in layers.items():
+        w = m.weight.detach().double()
+        g = sums[n] - (sums[n] * w).sum() / w.norm() * w
+        mats = g if g.dim() == 2 else g.permute(1, 0, 2, 3).flatten(2)
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        ratio = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
+        k = max(1, int(torch.searchsorted(ratio, torch.full((*ratio.shape[:-1], 1), gamma, dtype=torch.float64),
+                                          side="right").max()))
+        ranks[n] = k
+        r = torch.zeros((k, k) if g.dim() == 2 else (g.shape[1], k, k), dtype=torch.float32, requires_grad=True)
+        factors[n] = (u[..., :k].float(), r, vh[..., :k, :].float())
+    for n, m in layers.items():
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, _OfficialLayer(m, *factors[n]))
+
+    def acc(loader):
+        with torch.no_grad():
+            return 100.0 * sum((model(x).argmax(-1) == y).sum().item() for x, y in loader) / \
+                sum(len(y) for _, y in loader)
+
+    params = [factors[n][1] for n in layers]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    best, counter = None, 0
+    model.eval()
+    for _ in range(epochs):
+        for x, y in forget:
+            logits = model(x)
+            drawn = torch.randint(0, logits.shape[-1], y.shape, generator=gen)
+            labels = torch.where(drawn == y, (drawn + 1) % logits.shape[-1], drawn)
+            opt.zero_grad()
+            F.cross_entropy(logits, labels).backward()
+            opt.step()
+        score = (100 - acc(forget) + acc(retain)) / 2
+        if best is None:
+            best = score
+        elif score < best + min_delta:
+            counter += 1
+            if counter >= patience:
+                break
+        else:
+            best, counter = score, 0
+    deltas = {n: model.get_submodule(n).delta().detach() for n in layers}
+    return ranks, sum(p.numel() for p in params), deltas, {k: v.clone() for k, v in model.state_dict().items()
+                                                         if "running" in k}
+
+
+def test_official_classification_preset_reproduces_the_official_loop():
+    forget = DataLoader(_data(40, 1), batch_size=10)
+    retain = DataLoader(_data(60, 2), batch_size=20)
+    base = small_cnn()
+    model_ours, model_official = copy.deepcopy(base), copy.deepcopy(base)
+    kwargs = sf.preset("official-classification", gamma=0.99, lr=0.05, epochs=4, progress=False)
+    semu_model, report = sf.unlearn(model_ours, forget, retain, **kwargs)
+    ranks, trainable, deltas, running = _official_run(model_official, forget, retain, 0.99, 0.05, 4, 0, 2, 0.01)
+
+    assert {layer.name: layer.k for layer in report.layers} == ranks
+    assert report.trainable_params == trainable
+    for name, adapter in semu_model.adapters.items():
+        ours = adapter.delta_weight().detach()
+        assert ours.abs().max() > 1e-4, f"{name}: R did not move, the comparison would prove nothing"
+        torch.testing.assert_close(ours, deltas[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the official gradient pass runs in train mode: BatchNorm statistics moved to the forget data's, like ours
+    for key, value in running.items():
+        torch.testing.assert_close(model_ours.state_dict()[key], value, msg=key)
+    assert report.training["epochs"] == len(report.training["history"]) <= 4
+
+
+def test_preset_overrides_go_to_the_right_place_and_unknown_ones_fail():
+    kwargs = sf.preset("official-classification", gamma=0.8, retain_mode="mixed")
+    assert kwargs["config"].gamma == 0.8 and kwargs["config"].projection == "official"
+    assert kwargs["retain_mode"] == "mixed" and kwargs["optimizer"] == "sgd" and kwargs["lr"] == 1e-5
+    with pytest.raises(ValueError, match="lrr is neither a SEMUConfig field nor a parameter"):
+        sf.preset("official-classification", lrr=1.0)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        sf.preset("official")
+    with pytest.raises(ValueError, match="train_norm_mode must be one of"):
+        sf.preset("official-classification", train_norm_mode="frozen")
+
+
+def test_every_preset_names_real_parameters_of_its_target():
+    import importlib
+
+    for name, chosen in presets.PRESETS.items():
+        module, _, func = chosen.target.rpartition(".")
+        params = set(inspect.signature(getattr(importlib.import_module(module), func)).parameters)
+        assert set(chosen.accepts) <= params, name
+        assert set(chosen.kwargs) <= set(chosen.accepts), name
+
+
+def test_official_label_rule_favours_the_next_class_and_never_keeps_the_true_one():
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.zeros(60000, dtype=torch.long)
+    official = losses.random_labels(targets, 4, gen, "official")
+    uniform = losses.random_labels(targets, 4, gen, "uniform_other")
+    assert not (official == 0).any() and not (uniform == 0).any()
+    share = torch.bincount(official, minlength=4).double() / len(targets)
+    assert share[1].item() == pytest.approx(0.5, abs=0.01) and share[2].item() == pytest.approx(0.25, abs=0.01)
+    share = torch.bincount(uniform, minlength=4).double() / len(targets)
+    assert share[1:].sub(1 / 3).abs().max().item() < 0.01
+    with pytest.raises(ValueError, match="label_rule must be one of"):
+        losses.random_labels(targets, 4, gen, "official2")
+
+
+def test_mixed_retain_mode_trains_on_shuffled_mixed_batches():
+    forget = DataLoader(_data(12, 1), batch_size=8)
+    retain = DataLoader(_data(20, 2), batch_size=5)
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, x):
+            if torch.is_grad_enabled() and x.shape[0] > 0:
+                seen.append(x.shape[0])
+            return self.net(x)
+
+    batches = [b for _, b in mixed_batches(forget, retain, 0, 0)]
+    assert [len(b[0]) for b in batches] == [8, 8, 8, 8]  # 32 samples in batches of the forget loader's size
+    assert torch.cat([b[2] for b in batches]).sum() == 12
+    assert any(0 < b[2].sum() < len(b[2]) for b in batches)  # mixed batches, not forget then retain
+    again = [b for _, b in mixed_batches(forget, retain, 0, 0)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # replayable (resume)
+    sf.unlearn(Spy(), forget, retain, epochs=1, retain_mode="mixed", label_rule="official", progress=False,
+               select_best=False)
+    assert seen[-4:] == [8, 8, 8, 8]
+    with pytest.raises(ValueError, match="must be a torch DataLoader"):
+        sf.unlearn(small_cnn(), list(forget), retain, retain_mode="mixed", progress=False)
+    with pytest.raises(ValueError, match="leave train_loss_fn and retain_loss_fn None"):
+        sf.unlearn(small_cnn(), forget, retain, retain_mode="mixed", train_loss_fn=losses.random_label_loss,
+                   progress=False)
+    with pytest.raises(ValueError, match="needs a retain_loader"):
+        sf.unlearn(small_cnn(), forget, None, retain_mode="score", progress=False)
+
+
+def test_score_mode_scores_on_retain_data_without_training_on_it():
+    forget = DataLoader(_data(12, 1), batch_size=6)
+    retain = DataLoader(_data(20, 2), batch_size=5)
+    calls = {"retain": 0}
+
+    def retain_loss(model, batch, generator):
+        calls["retain"] += 1
+        return losses.true_label_loss(model, batch, generator)
+
+    _, report = sf.unlearn(small_cnn(), forget, retain, epochs=2, retain_mode="score", retain_loss_fn=retain_loss,
+                           progress=False)
+    assert calls["retain"] == 0
+    assert all("retain_acc" in entry for entry in report.training["history"])
+
+
+def test_min_delta_and_label_rule_are_checked():
+    forget = DataLoader(_data(12, 1), batch_size=6)
+    for bad in (-0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="min_delta must be"):
+            sf.unlearn(small_cnn(), forget, min_delta=bad, progress=False)
+    with pytest.raises(ValueError, match="label_rule applies to the built-in"):
+        sf.unlearn(small_cnn(), forget, label_rule="official", train_loss_fn=losses.random_label_loss,
+                   progress=False)
+
+
+def test_train_norm_mode_separates_the_two_phases():
+    forget = DataLoader(_data(12, 1), batch_size=6)
+    model = small_cnn()
+    before = model[1].running_mean.clone()
+    config = sf.SEMUConfig(norm_mode="train", train_norm_mode="eval")
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    sm, report = sf.unlearn(model, forget, config=config, epochs=1, progress=False, select_best=False)
+    grad_pass, training = seen[:2], seen[2:4]
+    assert grad_pass == [True, True] and training == [False, False]
+    assert not torch.equal(model[1].running_mean, before)  # moved in the gradient pass, as the official code does
+    assert sf.SEMUConfig.from_dict(config.to_dict()) == config
+
+
+def _salun_split_as_written(targets, test_targets, forget_class, num_forget, seed):
+    """SalUn's cifar10_dataloaders + replace_class with only_mark, re-done here: numpy RandomState draws, the
+    validation tenth per class, the train indices as list(set(...)), the forget draw from the 90% with seed - 1."""
+    import numpy as np
+
+    targets = np.array(targets)
+    rng = np.random.RandomState(seed)
+    valid = np.hstack([rng.choice(np.where(targets == i)[0], int(0.1 * len(np.where(targets == i)[0])),
+                                  replace=False) for i in range(max(targets) + 1)])
+    train_idx = list(set(range(len(targets))) - set(valid))
+    sub = targets[train_idx]
+    indexes = np.flatnonzero(np.ones_like(sub)) if forget_class is None else np.flatnonzero(sub == forget_class)
+    if num_forget is not None:
+        indexes = np.random.RandomState(seed - 1).choice(indexes, size=num_forget, replace=False)
+    marked = np.zeros(len(sub), dtype=bool)
+    marked[indexes] = True
+    train_idx = np.array(train_idx)
+    return sorted(train_idx[marked].tolist()), sorted(train_idx[~marked].tolist())
+
+
+@pytest.mark.parametrize("forget_class, num_forget", [(None, 30), (3, 10), (3, None)])
+def test_salun_split_matches_salun_code(forget_class, num_forget):
+    from semu_fast.workflows import classification as C
+
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 10, (1000,), generator=gen)
+    test_targets = torch.arange(200) % 10
+    split = C.salun_split(targets, test_targets, forget_class, num_forget, seed=2)
+    forget, retain = _salun_split_as_written(targets.tolist(), test_targets, forget_class, num_forget, 2)
+    assert split.forget.tolist() == forget and split.retain.tolist() == retain
+    assert len(forget) + len(retain) < 1000 * 0.95  # the validation tenth is held out of both
+    whole_class = num_forget is None
+    assert len(split.test) == (180 if whole_class else 200)
+    with pytest.raises(ValueError, match="seed must be an int >= 1"):
+        C.salun_split(targets, test_targets, forget_class, num_forget, seed=0)
+
+
+def test_cli_official_preset_runs_the_official_settings(tmp_path):
+    import json
+
+    from test_cli import run_cli
+
+    from semu_fast.workflows.models import build_model
+
+    torch.manual_seed(0)  # an untrained model is enough to check the settings (training one takes minutes)
+    torch.save(build_model("digits-cnn", 10, 1).state_dict(), tmp_path / "model.pt")
+    out = run_cli("unlearn", "--quiet", "--preset", "official", "--num-forget", "40", "--epochs", "2", "--lr", "0.01",
+                  "--checkpoint", tmp_path / "model.pt", "--baselines", "none", "--no-retrain",
+                  "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    semu = run["scenario"]["semu"]
+    assert run["scenario"]["preset"] == "official" and run["scenario"]["forget_samples"] == 40
+    assert semu["optimizer"] == "sgd" and semu["lr"] == 0.01 and semu["epochs"] == 2  # flags given override
+    assert semu["label_rule"] == "official" and semu["retain_mode"] == "score"
+    assert semu["semu_config"]["projection"] == "official" and semu["semu_config"]["norm_mode"] == "train"
+    assert "## MIA-efficacy on each of SalUn's features" in (tmp_path / "out" / "report.md").read_text()
+    out = run_cli("unlearn", "--preset", "official", "--num-forget", "4", "--retain-fraction", "0.1", timeout=300)
+    assert out.returncode == 2 and "--retain-fraction" in out.stderr
