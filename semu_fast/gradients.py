@@ -182,11 +182,11 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
 
     Gradients stream into float32 accumulators as backward produces them (see _Pass): the pass holds the
     accumulators plus at most one layer's fresh gradient. The model's modes, forwards, requires_grad flags and
-    existing gradients are restored afterwards, also on error. grad_clip: clip each batch's gradient (total norm
-    over the layers) to this before it joins the sums, as the official DDPM/SD gradient pass does. With a distributed group, each rank passes its shard
-    and the sums are all-reduced (bucketed) so every rank returns the whole forget set's gradients. Raises
-    ValueError for an empty loader, TypeError for a loss that is not a scalar tensor, FloatingPointError (naming the
-    layer) for NaN or Inf in a summed gradient."""
+    existing gradients are restored afterwards, also on error. grad_clip: clip each batch's gradient (total norm over
+    the layers) to this before it joins the sums, as the official DDPM/SD gradient pass does. With a distributed
+    group, each rank passes its shard and the sums are all-reduced (bucketed) so every rank returns the whole forget
+    set's gradients. Raises ValueError for an empty loader, TypeError for a loss that is not a scalar tensor,
+    FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
     grad_pass = _Pass(model, layers, grad_clip)
     batches = 0

@@ -18,21 +18,23 @@ from .config import SEMUConfig
 
 @dataclass(frozen=True)
 class Preset:
-    """target: the function the keyword arguments are for; config: SEMUConfig fields; kwargs: the target's other
-    parameters; accepts: every parameter name of the target an override may set (checked against the function's
-    signature by the tests); source: where the official code sets each value."""
+    """target: the function the keyword arguments are for; config: SEMUConfig fields, passed as a SEMUConfig under
+    config_key "config" or as a dict of fields under another key (a workflow that builds its own config from
+    them); kwargs: the target's other parameters; accepts: every parameter name of the target an override may set
+    (checked against the function's signature by the tests); source: where the official code sets each value."""
 
     target: str
     config: dict
     kwargs: dict
     accepts: tuple
     source: str
+    config_key: str = "config"
 
 
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
                        "weight_decay", "select_best", "patience", "min_delta", "label_rule", "retain_mode",
-                       "grad_clip", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume", "distributed",
-                       "process_group")
+                       "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
+                       "distributed", "process_group")
 
 PRESETS = {
     # Classification/main_forget.py --unlearn own_SVD, with the README's example flags (ResNet-18, CIFAR).
@@ -47,6 +49,22 @@ PRESETS = {
         source="Classification/README.md (example run), arg_parser.py (momentum, weight decay, batch 256), "
                "unlearn/own_SVD.py (labels, train_phase), unlearn/own/impl.py (SGD, EarlyExit), "
                "unlearn/own/transform_model.py (model.train() gradient pass)"),
+    # DDPM/train.py --mode generate_svd then --mode semu_unlearn --method rl, with the README's flags and
+    # configs/cifar10_semu_unlearn.yml (batch 64 is the forget loader's).
+    "official-ddpm": Preset(
+        target="semu_fast.workflows.diffusion.unlearn_ddpm",
+        config={"projection": "official", "rank_rule": "official", "min_rank": 0, "svd": "exact",
+                "grad_clip": 1.0},
+        kwargs={"gamma": 0.95, "attention_gamma": 1.0, "attention_layout": "per_column", "lr": 1e-3, "steps": 1000,
+                "alpha": 1e-3, "guidance": 2.0, "target": "next", "cond_dropout": 0.1, "reduction": "sum",
+                "max_grad_norm": 1.0},
+        accepts=("num_classes", "alpha", "gamma", "attention_gamma", "attention_layout", "lr", "steps", "epochs",
+                 "seed", "progress", "antithetic", "guidance", "target", "cond_dropout", "reduction",
+                 *_UNLEARN_PARAMETERS),
+        source="DDPM/README.md (flags), train.py (cond_scale 2, alpha), configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
+               "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
+               "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
+        config_key="semu_options"),
 }
 
 
@@ -61,6 +79,10 @@ def preset(name: str, **overrides) -> dict:
     if unknown:
         raise ValueError(f"preset {name!r}: {', '.join(unknown)} is neither a SEMUConfig field nor a parameter of "
                          f"{chosen.target}")
-    config = {**chosen.config, **{k: v for k, v in overrides.items() if k in fields}}
-    kwargs = {**chosen.kwargs, **{k: v for k, v in overrides.items() if k not in fields}}
-    return {"config": SEMUConfig(**config), **kwargs}
+    targets = set(chosen.accepts) | set(chosen.kwargs)  # a name both take (gamma for a workflow) goes to the target
+    config = {**chosen.config, **{k: v for k, v in overrides.items() if k in fields and k not in targets}}
+    kwargs = {**chosen.kwargs, **{k: v for k, v in overrides.items() if k not in fields or k in targets}}
+    if chosen.config_key == "config":
+        return {"config": SEMUConfig(**config), **kwargs}
+    SEMUConfig(**config)  # checked now, built by the target
+    return {chosen.config_key: config, **kwargs}

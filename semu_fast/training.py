@@ -115,7 +115,7 @@ class _Trainer:
         self.model, self.opt, self.generator = semu_model, opt, generator
         self.params = semu_model.trainable_parameters()
         self.losses = {"forget": forget_loss, "retain": retain_loss, "mixed": None}
-        self.min_delta, self.grad_clip = 0.0, None
+        self.min_delta, self.max_grad_norm = 0.0, None
         self.checkpoint, self.group = checkpoint, group
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
                     "best_state": None}
@@ -141,8 +141,8 @@ class _Trainer:
             loss.reshape(()).backward()
             if self.group is not None:
                 _average_gradients(self.params, self.group)
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.opt.step()
             run["losses"].append(value)
             run["step"] = step + 1
@@ -221,8 +221,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             optimizer: str = "adam", lr: float = 5e-3,
             epochs: int = 15, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
             patience: Optional[int] = None, min_delta: float = 0.0, label_rule: str = "uniform_other",
-            retain_mode: str = "interleave", grad_clip: Optional[float] = None, progress: bool = True,
-            on_epoch=None, checkpoint_dir=None,
+            retain_mode: str = "interleave", max_grad_norm: Optional[float] = None,
+            progress: bool = True, on_epoch=None, checkpoint_dir=None,
             checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
             process_group=None) -> tuple[SEMUModel, SEMUReport]:
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
@@ -234,11 +234,11 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches alternate),
     "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
     forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for
-    select_best and patience, as the official early exit reads it without training on it). grad_clip: clip the
-    gradient of all R (total norm) to this at every step, as the official DDPM/SD training does with 1.0 (there the
-    norm also counts R's entries outside each channel's kept block, whose gradients the official code masks after
-    clipping; ours are zero, so where clipping acts the official steps are slightly smaller). optimizer "adam" or "sgd" (with
-    momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits task over 3 seeds x 10 classes
+    select_best and patience, as the official early exit reads it without training on it).
+    max_grad_norm: clip the gradient of all R (total norm) to this at every step, as the official DDPM/SD training does
+    with 1.0 (there the norm also counts R's entries outside each channel's kept block, whose gradients the official
+    code masks after clipping; ours are zero, so where clipping acts the official steps are slightly smaller).
+    optimizer "adam" or "sgd" (with momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits task over 3 seeds x 10 classes
     (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5, 10 epochs, momentum 0.9,
     weight_decay 5e-4, which barely moves R there.
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
@@ -260,9 +260,10 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     check_training_args(optimizer, lr, epochs, momentum, weight_decay)
     _check_stopping(patience, min_delta, label_rule, train_loss_fn)
-    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                  or not math.isfinite(grad_clip) or grad_clip <= 0):
-        raise ValueError(f"grad_clip must be a finite positive number or None, got {grad_clip!r}")
+    clip = max_grad_norm
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip <= 0):
+        raise ValueError(f"max_grad_norm must be a finite positive number or None, got {max_grad_norm!r}")
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)
@@ -289,7 +290,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
                train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn, optimizer=optimizer, lr=lr,
                epochs=epochs, momentum=momentum, weight_decay=weight_decay, select_best=select_best,
                patience=patience, min_delta=min_delta, label_rule=label_rule, retain_mode=retain_mode,
-               grad_clip=grad_clip, progress=progress, on_epoch=on_epoch)
+               max_grad_norm=max_grad_norm, progress=progress, on_epoch=on_epoch)
     except BaseException:
         undo(semu_model)  # the model as it came in, whatever failed (Ctrl-C included)
         raise
@@ -298,7 +299,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
 
 def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoint, group, config, *, train_loss_fn,
            retain_loss_fn, optimizer, lr, epochs, momentum, weight_decay, select_best, patience, min_delta,
-           label_rule, retain_mode, grad_clip, progress, on_epoch) -> None:
+           label_rule, retain_mode, max_grad_norm, progress, on_epoch) -> None:
     """Train R (see unlearn); the outcome goes to semu_model.report.training."""
     report = semu_model.report
     params = semu_model.trainable_parameters()
@@ -312,7 +313,7 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
     trainer = _Trainer(semu_model, opt, generator, train_loss_fn or random_label_loss_for(label_rule),
                        retain_loss_fn or true_label_loss, checkpoint, group)
     trainer.losses["mixed"] = functools.partial(mixed_batch_loss, rule=label_rule)
-    trainer.min_delta, trainer.grad_clip = float(min_delta), grad_clip
+    trainer.min_delta, trainer.max_grad_norm = float(min_delta), max_grad_norm
     if saved is not None:
         trainer.run = checkpoint.restore(saved, semu_model, opt, generator)
     classify = train_loss_fn is None

@@ -432,3 +432,17 @@ def test_unlearn_ddpm_on_a_unet_without_attention():
     semu_model, report, _ = D.unlearn_ddpm(unet, scheduler(), batches(1, 2, 8), 1, num_classes=NUM_CLASSES,
                                            steps=2, progress=False)
     assert report.layers and not any(D.matches_attention(layer.name) for layer in report.layers)
+
+
+def test_cli_unlearn_ddpm_official_preset(tmp_path):
+    from semu_fast.workflows.digits import digits_cnn
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn().state_dict(), tmp_path / "clf.pt")
+    out = tmp_path / "out"
+    assert cli(["unlearn-ddpm", "--preset", "official", "--forget-class", "2", "--cache-dir", str(tmp_path / "cache"),
+                "--train-steps", "2", "--classifier", str(tmp_path / "clf.pt"), "--steps", "2",
+                "--samples-per-class", "1", "--inference-steps", "2", "--out", str(out), "--quiet"]) == 0
+    used = json.loads((out / "metrics.json").read_text())["metrics"]["semu_settings"]
+    assert used["steps"] == 2 and used["target"] == "next" and used["guidance"] == 2.0 and used["alpha"] == 1e-3
+    assert used["semu_options"]["min_rank"] == 0 and used["semu_options"]["grad_clip"] == 1.0

@@ -119,17 +119,17 @@ def test_bad_patience_is_rejected():
         sf.unlearn(small_cnn(), forget_batches(), patience=0, progress=False)
 
 
-def test_grad_clip_bounds_every_step_of_R():
+def test_max_grad_norm_bounds_every_step_of_R():
     batches = forget_batches()  # 3 batches: 3 SGD steps of lr 1
     settings = dict(epochs=1, optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=1.0, select_best=False,
                     progress=False)
-    clipped, _ = sf.unlearn(small_cnn(), batches, grad_clip=1e-3, **settings)
+    clipped, _ = sf.unlearn(small_cnn(), batches, max_grad_norm=1e-3, **settings)
     free, _ = sf.unlearn(small_cnn(), batches, **settings)
     norm = lambda sm: torch.linalg.vector_norm(torch.cat([p.flatten() for p in sm.trainable_parameters()]))  # noqa
     assert norm(clipped) <= 3 * 1e-3 * (1 + 1e-4)
     assert norm(free) > 10 * norm(clipped)
-    with pytest.raises(ValueError, match="grad_clip must be a finite positive number"):
-        sf.unlearn(small_cnn(), batches, grad_clip=0.0, progress=False)
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite positive number"):
+        sf.unlearn(small_cnn(), batches, max_grad_norm=0.0, progress=False)
 
 
 def test_on_epoch_can_stop_training():

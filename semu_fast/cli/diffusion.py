@@ -39,6 +39,10 @@ def _register_ddpm(subparsers) -> None:
                    help="state dict of semu_fast.workflows.digits.digits_cnn to label samples (default: the cached "
                    "one, trained here the first time)")
     g = ddpm.add_argument_group("SEMU")
+    g.add_argument("--preset", choices=("ours", "official"), default="ours",
+                   help="official: the official SEMU DDPM run (sf.preset('official-ddpm'): its projection and rank "
+                   "rule without a floor, guided and clipped gradient pass, target class c + 1, class dropout, 1000 "
+                   "steps, alpha 1e-3; flags given with other values override it); ours (default)")
     add_training_flags(g, gamma_default=0.95, lr=1e-3, what=", Adam")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
                    "(default 1.0, as the official DDPM code)")
@@ -125,12 +129,18 @@ def run_ddpm(args, parser) -> int:
                     guidance_scale=args.guidance_scale, seed=args.seed)
     before = D.classifier_metrics(unet, scheduler, classifier, args.forget_class, **evaluate)
     forget, remain = D.digits_loaders(args.seed, args.forget_class, args.batch_size)
+    flags = {"alpha": args.alpha, "gamma": args.gamma, "attention_gamma": args.attention_gamma,
+             "attention_layout": args.attention_layout, "lr": args.lr, "steps": args.steps}
+    if args.preset == "official":  # the preset's settings, except the flags given with other values
+        import semu_fast as sf
+
+        options = sf.preset("official-ddpm", seed=args.seed,
+                            **{k: v for k, v in flags.items() if v != parser.get_default(k)})
+    else:
+        options = {**flags, "seed": args.seed}
     semu_model, report, trained = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
-                                                 remain if args.alpha > 0 else None, num_classes=DIGITS_NUM_CLASSES,
-                                                 alpha=args.alpha, gamma=args.gamma,
-                                                 attention_gamma=args.attention_gamma,
-                                                 attention_layout=args.attention_layout, lr=args.lr, steps=args.steps,
-                                                 seed=args.seed, progress=not args.quiet)
+                                                 remain if options["alpha"] > 0 else None,
+                                                 num_classes=DIGITS_NUM_CLASSES, progress=not args.quiet, **options)
     after = D.classifier_metrics(semu_model, scheduler, classifier, args.forget_class, **evaluate)
     metrics = {"forget_class_rate_before": before["forget_class_rate"],
                "forget_class_rate_after": after["forget_class_rate"],
@@ -138,7 +148,7 @@ def run_ddpm(args, parser) -> int:
                "other_accuracy_drop": before["other_accuracy"] - after["other_accuracy"],
                "per_class_accuracy_before": before["per_class_accuracy"],
                "per_class_accuracy_after": after["per_class_accuracy"],
-               **trained, "total_params": report.total_params}
+               **trained, "total_params": report.total_params, "semu_settings": options}
     files = results.write_run(args.out, semu_model, report, metrics, settings(args))
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",

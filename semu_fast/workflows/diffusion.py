@@ -92,23 +92,56 @@ def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator, antitheti
 
 # --- DDPM: class forgetting -------------------------------------------------------------------------------------
 
-def eps_mse_loss(model: nn.Module, scheduler, batch, generator: torch.Generator, antithetic: bool = True):
-    """The standard DDPM loss on an (x0, labels) batch: MSE(eps(x_t, labels), noise), x_t = add_noise(x0, noise, t).
-    Draws, in order: noise (randn of x0's shape), then the timesteps."""
+REDUCTIONS = ("mean", "sum")  # "sum": squared error summed over each sample's pixels, mean over the batch (official)
+TARGETS = ("random", "next")
+
+
+def _squared_error(prediction: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return F.mse_loss(prediction, target)
+    return (prediction - target).square().flatten(1).sum(1).mean()
+
+
+def class_noise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *,
+                guidance: float = 0.0, null_class: Optional[int] = None, cond_dropout: float = 0.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The class-conditional noise prediction, as the official DDPM model forms it: with cond_dropout p, each
+    sample's label becomes null_class with probability p (drawn from `generator`); with guidance w,
+    (1 + w) eps(x_t, c) - w eps(x_t, null_class)."""
+    if cond_dropout > 0:
+        drop = (torch.rand(labels.shape, generator=generator) < cond_dropout).to(labels.device)
+        labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    eps = predict_noise(model, x_t, t, class_labels=labels)
+    if guidance:
+        eps_null = predict_noise(model, x_t, t, class_labels=torch.full_like(labels, null_class))
+        eps = (1 + guidance) * eps - guidance * eps_null
+    return eps
+
+
+def eps_mse_loss(model: nn.Module, scheduler, batch, generator: torch.Generator, antithetic: bool = True, *,
+                 reduction: str = "mean", **conditioning):
+    """The standard DDPM loss on an (x0, labels) batch: MSE(eps(x_t, labels), noise), x_t = add_noise(x0, noise, t);
+    reduction "mean" (over every element) or "sum" (over each sample's pixels, then the batch mean: the official
+    code's); conditioning: class_noise's guidance / null_class / cond_dropout.
+    Draws, in order: noise (randn of x0's shape), the timesteps, then cond_dropout's draws."""
     x0, labels = split_batch(batch, "the diffusion loss")
     device = model_device(model)
     x0, labels = x0.to(device), labels.to(device)
     x_t, noise, t = add_noise(scheduler, x0, generator, antithetic)
-    return F.mse_loss(predict_noise(model, x_t, t, class_labels=labels), noise)
+    return _squared_error(class_noise(model, x_t, t, labels, generator=generator, **conditioning), noise, reduction)
 
 
-def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True):
-    """loss_fn(model, batch) for sf.prepare: the standard eps-prediction MSE on forget batches (x0, labels), with the
-    noise and timesteps of each call drawn from its own generator seeded with `seed`."""
+def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True, reduction: str = "mean",
+                   guidance: float = 0.0, null_class: Optional[int] = None):
+    """loss_fn(model, batch) for sf.prepare: the eps-prediction loss on forget batches (x0, labels), with the
+    noise and timesteps of each call drawn from its own generator seeded with `seed`; guidance w predicts with
+    (1 + w) eps_c - w eps_null, as the official gradient pass does (w = 2)."""
+    check_choice("reduction", reduction, REDUCTIONS)
     generator = torch.Generator().manual_seed(seed)
 
     def loss_fn(model, batch):
-        return eps_mse_loss(model, scheduler, batch, generator, antithetic)
+        return eps_mse_loss(model, scheduler, batch, generator, antithetic, reduction=reduction,
+                            guidance=guidance, null_class=null_class)
 
     return loss_fn
 
@@ -122,26 +155,35 @@ def _other_classes(labels: torch.Tensor, forget_classes: Sequence[int], num_clas
 
 
 def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_classes: int, *,
-                     alpha: float = 1.0, antithetic: bool = True):
+                     alpha: float = 1.0, antithetic: bool = True, target: str = "random", cond_dropout: float = 0.0,
+                     null_class: Optional[int] = None, remain_reduction: str = "mean"):
     """train_loss_fn(model, batch, generator) for sf.unlearn: MSE(eps(x_t, c_forget), eps(x_t, c_other).detach()),
-    c_forget the batch's labels, c_other uniform over the classes not forgotten, per sample. A batch of four tensors
-    (x_f, c_f, x_r, c_r) adds alpha * the standard loss on the remain part (x_r, c_r).
+    c_forget the batch's labels; c_other per sample uniform over the classes not forgotten (target "random") or
+    (c + 1) mod num_classes (target "next": the official rl's fixed class). cond_dropout p: each forward's labels
+    become null_class with probability p, as the official model trains. A batch of four tensors (x_f, c_f, x_r,
+    c_r) adds alpha * the standard loss on the remain part, reduced by remain_reduction ("sum" is the official).
 
-    Draws, in order: noise, timesteps, other classes; then the remain batch's noise and timesteps."""
+    Draws, in order: noise, timesteps, other classes (target "random"), the dropout of both forwards; then the
+    remain batch's noise, timesteps and dropout."""
+    check_choice("target", target, TARGETS)
+    check_choice("remain_reduction", remain_reduction, REDUCTIONS)
     forget_classes = [forget_classes] if isinstance(forget_classes, int) else list(forget_classes)
+    dropout = {"cond_dropout": cond_dropout, "null_class": null_class}
 
     def loss_fn(model, batch, generator):
         x0, labels = split_batch(batch, "the DDPM forget loss")
         device = model_device(model)
         x0, labels = x0.to(device), labels.to(device)
         x_t, _, t = add_noise(scheduler, x0, generator, antithetic)
-        other = _other_classes(labels, forget_classes, num_classes, generator).to(device)
-        eps_forget = predict_noise(model, x_t, t, class_labels=labels)
+        other = (_other_classes(labels, forget_classes, num_classes, generator).to(device) if target == "random"
+                 else (labels + 1) % num_classes)
+        eps_forget = class_noise(model, x_t, t, labels, generator=generator, **dropout)
         with torch.no_grad():
-            eps_other = predict_noise(model, x_t, t, class_labels=other)
+            eps_other = class_noise(model, x_t, t, other, generator=generator, **dropout)
         loss = F.mse_loss(eps_forget, eps_other)
         if len(batch) >= 4:
-            loss = loss + alpha * eps_mse_loss(model, scheduler, batch[2:4], generator, antithetic)
+            loss = loss + alpha * eps_mse_loss(model, scheduler, batch[2:4], generator, antithetic,
+                                               reduction=remain_reduction, **dropout)
         return loss
 
     return loss_fn
@@ -194,7 +236,8 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
                  gamma: float = 0.95, attention_gamma: Optional[float] = 1.0,
                  attention_layout: str = "per_column", lr: float = 1e-3,
                  steps: Optional[int] = None, epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
-                 antithetic: bool = True, config: Optional[SEMUConfig] = None,
+                 antithetic: bool = True, config: Optional[SEMUConfig] = None, semu_options: Optional[dict] = None,
+                 guidance: float = 0.0, target: str = "random", cond_dropout: float = 0.0, reduction: str = "mean",
                  **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU class forgetting for a class-conditional diffusers UNet2DModel (changed in place). Returns (SEMUModel,
     report, metrics) with metrics: trainable_params, trainable_share (%), trainable_split (report.trainable_split:
@@ -205,15 +248,39 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     (default unet.config.num_class_embeds; pass it when the embedding has an extra null-class row). Training length:
     `steps` optimizer steps (rounded up to whole passes over forget_loader) or `epochs` passes; neither means the
     official 1000 steps. attention_layout: "per_column" (default, the official UNet's 1x1-conv attention) or
-    "matrix" (see ddpm_config). config: a full SEMUConfig instead of gamma/attention_gamma/attention_layout/seed."""
+    "matrix" (see ddpm_config). config: a full SEMUConfig instead of gamma/attention_gamma/attention_layout/seed;
+    semu_options: other SEMUConfig fields for ddpm_config (e.g. rank_rule, min_rank, grad_clip).
+
+    The official run's choices (sf.preset("official-ddpm")): guidance w, the gradient pass predicts with
+    (1 + w) eps_c - w eps_null; target "next", R trains towards the fixed class (c + 1) mod num_classes instead of a
+    random other class; cond_dropout p, every training forward drops labels to the null class with probability p;
+    reduction "sum", the gradient-pass and remain losses sum each sample's squared error over its pixels (the
+    official loss) instead of averaging. The null class is the last class-embedding row, so guidance and
+    cond_dropout need num_class_embeds > num_classes. **unlearn_kwargs go to sf.unlearn (e.g. grad_clip)."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if num_classes is None:
         num_classes = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None)
         if not num_classes:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
+    if config is not None and semu_options:
+        raise ValueError("give config or semu_options, not both (semu_options extend the config built from gamma)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed,
-                                                           attention_layout=attention_layout)
+                                                           attention_layout=attention_layout, **(semu_options or {}))
+    check_choice("target", target, TARGETS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    null_class = None
+    for name, value, low in (("guidance", guidance, 0.0), ("cond_dropout", cond_dropout, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
+                or (name == "cond_dropout" and value >= 1):
+            raise ValueError(f"{name} must be a finite number in [0, {'1)' if name == 'cond_dropout' else 'inf)'}, "
+                             f"got {value!r}")
+    if guidance or cond_dropout:
+        embeds = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None) or 0
+        if embeds <= num_classes:
+            raise ValueError(f"guidance and cond_dropout need a null class (a class-embedding row past the "
+                             f"{num_classes} real classes), but the UNet has num_class_embeds={embeds}")
+        null_class = embeds - 1
     if not any(matches_attention(name) for name, _ in base_model(unet).named_modules()):
         # a UNet without attention: the library's own attention override and layout have nothing to act on
         columns = tuple(p for p in config.per_column_modules or () if p != ATTENTION_PATTERN)
@@ -228,9 +295,13 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
         epochs = max(1, math.ceil((1000 if steps is None else steps) / max(batches, 1)))
     loader = forget_loader if remain_loader is None else _WithRemain(forget_loader, remain_loader)
     semu_model, report = unlearn(unet, loader, None, config,
-                                 loss_fn=diffusion_loss(scheduler, seed=config.seed, antithetic=antithetic),
+                                 loss_fn=diffusion_loss(scheduler, seed=config.seed, antithetic=antithetic,
+                                                        reduction=reduction, guidance=guidance,
+                                                        null_class=null_class),
                                  train_loss_fn=ddpm_forget_loss(scheduler, forget_class, num_classes, alpha=alpha,
-                                                                antithetic=antithetic),
+                                                                antithetic=antithetic, target=target,
+                                                                cond_dropout=cond_dropout, null_class=null_class,
+                                                                remain_reduction=reduction),
                                  optimizer="adam", lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
                                  progress=progress, **unlearn_kwargs)
     history = report.training.get("history") or [{}]
