@@ -101,7 +101,7 @@ def test_conv_adapters_are_refused_or_skipped_and_the_linear_part_still_matches(
     _randomise_R(sm)
     conv = [n for n, a in sm.adapters.items() if isinstance(a, sf.adapters.SEMUConv2d)]
     assert conv
-    with pytest.raises(ValueError, match="conv adapters have no LoRA form"):
+    with pytest.raises(ValueError, match="conv and per-column adapters have no LoRA form"):
         export_lora(sm, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     with pytest.warns(UserWarning, match="skipping 2 conv adapter"):
