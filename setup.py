@@ -48,9 +48,11 @@ def _want_cuda():
 
 def _wheel_cuda_includes():
     """The CUDA wheels' headers (cuBLAS, cuSPARSE...), which ATen/cuda/CUDAContext.h needs and a bare toolkit
-    may lack."""
-    purelib = sysconfig.get_paths()["purelib"]
-    return sorted(p for p in glob.glob(os.path.join(purelib, "nvidia", "*", "include")) if os.path.isdir(p))
+    may lack. They sit next to torch (in a virtual environment that reuses the system's packages, that is not the
+    environment's own site-packages)."""
+    roots = {sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(torch.__file__))}
+    return sorted({p for root in roots for p in glob.glob(os.path.join(root, "nvidia", "*", "include"))
+                   if os.path.isdir(p)})
 
 
 def _cuda_archs():
