@@ -23,7 +23,8 @@ def _cuda_args():
     dry = subprocess.run([nvcc, "-v", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
                          capture_output=True, text=True)
     toolkit = os.path.realpath(re.search(r"TOP=(\S+)", dry.stdout + dry.stderr).group(1))
-    nvrtc = sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "lib", "libnvrtc.so.*")))
+    roots = {sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(torch.__file__))}  # venv or not
+    nvrtc = sorted(p for root in roots for p in glob.glob(os.path.join(root, "nvidia", "*", "lib", "libnvrtc.so.*")))
     nvrtc = [p for p in nvrtc if re.search(r"libnvrtc\.so\.\d+$", p)]
     args = [f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}"]
     return args + [f"-DCUDA_NVRTC_LIB={nvrtc[0]}"] if nvrtc else args
