@@ -381,3 +381,15 @@ def test_evaluate_llm_rejects_bad_splits_and_double_references(tiny):
     with pytest.raises(ValueError, match=r"forget\['perturbed_answers'\]\[0\] must be a list"):
         ev.evaluate_llm(model, tok, {"questions": ["w1"], "answers": ["w3"], "paraphrased_answers": ["w4"],
                                      "perturbed_answers": ["w5"]})
+
+
+def test_evaluate_llm_generates_through_a_semu_model(tiny):
+    from llm_helpers import tiny_llama
+    from semu_fast.workflows import llm
+
+    model, tok = tiny_llama(0), tiny[1]
+    records = [{"question": "w1 w2", "answer": "w3 w4"}, {"question": "w5 w6", "answer": "w7 w8"}]
+    sm, _, _ = llm.unlearn_llm(model, llm.make_qa_batches(tok, records, 32, 2), epochs=1, progress=False)
+    split = {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records]}
+    out = ev.evaluate_llm(sm, tok, split, max_new_tokens=3)  # SEMUModel forwards calls; generate is the model's
+    assert 0.0 <= out["forget_rougeL_recall"] <= 1.0

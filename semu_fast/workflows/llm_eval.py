@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import eval_mode, model_device
+from ..model import SEMUModel
 from .llm_data import IGNORE_INDEX, check_positive_int, check_texts, encode_qa
 from .llm_losses import _logits_and_targets
 
@@ -390,6 +391,7 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
                              f"that adds a BOS token)")
         encoded.append(ids[:n_prompt])
     device = model_device(model)
+    generator = model.model if isinstance(model, SEMUModel) else model  # SEMUModel forwards calls, not .generate
     answers = []
     with eval_mode(model):
         for first in range(0, len(encoded), batch_size):
@@ -400,8 +402,8 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
             for row, ids in enumerate(chunk):
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            output = generator.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
             for row in output[:, width:].tolist():
                 if eos_id is not None and eos_id in row:
                     row = row[:row.index(eos_id)]
