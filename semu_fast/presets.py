@@ -60,7 +60,9 @@ PRESETS = {
                 "max_grad_norm": 1.0},
         accepts=("num_classes", "alpha", "gamma", "attention_gamma", "attention_layout", "lr", "steps", "epochs",
                  "seed", "progress", "antithetic", "guidance", "target", "cond_dropout", "reduction",
-                 *_UNLEARN_PARAMETERS),
+                 # sf.unlearn's, through unlearn_ddpm's **unlearn_kwargs (not those it sets itself)
+                 "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
+                 "distributed", "process_group"),
         source="DDPM/README.md (flags), train.py (cond_scale 2, alpha), configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
                "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
                "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
