@@ -397,6 +397,18 @@ def test_cli_unlearn_ddpm(tmp_path, capsys):
     loaded = sf.load_adapters(unet, out / "adapters")
     assert len(loaded.adapters) == len([layer for layer in result["layers"] if layer["k"] > 0])
     assert "forgotten class 2" in capsys.readouterr().out
+    # report.md and the sample grids, from the same seeds before and after; `semu-fast report` rebuilds them
+    from safetensors.torch import load_file
+
+    samples = load_file(str(out / "samples.safetensors"))
+    assert samples["before"].shape == samples["after"].shape == (40, 1, 8, 8)  # 4 per class (--grid-samples)
+    assert not torch.equal(samples["before"], samples["after"])
+    for name in ("report.md", "samples_before.png", "samples_after.png"):
+        assert (out / name).stat().st_size > 0
+        (out / name).unlink()
+    assert cli(["report", str(out)]) == 0
+    assert "![samples_after.png](samples_after.png)" in (out / "report.md").read_text()
+    assert (out / "samples_before.png").exists() and (out / "samples_after.png").exists()
     with pytest.raises(SystemExit):
         cli(["unlearn-ddpm", "--forget-class", "10", "--out", str(out), "--quiet"])
 

@@ -31,6 +31,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
+    return value
+
+
 def positive(kind):
     """An argparse type: `kind(text)` that must be finite and > 0."""
     def parse(text: str):
@@ -87,6 +94,20 @@ def add_training_flags(group, *, gamma_default: float, lr: float, epochs=None, o
     group.add_argument("--lr", type=positive(float), default=lr, help=f"learning rate for R (default {lr:g}{what})")
     if epochs is not None:
         group.add_argument("--epochs", type=positive(int), default=epochs, help=f"{epochs_help} (default {epochs})")
+
+
+def add_preset_flag(group, official: str) -> None:
+    """--preset ours|official; `official` says what the official run sets."""
+    group.add_argument("--preset", choices=("ours", "official"), default="ours",
+                       help=f"official: the official SEMU run ({official}; flags given with other values override "
+                       f"it); ours (default): the settings that forget best here")
+
+
+def preset_options(name: str, parser, flags: dict, **fixed) -> dict:
+    """sf.preset(name) with `fixed` and every flag of `flags` ({dest: value}) whose value is not its default."""
+    import semu_fast as sf
+
+    return sf.preset(name, **fixed, **{k: v for k, v in flags.items() if v != parser.get_default(k)})
 
 
 def add_device_flag(group) -> None:

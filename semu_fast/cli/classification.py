@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 
 from .._utils import default_cache
-from ._common import add_run_flags, add_training_flags, finish_run, fraction, positive, seed
+from ._common import (add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction, positive,
+                      preset_options, seed)
 
 
 def _methods(text: str) -> tuple:
@@ -79,9 +80,8 @@ def run_unlearn(args, parser) -> int:
         retrain_fn = lambda: C.train_model(task, scenario["arch"], split.retain, args.seed,  # noqa: E731
                                            args.train_epochs, not args.quiet, "Retrain")
     flags = {"gamma": args.gamma, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
-    if args.preset == "official":  # the preset's settings, except the flags given with other values
-        given = {k: v for k, v in flags.items() if v != parser.get_default(k)}
-        semu = sf.preset("official-classification", seed=args.seed, **given)
+    if args.preset == "official":
+        semu = preset_options("official-classification", parser, flags, seed=args.seed)
         config = semu.pop("config")
     else:
         config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)
@@ -122,6 +122,8 @@ def run_report(args, parser) -> int:
         files = results.render(args.folder)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    if (args.folder / results.SAMPLES).is_file():  # a diffusion run: its report.md holds the numbers
+        return finish_run(args.folder, files, [])
     return finish_run(args.folder, files, [results.format_table(results.read_json(args.folder / "metrics.json"))])
 
 
@@ -156,10 +158,8 @@ def register(sub) -> None:
     un = sub.add_parser("unlearn", parents=[data], help="forget with SEMU next to the baselines, write a report "
                         "(default: the bundled digits)")
     g = un.add_argument_group("SEMU and baselines")
-    g.add_argument("--preset", choices=("ours", "official"), default="ours",
-                   help="official: the official SEMU run (sf.preset('official-classification'): SGD lr 1e-5 x 10 "
-                   "epochs, its projection, rank and label rules, early exit; SalUn's 90%% split and augmentation; "
-                   "flags given with other values override it); ours (default): the settings that forget best")
+    add_preset_flag(g, "sf.preset('official-classification'): SGD lr 1e-5 x 10 epochs, its projection, rank and "
+                    "label rules, early exit; SalUn's 90%% split and augmentation")
     g.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
                    help="share of the retain set unlearning may use (0 = data-free, the default)")
     add_training_flags(g, gamma_default=0.95, lr=5e-3, epochs=15, optimizer="adam")
@@ -182,5 +182,5 @@ def register(sub) -> None:
     ev.set_defaults(func=run_eval, parser=ev)
 
     rep = sub.add_parser("report", help="rebuild report.md and the plots of a results folder")
-    rep.add_argument("folder", type=Path, help="a folder written by semu-fast unlearn")
+    rep.add_argument("folder", type=Path, help="a folder written by semu-fast unlearn or unlearn-ddpm")
     rep.set_defaults(func=run_report, parser=rep)

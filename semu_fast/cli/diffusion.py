@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._utils import default_cache
-from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, gamma, non_negative, positive,
-                      require, settings, silence)
+from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
+                      non_negative, non_negative_int, positive, preset_options, require, settings, silence)
 
 
 def register(subparsers) -> None:
@@ -39,10 +39,8 @@ def _register_ddpm(subparsers) -> None:
                    help="state dict of semu_fast.workflows.digits.digits_cnn to label samples (default: the cached "
                    "one, trained here the first time)")
     g = ddpm.add_argument_group("SEMU")
-    g.add_argument("--preset", choices=("ours", "official"), default="ours",
-                   help="official: the official SEMU DDPM run (sf.preset('official-ddpm'): its projection and rank "
-                   "rule without a floor, guided and clipped gradient pass, target class c + 1, class dropout, 1000 "
-                   "steps, alpha 1e-3; flags given with other values override it); ours (default)")
+    add_preset_flag(g, "sf.preset('official-ddpm'): its projection and rank rule without a floor, guided and "
+                    "clipped gradient pass, target class c + 1, class dropout, 1000 steps, alpha 1e-3")
     add_training_flags(g, gamma_default=0.95, lr=1e-3, what=", Adam")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
                    "(default 1.0, as the official DDPM code)")
@@ -58,6 +56,9 @@ def _register_ddpm(subparsers) -> None:
     g = ddpm.add_argument_group("evaluation")
     g.add_argument("--samples-per-class", type=positive(int), default=50)
     g.add_argument("--inference-steps", type=positive(int), default=50, help="DDIM steps per sample")
+    g.add_argument("--grid-samples", type=non_negative_int, default=4, metavar="N",
+                   help="N samples per class, from the same seeds before and after, drawn as samples_before.png / "
+                   "samples_after.png next to report.md (0: none)")
     g.add_argument("--guidance-scale", type=non_negative, default=1.0,
                    help="classifier-free guidance of the samples (default 1: none)")
     add_run_flags(ddpm.add_argument_group("run"), "semu_fast_ddpm_out", "metrics.json and adapters/")
@@ -128,14 +129,19 @@ def run_ddpm(args, parser) -> int:
     evaluate = dict(samples_per_class=args.samples_per_class, num_inference_steps=args.inference_steps,
                     guidance_scale=args.guidance_scale, seed=args.seed)
     before = D.classifier_metrics(unet, scheduler, classifier, args.forget_class, **evaluate)
+    grid_labels = torch.arange(DIGITS_NUM_CLASSES).repeat_interleave(args.grid_samples)
+
+    def grid(model):  # the same seed before and after: each cell starts from the same noise
+        return D.to_unit_range(D.sample(model, scheduler, grid_labels, args.inference_steps,
+                                        torch.Generator().manual_seed(args.seed),
+                                        guidance_scale=args.guidance_scale))
+
+    grid_before = grid(unet) if args.grid_samples else None
     forget, remain = D.digits_loaders(args.seed, args.forget_class, args.batch_size)
     flags = {"alpha": args.alpha, "gamma": args.gamma, "attention_gamma": args.attention_gamma,
              "attention_layout": args.attention_layout, "lr": args.lr, "steps": args.steps}
-    if args.preset == "official":  # the preset's settings, except the flags given with other values
-        import semu_fast as sf
-
-        options = sf.preset("official-ddpm", seed=args.seed,
-                            **{k: v for k, v in flags.items() if v != parser.get_default(k)})
+    if args.preset == "official":
+        options = preset_options("official-ddpm", parser, flags, seed=args.seed)
     else:
         options = {**flags, "seed": args.seed}
     semu_model, report, trained = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
@@ -150,6 +156,10 @@ def run_ddpm(args, parser) -> int:
                "per_class_accuracy_after": after["per_class_accuracy"],
                **trained, "total_params": report.total_params, "semu_settings": options}
     files = results.write_run(args.out, semu_model, report, metrics, settings(args))
+    if args.grid_samples:
+        results.write_samples(args.out, grid_before, grid(semu_model), [f"class {c}" for c in
+                                                                        range(DIGITS_NUM_CLASSES)])
+        files += [results.SAMPLES, *results.render(args.out)]
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
         f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "

@@ -103,3 +103,24 @@ def trainable_share(run: dict, path: Path) -> bool:
     ax.set(xscale="log", xlabel="trainable share of the layer's weights (%)",
            title=f"SEMU trainable share: {report.get('trainable_share', 0):.3f}% of all weights")
     return _save(plt, fig, ax, path)
+
+
+def image_grid(images, rows: list, path: Path, title: str = "") -> bool:
+    """Images (N, C, H, W) in [0, 1], len(rows) rows of N / len(rows) images each, every row labelled."""
+    if len(images) == 0 or not rows or len(images) % len(rows):
+        return False
+    plt = _pyplot()
+    cols = len(images) // len(rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.9 * cols + 1.2, 0.9 * len(rows) + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        image = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i % cols == 0:
+            ax.set_ylabel(str(rows[i // cols]), rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,7 +1,9 @@
 """What a run leaves in its folder. Every workflow: adapters/ (sf.load_adapters) and metrics.json, strict JSON
 written atomically. A classification run also: run.json (the scenario, per-epoch histories, SEMU's per-layer
 report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA (and its other SalUn features MIA_*),
-trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files."""
+trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files. A diffusion run also keeps
+samples.safetensors (images from the same seeds before and after, one row per class or prompt), from which
+`render` draws samples_before.png / samples_after.png and its report.md."""
 from __future__ import annotations
 
 import json
@@ -116,9 +118,53 @@ def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict) 
     return ["metrics.json", "adapters/"]
 
 
+SAMPLES = "samples.safetensors"
+
+
+def write_samples(out, before, after, rows: list) -> None:
+    """Keep a diffusion run's images (N, C, H, W) in [0, 1] from the same seeds before and after, one row per entry
+    of `rows` (class or prompt), for render."""
+    from safetensors.torch import save_file
+
+    atomic_write(Path(out) / SAMPLES, lambda p: save_file(
+        {"before": before.float().contiguous(), "after": after.float().contiguous()}, str(p),
+        metadata={"rows": json.dumps([str(r) for r in rows])}))
+
+
+def _render_diffusion(out: Path) -> list[str]:
+    from safetensors import safe_open
+
+    run = read_json(out / "metrics.json")
+    with safe_open(str(out / SAMPLES), framework="pt") as f:
+        rows = json.loads(f.metadata()["rows"])
+        images = {key: f.get_tensor(key) for key in ("before", "after")}
+    figures = [f"samples_{key}.png" for key, value in images.items()
+               if plots.image_grid(value, rows, out / f"samples_{key}.png", f"{key} SEMU (same seeds)")]
+    metrics = run.get("metrics", {})
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    lines = ["# SEMU diffusion unlearning report", "",
+             "Settings: " + ", ".join(f"{k} = {v}" for k, v in run.get("settings", {}).items()), "",
+             "| metric | value |", "|---|---|", *(f"| {k} | {v if isinstance(v, int) else f'{v:.4g}'} |" for k, v in scalars.items()), ""]
+    split = metrics.get("trainable_split")
+    if split:
+        lines += ["Trainable share (%): " + ", ".join(f"{part} {value['trainable_share']:.4f}"
+                                                   for part, value in split.items()), ""]
+    lines += [f"![{name}]({name})" for name in figures] + [""]
+    if run.get("layers"):
+        lines += ["## Layers", "", "| layer | shape | gamma | k | trainable |", "|---|---|---|---|---|"]
+        lines += [f"| {layer['name']} | {tuple(layer['shape'])} | {layer['gamma']:g} | {layer['k']} | "
+                  f"{layer['trainable_params']} |" for layer in run["layers"]]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
+    return ["report.md", *figures]
+
+
 def render(out) -> list[str]:
-    """Write report.md and the figures in folder `out` from its metrics.json and run.json; returns the files."""
+    """Write report.md and the figures in folder `out` from its metrics.json and run.json (a classification run) or
+    samples.safetensors (a diffusion run); returns the files."""
     out = Path(out)
+    if (out / SAMPLES).is_file() and (out / "metrics.json").is_file():
+        return _render_diffusion(out)
     try:
         metrics = read_json(out / "metrics.json")
         run = read_json(out / "run.json")
