@@ -14,6 +14,17 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_number(name: str, value, *, positive: bool = True, optional: bool = False) -> Optional[float]:
+    """A finite number, > 0 (positive) or >= 0; None passes when optional."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number"
+                         f"{' or None' if optional else ''}, got {value!r}")
+    return float(value)
+
+
 def check_gamma(name: str, value) -> float:
     """A share of gradient variance: a finite number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \

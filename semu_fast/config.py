@@ -1,12 +1,11 @@
 """SEMUConfig: every choice of the SEMU transform in one dataclass that validates itself on construction."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from ._checks import check_choice, check_gamma
+from ._checks import check_choice, check_gamma, check_number
 from .ops.project import PROJECTIONS
 from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES, check_min_rank
 
@@ -91,10 +90,7 @@ class SEMUConfig:
         check_choice("norm_mode", self.norm_mode, NORM_MODES)
         if self.train_norm_mode is not None:
             check_choice("train_norm_mode", self.train_norm_mode, NORM_MODES)
-        clip = self.grad_clip
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not math.isfinite(clip) or clip <= 0):
-            raise ValueError(f"grad_clip must be a finite positive number or None, got {clip!r}")
+        check_number("grad_clip", self.grad_clip, optional=True)
         set_(self, "target_modules", _check_patterns("target_modules", self.target_modules))
         set_(self, "exclude_modules", _check_patterns("exclude_modules", self.exclude_modules))
         if not isinstance(self.gamma_overrides, dict):

@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed as distributed_setup
-from ._checks import check_choice
+from ._checks import check_choice, check_number
 from .checkpoint import Checkpoint
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
@@ -83,13 +83,10 @@ def _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn,
 
 
 def check_training_args(optimizer, lr, epochs, momentum, weight_decay):
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
-    for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, None), ("weight_decay", weight_decay, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                or (low is not None and value <= low):
-            raise ValueError(f"{name} must be a finite {'positive' if low is not None else 'non-negative'} number, "
-                             f"got {value!r}")
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_number("lr", lr)
+    check_number("momentum", momentum, positive=False)
+    check_number("weight_decay", weight_decay, positive=False)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
 
@@ -111,11 +108,12 @@ class _Trainer:
     """One unlearn run's training state and its steps: the optimizer, the random stream, the run record that
     checkpoints save (epoch, step within it, per-step losses, history, the best R so far)."""
 
-    def __init__(self, semu_model: SEMUModel, opt, generator, forget_loss, retain_loss, checkpoint, group):
+    def __init__(self, semu_model: SEMUModel, opt, generator, losses: dict, checkpoint, group, min_delta: float,
+                 max_grad_norm: Optional[float]):
+        """losses: {"forget", "retain", "mixed"} -> train_loss_fn, by the kind of batch."""
         self.model, self.opt, self.generator = semu_model, opt, generator
         self.params = semu_model.trainable_parameters()
-        self.losses = {"forget": forget_loss, "retain": retain_loss, "mixed": None}
-        self.min_delta, self.max_grad_norm = 0.0, None
+        self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
                     "best_state": None}
@@ -152,14 +150,14 @@ class _Trainer:
     def score_epoch(self, epoch: int, forget_loader, retain_loader, select_best: bool) -> dict:
         """Accuracies and the score (100 - forget acc + retain acc) / 2 (without retain data: 100 - forget acc);
         keeps the best epoch's R when select_best."""
-        run, improvement = self.run, self.min_delta
+        run = self.run
         entry = {"forget_acc": accuracy(self.model, forget_loader, self.group)}
         if retain_loader is not None:
             entry["retain_acc"] = accuracy(self.model, retain_loader, self.group)
         retain = entry.get("retain_acc")
         entry["score"] = (100.0 - entry["forget_acc"] + retain) / 2 if retain is not None \
             else 100.0 - entry["forget_acc"]
-        if run["best_score"] is None or entry["score"] > run["best_score"] + improvement:
+        if run["best_score"] is None or entry["score"] > run["best_score"] + self.min_delta:
             run["best_score"], run["best_epoch"] = entry["score"], epoch
             if select_best:
                 run["best_state"] = [p.detach().clone() for p in self.params]
@@ -184,9 +182,7 @@ class _Trainer:
 def _check_stopping(patience, min_delta, label_rule, train_loss_fn) -> None:
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive int or None, got {patience!r}")
-    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
-            or min_delta < 0:
-        raise ValueError(f"min_delta must be a finite non-negative number, got {min_delta!r}")
+    check_number("min_delta", min_delta, positive=False)
     check_choice("label_rule", label_rule, LABEL_RULES)
     if label_rule != "uniform_other" and train_loss_fn is not None:
         raise ValueError("label_rule applies to the built-in random-label loss: with a train_loss_fn, draw the "
@@ -238,9 +234,9 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     max_grad_norm: clip the gradient of all R (total norm) to this at every step, as the official DDPM/SD training does
     with 1.0 (there the norm also counts R's entries outside each channel's kept block, whose gradients the official
     code masks after clipping; ours are zero, so where clipping acts the official steps are slightly smaller).
-    optimizer "adam" or "sgd" (with momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits task over 3 seeds x 10 classes
-    (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5, 10 epochs, momentum 0.9,
-    weight_decay 5e-4, which barely moves R there.
+    optimizer "adam" or "sgd" (with momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits
+    task over 3 seeds x 10 classes (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5,
+    10 epochs, momentum 0.9, weight_decay 5e-4, which barely moves R there.
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
     (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved by
     more than min_delta for this many epochs (classification only; None = run every epoch). progress: a tqdm bar.
@@ -260,10 +256,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     check_training_args(optimizer, lr, epochs, momentum, weight_decay)
     _check_stopping(patience, min_delta, label_rule, train_loss_fn)
-    clip = max_grad_norm
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
-                             or clip <= 0):
-        raise ValueError(f"max_grad_norm must be a finite positive number or None, got {max_grad_norm!r}")
+    check_number("max_grad_norm", max_grad_norm, optional=True)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)
@@ -310,10 +303,10 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         return
     opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    trainer = _Trainer(semu_model, opt, generator, train_loss_fn or random_label_loss_for(label_rule),
-                       retain_loss_fn or true_label_loss, checkpoint, group)
-    trainer.losses["mixed"] = functools.partial(mixed_batch_loss, rule=label_rule)
-    trainer.min_delta, trainer.max_grad_norm = float(min_delta), max_grad_norm
+    losses = {"forget": train_loss_fn or random_label_loss_for(label_rule),
+              "retain": retain_loss_fn or true_label_loss,
+              "mixed": functools.partial(mixed_batch_loss, rule=label_rule)}
+    trainer = _Trainer(semu_model, opt, generator, losses, checkpoint, group, min_delta, max_grad_norm)
     if saved is not None:
         trainer.run = checkpoint.restore(saved, semu_model, opt, generator)
     classify = train_loss_fn is None

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .._checks import check_choice
+from .._checks import check_choice, check_number
 from .._utils import eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..layers import select_layers
@@ -270,11 +270,9 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     check_choice("target", target, TARGETS)
     check_choice("reduction", reduction, REDUCTIONS)
     null_class = None
-    for name, value, low in (("guidance", guidance, 0.0), ("cond_dropout", cond_dropout, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
-                or (name == "cond_dropout" and value >= 1):
-            raise ValueError(f"{name} must be a finite number in [0, {'1)' if name == 'cond_dropout' else 'inf)'}, "
-                             f"got {value!r}")
+    check_number("guidance", guidance, positive=False)
+    if check_number("cond_dropout", cond_dropout, positive=False) >= 1:
+        raise ValueError(f"cond_dropout must be a probability below 1, got {cond_dropout!r}")
     if guidance or cond_dropout:
         embeds = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None) or 0
         if embeds <= num_classes:

@@ -43,14 +43,14 @@ is keyed by the batch object's identity (a reference to the batch is kept, so it
 up to `cache_bytes` of tensors, counting the batches it keeps alive (default 1 GiB per loss object; values on
 the model's device); batches past that are recomputed at every step. Besides the batch, NPO keeps 4 bytes a
 sequence, IdkDPO 8, RMU's retain term (B, T, hidden) float32 and KL (labelled tokens, vocabulary) float32 a batch.
-It pays off with a list of batches read every epoch (unlearn_llm's); a loader that yields new dicts never hits it. The cache assumes the batches and the base weights stay as they
-are while the loss object is used; clear_cache() empties it, and it empties itself when used with another model.
+It pays off with a list of batches read every epoch (unlearn_llm's); a loader that yields new dicts never hits it.
+The cache assumes the batches and the base weights stay as they are while the loss object is used; clear_cache()
+empties it, and it empties itself when used with another model.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import weakref
 from collections.abc import Callable
 from typing import ClassVar, Union
@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_number
 from .._utils import model_device
 from ..model import SEMUModel
 from .llm_data import IGNORE_INDEX, Batch, check_batch
@@ -208,13 +209,6 @@ class ReferenceCache:
 
 # ---- objectives: shared pieces -----------------------------------------------------------------------------------
 
-def _check_number(owner: str, name: str, value, positive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{owner}: {name} must be a finite {'positive' if positive else 'non-negative'} number, "
-                         f"got {value!r}")
-
-
 class _Objective:
     """Base of the objectives: a name, whether they need retain data or alternate answers, and the cache."""
     name: ClassVar[str] = ""
@@ -225,9 +219,9 @@ class _Objective:
 
     def __post_init__(self):
         for field in self.numbers:
-            _check_number(self.name, field, getattr(self, field))
+            check_number(f"{self.name}: {field}", getattr(self, field))
         for field in self.non_negative:
-            _check_number(self.name, field, getattr(self, field), positive=False)
+            check_number(f"{self.name}: {field}", getattr(self, field), positive=False)
         cache_bytes = getattr(self, "cache_bytes", 0)
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"{self.name}: cache_bytes must be an int >= 0, got {cache_bytes!r}")
