@@ -1,9 +1,20 @@
 """A tiny random Llama and an offline word-level tokenizer for the LLM and LoRA tests (nothing is downloaded)."""
+import pytest
 import torch
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIAL = {"[UNK]": 0, "[PAD]": 1, "<s>": 2, "</s>": 3}
 VOCAB = {**SPECIAL, **{w: i + len(SPECIAL) for i, w in enumerate(WORDS)}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Autouse in each test module that imports it: tiny models run fastest on one thread, which also leaves the
+    other cores to other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed=0):

@@ -15,15 +15,7 @@ from semu_fast.workflows import llm, llm_losses  # noqa: E402
 from semu_fast.adapters import SEMUAdapter  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is the fastest, and it does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
 
 
 @pytest.fixture(scope="module")

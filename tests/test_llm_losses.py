@@ -13,15 +13,7 @@ pytest.importorskip("tokenizers")
 import semu_fast as sf  # noqa: E402
 from semu_fast.workflows import llm_data, llm_losses as L  # noqa: E402
 from llm_helpers import random_texts, tiny_llama, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is the fastest, and it does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
 
 
 def _records(n, seed):

@@ -18,14 +18,7 @@ from semu_fast.workflows import llm  # noqa: E402
 from semu_fast.workflows.llm_trainer import SEMUTrainer, collate, semu_trainer_class, unbatch  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import random_texts, tiny_llama, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
 
 
 def _args(tmp_path, **overrides):
