@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .layers import parameter_owners
 from .losses import cross_entropy_loss
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -98,10 +99,7 @@ class _Pass:
         self.clipped = set(self.weights) if grad_clip is not None else set()
         self.direct = {n for n, w in self.weights.items() if n not in self.sharded and n not in self.clipped
                        and w.dtype == torch.float32 and w.is_contiguous()}
-        uses: dict[int, int] = {}
-        for _, param in model.named_parameters(remove_duplicate=False):
-            uses[id(param)] = uses.get(id(param), 0) + 1
-        shared = {key for key, count in uses.items() if count > 1}
+        shared = {key for key, owners in parameter_owners(model).items() if len(owners) > 1}
         self.streamed = {n for n, layer in layers.items() if n not in self.direct and n not in self.clipped
                          and _streamable(layer, shared)}
         self.accumulators = {
@@ -140,8 +138,8 @@ class _Pass:
     def after_batch(self) -> None:
         if self.clipped:
             grads = [self.weights[n].grad for n in self.weights if self.weights[n].grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-                if grads else torch.zeros(())
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                         for g in grads])) if grads else torch.zeros(())
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             for name, weight in self.weights.items():
                 if weight.grad is not None:

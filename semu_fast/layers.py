@@ -96,12 +96,19 @@ def skipped_layers(model: nn.Module, config: SEMUConfig) -> dict[str, str]:
     return out
 
 
-def _check_shared_weights(model: nn.Module, chosen: dict) -> None:
-    """Two adapted layers on one weight tensor cannot both be merged and unmerged exactly: refuse. A weight shared
-    with a module SEMU does not adapt (an LM head tied to the embeddings) is fine until merged: warn."""
+def parameter_owners(model: nn.Module) -> dict[int, list]:
+    """{id(parameter): the names of every module using it (a weight's module name, another parameter's full
+    name)}: a parameter with more than one owner is shared (tied)."""
     owners: dict[int, list] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rpartition(".")[0] if name.endswith(".weight") else name)
+    return owners
+
+
+def _check_shared_weights(model: nn.Module, chosen: dict) -> None:
+    """Two adapted layers on one weight tensor cannot both be merged and unmerged exactly: refuse. A weight shared
+    with a module SEMU does not adapt (an LM head tied to the embeddings) is fine until merged: warn."""
+    owners = parameter_owners(model)
     for name, layer in chosen.items():
         sharing = [o for o in owners.get(id(layer.weight), []) if o != name]
         adapted = [o for o in sharing if o in chosen]
