@@ -222,6 +222,7 @@ def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progr
 class Loaders:
     forget: DataLoader            # shuffled: what unlearning trains on
     retain_subset: Optional[DataLoader]
+    retain: DataLoader            # the whole retain set in unlearning's view (the official runs' retain data)
     forget_eval: DataLoader       # unshuffled: what metrics read
     retain_eval: DataLoader
     test_eval: DataLoader
@@ -239,8 +240,9 @@ def make_loaders(task: Task, split: Split, seed: int = 0, batch_size: Optional[i
                           generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
     subset = loader(train_view, split.retain_subset, True) if split.retain_subset is not None else None
-    return Loaders(loader(train_view, split.forget, True), subset, loader(task.train_set, split.forget),
-                   loader(task.train_set, split.retain), loader(task.test_set, split.test))
+    return Loaders(loader(train_view, split.forget, True), subset, loader(train_view, split.retain),
+                   loader(task.train_set, split.forget), loader(task.train_set, split.retain),
+                   loader(task.test_set, split.test))
 
 
 def _epoch_hook(loaders: Loaders):
@@ -266,10 +268,7 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
     loaders = make_loaders(task, split, seed, augment=augment)
     hook = _epoch_hook(loaders)
     semu_settings = dict(semu_settings or {})
-    semu_retain = loaders.retain_subset
-    if semu_settings.get("retain_mode") in ("score", "mixed"):
-        semu_retain = DataLoader(Subset(loaders.forget.dataset.dataset, split.retain.tolist()),
-                                 batch_size=loaders.forget.batch_size)
+    semu_retain = loaders.retain if semu_settings.get("retain_mode") in ("score", "mixed") else loaders.retain_subset
     evaluate = lambda m: metrics.evaluate(m, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)  # noqa
     results, history = {}, {}
 
