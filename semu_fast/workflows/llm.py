@@ -46,6 +46,7 @@ from ..layers import select_layers
 from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
+from . import results
 from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, load_records, make_batches,  # noqa: F401
                        make_qa_batches, make_record_batches, save_records)
 from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll_sum, ascent_loss,  # noqa: F401
@@ -451,9 +452,6 @@ def report_markdown(metrics: Mapping, report: SEMUReport, run_settings: Mapping)
             lines += ["", f"Kept: epoch {report.training['best_epoch']} (0: R = 0, the original model), by "
                           f"{report.training.get('selection', {})}."]
     if report.layers:
-        lines += ["", "## SEMU per layer", "", "| layer | shape | k | captured variance | trainable |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {layer.name} | {tuple(layer.shape)} | {layer.k} | {layer.captured_variance:.4f} | "
-                  f"{layer.trainable_params} |" for layer in report.layers]
+        lines += ["", "## SEMU per layer", "", *results.layers_table(results.layers(report))]
         lines += ["", f"Trainable: {report.trainable_params} parameters ({report.trainable_share:.4f}% of the model)."]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,9 @@
 """What a run leaves in its folder. Every workflow: adapters/ (sf.load_adapters) and metrics.json, strict JSON
 written atomically. A classification run also: run.json (the scenario, per-epoch histories, SEMU's per-layer
-report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA (and its other SalUn features MIA_*),
-trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files. A diffusion run also keeps
-samples.safetensors (images from the same seeds before and after, one row per class or prompt), from which
-`render` draws samples_before.png / samples_after.png and its report.md."""
+report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA (and its other SalUn features
+MIA_*), trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files. A
+diffusion run also keeps samples.safetensors (images from the same seeds before and after, one row per class or
+prompt), from which `render` draws samples_before.png / samples_after.png and its report.md."""
 from __future__ import annotations
 
 import json
@@ -63,11 +63,7 @@ def _report_md(metrics: dict, run: dict, figures: list[str]) -> str:
                   "its m_entropy and the whole softmax (metrics.MIA_FEATURES).", "",
                   markdown_table(metrics, MIA_COLUMNS), ""]
     if semu.get("layers"):
-        lines += ["## SEMU per layer", "", "| layer | kind | shape | gamma | k | captured variance | trainable |",
-                  "|---|---|---|---|---|---|---|"]
-        for layer in semu["layers"]:
-            lines.append(f"| {layer['name']} | {layer['kind']} | {tuple(layer['shape'])} | {layer['gamma']:g} | "
-                         f"{layer['k']} | {layer['captured_variance']:.4f} | {layer['trainable_params']} |")
+        lines += ["## SEMU per layer", "", *layers_table(semu["layers"])]
         lines += ["", f"Trainable: {semu.get('trainable_params', 0)} of {semu.get('total_params', 0)} parameters "
                       f"({semu.get('trainable_share', 0):.3f}%).", ""]
     for name in figures:
@@ -101,10 +97,17 @@ def read_json(path: Path):
 
 
 def layers(report) -> list:
-    """One object per adapted layer: its shape, rank k, gamma and captured variance."""
-    return [{"name": layer.name, "shape": list(layer.shape), "k": layer.k, "gamma": layer.gamma,
+    """One object per adapted layer: its kind, shape, rank k, gamma and captured variance."""
+    return [{"name": layer.name, "kind": layer.kind, "shape": list(layer.shape), "k": layer.k, "gamma": layer.gamma,
              "captured_variance": layer.captured_variance, "trainable_params": layer.trainable_params}
             for layer in report.layers]
+
+
+def layers_table(entries: list) -> list[str]:
+    """The markdown table of SEMU's layers (dicts as `layers` writes them), one row per layer."""
+    lines = ["| layer | kind | shape | gamma | k | captured variance | trainable |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {e['name']} | {e.get('kind', '')} | {tuple(e['shape'])} | {e['gamma']:g} | {e['k']} | "
+                    f"{e['captured_variance']:.4f} | {e['trainable_params']} |" for e in entries]
 
 
 def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict) -> list:
@@ -144,16 +147,15 @@ def _render_diffusion(out: Path) -> list[str]:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = ["# SEMU diffusion unlearning report", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in run.get("settings", {}).items()), "",
-             "| metric | value |", "|---|---|", *(f"| {k} | {v if isinstance(v, int) else f'{v:.4g}'} |" for k, v in scalars.items()), ""]
+             "| metric | value |", "|---|---|",
+             *(f"| {k} | {v if isinstance(v, int) else f'{v:.4g}'} |" for k, v in scalars.items()), ""]
     split = metrics.get("trainable_split")
     if split:
         lines += ["Trainable share (%): " + ", ".join(f"{part} {value['trainable_share']:.4f}"
                                                    for part, value in split.items()), ""]
     lines += [f"![{name}]({name})" for name in figures] + [""]
     if run.get("layers"):
-        lines += ["## Layers", "", "| layer | shape | gamma | k | trainable |", "|---|---|---|---|---|"]
-        lines += [f"| {layer['name']} | {tuple(layer['shape'])} | {layer['gamma']:g} | {layer['k']} | "
-                  f"{layer['trainable_params']} |" for layer in run["layers"]]
+        lines += ["## SEMU per layer", "", *layers_table(run["layers"])]
     text = "\n".join(lines) + "\n"
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
     return ["report.md", *figures]
