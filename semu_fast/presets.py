@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ._checks import check_choice
 from .config import SEMUConfig
 
 
@@ -73,15 +74,13 @@ PRESETS = {
 def preset(name: str, **overrides) -> dict:
     """Keyword arguments for the preset's target function (PRESETS[name].target), `config` a SEMUConfig; each
     override replaces one setting (a SEMUConfig field or a parameter of the target)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
-    chosen = PRESETS[name]
+    chosen = PRESETS[check_choice("preset", name, tuple(PRESETS))]
     fields = {f.name for f in dataclasses.fields(SEMUConfig)}
-    unknown = sorted(k for k in overrides if k not in fields and k not in chosen.accepts)
+    targets = set(chosen.accepts)  # a name both take (gamma for a workflow) goes to the target
+    unknown = sorted(k for k in overrides if k not in fields and k not in targets)
     if unknown:
         raise ValueError(f"preset {name!r}: {', '.join(unknown)} is neither a SEMUConfig field nor a parameter of "
                          f"{chosen.target}")
-    targets = set(chosen.accepts) | set(chosen.kwargs)  # a name both take (gamma for a workflow) goes to the target
     config = {**chosen.config, **{k: v for k, v in overrides.items() if k in fields and k not in targets}}
     kwargs = {**chosen.kwargs, **{k: v for k, v in overrides.items() if k not in fields or k in targets}}
     if chosen.config_key == "config":
