@@ -2,6 +2,7 @@
 into float32 accumulators as backward produces them (no per-batch clones), with the model left as it was found."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Optional
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, ops
-from .layers import parameter_owners
+from .layers import is_conv1d, parameter_owners
 from .losses import cross_entropy_loss
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -48,6 +49,17 @@ class _ModelState:
         for param, flag, grad in self.params:
             param.requires_grad_(flag)
             param.grad = grad
+
+
+class GradientSums(dict):
+    """{name: the layer's weight gradient summed over the forget pass, float32}, and rows: {name: the input rows
+    (tokens) a Linear or Conv1D layer took in its forwards during the pass}, for the layers whose weight no other
+    module uses. A 2-D layer's gradient is a sum of one outer product per row, so its rank is at most that count
+    (the SVD phase sizes its sketch by it)."""
+
+    def __init__(self, sums: dict, rows: dict):
+        super().__init__(sums)
+        self.rows = rows
 
 
 class _StreamedLinear(torch.autograd.Function):
@@ -108,6 +120,8 @@ class _Pass:
             torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in self.weights.items()}
         self.state = _ModelState(model)
         self.hooks, self.patched = [], []
+        self.rows = {n: 0.0 for n, layer in layers.items() if n not in self.sharded and id(layer.weight) not in shared
+                     and (isinstance(layer, nn.Linear) or is_conv1d(layer))}
 
     def install(self) -> None:
         for param in self.model.parameters():
@@ -115,6 +129,8 @@ class _Pass:
             param.grad = None
         token = torch.empty(0, requires_grad=True)
         for name, layer in self.layers.items():
+            if name in self.rows:
+                self.hooks.append(layer.register_forward_pre_hook(self._row_counter(name)))
             acc = self.accumulators[name]
             if name in self.streamed:
                 self.patched.append(layer)
@@ -122,29 +138,47 @@ class _Pass:
                                  _StreamedLinear.apply(x, layer.weight, layer.bias, token, acc))
                 continue
             layer.weight.requires_grad_(True)
-            if name not in self.direct and name not in self.clipped:
-                self.hooks.append(layer.weight.register_post_accumulate_grad_hook(self._hook(acc)))
+        hooked: dict[int, list] = {}  # a weight that two selected layers share: one hook feeds both accumulators
+        for name, weight in self.weights.items():
+            if name not in self.direct and name not in self.clipped and name not in self.streamed:
+                hooked.setdefault(id(weight), [weight]).append(self.accumulators[name])
+        for weight, *accs in hooked.values():
+            self.hooks.append(weight.register_post_accumulate_grad_hook(self._hook(accs)))
+
+    def _row_counter(self, name: str):
+        def count(module, args):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1]:
+                self.rows[name] += x.numel() // x.shape[-1]
+            else:  # an input we cannot read rows from: no bound for this layer (the same keys on every rank)
+                self.rows[name] = float("inf")
+        return count
 
     @staticmethod
-    def _hook(acc):
-        # A sharded (FSDP2) accumulator adds shard by shard; the others take the fused fp32 accumulate.
-        add = acc.add_ if distributed.is_sharded(acc) else lambda grad: ops.accumulate_([acc], [grad])
+    def _hook(accs):
+        def add(acc, grad):  # a sharded (FSDP2) accumulator adds shard by shard; the others: fused fp32 accumulate
+            acc.add_(grad) if distributed.is_sharded(acc) else ops.accumulate_([acc], [grad])
 
         def hook(param):
-            add(param.grad)
+            for acc in accs:
+                add(acc, param.grad)
             param.grad = None
         return hook
 
     def after_batch(self) -> None:
         if self.clipped:
-            grads = [self.weights[n].grad for n in self.weights if self.weights[n].grad is not None]
+            unique = {id(w): w for w in self.weights.values()}.values()  # a shared weight counts once in the norm
+            grads = [w.grad for w in unique if w.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
                                                          for g in grads])) if grads else torch.zeros(())
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(scale.to(grad.dtype))
             for name, weight in self.weights.items():
                 if weight.grad is not None:
-                    ops.accumulate_([self.accumulators[name]], [weight.grad.mul_(scale.to(weight.grad.dtype))])
-                    weight.grad = None
+                    ops.accumulate_([self.accumulators[name]], [weight.grad])
+            for weight in unique:
+                weight.grad = None
         for name in self.direct:
             grad = self.weights[name].grad
             if self.accumulators[name] is None:
@@ -174,9 +208,9 @@ class _Pass:
 def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
                          group: Optional[distributed.Group] = None,
-                         grad_clip: Optional[float] = None) -> dict[str, torch.Tensor]:
+                         grad_clip: Optional[float] = None) -> GradientSums:
     """{name: sum over batches of d loss / d layer.weight} as float32 tensors, for the layers (modules with a
-    .weight) named in `layers`.
+    .weight) named in `layers`, with the input rows each Linear saw (GradientSums.rows).
 
     Gradients stream into float32 accumulators as backward produces them (see _Pass): the pass holds the
     accumulators plus at most one layer's fresh gradient. The model's modes, forwards, requires_grad flags and
@@ -203,15 +237,18 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
     finally:
         grad_pass.remove()
     accumulators = grad_pass.sums()
+    rows = grad_pass.rows
     if group is not None:  # a rank may hold no batch (without FSDP); only the whole forget set must
-        count = torch.tensor([float(batches)], device=next(iter(accumulators.values())).device)
+        count = torch.tensor([float(batches)] + list(rows.values()),
+                             device=next(iter(accumulators.values())).device, dtype=torch.float64)
         distributed.all_reduce_sum_([acc for name, acc in accumulators.items() if name not in grad_pass.sharded]
                                     + [count], group)
-        batches = int(count.item())
+        batches = int(count[0].item())
+        rows = dict(zip(rows, count[1:].tolist()))
     if batches == 0:
         raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
     for name, acc in accumulators.items():
         # A norm is a fast test (NaN and Inf reach it); only when it overflows is each element checked.
         if not torch.isfinite(torch.linalg.vector_norm(acc)) and not torch.isfinite(acc).all():
             raise FloatingPointError(f"the summed forget gradient of layer {name!r} holds NaN or Inf")
-    return accumulators
+    return GradientSums(accumulators, {n: int(r) for n, r in rows.items() if math.isfinite(r)})

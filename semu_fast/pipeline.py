@@ -140,8 +140,10 @@ def _layer_kind(layer: nn.Module, per_column: bool) -> str:
     return "conv1d" if is_conv1d(layer) else "column_linear" if per_column else "linear"
 
 
-def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig, per_column: bool) -> dict:
-    """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance."""
+def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig, per_column: bool,
+                   rows: Optional[int] = None) -> dict:
+    """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance. rows:
+    the input rows the layer saw in the gradient pass (its rank bound, for a Linear or Conv1D)."""
     gamma = config.gamma_for(name)
     kind = _layer_kind(layer, per_column)
     batched = kind in ("conv2d", "column_linear")  # one matrix per input channel (column)
@@ -151,7 +153,7 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     method = "exact" if batched and config.svd == "randomized" else config.svd  # a batch of small SVDs
     generator = torch.Generator(device=G.device).manual_seed(_layer_seed(config.seed, name))
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator,
-                               min_rank=config.min_rank)
+                               min_rank=config.min_rank, rank_hint=None if batched else rows or None)
     U, S, Vh = result
     total = float(result.total_energy.sum())
     captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0
@@ -233,8 +235,8 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
         with _phase("projection", timings, device):
             _project(grads, part, [n for n in part if n in mine], config.projection)
         with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
-            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns) if n in mine
-                            else None for n in part})
+            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns, grads.rows.get(n))
+                            if n in mine else None for n in part})
     with _phase("svd", timings, device):
         if group is not None:
             factors = distributed_setup.broadcast_factors(factors, owners, group, device)

@@ -220,3 +220,44 @@ def test_grad_clip_is_checked_and_refuses_split_passes():
             sf.SEMUConfig(grad_clip=bad)
     with pytest.raises(ValueError, match="grad_clip clips each batch's gradient over every layer at once"):
         sf.prepare(small_cnn(), forget_batches(), config=sf.SEMUConfig(grad_clip=1.0, max_accumulator_bytes=2000))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_count_each_linears_inputs_and_bound_its_gradient_rank(dtype):
+    """GradientSums.rows: the input rows every Linear (or Conv1D) took during the pass, over all batches and leading
+    dimensions, on each of the three accumulation routes (direct float32, streamed bf16, clipped); the rank of each
+    summed gradient is at most that count. A weight used by two modules and a Conv2d get no count."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(16, 16)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(12, 40), "b": Conv1D(40, 40), "shared": shared,
+                                 "tied": torch.nn.Linear(16, 16), "conv": torch.nn.Conv2d(1, 2, 3)}).to(dtype)
+    model["tied"].weight = model["shared"].weight
+
+    def loss_fn(m, batch):
+        h = m["b"](m["a"](batch[0]))  # (batch, tokens, 40): rows = batch * tokens
+        z = m["tied"](m["shared"](h[..., :16]))
+        image = batch[0][:1, :1, :9].reshape(1, 1, 3, 3)
+        return h.float().square().mean() + z.float().mean() + m["conv"](image).float().mean()
+
+    batches = [(torch.randn(2, 3, 12).to(dtype),), (torch.randn(1, 2, 12).to(dtype),)]
+    layers = dict(model.items())
+    for clip in (None, 1.0):
+        sums = accumulate_gradients(model, batches, layers, loss_fn, grad_clip=clip)
+        assert sums.rows == {"a": 8, "b": 8}
+        for name, rows in sums.rows.items():
+            rounding = 1e-4 if dtype == torch.float32 else 3e-2  # Conv1D's bf16 gradients are rounded per batch
+            assert torch.linalg.matrix_rank(sums[name].double(), rtol=rounding) <= rows
+        assert set(sums) == set(layers)
+        # The shared weight's whole gradient (both uses) reaches both names, on every route.
+        reference = copy.deepcopy(model).float()
+        for batch in batches:
+            loss_fn(reference, (batch[0].float(),)).backward()
+        expected = reference["shared"].weight.grad
+        scale = 1.0 if clip is None else None
+        for name in ("shared", "tied"):
+            if scale is None:  # clipped per batch: the direction is kept
+                assert torch.nn.functional.cosine_similarity(sums[name].flatten(), expected.flatten(), 0) > 0.9
+            else:
+                assert torch.allclose(sums[name], expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

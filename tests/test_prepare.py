@@ -243,13 +243,20 @@ def test_prepare_on_other_dtypes(dtype):
     assert all(a.U.dtype == torch.float32 for a in sm.adapters.values())
 
 
-def test_default_fast_path_agrees_with_exact_svd_on_large_layers():
-    """Large Linear gradients take the randomized SVD under svd="auto": same ranks, same subspaces as exact."""
+def test_default_fast_path_agrees_with_exact_svd_on_large_layers(monkeypatch):
+    """Large Linear gradients take the randomized SVD under svd="auto", sized by the rows each layer saw (128 here,
+    the hinted sketch): same ranks, same subspaces as exact."""
+    import semu_fast.ops.svd as svd_module
+
+    hints = []
+    real = svd_module._hinted
+    monkeypatch.setattr(svd_module, "_hinted", lambda *a: hints.append((a[0].shape, a[-1])) or real(*a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 280), nn.Tanh(), nn.Linear(280, 4))
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 300, generator=gen), torch.randint(0, 4, (64,), generator=gen)) for _ in range(2)]
     fast = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9))
+    assert hints == [((400, 300), 128), ((280, 400), 128)]
     fast_adapters = {n: (a.rank, a.U.clone()) for n, a in fast.adapters.items()}
     fast.unload()
     exact = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.9, svd="exact"))

@@ -207,6 +207,100 @@ def test_randomized_rejects_batches():
         sf.ops.truncated_svd(torch.randn(2, 30, 20), 0.9, method="randomized")
 
 
+# --- the hinted path (rank_hint: a Linear gradient's rank is at most the rows it saw) -------------------------------
+
+def _few_rows_gradient(gen, m, n, rows, perturbation):
+    """dY^T X summed over `rows` rows (rank <= rows), minus a full-rank part holding `perturbation` of the norm (what
+    the perpendicular projection subtracts, c W), float32."""
+    dY = torch.randn(rows, m, generator=gen) * torch.linspace(2.0, 0.1, rows)[:, None]
+    G = dY.T @ torch.randn(rows, n, generator=gen)
+    W = torch.randn(m, n, generator=gen)
+    return G - W * (perturbation * G.norm() / W.norm())
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300), (400, 400)])
+@pytest.mark.parametrize("perturbation", [0.0, 1e-3, 3e-2])
+@pytest.mark.parametrize("rule", ["at_least", "official"])
+@pytest.mark.parametrize("method", ["auto", "randomized"])
+def test_hinted_path_matches_the_exact_svd(gen, monkeypatch, shape, perturbation, rule, method):
+    """Given the rows behind G as rank_hint, one sketch replaces the adaptive blocks: same k as the exact SVD (or
+    one more: the energy it leaves out may move the cut by one), the kept energy >= gamma measured against the whole
+    G, the leading singular values and the kept subspace as the exact SVD's, orthonormal factors."""
+    import semu_fast.ops.svd as svd_module
+
+    outcomes = []
+    real = svd_module._hinted
+    monkeypatch.setattr(svd_module, "_hinted", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    G = _few_rows_gradient(gen, *shape, rows=60, perturbation=perturbation)
+    result = sf.ops.truncated_svd(G, 0.9, rule, method=method, generator=torch.Generator().manual_seed(0),
+                                  rank_hint=60)
+    assert len(outcomes) == 1 and outcomes[0] is not None  # the hinted path ran and its result stood
+    U, S, Vh = result
+    U_ex, S_ex, Vh_ex, k_ex = reference.truncated_svd(G.double(), 0.9, rule)
+    k, k_ex = S.shape[-1], int(k_ex)
+    assert k_ex <= k <= k_ex + 1 if rule == "at_least" else abs(k - k_ex) <= 1
+    total = G.double().square().sum()
+    if rule == "at_least":
+        assert ((U.double().T @ G.double()).square().sum() / total).item() >= 0.9 - 1e-6
+    lead = min(k, k_ex)
+    assert torch.allclose(S[:lead].double(), S_ex[:lead], rtol=1e-4, atol=1e-6 * S_ex[0].item())
+    overlap = torch.linalg.matrix_norm(U[:, :lead].double().T @ U_ex[:, :lead]) ** 2 / lead
+    assert overlap > 1 - 1e-3
+    assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-4) and torch.allclose(Vh @ Vh.T, torch.eye(k), atol=1e-4)
+    assert int(result.ranks) == k and not torch.isnan(result.captured_energy)
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized"])
+def test_a_wrong_rank_hint_costs_time_not_accuracy(gen, monkeypatch, method):
+    """A hint far below G's rank (a weight also used outside its layer's forward): the energy left outside the sketch
+    shows it, the hinted result is dropped and the other paths give the exact rank."""
+    import semu_fast.ops.svd as svd_module
+
+    outcomes = []
+    real = svd_module._hinted
+    monkeypatch.setattr(svd_module, "_hinted", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    G = _few_rows_gradient(gen, 300, 500, rows=200, perturbation=0.0)
+    got = sf.ops.truncated_svd(G, 0.95, method=method, generator=torch.Generator().manual_seed(0), rank_hint=20)
+    assert outcomes == [None]
+    assert int(got.ranks) == int(reference.truncated_svd(G.double(), 0.95, "at_least")[3])
+
+
+def test_rank_hint_at_or_above_the_dimensions_changes_nothing(gen):
+    G = _few_rows_gradient(gen, 300, 280, rows=270, perturbation=1e-3)
+    for hint in (270, 280, 10_000):
+        got = sf.ops.truncated_svd(G, 0.9, generator=torch.Generator().manual_seed(0), rank_hint=hint)
+        expected = sf.ops.truncated_svd(G, 0.9, generator=torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("hint, G, match", [
+    (0, torch.randn(30, 20), "rank_hint must be a positive int"),
+    (-3, torch.randn(30, 20), "rank_hint must be a positive int"),
+    (True, torch.randn(30, 20), "rank_hint must be a positive int"),
+    (2.5, torch.randn(30, 20), "rank_hint must be a positive int"),
+    (4, torch.randn(2, 30, 20), "rank_hint applies to a 2-D G"),
+])
+def test_truncated_svd_rejects_bad_rank_hints(hint, G, match):
+    with pytest.raises(ValueError, match=match):
+        sf.ops.truncated_svd(G, 0.9, rank_hint=hint)
+
+
+@pytest.mark.parametrize("shape", [(40, 1000), (100, 150), (8, 16), (1, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_svd_matches_the_full_svd(gen, shape, dtype):
+    from semu_fast.ops.range_finder import wide_svd
+
+    B = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    U, S, Vh = wide_svd(B.to(dtype))
+    S_ex = torch.linalg.svdvals(B)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert U.dtype == S.dtype == Vh.dtype == dtype and Vh.shape == (shape[0], shape[1])
+    assert torch.allclose(S.double(), S_ex, rtol=tol, atol=tol * S_ex[0].item())
+    assert torch.allclose(wide_svd(B.to(dtype), compute_uv=False).double(), S_ex, rtol=tol, atol=tol * S_ex[0].item())
+    assert torch.allclose((U * S) @ Vh, B.to(dtype), atol=tol * 10 * S_ex[0].item())
+    assert torch.allclose(Vh @ Vh.T, torch.eye(shape[0], dtype=dtype), atol=tol * 10)
+
+
 # --- the Gram path and the cost model -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(300, 500), (600, 280), (256, 256), (40, 1000)])
@@ -260,6 +354,11 @@ def test_plan_picks_the_cheaper_path_and_caps_the_randomized_basis():
     assert randomized_seconds(p, q, first.max_rank + 64, slow_svd) >= first.seconds["gram"] or first.max_rank + 64 > p
     assert plan((q, p), torch.device("cpu"), True, fast_svd).fallback == "exact"
     assert plan((q, p), torch.device("cpu"), False, slow_svd).fallback == "exact"  # gamma too close to 1
+    measured = Costs(gemm=1e-11, thin_gemm=2e-11, eigh=1e-10, svd=1e-10)  # about this CPU's, per thread
+    hinted = plan((q, p), torch.device("cpu"), True, measured, rank_hint=528)
+    assert hinted.hinted and hinted.seconds["hinted"] < min(hinted.seconds["gram"], hinted.seconds["exact"])
+    assert not plan((q, p), torch.device("cpu"), True, measured, rank_hint=2000).hinted  # costs more than Gram
+    assert not plan((q, p), torch.device("cpu"), True, measured).hinted
 
 
 def test_calibration_is_measured_once_and_kept_per_device(tmp_path, monkeypatch):

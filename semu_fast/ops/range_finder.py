@@ -19,8 +19,20 @@ class RangeFinderResult:
     converged: bool         # False: the basis would have grown past max_rank (a flat spectrum)
 
 
-def _orth(Y: torch.Tensor) -> torch.Tensor:
+def orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def wide_svd(B: torch.Tensor, compute_uv: bool = True):
+    """SVD of a wide B (l, n), l <= n, through the QR of B^T: LAPACK's SVD of the small l x l factor instead of the
+    whole (measured 4-5x faster at 528 x 5632 on a CPU). Returns (U, S, Vh) with Vh (l, n), or S alone."""
+    if B.shape[1] < 2 * B.shape[0]:
+        return torch.linalg.svd(B, full_matrices=False) if compute_uv else torch.linalg.svdvals(B)
+    if not compute_uv:
+        return torch.linalg.svdvals(torch.linalg.qr(B.T, mode="r").R)
+    Qb, R = torch.linalg.qr(B.T, mode="reduced")
+    U, S, Vh = torch.linalg.svd(R.T)
+    return U, S, Vh @ Qb.T
 
 
 def _orth_against(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -28,7 +40,7 @@ def _orth_against(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     if Q.shape[1]:
         Y = Y - Q @ (Q.T @ Y)
         Y = Y - Q @ (Q.T @ Y)
-    return _orth(Y)
+    return orth(Y)
 
 
 def predicted_columns(S: torch.Tensor, missing: float, room: int) -> int:
@@ -91,12 +103,12 @@ def range_finder(A: torch.Tensor, columns_needed, target_energy: float, block: i
         Y = _orth_against(A @ omega - Q @ (B @ omega), Q)
         for _ in range(power_iters):
             # (Y^T A)^T rather than A^T Y: the same product, but it streams A along its rows.
-            Z = _orth((Y.T @ A).T - B.T @ (Q.T @ Y))
+            Z = orth((Y.T @ A).T - B.T @ (Q.T @ Y))
             Y = _orth_against(A @ Z - Q @ (B @ Z), Q)
         B_new = Y.T @ A
         Q = torch.cat([Q, Y], dim=1)
         B = torch.cat([B, B_new], dim=0)
-        S = torch.linalg.svdvals(B)
+        S = wide_svd(B, compute_uv=False)
         needed = columns_needed(S, Q.shape[1])
         if needed == 0:
             return RangeFinderResult(Q, B, True)

@@ -15,7 +15,7 @@ from .._checks import check_choice, check_gamma
 from ._library import Kernel
 from .._profile import annotate
 from . import svd_plan
-from .range_finder import range_finder
+from .range_finder import orth, range_finder, wide_svd
 
 RANK_RULES = ("at_least", "official")
 # The floor of the "official" rule: 1 as the official classification code (max(1, k)), 0 as the official DDPM and SD
@@ -33,6 +33,9 @@ BLOCK, POWER_ITERS, MAX_RANK_SHARE = svd_plan.BLOCK, 2, 0.25
 # is measured exactly afterwards, so the rank can only come out short by the error near the cut. Above this gamma
 # the tail it must resolve is too thin: truncated_svd uses the other paths.
 GRAM_MAX_GAMMA = 0.999
+# The hinted path (truncated_svd's rank_hint): basis columns beyond the hint, and how small the energy left outside
+# the basis must be against the last kept direction's for the rank to stand (then it is the exact rank, or one more).
+HINT_OVERSAMPLING, HINT_RESIDUAL = 16, 0.1
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
 GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
@@ -201,17 +204,49 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min
     found = range_finder(A, columns_needed, gamma * total, BLOCK, POWER_ITERS, max_rank, generator)
     if not found.converged:
         return None
-    Ub, S, Vh = torch.linalg.svd(found.B, full_matrices=False)
+    Ub, S, Vh = wide_svd(found.B)
     k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=True, min_rank=min_rank)
-    U, S, Vh = found.U @ Ub[:, :k], S[:k], Vh[:k]
+    return _from_basis(found.U, Ub, S, Vh, k, total, transpose)
+
+
+def _from_basis(Q, Ub, S, Vh, k, total, transpose) -> TruncatedSVD:
+    """The rank-k truncation from the SVD Ub S Vh of B = Q^T A (A = G, or G^T when transpose)."""
+    U, S, Vh = Q @ Ub[:, :k], S[:k], Vh[:k]
     if transpose:
         U, Vh = Vh.T, U.T
     captured = S.double().square().sum()
     return TruncatedSVD(U, S, Vh, torch.tensor(k), torch.tensor(total, dtype=torch.float64), captured)
 
 
+def _hinted(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_rank: int, generator,
+            rank_hint: int) -> Optional[TruncatedSVD]:
+    """Truncated SVD of a 2-D G whose rank is about rank_hint at most (a Linear's gradient summed over T input rows
+    has rank <= T; the projection adds a small full-rank part): one sketch of rank_hint + HINT_OVERSAMPLING columns,
+    two wide products in all. The energy outside the basis is known exactly (||G||_F^2 - ||Q^T G||_F^2); the result
+    stands only when it is too small to move the rank by more than one (HINT_RESIDUAL of the last kept direction's
+    energy), else after one power iteration, else None (the hint was wrong: the caller's other paths run)."""
+    transpose = G.shape[0] > G.shape[1]  # the basis in the smaller dimension
+    A = G.T if transpose else G
+    p, q = A.shape
+    width = min(p, rank_hint + HINT_OVERSAMPLING)
+    Q = orth(A @ torch.randn(q, width, generator=generator, device=A.device, dtype=A.dtype))
+    for iteration in range(2):
+        if iteration:
+            Q = orth(A @ B.T)  # one power iteration: (A A^T) Q
+        B = Q.T @ A
+        missing = total - float(torch.linalg.vector_norm(B, dim=-1).double().square().sum())
+        Ub, S, Vh = wide_svd(B)
+        k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=True, min_rank=min_rank)
+        if k == 0 or (k < width and missing <= HINT_RESIDUAL * float(S[k - 1].double().square())):
+            return _from_basis(Q, Ub, S, Vh, k, total, transpose)
+        if missing > (1 - gamma) * total:  # the basis misses more than the rank rule leaves out: hint too small
+            return None
+    return None
+
+
 def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", method: str = "auto",
-                  generator: Optional[torch.Generator] = None, min_rank: int = 1) -> TruncatedSVD:
+                  generator: Optional[torch.Generator] = None, min_rank: int = 1,
+                  rank_hint: Optional[int] = None) -> TruncatedSVD:
     """Truncated SVD of G keeping the rank that explains gamma of ||G||_F^2.
 
     G: (m, n) or (B, m, n), any float dtype; computed in float32 (float64 for float64 input).
@@ -223,7 +258,11 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     cheaper of gram and exact, then that one (costs measured on this device, semu_fast.ops.svd_plan); a smaller one
     the exact SVD. generator seeds the randomized path (same
     seed, same device, same calibration: same result). min_rank: the "official" rule's floor, 1 or 0 (the official
-    DDPM/SD code: a matrix whose first direction explains more than gamma keeps k = 0)."""
+    DDPM/SD code: a matrix whose first direction explains more than gamma keeps k = 0). rank_hint (2-D G, methods
+    "auto" and "randomized"): about how high G's rank can be, as a Linear layer's gradient summed over T input rows
+    has rank <= T (sf.prepare passes the rows each layer saw); when it is well below min(m, n), one sketch of that
+    width replaces the adaptive blocks (checked afterwards by the energy it leaves out, so a wrong hint costs time,
+    never accuracy)."""
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)
     check_choice("method", method, METHODS)
@@ -231,8 +270,14 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     _check_matrix(G)
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
+    if rank_hint is not None:
+        if isinstance(rank_hint, bool) or not isinstance(rank_hint, int) or rank_hint < 1:
+            raise ValueError(f"rank_hint must be a positive int or None, got {rank_hint!r}")
+        if G.dim() != 2:
+            raise ValueError(f"rank_hint applies to a 2-D G, got shape {tuple(G.shape)}")
     with annotate("semu_fast.truncated_svd"):
-        return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, min_rank, method, generator)
+        return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, min_rank, method, generator,
+                              rank_hint)
 
 
 def check_min_rank(min_rank) -> None:
@@ -240,7 +285,7 @@ def check_min_rank(min_rank) -> None:
         raise ValueError(f"min_rank must be 0 or 1, got {min_rank!r}")
 
 
-def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator) -> TruncatedSVD:
+def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=None) -> TruncatedSVD:
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
     # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
     total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
@@ -255,13 +300,19 @@ def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator) -> Truncate
     if method == "gram" and not gram_ok:
         raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
     fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
+    hinted = rank_hint is not None and rank_hint + HINT_OVERSAMPLING < min(G.shape) and total > 0
     if method == "randomized":
-        cap = max(BLOCK, int(MAX_RANK_SHARE * min(G.shape)))
-        result = _randomized(G, total, gamma, rank_rule, min_rank, generator, cap)
+        if hinted:
+            result = _hinted(G, total, gamma, rank_rule, min_rank, generator, rank_hint)
+        if result is None:
+            cap = max(BLOCK, int(MAX_RANK_SHARE * min(G.shape)))
+            result = _randomized(G, total, gamma, rank_rule, min_rank, generator, cap)
     elif method == "auto" and min(G.shape) >= RANDOMIZED_MIN_DIM:  # smaller: the exact SVD costs next to nothing
-        plan = svd_plan.plan(G.shape, G.device, gram_ok)
+        plan = svd_plan.plan(G.shape, G.device, gram_ok, rank_hint=rank_hint + HINT_OVERSAMPLING if hinted else None)
         fallback = plan.fallback
-        if plan.max_rank > 0:
+        if plan.hinted:
+            result = _hinted(G, total, gamma, rank_rule, min_rank, generator, rank_hint)
+        if result is None and plan.max_rank > 0:
             result = _randomized(G, total, gamma, rank_rule, min_rank, generator, plan.max_rank)
     if result is None and fallback == "gram":
         result = _gram(G, total, gamma, rank_rule, min_rank)

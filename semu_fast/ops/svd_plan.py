@@ -6,8 +6,11 @@ The three paths and their cost for G (m, n), p = min(m, n), q = max(m, n):
   gram        eigh of the p x p Gram matrix           gemm * q p^2 (the Gram) + eigh * p^3 + gemm * q p k (U)
   randomized  adaptive range finder, l = k + margin    per 64-column block: thin_gemm * 6 q p 64 (one product, two
                                                        power iterations, B) + svd * q l^2 (the spectrum so far)
-The randomized path is tried first, with its basis capped where it would cost more than the cheaper of the other
-two; it gives up early on a flat spectrum (range_finder), and the cheaper one runs instead."""
+  hinted      one sketch of l = rank_hint + margin     thin_gemm * 2 q p l (the sketch, B) + svd * q l^2
+              columns (the rank the caller knows)
+The hinted path runs first where it is predicted cheapest; then the randomized path, with its basis capped where it
+would cost more than the cheaper of gram and exact; it gives up early on a flat spectrum (range_finder), and the
+cheaper one runs instead."""
 from __future__ import annotations
 
 import json
@@ -129,16 +132,24 @@ def randomized_seconds(p: int, q: int, columns: int, c: Costs) -> float:
 @dataclass(frozen=True)
 class Plan:
     """fallback: "gram" or "exact", whichever is predicted cheaper for this shape; max_rank: the widest randomized
-    basis predicted to cost less than the fallback (0: do not try the randomized path)."""
+    basis predicted to cost less than the fallback (0: do not try the randomized path); hinted: try the hinted
+    sketch first."""
 
     fallback: str
     max_rank: int
     seconds: dict
+    hinted: bool = False
 
 
-def plan(shape, device: torch.device, gram_allowed: bool, c: Optional[Costs] = None) -> Plan:
+def hinted_seconds(p: int, q: int, width: int, c: Costs) -> float:
+    """Predicted time of the hinted path: the sketch and B = Q^T A, then the SVD of B through its QR."""
+    return c.thin_gemm * 2 * q * p * width + c.svd * q * width * width
+
+
+def plan(shape, device: torch.device, gram_allowed: bool, c: Optional[Costs] = None,
+         rank_hint: Optional[int] = None) -> Plan:
     """The path for a 2-D G of `shape` on `device`. gram_allowed: the rank rule's accuracy permits the Gram path
-    (see semu_fast.ops.svd.GRAM_MAX_GAMMA)."""
+    (see semu_fast.ops.svd.GRAM_MAX_GAMMA); rank_hint: the hinted sketch's width, when the caller knows one."""
     c = c or costs(device)
     p, q = min(shape), max(shape)
     seconds = {"exact": c.svd * q * p * p}
@@ -150,4 +161,8 @@ def plan(shape, device: torch.device, gram_allowed: bool, c: Optional[Costs] = N
     max_rank = 0
     while max_rank + BLOCK <= p and randomized_seconds(p, q, max_rank + BLOCK, c) < budget:
         max_rank += BLOCK
-    return Plan(fallback, max_rank, seconds)
+    hinted = False
+    if rank_hint is not None and rank_hint < p:
+        seconds["hinted"] = hinted_seconds(p, q, rank_hint, c)
+        hinted = seconds["hinted"] < budget
+    return Plan(fallback, max_rank, seconds, hinted)
