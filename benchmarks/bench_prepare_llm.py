@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
 from common import Table, device_name, parser as make_parser, sync, timeit  # noqa: E402
-from semu_fast.ops import svd_plan  # noqa: E402
 from semu_fast.workflows import llm  # noqa: E402
 
 # hidden, intermediate, layers, attention heads, key-value heads
@@ -90,7 +89,8 @@ def plain_backward(model, data, targets) -> float:
 
 
 def compare_svd(model, data, targets, gamma, device, table):
-    """One layer per weight shape: ours (auto) against the exact SVD and the Gram path on its real gradient."""
+    """One layer per weight shape: ours (auto, with the rows the layer saw as its rank hint, as prepare passes them)
+    against ours without the hint, the exact SVD and the Gram path on its real gradient."""
     from semu_fast.gradients import accumulate_gradients
 
     first = {}
@@ -100,14 +100,16 @@ def compare_svd(model, data, targets, gamma, device, table):
     for shape, name in first.items():
         G = grads[name]
         sf.ops.project_perpendicular_([G], [targets[name].weight.detach()])
-        seconds = {m: timeit(lambda m=m: sf.ops.truncated_svd(G, gamma, method=m), device, 1, warmup=0)
-                   for m in ("auto", "gram", "exact")}
-        ks = {m: sf.ops.truncated_svd(G, gamma, method=m).S.shape[-1] for m in ("auto", "exact")}
-        best = min(seconds["gram"], seconds["exact"])
-        table.add({"shape": "x".join(map(str, shape)), "k exact": ks["exact"], "k ours": ks["auto"],
-                   "ours s": seconds["auto"], "gram s": seconds["gram"], "exact s": seconds["exact"],
-                   "ours / best other": seconds["auto"] / best,
-                   "plan": svd_plan.plan(G.shape, device, gamma <= 0.999).fallback})
+        runs = {"ours": {"method": "auto", "rank_hint": grads.rows.get(name)}, "no hint": {"method": "auto"},
+                "gram": {"method": "gram"}, "exact": {"method": "exact"}}
+        seconds = {r: timeit(lambda kw=kw: sf.ops.truncated_svd(G, gamma, **kw), device, 1, warmup=0)
+                   for r, kw in runs.items()}
+        ks = {r: sf.ops.truncated_svd(G, gamma, **runs[r]).S.shape[-1] for r in ("ours", "no hint", "exact")}
+        best = min(seconds["gram"], seconds["exact"], seconds["no hint"])
+        table.add({"shape": "x".join(map(str, shape)), "rows": grads.rows.get(name), "k exact": ks["exact"],
+                   "k ours": ks["ours"], "k no hint": ks["no hint"], "ours s": seconds["ours"],
+                   "no hint s": seconds["no hint"], "gram s": seconds["gram"], "exact s": seconds["exact"],
+                   "ours / best other": seconds["ours"] / best})
 
 
 def main(argv=None):
@@ -143,7 +145,7 @@ def main(argv=None):
     semu_model = sf.prepare(model, data, loss_fn=llm.nll_loss, config=config)
     sync(device)
     total = time.perf_counter() - start
-    used = peak(device) - before + (before if gpu else 0)  # GPU: everything allocated; CPU: the process's growth
+    used = peak(device)  # GPU: everything allocated; CPU: the process's RSS (the interpreter and libraries too)
     report = semu_model.report
     ks = sorted(layer.k for layer in report.layers)
     title = (f"sf.prepare on a Llama-{args.size} shape ({args.dtype}, {len(targets)} projection Linears), {args.sequences} x "
@@ -153,12 +155,13 @@ def main(argv=None):
                    "gradients / plain": report.timings["gradients"] / plain,
                    "projection s": report.timings["projection"], "svd s": report.timings["svd"], "prepare s": total,
                    "peak GB": used / 1e9, "floor GB": floor / 1e9,
-                   "peak / floor": used / floor if gpu else float("nan"),
+                   "peak / floor": used / floor,
                    "k min/median/max": f"{ks[0]}/{ks[len(ks) // 2]}/{ks[-1]}",
                    "trainable %": report.trainable_share})
     if not gpu:
-        print(f"CPU peak RSS growth during prepare {used / 1e9:.2f} GB (the process also holds the model: "
-              f"{weights_bytes / 1e9:.2f} GB); ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+        print(f"CPU RSS growth during prepare {(used - before) / 1e9:.2f} GB over {before / 1e9:.2f} GB before it "
+              f"(the model: {weights_bytes / 1e9:.2f} GB); ru_maxrss "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     if args.compare_svd:
         model = semu_model.unload()
         with Table(f"SVD per weight shape on the real gradients (one layer each), Llama-{args.size}, "

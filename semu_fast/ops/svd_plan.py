@@ -6,8 +6,8 @@ The three paths and their cost for G (m, n), p = min(m, n), q = max(m, n):
   gram        eigh of the p x p Gram matrix           gemm * q p^2 (the Gram) + eigh * p^3 + gemm * q p k (U)
   randomized  adaptive range finder, l = k + margin    per 64-column block: thin_gemm * 6 q p 64 (one product, two
                                                        power iterations, B) + svd * q l^2 (the spectrum so far)
-  hinted      one sketch of l = rank_hint + margin     thin_gemm * 2 q p l (the sketch, B) + svd * q l^2
-              columns (the rank the caller knows)
+  hinted      one sketch of l = rank_hint + margin     thin_gemm * 2 q p l (the sketch, B) + gemm * 2 q l^2 (the QR
+              columns (the rank the caller knows)      of B^T) + svd * l^3 (the SVD of its l x l factor)
 The hinted path runs first where it is predicted cheapest; then the randomized path, with its basis capped where it
 would cost more than the cheaper of gram and exact; it gives up early on a flat spectrum (range_finder), and the
 cheaper one runs instead."""
@@ -143,7 +143,7 @@ class Plan:
 
 def hinted_seconds(p: int, q: int, width: int, c: Costs) -> float:
     """Predicted time of the hinted path: the sketch and B = Q^T A, then the SVD of B through its QR."""
-    return c.thin_gemm * 2 * q * p * width + c.svd * q * width * width
+    return c.thin_gemm * 2 * q * p * width + c.gemm * 2 * q * width ** 2 + c.svd * width ** 3
 
 
 def plan(shape, device: torch.device, gram_allowed: bool, c: Optional[Costs] = None,
