@@ -68,6 +68,26 @@ PRESETS = {
                "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
                "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
         config_key="semu_options"),
+    # SD/train-scripts/svd_unlearning_diffusers.py (which runs generate_svd_diffusers.generate_svd first) with its
+    # argparse defaults; the SD README gives no example flags, so --use_projection_grad is taken as the
+    # Classification and DDPM READMEs pass it (projection="none" is the script's default without the flag).
+    "official-sd": Preset(
+        target="semu_fast.workflows.stable_diffusion.unlearn_sd",
+        config={"projection": "official", "rank_rule": "official", "min_rank": 0, "svd": "exact"},
+        kwargs={"preset": "all", "gamma": 0.95, "attention_gamma": None, "gradient_guidance": 7.5, "lr": 1e-5,
+                "epochs": 5, "batch_size": 8, "shuffle": False},
+        accepts=("preset", "gamma", "attention_gamma", "gradient_guidance", "lr", "epochs", "batch_size", "shuffle",
+                 "seed", "progress", "num_latents", "sample_steps", "sample_guidance", "retain_weight",
+                 "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
+                 "distributed", "process_group"),
+        source="SD/train-scripts/svd_unlearning_diffusers.py (Adam, lr 1e-5, batch 8, 5 epochs of len(loader) "
+               "steps, c_guidance 7.5, gamma 0.95 for attention too, --retrain alpha 0.1, pseudo prompt (c + 1) "
+               "mod 10), generate_svd_diffusers.py (guided gradient pass in eval mode, summed over the unshuffled "
+               "forget loader), svd_utils_diffusers/transform_model.py (projection dividing by ||W||, "
+               "torch.linalg.svd, searchsorted rank without a floor, per-channel conv ranks, clip_grad masks only), "
+               "svd_utils_diffusers/utils.py (every Linear and Conv2d adapted), dataset.py (forget loader not "
+               "shuffled), esd_utils.py (VAE mode x 0.18215, LMS noise = DDPM noise)",
+        config_key="semu_options"),
 }
 
 

@@ -238,9 +238,18 @@ def test_classifier_metrics_counts_exactly():
 WORDS = "a an the photo picture of cat dog car tree house painting by van gogh monet".split()
 
 
-def tiny_sd_folder(path, seed: int = 0):
-    """unet/, text_encoder/ and tokenizer/ of a tiny random SD: UNet2DConditionModel (32, 64), cross-attention dim
-    32, 8x8 latents; a 2-layer CLIPTextModel; a word-level tokenizer built with `tokenizers`."""
+def tiny_vae(seed: int = 0):
+    """AutoencoderKL with two levels of 8 channels: 16x16 RGB images <-> 8x8 latents of 4 channels."""
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+
+
+def tiny_sd_folder(path, seed: int = 0, vae: bool = True):
+    """unet/, text_encoder/, tokenizer/ (and vae/) of a tiny random SD: UNet2DConditionModel (32, 64),
+    cross-attention dim 32, 8x8 latents; a 2-layer CLIPTextModel; a word-level tokenizer built with `tokenizers`;
+    tiny_vae."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -263,6 +272,8 @@ def tiny_sd_folder(path, seed: int = 0):
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
                                                      pad_token="<pad>", unk_token="<unk>", model_max_length=16)
     tokenizer.save_pretrained(path / "tokenizer")
+    if vae:
+        tiny_vae(seed).save_pretrained(path / "vae")
     return path
 
 
@@ -368,6 +379,136 @@ def test_sd_given_latents_and_errors(sd_folder):
         SD.load_sd(sd_folder / "unet")
 
 
+def test_sd_retain_loss_adds_weighted_denoising_loss_on_a_fresh_retain_batch():
+    unet, sched = tiny_cond_unet(), diffusers.DDPMScheduler(num_train_timesteps=100)
+    g0 = torch.Generator().manual_seed(1)
+    forget_e, anchor_e, retain_e = (torch.randn(n, 5, 32, generator=g0) for n in (1, 1, 2))
+    x0, index = torch.randn(2, 4, 8, 8, generator=g0), torch.tensor([0, 0])
+    retain_x, retain_index = torch.randn(5, 4, 8, 8, generator=g0), torch.tensor([0, 1, 1, 0, 1])
+    loss_fn = SD.sd_forget_loss(sched, forget_e, anchor_e, retain_latents=retain_x, retain_embeds=retain_e,
+                                retain_index=retain_index, retain_weight=0.3, retain_batch_size=3)
+    loss = loss_fn(unet, (x0, index), torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    x_t, _, t = reference_noisy(sched, x0, g, antithetic=False)
+    forget_part = F.mse_loss(unet(x_t, t, encoder_hidden_states=forget_e.expand(2, 5, 32)).sample,
+                             unet(x_t, t, encoder_hidden_states=anchor_e.expand(2, 5, 32)).sample)
+    pick = torch.randperm(5, generator=g)[:3]
+    xr_t, noise_r, t_r = reference_noisy(sched, retain_x[pick], g, antithetic=False)
+    retain_part = F.mse_loss(unet(xr_t, t_r, encoder_hidden_states=retain_e[retain_index[pick]]).sample, noise_r)
+    torch.testing.assert_close(loss, forget_part + 0.3 * retain_part, rtol=1e-5, atol=1e-6)
+    # weight 0: the forget part alone, and no retain draws
+    plain = SD.sd_forget_loss(sched, forget_e, anchor_e, retain_latents=retain_x, retain_embeds=retain_e,
+                              retain_index=retain_index, retain_weight=0.0)(unet, (x0, index),
+                                                                            torch.Generator().manual_seed(7))
+    torch.testing.assert_close(plain, forget_part, rtol=1e-5, atol=1e-6)
+
+
+def test_unlearn_sd_rejects_bad_retain_input_before_changing_anything(sd_folder):
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    latents = torch.randn(4, 4, 8, 8)
+    cases = [({"retain_weight": -0.1, "retain_prompts": ["dog"]}, "retain_weight must be a finite non-negative"),
+             ({"retain_weight": float("nan"), "retain_prompts": ["dog"]}, "retain_weight"),
+             ({"retain_weight": 0.1}, "retain_weight=0.1 needs retain_prompts"),
+             ({"retain_prompts": ["dog"]}, "retain_prompts are given but retain_weight is 0"),
+             ({"retain_latents": latents}, "retain_latents are given without retain_prompts"),
+             ({"retain_prompts": ["dog"], "retain_weight": 0.1, "retain_latents": torch.randn(4, 3, 8, 8)},
+              "retain_latents must be"),
+             ({"retain_prompts": ["dog"], "retain_weight": 0.1, "retain_latents": latents,
+               "retain_prompt_index": [0, 0, 1, 0]}, "retain_prompt_index must index"),
+             ({"retain_prompts": ["dog"], "retain_weight": 0.1, "retain_latents": latents,
+               "retain_prompt_index": [0, 0]}, "retain_prompt_index has 2 entries for 4"),
+             ({"gradient_guidance": -1.0}, "gradient_guidance"),
+             ({"batch_size": 0}, "batch_size must be an int >= 1"),
+             ({"latents": torch.randn(4, 3, 8, 8)}, "latents must be")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SD.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], **{"latents": latents, **kwargs},
+                          progress=False)
+    assert type(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k) is nn.Linear
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+
+
+def test_unlearn_sd_with_retain_data_trains_and_reports_drift(sd_folder):
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
+    g = torch.Generator().manual_seed(0)
+    semu_model, report, metrics = SD.unlearn_sd(
+        unet, sched, text_encoder, tokenizer, ["cat"], [""], latents=torch.randn(4, 4, 8, 8, generator=g),
+        retain_prompts=["dog", "car"], retain_latents=torch.randn(6, 4, 8, 8, generator=g), retain_weight=0.1,
+        preset="xattn-kv", epochs=2, batch_size=2, lr=1e-2, shuffle=False, progress=False)
+    assert metrics["retain_drift"] > 0 and metrics["num_retain_latents"] == 6
+    assert report.training["epochs"] == 2 and metrics["forget_shift"] > 0
+    # retain latents sampled from the frozen UNet when none are given
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
+    _, _, metrics = SD.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], [""],
+                                  latents=torch.randn(2, 4, 8, 8, generator=g), retain_prompts=["dog"],
+                                  retain_weight=0.5, num_latents=2, sample_steps=2, preset="xattn-kv", epochs=1,
+                                  batch_size=2, progress=False)
+    assert metrics["num_retain_latents"] == 2 and "retain_drift" in metrics
+
+
+def test_class_prompts_follow_the_official_pseudo_prompt_rules():
+    rl = SD.class_prompts(9, retain=True)
+    assert rl["forget_prompts"] == ["an image of a parachute"] and rl["anchor_prompts"] == ["an image of a tench"]
+    assert "retain_prompts" not in SD.class_prompts(9)  # unlearn_sd refuses retain prompts without a weight
+    assert len(rl["retain_prompts"]) == 9 and "an image of a parachute" not in rl["retain_prompts"]
+    plus = SD.class_prompts(2, rule="rl++")["anchor_prompts"]
+    assert len(plus) == 10 and plus.count("an image of a chain saw") == 2  # c -> c + 1: drawn twice as often
+    assert "an image of a cassette player" not in plus
+    with pytest.raises(ValueError, match="rule must be one of"):
+        SD.class_prompts(0, rule="rl+")
+    with pytest.raises(ValueError, match="forget_class must be an int in"):
+        SD.class_prompts(10)
+
+
+def test_vae_encoding_is_the_posterior_mode_times_the_scaling_factor(sd_folder, tmp_path):
+    from PIL import Image
+
+    from semu_fast.workflows import sd_images
+
+    *_, vae = SD.load_sd(sd_folder, "cpu", with_vae=True)
+    assert isinstance(vae, diffusers.AutoencoderKL) and sd_images.vae_scale_factor(vae) == 2
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = sd_images.encode_images(vae, images, batch_size=2)
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+    assert vae.config.scaling_factor == 0.18215 and latents.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    decoded = sd_images.decode_latents(vae, latents)
+    with torch.no_grad():
+        expected = ((vae.decode(latents / 0.18215).sample + 1) / 2).clamp(0, 1)
+    assert decoded.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        sd_images.encode_images(vae, images * 3)
+    # a folder of images: RGB, shorter side resized, centre-cropped, in [-1, 1]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pixels = torch.randint(0, 256, (20, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    Image.fromarray(pixels.numpy()).save(folder / "b.png")
+    Image.fromarray(pixels.numpy()[:, :20]).convert("L").save(folder / "a.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    loaded = sd_images.load_images(folder, 16)
+    assert loaded.shape == (2, 3, 16, 16) and loaded.min() >= -1 and loaded.max() <= 1
+    assert torch.equal(loaded[0, 0], loaded[0, 1])  # the grey JPG first (sorted by name), as RGB
+    with pytest.raises(ValueError, match="holds no"):
+        sd_images.load_images(tmp_path, 16)
+
+
+def test_latent_preview_maps_the_first_three_channels_by_the_reference_range():
+    from semu_fast.workflows import sd_images
+
+    before = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    preview = sd_images.latent_preview(before)
+    assert preview.shape == (2, 3, 8, 8) and preview.min() == 0 and preview.max() == 1
+    for c in range(3):
+        lo, hi = before[:, c].min(), before[:, c].max()
+        torch.testing.assert_close(preview[:, c], (before[:, c] - lo) / (hi - lo))
+    shifted = sd_images.latent_preview(before + 0.5, reference=before)
+    assert not torch.equal(shifted, preview)  # the same mapping for both: a shift shows
+    assert sd_images.latent_preview(before[:, :1]).shape == (2, 3, 8, 8)
+
+
 # --- command line ------------------------------------------------------------------------------------------------
 
 def cli(argv):
@@ -416,13 +557,13 @@ def test_cli_unlearn_ddpm(tmp_path, capsys):
 def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     out = tmp_path / "sd_out"
     assert cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--forget-prompt", "dog",
-                "--anchor-prompt", "", "--preset", "xattn", "--attention-gamma", "1", "--num-latents", "4",
+                "--anchor-prompt", "", "--layers", "xattn", "--attention-gamma", "1", "--num-latents", "4",
                 "--sample-steps", "2", "--epochs", "3", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu",
                 "--out", str(out), "--save-unet", "--lora", "--quiet"]) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     result = json.loads((out / "metrics.json").read_text())
     assert result["metrics"]["forget_anchor_gap_after"] < result["metrics"]["forget_anchor_gap_before"]
-    assert result["settings"]["preset"] == "xattn" and len(result["metrics"]["adapted_layers"]) == 16
+    assert result["settings"]["layers"] == "xattn" and len(result["metrics"]["adapted_layers"]) == 16
     merged = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
     unet, *_ = SD.load_sd(sd_folder, "cpu")
     expected = sf.load_adapters(unet, out / "adapters").merge_and_unload().state_dict()
@@ -430,8 +571,62 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
     assert "prediction gap" in capsys.readouterr().out
+    # report.md and the grids: 2 samples per forget and anchor prompt, decoded by the folder's VAE
+    from safetensors.torch import load_file
+
+    samples = load_file(str(out / "samples.safetensors"))
+    assert samples["before"].shape == samples["after"].shape == (6, 3, 16, 16)
+    assert not torch.equal(samples["before"], samples["after"])
+    for name in ("report.md", "samples_before.png", "samples_after.png"):
+        assert (out / name).stat().st_size > 0
+        (out / name).unlink()
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "![samples_before.png](samples_before.png)" in report and "forget_anchor_gap_after" in report
     with pytest.raises(SystemExit):
         cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])
+
+
+def _write_images(folder, n, seed):
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        Image.fromarray(torch.randint(0, 256, (24, 20, 3), dtype=torch.uint8, generator=g).numpy()).save(
+            folder / f"{i}.png")
+    return folder
+
+
+def test_cli_unlearn_sd_official_preset_with_images_and_retain_data(sd_folder, tmp_path):
+    out = tmp_path / "sd_official"
+    images, retain = _write_images(tmp_path / "cats", 3, 0), _write_images(tmp_path / "dogs", 4, 1)
+    assert cli(["unlearn-sd", "--preset", "official", "--model", str(sd_folder), "--images", str(images),
+                "--forget-prompt", "an image of a cat", "--anchor-prompt", "an image of a dog",
+                "--retain-prompt", "an image of a dog", "--retain-images", str(retain), "--epochs", "1",
+                "--grid-samples", "1", "--sample-steps", "2", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    used = metrics["semu_settings"]
+    assert used["preset"] == "all" and used["epochs"] == 1 and used["lr"] == 1e-5 and used["shuffle"] is False
+    assert used["retain_weight"] == 0.1 and used["semu_options"]["projection"] == "official"
+    assert metrics["num_latents"] == 3 and metrics["num_retain_latents"] == 4 and "retain_drift" in metrics
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / "samples.safetensors"))["before"].shape == (2, 3, 16, 16)  # 2 distinct prompts
+    # without vae/: --images is refused; the grids show the latents' first 3 channels
+    bare = tiny_sd_folder(tmp_path / "bare", vae=False)
+    with pytest.raises(SystemExit):
+        cli(["unlearn-sd", "--model", str(bare), "--images", str(images), "--forget-prompt", "cat",
+             "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit):
+        cli(["unlearn-sd", "--model", str(bare), "--forget-prompt", "cat", "--retain-images", str(retain),
+             "--out", str(out), "--quiet"])
+    out = tmp_path / "bare_out"
+    assert cli(["unlearn-sd", "--model", str(bare), "--forget-prompt", "cat", "--num-latents", "2",
+                "--sample-steps", "2", "--epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    samples = load_file(str(out / "samples.safetensors"))
+    assert samples["before"].shape == (4, 3, 8, 8) and samples["before"].min() >= 0 and samples["before"].max() <= 1
+    assert (out / "samples_after.png").exists() and (out / "report.md").exists()
 
 
 def test_unlearn_ddpm_on_a_unet_without_attention():

@@ -446,3 +446,148 @@ def test_official_ddpm_preset_needs_a_null_class_and_checks_its_values():
     for key, bad in (("guidance", -1.0), ("cond_dropout", 1.0), ("target", "other"), ("reduction", "max")):
         with pytest.raises(ValueError, match=key):
             unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1, num_classes=NUM_CLASSES, **{**kwargs, key: bad})
+
+
+# ---- official-sd ---------------------------------------------------------------------------------------------------
+
+def _official_sd_run(unet, vae, text_encoder, tokenizer, images, forget_prompt, pseudo_prompt, retain_images,
+                     retain_prompts, seed, steps, *, batch=8, gamma=0.95, w=7.5, lr=1e-5, alpha=0.1):
+    """SD/train-scripts/generate_svd_diffusers.py + svd_unlearning_diffusers.py (--train_method full --retrain,
+    "rl") written out plainly on a diffusers UNet2DConditionModel: VAE mode x 0.18215 latents, LMS noise scaled by
+    1 / sqrt(sigma_t^2 + 1) per sample (each sample its own sigma), the guided gradient pass summed over the
+    unshuffled forget loader, projection dividing by ||W||, float64 SVDs, searchsorted ranks without a floor,
+    materialised W + U R Vh with R's gradient masked to the kept block, Adam over every R, each step the forget
+    loader's first batch, MSE(eps(forget), eps(pseudo).detach()) + alpha x MSE(eps(remain), noise) on a random
+    remain batch. Random draws follow the order semu_fast documents (noise, timesteps; remain permutation, noise,
+    timesteps), from generators seeded with `seed`."""
+    from diffusers import LMSDiscreteScheduler
+
+    lms = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                               num_train_timesteps=1000)
+    acp = lms.alphas_cumprod
+
+    def embed(prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            return text_encoder(ids)[0]
+
+    def model_input(x0, g):
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
+        sigma = ((1 - acp[t]) / acp[t]).sqrt().view(-1, 1, 1, 1)
+        return lms.add_noise(x0, noise, t) / (sigma ** 2 + 1).sqrt(), noise, t
+
+    def eps(x, t, embeds):  # one forward per sample over its (len(embeds)) prompts, as predict_outs does
+        return torch.stack([unet(x[i:i + 1].expand(len(embeds[i]), -1, -1, -1), t[i], encoder_hidden_states=embeds[i])
+                            .sample for i in range(len(x))])
+
+    with torch.no_grad():
+        forget = vae.encode(images).latent_dist.mode() * 0.18215
+        remain = vae.encode(retain_images).latent_dist.mode() * 0.18215
+    cond, uncond, pseudo = embed([forget_prompt]), embed([""]), embed([pseudo_prompt])
+    remain_embeds = embed(retain_prompts)
+    layers = {n: m for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    for prm in unet.parameters():
+        prm.requires_grad_(False)
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+    sums = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in layers.items()}
+    unet.eval()
+    g = torch.Generator().manual_seed(seed)
+    for x0 in forget.split(batch):
+        x, noise, t = model_input(x0, g)
+        pair = torch.cat([uncond, cond]).unsqueeze(0).expand(len(x0), -1, -1, -1)
+        out = eps(x, t, pair)
+        pred = (1 + w) * out[:, 1] - w * out[:, 0]
+        unet.zero_grad()
+        (-F.mse_loss(noise, pred)).backward()
+        for n, m in layers.items():
+            sums[n] += m.weight.grad.double()
+    ranks, trainable = {}, 0
+    for n, m in layers.items():
+        wt = m.weight.detach().double()
+        grad = sums[n] - (sums[n] * wt).sum() / wt.norm() * wt
+        mats = grad if grad.dim() == 2 else grad.permute(1, 0, 2, 3).flatten(2)
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        ratio = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
+        ks = torch.searchsorted(ratio, torch.full((*ratio.shape[:-1], 1), gamma, dtype=torch.float64),
+                                side="right").view(-1)
+        ranks[n] = ks.tolist()
+        trainable += int((ks ** 2).sum())
+        m.weight.requires_grad_(False)
+        parent, _, child = n.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child,
+                _OfficialMaskedLayer(m, u.float(), vh.float(), ks, False))
+    official = [mod for mod in unet.modules() if isinstance(mod, _OfficialMaskedLayer)]
+    opt = torch.optim.Adam([mod.r for mod in official], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    first = forget[:batch]  # next(iter(forget_dl)) of the unshuffled loader, every step
+    for _ in range(steps):
+        x, _, t = model_input(first, g)
+        out = eps(x, t, torch.cat([pseudo, cond]).unsqueeze(0).expand(len(first), -1, -1, -1))
+        loss = F.mse_loss(out[:, 1], out[:, 0].detach())
+        pick = torch.randperm(len(remain), generator=g)[:batch]
+        xr, noise_r, tr = model_input(remain[pick], g)
+        loss = loss + alpha * F.mse_loss(eps(xr, tr, remain_embeds[pick].unsqueeze(1))[:, 0], noise_r)
+        opt.zero_grad()
+        loss.backward()
+        for mod in official:
+            mod.r.grad.mul_(mod.mask)
+        opt.step()
+    deltas = {n: unet.get_submodule(n).delta().detach() for n in layers}
+    return ranks, trainable, deltas
+
+
+def test_official_sd_preset_reproduces_the_official_loop(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from test_diffusion import tiny_sd_folder
+    from semu_fast.workflows import sd_images, stable_diffusion as SD
+
+    folder = tiny_sd_folder(tmp_path / "sd")
+    unet, text_encoder, tokenizer, sched, vae = SD.load_sd(folder, "cpu", with_vae=True)
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(8, 3, 16, 16, generator=gen) * 2 - 1       # one batch of the concept: 3 steps = 3 epochs
+    retain_images = torch.rand(12, 3, 16, 16, generator=gen) * 2 - 1
+    prompts = SD.class_prompts(0, ["cat", "dog", "car"], rule="rl", template="a photo of a {}", retain=True)
+    assert prompts["anchor_prompts"] == ["a photo of a dog"] and prompts["retain_prompts"][1] == "a photo of a car"
+    retain_index = torch.arange(12) % 2
+    kwargs = sf.preset("official-sd", epochs=3, retain_weight=0.1, progress=False)
+    semu_model, report, _ = SD.unlearn_sd(
+        unet, sched, text_encoder, tokenizer, latents=sd_images.encode_images(vae, images),
+        retain_latents=sd_images.encode_images(vae, retain_images), retain_prompt_index=retain_index,
+        **prompts, **kwargs)
+    official_unet, *_ = SD.load_sd(folder, "cpu")
+    ranks, trainable, deltas = _official_sd_run(
+        official_unet, vae, text_encoder, tokenizer, images, prompts["forget_prompts"][0],
+        prompts["anchor_prompts"][0], retain_images, [prompts["retain_prompts"][i] for i in retain_index], 0, 3)
+
+    ours = {layer.name: (layer.ranks if layer.ranks is not None else [layer.k]) for layer in report.layers}
+    assert ours == ranks
+    assert any(0 in ks for ks in ranks.values())  # the rule without a floor gives k = 0 somewhere
+    assert report.trainable_params == trainable
+    scale = max(d.abs().max().item() for d in deltas.values())
+    assert scale > 1e-6, "R did not move: the comparison would prove nothing"
+    # Adam's first steps are nearly sign(gradient) per entry of R, so entries whose gradient is float noise (or
+    # whose channel has near-equal singular values) may step differently: each delta is held to 1% of the largest
+    # entry, and all of them together to 0.1% in norm.
+    moved, err, norm = 0, 0.0, 0.0
+    for name, adapter in semu_model.adapters.items():
+        got = adapter.delta_weight().detach()
+        moved += int(got.abs().max() > 1e-3 * scale)
+        torch.testing.assert_close(got, deltas[name], rtol=1e-3, atol=1e-2 * scale, msg=name)
+        err, norm = err + (got - deltas[name]).square().sum().item(), norm + deltas[name].square().sum().item()
+    assert (err / norm) ** 0.5 < 1e-3, (err / norm) ** 0.5
+    assert moved >= len(semu_model.adapters) // 2
+    for name in set(deltas) - set(semu_model.adapters):  # layers without an adapter: k = 0 everywhere
+        assert deltas[name].abs().max() == 0
+
+
+def test_official_sd_preset_routes_overrides_to_unlearn_sd():
+    kwargs = sf.preset("official-sd", preset="xattn", projection="none", retain_weight=0.1, lr=2e-5)
+    assert kwargs["preset"] == "xattn" and kwargs["lr"] == 2e-5 and kwargs["retain_weight"] == 0.1
+    assert kwargs["semu_options"] == {"projection": "none", "rank_rule": "official", "min_rank": 0, "svd": "exact"}
+    assert kwargs["shuffle"] is False and kwargs["gradient_guidance"] == 7.5 and kwargs["batch_size"] == 8
+    with pytest.raises(ValueError, match="retain_prompts is neither a SEMUConfig field nor a parameter"):
+        sf.preset("official-sd", retain_prompts=["a dog"])  # data, not a setting: passed to unlearn_sd itself

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
+from typing import Optional
 
 from .._checks import check_gamma
 
@@ -103,11 +104,13 @@ def add_preset_flag(group, official: str) -> None:
                        f"it); ours (default): the settings that forget best here")
 
 
-def preset_options(name: str, parser, flags: dict, **fixed) -> dict:
-    """sf.preset(name) with `fixed` and every flag of `flags` ({dest: value}) whose value is not its default."""
+def preset_options(name: str, parser, flags: dict, dests: Optional[dict] = None, **fixed) -> dict:
+    """sf.preset(name) with `fixed` and every flag of `flags` ({parameter: value}) whose value is not its default;
+    dests maps a parameter to its flag's dest where the two names differ."""
     import semu_fast as sf
 
-    return sf.preset(name, **fixed, **{k: v for k, v in flags.items() if v != parser.get_default(k)})
+    dests = dests or {}
+    return sf.preset(name, **fixed, **{k: v for k, v in flags.items() if v != parser.get_default(dests.get(k, k))})
 
 
 def add_device_flag(group) -> None:

@@ -2,12 +2,15 @@
 
     semu-fast unlearn-ddpm --forget-class 3 --out ddpm_out
     semu-fast unlearn-sd --model ./sd-folder --forget-prompt "a photo of a cat" --anchor-prompt "a photo" --out sd_out
+    semu-fast unlearn-sd --preset official --model ./sd-folder --images cats/ --forget-prompt "an image of a cat" \
+        --anchor-prompt "an image of a dog" --retain-prompt "an image of a dog" --retain-images dogs/ --out sd_out
 
 unlearn-ddpm: the embedded digits DDPM (a tiny class-conditional UNet2DModel trained on scikit-learn's 8x8 digits,
 cached) forgets --forget-class; a digits classifier labels samples of every class before and after; writes
 out/metrics.json and out/adapters (sf.load_adapters). unlearn-sd: concept removal on a local Stable-Diffusion-style
-folder (unet/, text_encoder/, tokenizer/; scheduler/ optional); writes out/metrics.json, out/adapters and, with
---save-unet, the merged UNet in out/unet (--lora: a diffusers LoRA in out/lora). Nothing is downloaded."""
+folder (unet/, text_encoder/, tokenizer/; scheduler/ and vae/ optional); writes out/metrics.json, out/adapters,
+report.md with sample grids of every prompt before and after and, with --save-unet, the merged UNet in out/unet
+(--lora: a diffusers LoRA in out/lora). Nothing is downloaded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,31 +73,52 @@ def _register_sd(subparsers) -> None:
 
     sd = subparsers.add_parser("unlearn-sd", help="remove a concept from a local Stable Diffusion UNet with SEMU",
                                description="Concept removal: the noise prediction under the forget prompt is "
-                               "pulled towards the prediction under the anchor prompt; only the preset's layers "
+                               "pulled towards the prediction under the anchor prompt; only the chosen layers "
                                "change.")
-    g = sd.add_argument_group("model and prompts")
+    g = sd.add_argument_group("model, prompts and data")
     g.add_argument("--model", type=Path, required=True, help="local folder with unet/, text_encoder/ and "
-                   "tokenizer/ subfolders (scheduler/ optional), as a diffusers pipeline saves them")
+                   "tokenizer/ subfolders (scheduler/ and vae/ optional), as a diffusers pipeline saves them")
     g.add_argument("--forget-prompt", action="append", required=True, metavar="TEXT",
                    help="prompt of the concept to remove; repeat for several")
     g.add_argument("--anchor-prompt", action="append", default=None, metavar="TEXT",
                    help="prompt to steer to (paired with the forget prompts when as many, else one or random); "
                    "default: the empty prompt")
+    g.add_argument("--retain-prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt of data to keep: each step adds --retain-weight x the plain denoising loss on "
+                   "its latents (--retain-images, else sampled); repeat for several")
+    g.add_argument("--retain-weight", type=non_negative, default=None, metavar="W",
+                   help="weight of the retain loss (default 0.1, the official --retrain alpha, with "
+                   "--retain-prompt; else 0)")
+    g.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="PNG/JPG images of the concept, encoded by the folder's vae/ (resized to the UNet's "
+                   "sample size x the VAE's scale); image i shows forget prompt i mod the number of prompts. "
+                   "Default: latents sampled from the frozen UNet")
+    g.add_argument("--retain-images", type=Path, default=None, metavar="DIR",
+                   help="images to keep, likewise, for --retain-prompt")
     add_device_flag(g)
     g = sd.add_argument_group("SEMU")
-    g.add_argument("--preset", choices=tuple(SD_PRESETS), default="xattn",
-                   help="layers to change: xattn (every attn2 projection), xattn-kv (attn2.to_k/to_v), all")
+    add_preset_flag(g, "sf.preset('official-sd'): every Linear and Conv2d, its projection and rank rule without a "
+                    "floor, exact SVD, guidance 7.5, Adam 1e-5, batch 8, 5 epochs, latents in order")
+    g.add_argument("--layers", choices=tuple(SD_PRESETS), default="xattn",
+                   help="layers to change: xattn (every attn2 projection, default), xattn-kv (attn2.to_k/to_v), "
+                   "all (the official preset's)")
     add_training_flags(g, gamma_default=0.95, lr=1e-5, epochs=5, what=", Adam, as the official SD run")
     g.add_argument("--attention-gamma", type=gamma, default=None,
                    help="gamma of the attention projections (default: same as --gamma)")
     g.add_argument("--num-latents", type=positive(int), default=16,
-                   help="latents of the concept, sampled from the frozen UNet under the forget prompts")
-    g.add_argument("--sample-steps", type=positive(int), default=20, help="DDIM steps to sample them")
+                   help="latents of the concept (and of the retain prompts), sampled from the frozen UNet when "
+                   "no images are given")
+    g.add_argument("--sample-steps", type=positive(int), default=20,
+                   help="DDIM steps to sample them and the report's grids")
     g.add_argument("--guidance", type=non_negative, default=7.5,
-                   help="guidance scale for sampling the latents and in the gradient pass (official 7.5)")
+                   help="guidance scale for sampling and in the gradient pass (official 7.5)")
     g.add_argument("--batch-size", type=positive(int), default=8)
     g = sd.add_argument_group("output")
-    add_run_flags(g, "semu_fast_sd_out", "metrics.json, adapters/ (and unet/, lora/)")
+    add_run_flags(g, "semu_fast_sd_out", "metrics.json, adapters/, report.md and the sample grids (and unet/, lora/)")
+    g.add_argument("--grid-samples", type=non_negative_int, default=2, metavar="N",
+                   help="N samples per forget, anchor and retain prompt, from the same seeds before and after, drawn "
+                   "as samples_before.png / samples_after.png next to report.md (decoded by vae/ when the model "
+                   "folder has one, else the latents' first 3 channels); 0: none")
     g.add_argument("--save-unet", action="store_true", help="also save the UNet with R merged in, out/unet")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a diffusers LoRA folder out/lora "
                    "(conv adapters, which have no LoRA form, are skipped)")
@@ -170,26 +194,67 @@ def run_ddpm(args, parser) -> int:
                                             for part, value in trained["trainable_split"].items())])
 
 
+def _encode_folder(parser, flag: str, folder, vae, unet):
+    """Latents of the images in `folder` through the VAE, sized for the UNet; parser errors name `flag`."""
+    from ..workflows import sd_images
+    from ..workflows.diffusion import sample_size
+
+    if vae is None:
+        parser.error(f"argument {flag}: the model folder has no vae/ to encode images with")
+    size = sample_size(unet)[0] * sd_images.vae_scale_factor(vae)
+    try:
+        return sd_images.encode_images(vae, sd_images.load_images(folder, size))
+    except (OSError, ValueError) as err:
+        parser.error(f"argument {flag}: {err}")
+
+
 def run_sd(args, parser) -> int:
-    from ..workflows import results, stable_diffusion as SD
+    from ..workflows import results, sd_images, stable_diffusion as SD
 
     require(parser, "diffusers", "transformers")
     if args.quiet:
         silence("diffusers", "transformers")
     try:
-        unet, text_encoder, tokenizer, scheduler = SD.load_sd(args.model, args.device)
+        unet, text_encoder, tokenizer, scheduler, vae = SD.load_sd(args.model, args.device, with_vae=True)
     except (OSError, ValueError) as err:
         parser.error(f"argument --model: {err}")
     anchors = args.anchor_prompt if args.anchor_prompt is not None else [""]
+    retain_prompts = args.retain_prompt or []
+    if args.retain_images is not None and not retain_prompts:
+        parser.error("argument --retain-images: needs --retain-prompt (the prompt of those images)")
+    retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if retain_prompts else 0.0)
+    latents = _encode_folder(parser, "--images", args.images, vae, unet) if args.images is not None else None
+    retain_latents = (_encode_folder(parser, "--retain-images", args.retain_images, vae, unet)
+                      if args.retain_images is not None else None)
+    flags = {"preset": args.layers, "gamma": args.gamma, "attention_gamma": args.attention_gamma, "lr": args.lr,
+             "epochs": args.epochs, "batch_size": args.batch_size, "gradient_guidance": args.guidance,
+             "sample_guidance": args.guidance, "num_latents": args.num_latents, "sample_steps": args.sample_steps}
+    if args.preset == "official":
+        options = preset_options("official-sd", parser, flags, {"preset": "layers", "gradient_guidance": "guidance",
+                                                                "sample_guidance": "guidance"}, seed=args.seed)
+    else:
+        options = {**flags, "seed": args.seed}
+    grid_prompts = list(dict.fromkeys([*args.forget_prompt, *anchors, *retain_prompts]))
+
+    def grid(model):  # the same seed before and after: each cell starts from the same noise
+        return SD.sample_prompts(model, scheduler, text_encoder, tokenizer, grid_prompts, args.grid_samples,
+                                 args.sample_steps, args.guidance, args.seed)
+
+    grid_before = grid(unet) if args.grid_samples else None
     try:
         semu_model, report, metrics = SD.unlearn_sd(
-            unet, scheduler, text_encoder, tokenizer, args.forget_prompt, anchors, num_latents=args.num_latents,
-            sample_steps=args.sample_steps, sample_guidance=args.guidance, preset=args.preset, gamma=args.gamma,
-            attention_gamma=args.attention_gamma, gradient_guidance=args.guidance, lr=args.lr, epochs=args.epochs,
-            batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+            unet, scheduler, text_encoder, tokenizer, args.forget_prompt, anchors, latents=latents,
+            retain_prompts=retain_prompts, retain_latents=retain_latents, retain_weight=retain_weight,
+            progress=not args.quiet, **options)
     except ValueError as err:
         parser.error(str(err))
+    metrics["semu_settings"] = {**options, "retain_weight": retain_weight}
     files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
+    if args.grid_samples:
+        grid_after = grid(semu_model)
+        results.write_samples(args.out, sd_images.latents_to_images(grid_before, vae, grid_before),
+                              sd_images.latents_to_images(grid_after, vae, grid_before), grid_prompts)
+        files += [results.SAMPLES, *results.render(args.out)]
     if args.lora:
         from ..lora import export_diffusers_lora
 
@@ -202,4 +267,4 @@ def run_sd(args, parser) -> int:
         f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
         f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}",
         f"trainable: {report.trainable_params} parameters in {len(metrics['adapted_layers'])} layers "
-        f"(preset {args.preset})"])
+        f"(layers {options['preset']}, preset {args.preset})"])

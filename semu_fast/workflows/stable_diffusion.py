@@ -7,10 +7,18 @@ tokenizer, loaded from a local folder).
 
 `unlearn_sd` pulls the noise prediction under the forget prompt towards the (detached) prediction under an anchor
 prompt. The gradient pass uses the official SD loss, -MSE(noise, (1 + g) eps(x_t, prompt) - g eps(x_t, "")), on
-latents of the concept (given, or sampled from the frozen model with the forget prompt). Presets choose the layers:
-"xattn" (every cross-attention projection, attn2.to_q/k/v/out), "xattn-kv" (attn2.to_k and attn2.to_v) or "all".
-Batches are (latents, prompt_index); every random draw (noise, timesteps, anchors) comes from a seeded
-torch.Generator.
+latents of the concept (given, e.g. real images through `sd_images.encode_images`, or sampled from the frozen model
+with the forget prompt). Presets choose the layers: "xattn" (every cross-attention projection, attn2.to_q/k/v/out),
+"xattn-kv" (attn2.to_k and attn2.to_v) or "all". With retain prompts and retain_weight w > 0, each step adds
+w x the plain denoising loss on retain latents (the official --retrain, w = 0.1). Batches are (latents,
+prompt_index); every random draw (noise, timesteps, anchors, retain batches) comes from a seeded torch.Generator.
+
+sf.preset("official-sd") gives the official run's settings (SD/train-scripts/svd_unlearning_diffusers.py);
+`class_prompts` builds its prompts ("an image of a <class>", the pseudo prompt of class (c + 1) mod 10 for "rl" or a
+random other class for "rl++"). Two things of the official loop are not reproduced (see the README): every step
+there takes the forget loader's first batch again (a fresh iterator of an unshuffled loader), and with diffusers
+versions whose LMS scheduler keeps a step index, scale_model_input reuses the first sample's sigma for every later
+sample until the next set_timesteps; here every sample is noised at its own timestep, as the loss intends.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from .._checks import check_choice, check_number
 from .._utils import eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..model import SEMUModel
@@ -35,6 +44,34 @@ SD_PRESETS = {
     "xattn-kv": (r"attn2\.to_(k|v)$",),          # the projections of the text embedding only
     "all": None,                                 # every Linear and Conv2d of the UNet
 }
+
+
+# The official SD run's Imagenette classes, in label order (SD/train-scripts/svd_unlearning_diffusers.py).
+IMAGENETTE_CLASSES = ("tench", "english springer", "cassette player", "chain saw", "church", "french horn",
+                      "garbage truck", "gas pump", "golf ball", "parachute")
+PSEUDO_RULES = ("rl", "rl++")
+
+
+def class_prompts(forget_class: int, class_names: Sequence[str] = IMAGENETTE_CLASSES, *, rule: str = "rl",
+                  template: str = "an image of a {}", retain: bool = False) -> dict:
+    """The official SD run's prompts for forgetting class `forget_class` of `class_names`, as keyword arguments of
+    unlearn_sd: forget_prompts (the class's prompt), anchor_prompts (rule "rl": the prompt of class (c + 1) mod C,
+    the official pseudo prompt; "rl++": one prompt per class with c replaced by c + 1, of which unlearn_sd draws one
+    per sample uniformly, so c + 1 comes twice as often, as the official draw) and, with retain=True,
+    retain_prompts (every other class, for the --retrain variant: give them with retain latents and
+    retain_weight=0.1; a retain latent of class c' has retain_prompt_index c' - (c' > c), its position in this
+    list)."""
+    check_choice("rule", rule, PSEUDO_RULES)
+    names = list(class_names)
+    if not isinstance(forget_class, int) or not 0 <= forget_class < len(names):
+        raise ValueError(f"forget_class must be an int in [0, {len(names)}), got {forget_class!r}")
+    prompts = [template.format(name) for name in names]
+    nxt = (forget_class + 1) % len(names)
+    anchors = [prompts[nxt]] if rule == "rl" else [prompts[nxt if c == forget_class else c] for c in range(len(names))]
+    out = {"forget_prompts": [prompts[forget_class]], "anchor_prompts": anchors}
+    if retain:
+        out["retain_prompts"] = [p for c, p in enumerate(prompts) if c != forget_class]
+    return out
 
 
 def sd_target_modules(preset: str):
@@ -99,11 +136,28 @@ def _anchor_index(index: torch.Tensor, num_forget: int, num_anchor: int, generat
     return torch.randint(0, num_anchor, index.shape, generator=generator).to(index.device)
 
 
-def sd_forget_loss(scheduler, forget_embeds: torch.Tensor, anchor_embeds: torch.Tensor):
+def denoising_error(model: nn.Module, scheduler, x0: torch.Tensor, embeds: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The plain conditional denoising loss MSE(eps(x_t, embeds), noise) (mean over every element, no guidance: the
+    official remain loss); x0 (N, C, h, w) and embeds (N, L, D) on the model's device. Draws noise, then uniform
+    timesteps."""
+    x_t, noise, t = add_noise(scheduler, x0, generator, antithetic=False)
+    return F.mse_loss(predict_noise(model, x_t, t, encoder_hidden_states=embeds), noise)
+
+
+def sd_forget_loss(scheduler, forget_embeds: torch.Tensor, anchor_embeds: torch.Tensor, *,
+                   retain_latents: Optional[torch.Tensor] = None, retain_embeds: Optional[torch.Tensor] = None,
+                   retain_index: Optional[torch.Tensor] = None, retain_weight: float = 0.0,
+                   retain_batch_size: int = 8):
     """train_loss_fn(model, batch, generator) on (latents, prompt_index) batches: MSE(eps(x_t, forget prompt),
     eps(x_t, anchor prompt).detach()). Anchors: paired by index when there are as many as forget prompts, else the
-    single one, else drawn at random per sample. Draws, in order: noise, uniform timesteps, (random anchors)."""
+    single one, else drawn at random per sample. With retain_weight w > 0, adds w x denoising_error on
+    retain_batch_size retain latents (retain_embeds[retain_index] their prompts), drawn without replacement afresh
+    each step, as the official loop takes the first batch of a fresh shuffled remain loader.
+    Draws, in order: noise, uniform timesteps, (random anchors); then the retain batch's permutation, noise and
+    timesteps."""
     num_forget, num_anchor = len(forget_embeds), len(anchor_embeds)
+    use_retain = retain_weight > 0 and retain_latents is not None
 
     def loss_fn(model, batch, generator):
         x0, index = split_batch(batch, "the SD forget loss")
@@ -114,7 +168,13 @@ def sd_forget_loss(scheduler, forget_embeds: torch.Tensor, anchor_embeds: torch.
         eps_forget = predict_noise(model, x_t, t, encoder_hidden_states=_rows(forget_embeds, index))
         with torch.no_grad():
             eps_anchor = predict_noise(model, x_t, t, encoder_hidden_states=_rows(anchor_embeds, anchor))
-        return F.mse_loss(eps_forget, eps_anchor)
+        loss = F.mse_loss(eps_forget, eps_anchor)
+        if use_retain:
+            pick = torch.randperm(len(retain_latents), generator=generator)[:retain_batch_size]
+            loss = loss + retain_weight * denoising_error(model, scheduler, retain_latents[pick].to(device),
+                                                          _rows(retain_embeds, retain_index[pick].to(device)),
+                                                          generator)
+        return loss
 
     return loss_fn
 
@@ -136,6 +196,18 @@ def sample_sd_latents(unet: nn.Module, scheduler, cond_embeds: torch.Tensor, unc
 
 
 @torch.no_grad()
+def sample_prompts(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, prompts: Sequence[str],
+                   per_prompt: int = 2, num_inference_steps: int = 4, guidance_scale: float = 7.5,
+                   seed: int = 0) -> torch.Tensor:
+    """Latents (len(prompts) * per_prompt, C, h, w) on the CPU, per_prompt consecutive ones per prompt, with DDIM
+    from noise drawn from `seed`: the same seed gives the same starting noise to the model before and after."""
+    embeds = encode_prompts(text_encoder, tokenizer, list(prompts)).repeat_interleave(per_prompt, dim=0)
+    uncond = encode_prompts(text_encoder, tokenizer, [""])
+    return sample_sd_latents(unet, scheduler, embeds, uncond, num_inference_steps, guidance_scale,
+                             torch.Generator().manual_seed(seed)).cpu()
+
+
+@torch.no_grad()
 def sd_predictions(unet: nn.Module, scheduler, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor,
                    seed: int = 1) -> torch.Tensor:
     """eps(x_t, embeds[index]) at noise and timesteps drawn from `seed` (the same x_t for every call with that seed
@@ -154,68 +226,142 @@ def _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anch
     return eps_f, eps_a
 
 
-def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, forget_prompts: Sequence[str],
-               anchor_prompts: Sequence[str] = ("",), *, latents: Optional[torch.Tensor] = None,
-               latent_prompt_index: Optional[torch.Tensor] = None, num_latents: int = 16, sample_steps: int = 20,
-               sample_guidance: float = 7.5, preset: str = "xattn", gamma: float = 0.95,
-               attention_gamma: Optional[float] = None, gradient_guidance: float = 7.5, lr: float = 1e-5,
-               epochs: int = 5, batch_size: int = 8, seed: int = 0, progress: bool = True,
-               config: Optional[SEMUConfig] = None, **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
-    """SEMU concept removal on a diffusers UNet2DConditionModel (changed in place). Returns (SEMUModel, report,
-    metrics).
+def _prompt_index(name: str, index, num_latents: int, num_prompts: int, latents_name: str) -> torch.Tensor:
+    """Which prompt each latent shows: `index` checked, or cycling over the prompts."""
+    if index is None:
+        return torch.arange(num_latents) % num_prompts
+    index = torch.as_tensor(index, dtype=torch.long)
+    if index.shape != (num_latents,):
+        raise ValueError(f"{name} has {index.numel()} entries for {num_latents} {latents_name}")
+    if index.numel() and (index.min() < 0 or index.max() >= num_prompts):
+        raise ValueError(f"{name} must index its prompts (0..{num_prompts - 1}), got values in "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    return index
 
-    The forget data are latents of the concept: `latents` (N, C, h, w) with latent_prompt_index (which forget prompt
-    each one shows; default cycling over the prompts), or num_latents sampled here from the frozen UNet under the
-    forget prompts (sample_steps DDIM steps, guidance sample_guidance). The gradient pass is sd_gradient_loss
-    (guidance gradient_guidance); R is trained with sd_forget_loss (Adam, lr, epochs passes of batch_size).
-    metrics: on the same latents at fixed fresh noise and timesteps, forget_anchor_gap_before/after =
-    MSE(eps(forget prompt), eps(anchor prompt)), anchor_drift = MSE of the anchor prediction after vs before and
-    forget_shift = MSE of the forget prediction after vs before; plus the trainable parameter count."""
-    forget_prompts, anchor_prompts = list(forget_prompts), list(anchor_prompts)
+
+def _check_latents(name: str, latents, shape: tuple) -> None:
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != shape \
+            or not latents.is_floating_point() or len(latents) == 0:
+        raise ValueError(f"{name} must be a non-empty float tensor (N, {', '.join(map(str, shape))}) matching the "
+                         f"UNet, got {getattr(latents, 'shape', type(latents).__name__)}")
+
+
+def _check_sd_inputs(unet, forget_prompts, anchor_prompts, retain_prompts, latents, retain_latents, retain_weight,
+                     batch_size, gradient_guidance) -> None:
+    """Every check on unlearn_sd's inputs that needs no forward pass, before anything is computed or changed."""
     if not forget_prompts:
         raise ValueError("forget_prompts is empty: name at least one prompt of the concept to remove")
     if not anchor_prompts:
         raise ValueError("anchor_prompts is empty: give at least one (\"\" is the unconditional anchor)")
-    config = config if config is not None else sd_config(preset, gamma, attention_gamma, seed=seed)
+    check_number("gradient_guidance", gradient_guidance, positive=False)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    weight = check_number("retain_weight", retain_weight, positive=False)
+    if weight > 0 and not retain_prompts:
+        raise ValueError(f"retain_weight={retain_weight!r} needs retain_prompts (the prompts of the data to keep)")
+    if retain_prompts and weight == 0:
+        raise ValueError("retain_prompts are given but retain_weight is 0, so they would be ignored: set "
+                         "retain_weight > 0 (the official --retrain uses 0.1)")
+    if retain_latents is not None and not retain_prompts:
+        raise ValueError("retain_latents are given without retain_prompts: name the prompt of each")
+    cfg = base_model(unet).config
+    shape = (int(cfg.in_channels), *sample_size(unet)) if latents is None else tuple(latents.shape[1:])
+    if latents is not None:
+        _check_latents("latents", latents, (int(cfg.in_channels), *shape[1:]))
+    if retain_latents is not None:
+        _check_latents("retain_latents", retain_latents, shape)
+
+
+def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, forget_prompts: Sequence[str],
+               anchor_prompts: Sequence[str] = ("",), *, latents: Optional[torch.Tensor] = None,
+               latent_prompt_index: Optional[torch.Tensor] = None, num_latents: int = 16, sample_steps: int = 20,
+               sample_guidance: float = 7.5, retain_prompts: Sequence[str] = (),
+               retain_latents: Optional[torch.Tensor] = None, retain_prompt_index: Optional[torch.Tensor] = None,
+               retain_weight: float = 0.0, preset: str = "xattn", gamma: float = 0.95,
+               attention_gamma: Optional[float] = None, gradient_guidance: float = 7.5, lr: float = 1e-5,
+               epochs: int = 5, batch_size: int = 8, shuffle: bool = True, seed: int = 0, progress: bool = True,
+               config: Optional[SEMUConfig] = None, semu_options: Optional[dict] = None,
+               **unlearn_kwargs) -> tuple[SEMUModel, SEMUReport, dict]:
+    """SEMU concept removal on a diffusers UNet2DConditionModel (changed in place). Returns (SEMUModel, report,
+    metrics).
+
+    The forget data are latents of the concept: `latents` (N, C, h, w) with latent_prompt_index (which forget prompt
+    each one shows; default cycling over the prompts), e.g. real images through sd_images.encode_images, or
+    num_latents sampled here from the frozen UNet under the forget prompts (sample_steps DDIM steps, guidance
+    sample_guidance). The gradient pass is sd_gradient_loss (guidance gradient_guidance); R is trained with
+    sd_forget_loss (Adam, lr, epochs passes of batch_size; shuffle=False keeps the latents' order, as the official
+    forget loader). retain_weight w > 0 (default 0: off) adds w x the plain denoising loss on retain data each step:
+    retain_latents with retain_prompt_index into retain_prompts (default cycling), or num_latents sampled under the
+    retain prompts; a batch of batch_size of them per step. config: a full SEMUConfig instead of preset / gamma /
+    attention_gamma / seed; semu_options: other SEMUConfig fields for sd_config (e.g. projection, rank_rule).
+    Every input is checked before anything is computed.
+
+    metrics: on the same latents at fixed fresh noise and timesteps, forget_anchor_gap_before/after =
+    MSE(eps(forget prompt), eps(anchor prompt)), anchor_drift = MSE of the anchor prediction after vs before and
+    forget_shift = MSE of the forget prediction after vs before (with retain data: retain_drift, the same for the
+    retain prompts on the retain latents); plus the trainable parameter count."""
+    forget_prompts, anchor_prompts = list(forget_prompts), list(anchor_prompts)
+    retain_prompts = [retain_prompts] if isinstance(retain_prompts, str) else list(retain_prompts)
+    _check_sd_inputs(unet, forget_prompts, anchor_prompts, retain_prompts, latents, retain_latents, retain_weight,
+                     batch_size, gradient_guidance)
+    if config is not None and semu_options:
+        raise ValueError("give config or semu_options, not both (semu_options extend the config built from preset)")
+    config = config if config is not None else sd_config(preset, gamma, attention_gamma, seed=seed,
+                                                         **(semu_options or {}))
+    index = _prompt_index("latent_prompt_index", latent_prompt_index,
+                          num_latents if latents is None else len(latents), len(forget_prompts), "latents")
+    if retain_prompts:
+        retain_index = _prompt_index("retain_prompt_index", retain_prompt_index,
+                                     num_latents if retain_latents is None else len(retain_latents),
+                                     len(retain_prompts), "retain latents")
     forget_embeds = encode_prompts(text_encoder, tokenizer, forget_prompts)
     anchor_embeds = encode_prompts(text_encoder, tokenizer, anchor_prompts)
     uncond_embeds = encode_prompts(text_encoder, tokenizer, [""])
     if latents is None:
-        index = torch.arange(num_latents) % len(forget_prompts)
         latents = sample_sd_latents(unet, scheduler, forget_embeds[index], uncond_embeds, sample_steps,
                                     sample_guidance, torch.Generator().manual_seed(seed)).cpu()
-    else:
-        index = (torch.arange(len(latents)) % len(forget_prompts) if latent_prompt_index is None
-                 else torch.as_tensor(latent_prompt_index, dtype=torch.long))
-        if len(index) != len(latents):
-            raise ValueError(f"latent_prompt_index has {len(index)} entries for {len(latents)} latents")
-        if index.numel() and (index.min() < 0 or index.max() >= len(forget_prompts)):
-            raise ValueError(f"latent_prompt_index must index forget_prompts (0..{len(forget_prompts) - 1})")
+    retain = {}
+    if retain_prompts:
+        retain_embeds = encode_prompts(text_encoder, tokenizer, retain_prompts)
+        if retain_latents is None:  # another seed: not the forget latents' starting noise
+            retain_latents = sample_sd_latents(unet, scheduler, retain_embeds[retain_index], uncond_embeds,
+                                               sample_steps, sample_guidance,
+                                               torch.Generator().manual_seed(seed + 1)).cpu()
+        retain = {"retain_latents": retain_latents.float().cpu(), "retain_embeds": retain_embeds,
+                  "retain_index": retain_index, "retain_weight": float(retain_weight),
+                  "retain_batch_size": batch_size}
+        retain_before = sd_predictions(unet, scheduler, retain_latents, retain_embeds, retain_index, seed + 1)
     anchor = _anchor_index(index, len(forget_prompts), len(anchor_prompts), torch.Generator().manual_seed(seed))
     before_f, before_a = _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
-    loader = DataLoader(TensorDataset(latents.float().cpu(), index), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(TensorDataset(latents.float().cpu(), index), batch_size=batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(seed) if shuffle else None)
     semu_model, report = unlearn(
         unet, loader, None, config,
         loss_fn=sd_gradient_loss(scheduler, forget_embeds, uncond_embeds, guidance_scale=gradient_guidance,
                                  seed=config.seed),
-        train_loss_fn=sd_forget_loss(scheduler, forget_embeds, anchor_embeds), optimizer="adam", lr=lr,
+        train_loss_fn=sd_forget_loss(scheduler, forget_embeds, anchor_embeds, **retain), optimizer="adam", lr=lr,
         epochs=epochs, weight_decay=0.0, select_best=False, progress=progress, **unlearn_kwargs)
     after_f, after_a = _sd_gaps(semu_model, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
     metrics = {"forget_anchor_gap_before": F.mse_loss(before_f, before_a).item(),
                "forget_anchor_gap_after": F.mse_loss(after_f, after_a).item(),
                "anchor_drift": F.mse_loss(after_a, before_a).item(),
                "forget_shift": F.mse_loss(after_f, before_f).item(),
-               "trainable_params": report.trainable_params, "num_latents": len(latents),
+               "trainable_params": report.trainable_params, "trainable_share": report.trainable_share,
+               "num_latents": len(latents),
                "adapted_layers": [layer.name for layer in report.layers if layer.k > 0]}
+    if retain:
+        retain_after = sd_predictions(semu_model, scheduler, retain_latents, retain_embeds, retain_index, seed + 1)
+        metrics.update(retain_drift=F.mse_loss(retain_after, retain_before).item(),
+                       num_retain_latents=len(retain_latents))
     return semu_model, report, metrics
 
 
-def load_sd(path, device: Optional[str] = None):
+def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     """(unet, text_encoder, tokenizer, scheduler) from a local Stable-Diffusion-style folder with unet/,
     text_encoder/ and tokenizer/ subfolders (scheduler/ optional: its betas are used in a DDPMScheduler; without it,
-    SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). Nothing is downloaded; float32."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). with_vae: a fifth entry, the AutoencoderKL of vae/ (eval,
+    frozen), or None when the folder has no vae/. Nothing is downloaded; float32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(path)
@@ -234,4 +380,10 @@ def load_sd(path, device: Optional[str] = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     unet.to(device).eval()
     text_encoder.to(device).eval().requires_grad_(False)
-    return unet, text_encoder, tokenizer, scheduler
+    if not with_vae:
+        return unet, text_encoder, tokenizer, scheduler
+    vae = None
+    if (path / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).float()
+        vae.to(device).eval().requires_grad_(False)
+    return unet, text_encoder, tokenizer, scheduler, vae
