@@ -145,7 +145,9 @@ def main(argv=None):
     semu_model = sf.prepare(model, data, loss_fn=llm.nll_loss, config=config)
     sync(device)
     total = time.perf_counter() - start
-    used = peak(device)  # GPU: everything allocated; CPU: the process's RSS (the interpreter and libraries too)
+    # GPU: everything allocated. CPU: the model plus the RSS that prepare added (the process's own RSS also holds the
+    # interpreter, libraries and what the allocator kept from the plain backward run before it).
+    used = peak(device) if gpu else weights_bytes + peak(device) - before
     report = semu_model.report
     ks = sorted(layer.k for layer in report.layers)
     title = (f"sf.prepare on a Llama-{args.size} shape ({args.dtype}, {len(targets)} projection Linears), {args.sequences} x "
@@ -159,7 +161,7 @@ def main(argv=None):
                    "k min/median/max": f"{ks[0]}/{ks[len(ks) // 2]}/{ks[-1]}",
                    "trainable %": report.trainable_share})
     if not gpu:
-        print(f"CPU RSS growth during prepare {(used - before) / 1e9:.2f} GB over {before / 1e9:.2f} GB before it "
+        print(f"CPU RSS growth during prepare {(used - weights_bytes) / 1e9:.2f} GB over {before / 1e9:.2f} GB before it "
               f"(the model: {weights_bytes / 1e9:.2f} GB); ru_maxrss "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     if args.compare_svd:
