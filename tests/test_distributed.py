@@ -64,8 +64,15 @@ def _worker(rank, init_file, out_dir, mode):
                                progress=False)
             result = {"R": {n: a.R.detach().clone() for n, a in sm.adapters.items()}}
         else:
+            result = {}
+            if mode == "plain":  # the rows each rank's Linear saw are summed over the ranks (its SVD's rank hint)
+                from semu_fast import distributed
+                from semu_fast.gradients import accumulate_gradients
+
+                result["rows"] = accumulate_gradients(model, shard, {"2": model[2]},
+                                                      group=distributed.resolve(None)).rows
             sm = sf.prepare(model, shard, config=sf.SEMUConfig(**CONFIG))
-            result = {"factors": _factors(sm), "timings": sm.report.timings}
+            result.update(factors=_factors(sm), timings=sm.report.timings)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -90,6 +97,8 @@ def test_two_ranks_give_the_single_process_adapters(tmp_path, mode):
             torch.testing.assert_close(U2 @ (U2.transpose(-1, -2) @ U), U, atol=2e-3, rtol=0)
             torch.testing.assert_close(Vh2.transpose(-1, -2) @ (Vh2 @ Vh.transpose(-1, -2)), Vh.transpose(-1, -2),
                                        atol=2e-3, rtol=0)
+    if mode == "plain":
+        assert [result["rows"] for result in results] == [{"2": len(_batches()) * 8}] * WORLD
     for name in single:  # the ranks hold identical factors (broadcast from each layer's owner)
         assert all(torch.equal(results[0]["factors"][name][i], results[1]["factors"][name][i]) for i in (0, 1))
 
