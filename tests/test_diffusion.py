@@ -587,6 +587,16 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
         cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])
 
 
+def test_unlearn_sd_preset_refuses_a_layer_set_naming_its_new_flag(tmp_path, capsys):
+    """--preset took the layer set before it took ours|official: an old call is told where the value went."""
+    with pytest.raises(SystemExit):
+        cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--preset", "xattn-kv"])
+    assert "'xattn-kv' is a value of --layers now (--layers xattn-kv)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--preset", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
 def _write_images(folder, n, seed):
     from PIL import Image
 

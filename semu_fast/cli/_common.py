@@ -97,9 +97,17 @@ def add_training_flags(group, *, gamma_default: float, lr: float, epochs=None, o
         group.add_argument("--epochs", type=positive(int), default=epochs, help=f"{epochs_help} (default {epochs})")
 
 
-def add_preset_flag(group, official: str) -> None:
-    """--preset ours|official; `official` says what the official run sets."""
-    group.add_argument("--preset", choices=("ours", "official"), default="ours",
+def add_preset_flag(group, official: str, moved: Optional[dict] = None) -> None:
+    """--preset ours|official; `official` says what the official run sets. moved: {old value: the flag that takes it
+    now}, for values --preset used to take, refused with that pointer."""
+
+    def preset(value: str) -> str:
+        if moved and value in moved:
+            raise argparse.ArgumentTypeError(f"--preset takes ours or official; {value!r} is a value of "
+                                             f"{moved[value]} now ({moved[value]} {value})")
+        return value
+
+    group.add_argument("--preset", type=preset, choices=("ours", "official"), default="ours",
                        help=f"official: the official SEMU run ({official}; flags given with other values override "
                        f"it); ours (default): the settings that forget best here")
 

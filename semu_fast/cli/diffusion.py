@@ -98,7 +98,8 @@ def _register_sd(subparsers) -> None:
     add_device_flag(g)
     g = sd.add_argument_group("SEMU")
     add_preset_flag(g, "sf.preset('official-sd'): every Linear and Conv2d, its projection and rank rule without a "
-                    "floor, exact SVD, guidance 7.5, Adam 1e-5, batch 8, 5 epochs, latents in order")
+                    "floor, exact SVD, guidance 7.5, Adam 1e-5, batch 8, 5 epochs, latents in order",
+                    moved=dict.fromkeys(SD_PRESETS, "--layers"))
     g.add_argument("--layers", choices=tuple(SD_PRESETS), default="xattn",
                    help="layers to change: xattn (every attn2 projection, default), xattn-kv (attn2.to_k/to_v), "
                    "all (the official preset's)")
