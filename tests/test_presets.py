@@ -331,6 +331,29 @@ class _OfficialMaskedLayer(nn.Module):
         return self.layer._conv_forward(x, weight, self.layer.bias)
 
 
+def _official_transform(unet, layers, sums, gamma_of, column_of):
+    """The official DDPM/SD transform_model on summed gradients: projection dividing by ||W||, torch.linalg.svd per
+    matrix (per input channel for convs and for column layers), searchsorted(side="right") ranks with no floor, each
+    layer replaced by an _OfficialMaskedLayer. Returns (ranks, trainable count, the masked layers)."""
+    ranks, trainable = {}, 0
+    for n, m in layers.items():
+        wt = m.weight.detach().double()
+        grad = sums[n] - (sums[n] * wt).sum() / wt.norm() * wt
+        column = column_of(n, m)
+        mats = grad.T.unsqueeze(-1) if column else grad if grad.dim() == 2 else grad.permute(1, 0, 2, 3).flatten(2)
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        ratio = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
+        ks = torch.searchsorted(ratio, torch.full((*ratio.shape[:-1], 1), gamma_of(column), dtype=torch.float64),
+                                side="right").view(-1)
+        ranks[n] = ks.tolist()
+        trainable += int((ks ** 2).sum())
+        m.weight.requires_grad_(False)
+        parent, _, child = n.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child,
+                _OfficialMaskedLayer(m, u.float(), vh.float(), ks, column))
+    return ranks, trainable, [mod for mod in unet.modules() if isinstance(mod, _OfficialMaskedLayer)]
+
+
 def _official_ddpm_run(unet, sched, forget, num_classes, null, seed, epochs, gamma=0.95, w=2.0, p=0.1, lr=1e-3):
     """DDPM/runners/diffusion.py generate_svd + the svd rl training, written out plainly on a diffusers UNet."""
     import re
@@ -365,24 +388,9 @@ def _official_ddpm_run(unet, sched, forget, num_classes, null, seed, epochs, gam
         torch.nn.utils.clip_grad_norm_(weights, 1.0)
         for n, m in layers.items():
             sums[n] += m.weight.grad.double()
-    ranks, trainable = {}, 0
-    for n, m in layers.items():
-        wt = m.weight.detach().double()
-        grad = sums[n] - (sums[n] * wt).sum() / wt.norm() * wt
-        column = isinstance(m, nn.Linear) and re.search(ATTENTION_PATTERN, n) is not None
-        mats = grad.T.unsqueeze(-1) if column else grad if grad.dim() == 2 else grad.permute(1, 0, 2, 3).flatten(2)
-        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-        ratio = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
-        g_layer = 1.0 if column else gamma
-        ks = torch.searchsorted(ratio, torch.full((*ratio.shape[:-1], 1), g_layer, dtype=torch.float64),
-                                side="right").view(-1)
-        ranks[n] = ks.tolist()
-        trainable += int((ks ** 2).sum())
-        m.weight.requires_grad_(False)
-        parent, _, child = n.rpartition(".")
-        setattr(unet.get_submodule(parent) if parent else unet, child,
-                _OfficialMaskedLayer(m, u.float(), vh.float(), ks, column))
-    official = [mod for mod in unet.modules() if isinstance(mod, _OfficialMaskedLayer)]
+    ranks, trainable, official = _official_transform(
+        unet, layers, sums, lambda column: 1.0 if column else gamma,
+        lambda n, m: isinstance(m, nn.Linear) and re.search(ATTENTION_PATTERN, n) is not None)
     params = [mod.r for mod in official]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -504,22 +512,8 @@ def _official_sd_run(unet, vae, text_encoder, tokenizer, images, forget_prompt, 
         (-F.mse_loss(noise, pred)).backward()
         for n, m in layers.items():
             sums[n] += m.weight.grad.double()
-    ranks, trainable = {}, 0
-    for n, m in layers.items():
-        wt = m.weight.detach().double()
-        grad = sums[n] - (sums[n] * wt).sum() / wt.norm() * wt
-        mats = grad if grad.dim() == 2 else grad.permute(1, 0, 2, 3).flatten(2)
-        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-        ratio = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
-        ks = torch.searchsorted(ratio, torch.full((*ratio.shape[:-1], 1), gamma, dtype=torch.float64),
-                                side="right").view(-1)
-        ranks[n] = ks.tolist()
-        trainable += int((ks ** 2).sum())
-        m.weight.requires_grad_(False)
-        parent, _, child = n.rpartition(".")
-        setattr(unet.get_submodule(parent) if parent else unet, child,
-                _OfficialMaskedLayer(m, u.float(), vh.float(), ks, False))
-    official = [mod for mod in unet.modules() if isinstance(mod, _OfficialMaskedLayer)]
+    ranks, trainable, official = _official_transform(unet, layers, sums, lambda column: gamma,
+                                                     lambda n, m: False)  # SD's projections are one matrix each
     opt = torch.optim.Adam([mod.r for mod in official], lr=lr)
     g = torch.Generator().manual_seed(seed)
     first = forget[:batch]  # next(iter(forget_dl)) of the unshuffled loader, every step
