@@ -1,5 +1,6 @@
 """The LLM workflow: batches from texts, token NLL and perplexity, unlearn_llm and `semu-fast unlearn-llm`, on a tiny
 random Llama saved to a temporary folder with an offline tokenizer."""
+import dataclasses
 import json
 import math
 import re
@@ -13,6 +14,7 @@ pytest.importorskip("tokenizers")
 import semu_fast as sf  # noqa: E402
 from semu_fast.workflows import llm, llm_losses  # noqa: E402
 from semu_fast.adapters import SEMUAdapter  # noqa: E402
+from semu_fast.layers import select_layers  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
 from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
@@ -107,7 +109,8 @@ def test_unlearn_llm_raises_forget_perplexity_and_changes_only_R(loaded):
     forget, retain = _data(tokenizer)
     before = snapshot(model)
     sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss="ascent", train_on_retain=False,
-                                          select_best=False, lr=3e-2, epochs=3, progress=False)
+                                          target_modules="mlp.down_proj", select_best=False, lr=3e-2, epochs=3,
+                                          progress=False)
     # data-free: retain texts come from the same distribution, yet the forget gradients' subspace leaves them almost
     # alone
     assert metrics["forget_ppl_after"] > 1.15 * metrics["forget_ppl_before"]
@@ -251,11 +254,14 @@ def test_defaults_train_npo_on_retain_data_and_keep_an_epoch_within_the_toleranc
         return real(model, forget_loader, retain_loader, config, **kwargs)
 
     monkeypatch.setattr(llm, "unlearn", spy)
+    # the default epochs give about forget_steps steps on the forget set; a shorter run keeps this test quick
+    monkeypatch.setattr(llm, "DEFAULTS", dataclasses.replace(llm.DEFAULTS, forget_steps=3 * len(forget) + 1,
+                                                            min_epochs=2))
     sm, report, metrics = llm.unlearn_llm(model, forget, retain, lr=3e-2, progress=False)
     retain_loader, train_fn, epochs, lr = seen[0]
     assert [id(b) for b in retain_loader] == [id(b) for b in retain]  # trained on
     assert train_fn.name == llm.DEFAULTS.forget_loss == "npo"
-    assert epochs == llm.DEFAULTS.epochs and lr == 3e-2
+    assert epochs == metrics["epochs"] == 4 and lr == 3e-2
     history = report.training["history"]
     assert len(history) == epochs and all({"score", "guard_nll", "within_tolerance"} <= set(h) for h in history)
     best = metrics["best_epoch"]
@@ -289,7 +295,7 @@ def test_mean_answer_prob_is_the_mean_of_per_sequence_answer_probabilities():
     ({"target_modules": "no_such_layer"}, "pattern 'no_such_layer' matches no layer"),
     ({"target_modules": "embed_tokens"}, "selects 'model.embed_tokens', which SEMU cannot adapt"),
     ({"target_modules": ["mlp.down_proj", "("]}, "target_modules: '\\(' is not a valid regular expression"),
-    ({"target_modules": []}, "target_modules must be one or more"),
+    ({"target_modules": []}, "target_modules must be 'all-linear' or one or more"),
     ({"target_modules": ".*"}, "target_modules selects 'model.embed_tokens', which SEMU cannot adapt"),
     ({"forget_loss": "nope"}, "forget_loss must be one of 'ascent', 'random', 'graddiff', 'npo'"),
     ({"retain_loss": "mse", "retain_batches": id_batches(1)}, "retain_loss must be one of 'nll', 'kl', 'rmu'"),
@@ -601,3 +607,34 @@ def test_gpt2_conv1d_adapters_export_as_a_peft_lora():
         peft_model = peft.PeftModel.from_pretrained(_tiny_gpt2(), folder).eval()
         with torch.no_grad():
             torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("build, expected", [
+    (tiny_llama, {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}),
+    (_tiny_gpt2, {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                         "mlp.c_proj")}),
+])
+def test_all_linear_adapts_every_linear_layer_but_the_output_head(build, expected):
+    """The LLM default, whatever the architecture names its layers: the head (tied to the embeddings in GPT-2,
+    untied in the tiny Llama) is left out, every other Linear / Conv1D adapted."""
+    model = build()
+    config = llm.llm_config(model, "all-linear", 0.9, seed=0)
+    assert set(select_layers(model, config)) == expected
+    assert llm.llm_config(model, ("all-linear",), 0.9, seed=0) == config
+    assert llm.DEFAULTS.target_modules == ("all-linear",)
+    patterns = llm.llm_config(model, ["mlp"], 0.5, seed=3)
+    assert patterns.target_modules == ("mlp",) and patterns.exclude_modules is None and patterns.seed == 3
+
+
+def test_all_linear_is_refused_next_to_other_patterns():
+    with pytest.raises(ValueError, match="target_modules: 'all-linear' selects every layer already; give it alone"):
+        llm.llm_config(tiny_llama(), ["all-linear", "mlp"], 0.9, seed=0)
+
+
+def test_default_epochs_give_about_forget_steps_steps_and_at_least_min_epochs():
+    defaults = llm.DEFAULTS
+    assert defaults.epochs is None and defaults.forget_steps == 180 and defaults.min_epochs == 5
+    assert [defaults.epochs_for(n) for n in (1, 3, 7, 36, 37, 1000)] == [180, 60, 26, 5, 5, 5]
+    assert dataclasses.replace(defaults, epochs=2).epochs_for(3) == 2

@@ -79,7 +79,9 @@ def test_train_runs_the_gradient_pass_once_and_changes_only_R(tmp_path, monkeypa
     assert len(calls) == 1
     sm = trainer.semu_model
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert trained == {id(p) for p in sm.trainable_parameters()} and len(trained) == 2
+    # the default layers: every Linear of the 2 decoder layers (7 each), not the output head
+    assert trained == {id(p) for p in sm.trainable_parameters()} and len(trained) == 14
+    assert "lm_head" not in sm.adapters
     assert all((a.R != 0).any() for a in sm.adapters.values())
     for name, param in sm.model.named_parameters():  # everything but R is untouched
         if not name.endswith(".R"):

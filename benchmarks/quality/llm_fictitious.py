@@ -350,6 +350,8 @@ class RunSettings:
     rmu_steering: float = 20.0
     rmu_alpha: float = 100.0
     npo_beta: float = 0.1
+    retain_loss: str = "nll"  # the retain term of every SEMU loss but graddiff and rmu (their own)
+    retain_weight: float = 1.0
     select_best: bool = False  # unlearn_llm's epoch selection (off: the last epoch, as the full-model runs)
 
 
@@ -370,7 +372,8 @@ def semu_run(model, tokenizer, splits: Splits, loss: str, settings: RunSettings,
     elif loss in ("npo", "idkdpo"):
         overrides = dict(beta=settings.npo_beta)
     forget_loss = L.make_loss(loss, **overrides) if overrides else loss
-    retain_loss = None if loss in ("graddiff", "rmu") else "nll"
+    retain_loss = None if loss in ("graddiff", "rmu") else L.make_retain_loss(settings.retain_loss,
+                                                                              weight=settings.retain_weight)
     extra = {}
     if "select_best" in inspect.signature(llm.unlearn_llm).parameters:
         extra["select_best"] = settings.select_best
@@ -517,6 +520,9 @@ def main(argv=None):
     parser.add_argument("--rmu-layer", type=int, default=defaults.rmu_layer)
     parser.add_argument("--rmu-steering", type=float, default=defaults.rmu_steering)
     parser.add_argument("--rmu-alpha", type=float, default=defaults.rmu_alpha)
+    parser.add_argument("--retain-loss", choices=("nll", "kl"), default=defaults.retain_loss,
+                        help="SEMU's retain term (graddiff and rmu keep their own)")
+    parser.add_argument("--retain-weight", type=float, default=defaults.retain_weight)
     parser.add_argument("--select-best", action="store_true",
                         help="let unlearn_llm keep its best epoch (default: the last, as the full-model runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
@@ -536,6 +542,7 @@ def main(argv=None):
     settings = RunSettings(target_modules=tuple(args.target_modules), gamma=args.gamma, semu_lr=args.semu_lr,
                            full_lr=args.full_lr, epochs=args.epochs, rmu_layer=args.rmu_layer,
                            rmu_steering=args.rmu_steering, rmu_alpha=args.rmu_alpha, npo_beta=args.npo_beta,
+                           retain_loss=args.retain_loss, retain_weight=args.retain_weight,
                            select_best=args.select_best)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -110,7 +110,8 @@ def register(subparsers) -> None:
     add_device_flag(g)
     g = p.add_argument_group("SEMU (defaults: semu_fast.workflows.llm.DEFAULTS)")
     g.add_argument("--target-modules", action="append", default=None, metavar="PATTERN",
-                   help="regular expression searched in layer names; repeat for several (default "
+                   help="regular expression searched in layer names; repeat for several; or all-linear: every "
+                   "Linear / Conv1D but the output head (default "
                    f"{' '.join(DEFAULTS.target_modules)})")
     g.add_argument("--loss", "--forget-loss", dest="forget_loss", choices=tuple(FORGET_LOSSES),
                    default=DEFAULTS.forget_loss, metavar="LOSS",
@@ -127,8 +128,10 @@ def register(subparsers) -> None:
     g.add_argument("--train-on-retain", action=argparse.BooleanOptionalAction, default=None,
                    help="train R on the retain data too (default: yes when retain data is given); "
                    "--no-train-on-retain only evaluates it (SEMU's data-free setting)")
-    add_training_flags(g, gamma_default=DEFAULTS.gamma, lr=DEFAULTS.lr, epochs=DEFAULTS.epochs,
-                       optimizer=DEFAULTS.optimizer, epochs_help="passes over the forget texts")
+    add_training_flags(g, gamma_default=DEFAULTS.gamma, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer)
+    g.add_argument("--epochs", type=positive(int), default=DEFAULTS.epochs,
+                   help="passes over the forget data (default: enough for about "
+                   f"{DEFAULTS.forget_steps} optimizer steps on it, at least {DEFAULTS.min_epochs})")
     g = p.add_argument_group("which epoch to keep")
     g.add_argument("--select-best", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the R of the epoch with the best --criterion among those whose retain perplexity rose "
@@ -233,7 +236,7 @@ def run(args, parser) -> int:
         parser.error(str(err))
     metrics.update({f"{key}_before": value for key, value in before.items()})
     metrics.update({f"{key}_after": value for key, value in after.items()})
-    run_settings = {**settings(args), "target_modules": targets}
+    run_settings = {**settings(args), "target_modules": targets, "epochs": metrics["epochs"]}
     files = results.write_run(args.out, semu_model, report, metrics, run_settings)
     text = llm.report_markdown(metrics, report, run_settings)
     atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))

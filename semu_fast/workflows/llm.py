@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -59,21 +60,34 @@ from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll
 class LLMDefaults:
     """The defaults of unlearn_llm and `semu-fast unlearn-llm` (which reads them from DEFAULTS), in one place.
 
-    Chosen to forget selectively rather than to forget most: NPO (bounded, the TOFU / open-unlearning standard)
-    trained with the retain NLL whenever retain data is given (open-unlearning's NPO recipe: beta 0.1, alpha 1),
-    and the epoch kept by the highest forget NLL among those whose retain perplexity rose by at most 10% (an epoch
-    that broke the model is never kept; R = 0, the original model, is the fallback). gamma, lr and epochs are not
-    calibrated on a trained LLM here (none is available offline): benchmarks/quality holds the measurements."""
-    target_modules: tuple = ("mlp.down_proj",)
-    gamma: float = 0.9
+    Chosen to forget selectively rather than to forget most, and calibrated on the offline TOFU-style benchmark
+    (benchmarks/quality/llm_fictitious.py; no trained LLM is available offline, so check them on your model):
+    every Linear but the output head, gamma 0.95, Adam lr 1e-2 on R and about 180 optimizer steps on the forget
+    set (epochs None: enough passes for forget_steps, at least min_epochs). NPO (bounded, the TOFU /
+    open-unlearning standard; works on texts and on question/answer data) is trained with the retain NLL whenever
+    retain data is given (open-unlearning's NPO recipe: beta 0.1, alpha 1), and the epoch kept is the one with the
+    highest forget NLL among those whose retain perplexity rose by at most 10% (an epoch that broke the model is
+    never kept; R = 0, the original model, is the fallback). On question/answer data with "I don't know"
+    alternates, idkdpo was the most selective loss there."""
+    target_modules: tuple = ("all-linear",)
+    gamma: float = 0.95
     forget_loss: str = "npo"
     optimizer: str = "adam"
-    lr: float = 1e-4
-    epochs: int = 5
+    lr: float = 1e-2
+    epochs: Optional[int] = None
+    forget_steps: int = 180
+    min_epochs: int = 5
     criterion: str = "forget_nll"
     retain_tolerance: float = 0.1
     max_length: int = 256
     batch_size: int = 8
+
+    def epochs_for(self, forget_batches: int) -> int:
+        """The number of passes over `forget_batches` batches: `epochs` when set, else enough for forget_steps
+        optimizer steps on the forget set, at least min_epochs."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(self.min_epochs, math.ceil(self.forget_steps / max(1, forget_batches)))
 
 
 DEFAULTS = LLMDefaults()
@@ -155,13 +169,27 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
     return batches
 
 
-def _check_targets(target_modules) -> tuple:
-    """One or more patterns (SEMUConfig checks each is a valid regular expression, select_layers that it matches)."""
+ALL_LINEAR = "all-linear"
+
+
+def llm_config(model: nn.Module, target_modules, gamma: float, seed: int) -> SEMUConfig:
+    """The SEMUConfig of an LLM run. target_modules: one or more regular expressions searched in module names (each
+    must match a layer SEMU adapts), or "all-linear" (peft's shorthand): every nn.Linear / Conv1D but the output
+    head (model.get_output_embeddings(), often tied to the input embeddings), whatever the architecture names them.
+    SEMUConfig checks the patterns, select_layers that they match."""
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     if not isinstance(target_modules, Iterable) or not (target_modules := tuple(target_modules)):
-        raise ValueError(f"target_modules must be one or more name patterns, got {target_modules!r}")
-    return target_modules
+        raise ValueError(f"target_modules must be {ALL_LINEAR!r} or one or more name patterns, got "
+                         f"{target_modules!r}")
+    if ALL_LINEAR not in target_modules:
+        return SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
+    if len(target_modules) > 1:
+        raise ValueError(f"target_modules: {ALL_LINEAR!r} selects every layer already; give it alone, got "
+                         f"{target_modules!r}")
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    exclude = tuple(f"^{re.escape(name)}$" for name, module in model.named_modules() if module is head and name)
+    return SEMUConfig(gamma=gamma, target_modules=None, exclude_modules=exclude or None, seed=seed)
 
 
 def resolve_objectives(forget_loss, retain_loss, seed: int = 0) -> tuple[Callable, Callable, str]:
@@ -315,7 +343,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
                 forget_loss: Union[str, Callable] = DEFAULTS.forget_loss,
                 retain_loss: Union[str, Callable, None] = None,
                 train_on_retain: Optional[bool] = None, optimizer: str = DEFAULTS.optimizer, lr: float = DEFAULTS.lr,
-                epochs: int = DEFAULTS.epochs, eval_batches=None, select_best: Optional[bool] = None,
+                epochs: Optional[int] = DEFAULTS.epochs, eval_batches=None, select_best: Optional[bool] = None,
                 criterion: Union[str, Callable] = DEFAULTS.criterion,
                 retain_tolerance: float = DEFAULTS.retain_tolerance, on_epoch=None, seed: int = 0,
                 progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
@@ -323,15 +351,16 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics). Defaults: DEFAULTS.
 
     forget_batches / retain_batches: lists of batches (make_batches, make_qa_batches, make_record_batches).
-    target_modules: regular expressions searched in module names; each must match a layer SEMU adapts (nn.Linear,
-    or transformers' Conv1D; default: every MLP down projection). forget_loss: a FORGET_LOSSES name ("ascent",
+    target_modules: "all-linear" (the default: every nn.Linear / transformers Conv1D but the output head) or
+    regular expressions searched in module names, each of which must match a layer SEMU adapts (see llm_config). forget_loss: a FORGET_LOSSES name ("ascent",
     "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module docstring and
     llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model, batch,
     generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a callable; None: the forget
     objective's own retain term (NLL for most, RMU's for "rmu"), else NLL. train_on_retain: None (automatic) trains
     on retain data whenever retain_batches are given; False only evaluates them (SEMU's data-free setting; refused
     for objectives defined with a retain term, graddiff and rmu, and with a retain_loss). optimizer "adam" or "sgd"
-    (no weight decay), lr, epochs: as sf.unlearn. seed: SEMU's randomized SVD, the random tokens, RMU's control
+    (no weight decay), lr: as sf.unlearn; epochs: passes over the forget batches (None: DEFAULTS.epochs_for(the
+    number of forget batches), about DEFAULTS.forget_steps optimizer steps on the forget set). seed: SEMU's randomized SVD, the random tokens, RMU's control
     vector and the dropout of the model (the global RNG is restored afterwards).
 
     Which epoch's R is kept: with select_best (None: on when retain_batches or eval_batches are given) every epoch
@@ -349,18 +378,19 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
 
     metrics: forget_nll/ppl_before/after (and retain_* with retain_batches, eval_* with eval_batches; over labelled
     tokens, so the answers of question/answer batches), best_epoch (with select_best; 0: R = 0 was kept),
-    trainable_params, trainable_share (%). The model is changed in place only by installing adapters:
-    semu_model.unload() gives it back bit for bit."""
+    trainable_params, trainable_share (%), epochs (the passes run). The model is changed in place only by
+    installing adapters: semu_model.unload() gives it back bit for bit."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     eval_batches = _check_batches("eval_batches", eval_batches, required=False)
-    target_modules = _check_targets(target_modules)
-    config = SEMUConfig(gamma=gamma, target_modules=target_modules, seed=seed)
+    config = llm_config(model, target_modules, gamma, seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,
                                                                       forget_batches, retain_batches, seed)
+    if epochs is None:
+        epochs = DEFAULTS.epochs_for(len(forget_batches))
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
     guard_batches = eval_batches if eval_batches is not None else retain_batches
     select_best = _check_selection(select_best, criterion, retain_tolerance, guard_batches)
@@ -399,7 +429,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
             metrics[f"{name}_nll_after"] = mean_nll(semu_model, batches)
     for key in [k for k in metrics if "_nll_" in k]:
         metrics[key.replace("_nll_", "_ppl_")] = _exp(metrics[key])
-    metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share)
+    metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share, epochs=epochs)
     return semu_model, report, metrics
 
 

@@ -53,7 +53,7 @@ import torch.nn as nn
 from ..config import SEMUConfig
 from ..layers import select_layers
 from ..pipeline import prepare
-from .llm import DEFAULTS, resolve_objectives
+from .llm import DEFAULTS, llm_config, resolve_objectives
 from .llm_data import IGNORE_INDEX, Batch, check_batch
 from .llm_losses import nll_loss
 
@@ -248,8 +248,8 @@ def semu_trainer_class():
                 raise ValueError("args.load_best_model_at_end: SEMUTrainer's checkpoints hold adapters, which the "
                                  "Trainer cannot load as model weights; keep it False")
             seed = args.seed if args is not None else 42  # TrainingArguments' default seed
-            semu_config = semu_config if semu_config is not None else SEMUConfig(
-                gamma=DEFAULTS.gamma, target_modules=DEFAULTS.target_modules, seed=seed)
+            semu_config = semu_config if semu_config is not None else llm_config(
+                model, DEFAULTS.target_modules, DEFAULTS.gamma, seed)
             select_layers(model, semu_config)  # bad target_modules fail here, not in train()
             forget_fn, retain_fn, what = resolve_objectives(forget_loss, retain_loss, seed)
             if retain_dataset is None and getattr(forget_fn, "needs_retain", False):
