@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -338,12 +339,13 @@ def evaluate(model, tokenizer, data: EvalSet) -> dict:
 
 @dataclasses.dataclass
 class RunSettings:
-    """The unlearning settings shared by the methods (SEMU's and the full-model ones' lr apart)."""
-    target_modules: tuple = ("self_attn", "mlp")
-    gamma: float = 0.95
-    semu_lr: float = 1e-2
+    """The unlearning settings shared by the methods (SEMU's and the full-model ones' lr apart); SEMU's default to
+    unlearn_llm's (llm.DEFAULTS)."""
+    target_modules: tuple = llm.DEFAULTS.target_modules
+    gamma: float = llm.DEFAULTS.gamma
+    semu_lr: float = llm.DEFAULTS.lr
     full_lr: float = 3e-4
-    epochs: int = 60
+    epochs: Optional[int] = None  # None: llm.DEFAULTS.epochs_for(forget batches), for the full-model runs too
     forget_batch: int = 8
     retain_batch: int = 32
     rmu_layer: int = 1
@@ -442,7 +444,7 @@ def full_run(model, tokenizer, splits: Splits, method: str, settings: RunSetting
     opt = torch.optim.Adam(params, lr=settings.full_lr)
     switch, gen = _Switch(model, frozen), torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(settings.epochs):
+    for _ in range(settings.epochs if settings.epochs is not None else llm.DEFAULTS.epochs_for(len(forget))):
         for group in itertools.zip_longest(forget, retain if retain_fn is not None else []):
             for fn, batch in zip((forget_fn, retain_fn), group):
                 if batch is None:
@@ -515,7 +517,8 @@ def main(argv=None):
     parser.add_argument("--gamma", type=float, default=defaults.gamma)
     parser.add_argument("--semu-lr", type=float, default=defaults.semu_lr)
     parser.add_argument("--full-lr", type=float, default=defaults.full_lr)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help="passes over the forget set (default: unlearn_llm's, about 180 forget steps)")
     parser.add_argument("--npo-beta", type=float, default=defaults.npo_beta)
     parser.add_argument("--rmu-layer", type=int, default=defaults.rmu_layer)
     parser.add_argument("--rmu-steering", type=float, default=defaults.rmu_steering)

@@ -3,14 +3,15 @@ train(), once, then the Trainer's own loop (optimizer, scheduler, gradient accum
 logging) on the k x k cores R only, with any objective of llm_losses; save_model writes the adapter folder, or the
 merged weights.
 
+    from semu_fast.workflows.llm import llm_config
     from semu_fast.workflows.llm_trainer import SEMUTrainer, unbatch
 
     forget = unbatch(make_qa_batches(tokenizer, forget_records, alternate=True))     # examples, as a Dataset holds
     retain = unbatch(make_batches(tokenizer, retain_texts))
-    trainer = SEMUTrainer(model, TrainingArguments("out", learning_rate=1e-4, num_train_epochs=5,
+    trainer = SEMUTrainer(model, TrainingArguments("out", learning_rate=1e-2, num_train_epochs=20,
                                                    per_device_train_batch_size=8, gradient_accumulation_steps=2),
                           train_dataset=forget, retain_dataset=retain, forget_loss="npo",
-                          semu_config=SEMUConfig(gamma=0.9, target_modules=("mlp.down_proj",)))
+                          semu_config=llm_config(model, "all-linear", gamma=0.95, seed=0))   # the default
     trainer.train()                  # sf.prepare(model, forget) once, then the Trainer's loop on R
     trainer.save_model()             # args.output_dir: the adapter folder, for sf.load_adapters(model, folder)
     base = trainer.semu_model.unload()   # the original model, bit for bit
