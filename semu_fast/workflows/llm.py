@@ -351,17 +351,18 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     then train only R on `forget_loss` for `epochs` passes. Returns (semu_model, report, metrics). Defaults: DEFAULTS.
 
     forget_batches / retain_batches: lists of batches (make_batches, make_qa_batches, make_record_batches).
-    target_modules: "all-linear" (the default: every nn.Linear / transformers Conv1D but the output head) or
-    regular expressions searched in module names, each of which must match a layer SEMU adapts (see llm_config). forget_loss: a FORGET_LOSSES name ("ascent",
-    "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module docstring and
-    llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model, batch,
-    generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a callable; None: the forget
-    objective's own retain term (NLL for most, RMU's for "rmu"), else NLL. train_on_retain: None (automatic) trains
-    on retain data whenever retain_batches are given; False only evaluates them (SEMU's data-free setting; refused
-    for objectives defined with a retain term, graddiff and rmu, and with a retain_loss). optimizer "adam" or "sgd"
-    (no weight decay), lr: as sf.unlearn; epochs: passes over the forget batches (None: DEFAULTS.epochs_for(the
-    number of forget batches), about DEFAULTS.forget_steps optimizer steps on the forget set). seed: SEMU's randomized SVD, the random tokens, RMU's control
-    vector and the dropout of the model (the global RNG is restored afterwards).
+    target_modules: "all-linear" (the default: every nn.Linear / transformers Conv1D but the output head) or regular
+    expressions searched in module names, each of which must match a layer SEMU adapts (see llm_config).
+    forget_loss: a FORGET_LOSSES name ("ascent", "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll",
+    "rmu"; see the module docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a
+    callable (model, batch, generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a
+    callable; None: the forget objective's own retain term (NLL for most, RMU's for "rmu"), else NLL.
+    train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only evaluates
+    them (SEMU's data-free setting; refused for objectives defined with a retain term, graddiff and rmu, and with a
+    retain_loss). optimizer "adam" or "sgd" (no weight decay), lr: as sf.unlearn; epochs: passes over the forget
+    batches (None: DEFAULTS.epochs_for(the number of forget batches), about DEFAULTS.forget_steps optimizer steps on
+    the forget set). seed: SEMU's randomized SVD, the random tokens, RMU's control vector and the dropout of the
+    model (the global RNG is restored afterwards).
 
     Which epoch's R is kept: with select_best (None: on when retain_batches or eval_batches are given) every epoch
     is scored and the R of the best one is restored at the end. The best is the highest `criterion` among the
