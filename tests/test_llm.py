@@ -260,7 +260,9 @@ def test_defaults_train_npo_on_retain_data_and_keep_an_epoch_within_the_toleranc
     sm, report, metrics = llm.unlearn_llm(model, forget, retain, lr=3e-2, progress=False)
     retain_loader, train_fn, epochs, lr = seen[0]
     assert [id(b) for b in retain_loader] == [id(b) for b in retain]  # trained on
-    assert train_fn.name == llm.DEFAULTS.forget_loss == "npo"
+    # "auto": these question/answer batches carry "I don't know" alternates, so IdkDPO; plain batches get NPO
+    assert llm.DEFAULTS.forget_loss == "auto" and train_fn.name == "idkdpo"
+    assert llm.resolve_objectives("auto", None, has_alternate=False)[0].name == "npo"
     assert epochs == metrics["epochs"] == 4 and lr == 3e-2
     history = report.training["history"]
     assert len(history) == epochs and all({"score", "guard_nll", "within_tolerance"} <= set(h) for h in history)
@@ -382,6 +384,7 @@ def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, 
     metrics = data["metrics"]
     assert metrics["forget_ppl_after"] > metrics["forget_ppl_before"] and "retain_ppl_after" in metrics
     assert data["settings"]["target_modules"] == ["mlp.down_proj", "self_attn.v_proj"]
+    assert data["settings"]["forget_loss"] == "npo" and data["settings"]["epochs"] == 2  # "auto" on texts
     assert {layer["name"] for layer in data["layers"]} == {f"model.layers.{i}.{m}" for i in (0, 1)
                                                            for m in ("mlp.down_proj", "self_attn.v_proj")}
     assert "forget" in capsys.readouterr().out
@@ -462,6 +465,7 @@ def test_cli_unlearn_llm_eval_writes_tofu_metrics_before_and_after(llm_folder, t
             assert f"{key}_{when}" in metrics, f"{key}_{when}"
     assert metrics["forget_quality_before"] == pytest.approx(1.0)  # the reference is the original model itself
     assert metrics["best_epoch"] in (0, 1, 2) and data["settings"]["eval"] is True
+    assert data["settings"]["forget_loss"] == "idkdpo"  # "auto" on question/answer records
     assert len(data["training"]["history"]) == 2
     # the "after" numbers are those of the saved adapters
     model, tokenizer = llm.load_causal_lm(llm_folder)

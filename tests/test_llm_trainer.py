@@ -244,3 +244,12 @@ def tiny_llama_like(names):
 
     torch.manual_seed(0)
     return LlamaForCausalLM(names["model"].config).eval()
+
+
+def test_the_default_forget_loss_follows_the_data(tmp_path):
+    """"auto": IdkDPO on forget examples with "I don't know" alternates, NPO on others."""
+    for alternate, expected in ((True, "idkdpo"), (False, "npo")):
+        tokenizer, forget, retain = _data(alternate=alternate)
+        trainer = SEMUTrainer(tiny_llama(), _args(tmp_path), train_dataset=forget, retain_dataset=retain,
+                              processing_class=tokenizer)
+        assert trainer.forget_objective.name == expected

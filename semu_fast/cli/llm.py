@@ -67,6 +67,12 @@ def _records(args, kind: str, parser):
     return None
 
 
+def _is_qa(records) -> bool:
+    from ..workflows.llm_data import check_records
+
+    return check_records(records)[1] == "qa"
+
+
 def _eval_splits(data: dict, parser) -> tuple[dict, str]:
     """({"forget", "retain", "holdout"}: evaluate_llm splits or None, framing) from the records: question/answer
     records are framed as training frames them ("qa"), texts are scored whole ("raw")."""
@@ -86,7 +92,7 @@ def register(subparsers) -> None:
     """Add the `unlearn-llm` subcommand to an argparse subparsers object."""
     import argparse
 
-    from ..workflows.llm import CRITERIA, DEFAULTS, FORGET_LOSSES, RETAIN_LOSSES
+    from ..workflows.llm import AUTO_LOSS, CRITERIA, DEFAULTS, FORGET_LOSSES, RETAIN_LOSSES
 
     p = subparsers.add_parser("unlearn-llm", help="forget texts from a local transformers causal LM with SEMU",
                               description=__doc__.split("\n\n")[0])
@@ -113,12 +119,13 @@ def register(subparsers) -> None:
                    help="regular expression searched in layer names; repeat for several; or all-linear: every "
                    "Linear / Conv1D but the output head (default "
                    f"{' '.join(DEFAULTS.target_modules)})")
-    g.add_argument("--loss", "--forget-loss", dest="forget_loss", choices=tuple(FORGET_LOSSES),
+    g.add_argument("--loss", "--forget-loss", dest="forget_loss", choices=(AUTO_LOSS,) + tuple(FORGET_LOSSES),
                    default=DEFAULTS.forget_loss, metavar="LOSS",
                    help="forget objective: ascent (-NLL), random (NLL towards random tokens), graddiff (ascent + "
                    "retain NLL), npo, simnpo, idkdpo/idk and idknll (towards \"I don't know\" answers; need "
                    "--forget-file with questions), rmu (steer one decoder layer's hidden states; set its layer with "
-                   f"--loss-arg layer=N); default {DEFAULTS.forget_loss}")
+                   f"--loss-arg layer=N); default {DEFAULTS.forget_loss}: idkdpo for question/answer records, npo "
+                   "for texts")
     g.add_argument("--loss-arg", type=_loss_arg, action="append", default=None, metavar="KEY=VALUE",
                    help="a hyper-parameter of the forget objective, e.g. beta=0.2 (npo) or layer=3 (rmu); repeat "
                    "for several")
@@ -192,16 +199,19 @@ def run(args, parser) -> int:
     if args.quiet:
         silence("transformers")
     targets = list(args.target_modules or llm.DEFAULTS.target_modules)
+    data = {"forget": _records(args, "forget", parser), "retain": _records(args, "retain", parser),
+            "holdout": _read_records(args.holdout_file, "--holdout-file", parser) if args.holdout_file else None}
+    loss_name = args.forget_loss
+    if loss_name == llm.AUTO_LOSS:  # question/answer records get "I don't know" alternates, texts cannot
+        loss_name = llm.auto_forget_loss(args.forget_file is not None and _is_qa(data["forget"]))
     overrides = dict(args.loss_arg or ())
-    if args.forget_loss == "rmu":  # its control vector follows --seed unless a seed is given
+    if loss_name == "rmu":  # its control vector follows --seed unless a seed is given
         overrides.setdefault("seed", args.seed)
     try:
-        forget_loss = llm.make_loss(args.forget_loss, **overrides)
+        forget_loss = llm.make_loss(loss_name, **overrides)
     except ValueError as err:
         parser.error(f"argument --loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
-    data = {"forget": _records(args, "forget", parser), "retain": _records(args, "retain", parser),
-            "holdout": _read_records(args.holdout_file, "--holdout-file", parser) if args.holdout_file else None}
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -236,7 +246,7 @@ def run(args, parser) -> int:
         parser.error(str(err))
     metrics.update({f"{key}_before": value for key, value in before.items()})
     metrics.update({f"{key}_after": value for key, value in after.items()})
-    run_settings = {**settings(args), "target_modules": targets, "epochs": metrics["epochs"]}
+    run_settings = {**settings(args), "forget_loss": loss_name, "target_modules": targets, "epochs": metrics["epochs"]}
     files = results.write_run(args.out, semu_model, report, metrics, run_settings)
     text = llm.report_markdown(metrics, report, run_settings)
     atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))

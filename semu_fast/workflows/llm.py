@@ -18,6 +18,7 @@ label" loss), then only the k x k cores R train, on a forget objective from llm_
     "graddiff"  ascent plus a retain term (gradient difference);
     "npo", "simnpo"     negative preference optimization, with the reference model, or length-normalised without;
     "idkdpo" ("idk"), "idknll"  towards "I don't know" answers (batches from make_qa_batches(..., alternate=True));
+    "auto"      (the default) idkdpo when the forget batches carry "I don't know" alternates, else npo;
     "rmu"       representation misdirection of one decoder layer's hidden states;
     or make_loss(name, **hyper_parameters), or any callable (model, batch, generator) -> scalar.
 The reference model of NPO, IdkDPO, KL and RMU is the model itself with its adapters disabled (no copy).
@@ -63,15 +64,15 @@ class LLMDefaults:
     Chosen to forget selectively rather than to forget most, and calibrated on the offline TOFU-style benchmark
     (benchmarks/quality/llm_fictitious.py; no trained LLM is available offline, so check them on your model):
     every Linear but the output head, gamma 0.95, Adam lr 1e-2 on R and about 180 optimizer steps on the forget
-    set (epochs None: enough passes for forget_steps, at least min_epochs). NPO (bounded, the TOFU /
-    open-unlearning standard; works on texts and on question/answer data) is trained with the retain NLL whenever
-    retain data is given (open-unlearning's NPO recipe: beta 0.1, alpha 1), and the epoch kept is the one with the
-    highest forget NLL among those whose retain perplexity rose by at most 10% (an epoch that broke the model is
-    never kept; R = 0, the original model, is the fallback). On question/answer data with "I don't know"
-    alternates, idkdpo was the most selective loss there."""
+    set (epochs None: enough passes for forget_steps, at least min_epochs). The forget loss ("auto"): IdkDPO on
+    question/answer batches with "I don't know" alternates (the most selective loss there: the held-out retain
+    facts fell 11-13%, against 23-28% with NPO), NPO (bounded, the TOFU / open-unlearning standard) on anything
+    else; either trains with the retain NLL whenever retain data is given (open-unlearning's recipe: beta 0.1,
+    alpha 1). The epoch kept is the one with the highest forget NLL among those whose retain perplexity rose by at
+    most 10% (an epoch that broke the model is never kept; R = 0, the original model, is the fallback)."""
     target_modules: tuple = ("all-linear",)
     gamma: float = 0.95
-    forget_loss: str = "npo"
+    forget_loss: str = "auto"
     optimizer: str = "adam"
     lr: float = 1e-2
     epochs: Optional[int] = None
@@ -192,11 +193,23 @@ def llm_config(model: nn.Module, target_modules, gamma: float, seed: int) -> SEM
     return SEMUConfig(gamma=gamma, target_modules=None, exclude_modules=exclude or None, seed=seed)
 
 
-def resolve_objectives(forget_loss, retain_loss, seed: int = 0) -> tuple[Callable, Callable, str]:
+AUTO_LOSS = "auto"
+
+
+def auto_forget_loss(has_alternate: bool) -> str:
+    """The forget loss "auto" stands for: idkdpo when the forget data carries "I don't know" alternates (the most
+    selective loss on the fictitious-people benchmark), else npo."""
+    return "idkdpo" if has_alternate else "npo"
+
+
+def resolve_objectives(forget_loss, retain_loss, seed: int = 0,
+                       has_alternate: bool = False) -> tuple[Callable, Callable, str]:
     """(forget objective, retain objective, "forget_loss=..." for error messages) from names, objects or callables:
-    the forget objective by make_loss (RMU's control vector seeded by `seed`), the retain one by make_retain_loss,
-    or, when retain_loss is None, the forget objective's own retain term (NLL times alpha for most, RMU's for
-    "rmu"), else NLL."""
+    the forget objective by make_loss (RMU's control vector seeded by `seed`; "auto" by auto_forget_loss(
+    has_alternate)), the retain one by make_retain_loss, or, when retain_loss is None, the forget objective's own
+    retain term (NLL times alpha for most, RMU's for "rmu"), else NLL."""
+    if isinstance(forget_loss, str) and forget_loss == AUTO_LOSS:
+        forget_loss = auto_forget_loss(has_alternate)
     if isinstance(forget_loss, str) and forget_loss == "rmu":  # its control vector follows the run's seed
         train_loss_fn = make_loss(forget_loss, seed=seed)
     else:
@@ -216,7 +229,8 @@ def resolve_objectives(forget_loss, retain_loss, seed: int = 0) -> tuple[Callabl
 
 def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, retain_batches, seed):
     """(train_loss_fn, retain_loss_fn, train_on_retain) for unlearn_llm, every combination checked first."""
-    train_loss_fn, retain_loss_fn, what = resolve_objectives(forget_loss, retain_loss, seed)
+    has_alternate = all(isinstance(batch.get("alternate"), dict) for batch in forget_batches)
+    train_loss_fn, retain_loss_fn, what = resolve_objectives(forget_loss, retain_loss, seed, has_alternate)
     needs_retain = bool(getattr(train_loss_fn, "needs_retain", False))
     if train_on_retain is None:
         train_on_retain = retain_batches is not None or needs_retain or retain_loss is not None
@@ -353,8 +367,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     forget_batches / retain_batches: lists of batches (make_batches, make_qa_batches, make_record_batches).
     target_modules: "all-linear" (the default: every nn.Linear / transformers Conv1D but the output head) or regular
     expressions searched in module names, each of which must match a layer SEMU adapts (see llm_config).
-    forget_loss: a FORGET_LOSSES name ("ascent", "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll",
-    "rmu"; see the module docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a
+    forget_loss: "auto" (idkdpo when every forget batch has "I don't know" alternates, else npo) or a FORGET_LOSSES
+    name ("ascent", "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a
     callable (model, batch, generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a
     callable; None: the forget objective's own retain term (NLL for most, RMU's for "rmu"), else NLL.
     train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only evaluates

@@ -211,8 +211,9 @@ def semu_trainer_class():
         model: the causal LM itself (model_init is not supported). train_dataset: the forget examples (required).
         retain_dataset: retain examples (optional; needed by objectives defined with a retain term, graddiff and
         rmu, and by a retain_loss). semu_config: a SEMUConfig (default: DEFAULTS' gamma and target_modules, seed
-        args.seed). forget_loss: an llm_losses FORGET_LOSSES name, make_loss(...) or a callable (model, batch,
-        generator) -> scalar (default DEFAULTS.forget_loss); retain_loss: a RETAIN_LOSSES name, make_retain_loss(...)
+        args.seed). forget_loss: an llm_losses FORGET_LOSSES name, make_loss(...), a callable (model, batch,
+        generator) -> scalar, or "auto" (the default: idkdpo when the forget examples carry "alternate" answers,
+        else npo); retain_loss: a RETAIN_LOSSES name, make_retain_loss(...)
         or a callable; None: the forget objective's own retain term, else NLL. save_merged: save_model writes the
         model with W + U R Vh merged in (save_pretrained; from_pretrained loads a plain model) instead of the
         adapter folder. prepare_batch_size: batch size of the gradient pass (default
@@ -252,7 +253,9 @@ def semu_trainer_class():
             semu_config = semu_config if semu_config is not None else llm_config(
                 model, DEFAULTS.target_modules, DEFAULTS.gamma, seed)
             select_layers(model, semu_config)  # bad target_modules fail here, not in train()
-            forget_fn, retain_fn, what = resolve_objectives(forget_loss, retain_loss, seed)
+            first = train_dataset[0]
+            has_alternate = isinstance(first, Mapping) and "alternate" in first
+            forget_fn, retain_fn, what = resolve_objectives(forget_loss, retain_loss, seed, has_alternate)
             if retain_dataset is None and getattr(forget_fn, "needs_retain", False):
                 raise ValueError(f"{what} needs retain_dataset: it is defined with a retain term")
             if retain_dataset is None and retain_loss is not None:
