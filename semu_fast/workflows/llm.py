@@ -368,8 +368,9 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     target_modules: "all-linear" (the default: every nn.Linear / transformers Conv1D but the output head) or regular
     expressions searched in module names, each of which must match a layer SEMU adapts (see llm_config).
     forget_loss: "auto" (idkdpo when every forget batch has "I don't know" alternates, else npo) or a FORGET_LOSSES
-    name ("ascent", "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a
-    callable (model, batch, generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a
+    name ("ascent", "random", "graddiff", "npo", "simnpo", "idkdpo" / "idk", "idknll", "rmu"; see the module
+    docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model,
+    batch, generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a
     callable; None: the forget objective's own retain term (NLL for most, RMU's for "rmu"), else NLL.
     train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only evaluates
     them (SEMU's data-free setting; refused for objectives defined with a retain term, graddiff and rmu, and with a
