@@ -203,7 +203,7 @@ def run(args, parser) -> int:
             "holdout": _read_records(args.holdout_file, "--holdout-file", parser) if args.holdout_file else None}
     loss_name = args.forget_loss
     if loss_name == llm.AUTO_LOSS:  # question/answer records get "I don't know" alternates, texts cannot
-        loss_name = llm.auto_forget_loss(args.forget_file is not None and _is_qa(data["forget"]))
+        loss_name = llm.auto_forget_loss(_is_qa(data["forget"]))
     overrides = dict(args.loss_arg or ())
     if loss_name == "rmu":  # its control vector follows --seed unless a seed is given
         overrides.setdefault("seed", args.seed)

@@ -57,6 +57,10 @@ from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll
 
 # ---- defaults ----------------------------------------------------------------------------------------------------
 
+ALL_LINEAR = "all-linear"  # target_modules: every Linear / Conv1D but the output head (llm_config)
+AUTO_LOSS = "auto"  # forget_loss: idkdpo or npo, as the forget data allows (auto_forget_loss)
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMDefaults:
     """The defaults of unlearn_llm and `semu-fast unlearn-llm` (which reads them from DEFAULTS), in one place.
@@ -66,13 +70,13 @@ class LLMDefaults:
     every Linear but the output head, gamma 0.95, Adam lr 1e-2 on R and about 180 optimizer steps on the forget
     set (epochs None: enough passes for forget_steps, at least min_epochs). The forget loss ("auto"): IdkDPO on
     question/answer batches with "I don't know" alternates (the most selective loss there: the held-out retain
-    facts fell 11-13%, against 23-28% with NPO), NPO (bounded, the TOFU / open-unlearning standard) on anything
+    facts fell 11-13%, against 23-32% with NPO), NPO (bounded, the TOFU / open-unlearning standard) on anything
     else; either trains with the retain NLL whenever retain data is given (open-unlearning's recipe: beta 0.1,
     alpha 1). The epoch kept is the one with the highest forget NLL among those whose retain perplexity rose by at
     most 10% (an epoch that broke the model is never kept; R = 0, the original model, is the fallback)."""
-    target_modules: tuple = ("all-linear",)
+    target_modules: tuple = (ALL_LINEAR,)
     gamma: float = 0.95
-    forget_loss: str = "auto"
+    forget_loss: str = AUTO_LOSS
     optimizer: str = "adam"
     lr: float = 1e-2
     epochs: Optional[int] = None
@@ -170,9 +174,6 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
     return batches
 
 
-ALL_LINEAR = "all-linear"
-
-
 def llm_config(model: nn.Module, target_modules, gamma: float, seed: int) -> SEMUConfig:
     """The SEMUConfig of an LLM run. target_modules: one or more regular expressions searched in module names (each
     must match a layer SEMU adapts), or "all-linear" (peft's shorthand): every nn.Linear / Conv1D but the output
@@ -191,9 +192,6 @@ def llm_config(model: nn.Module, target_modules, gamma: float, seed: int) -> SEM
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     exclude = tuple(f"^{re.escape(name)}$" for name, module in model.named_modules() if module is head and name)
     return SEMUConfig(gamma=gamma, target_modules=None, exclude_modules=exclude or None, seed=seed)
-
-
-AUTO_LOSS = "auto"
 
 
 def auto_forget_loss(has_alternate: bool) -> str:
@@ -229,8 +227,8 @@ def resolve_objectives(forget_loss, retain_loss, seed: int = 0,
 
 def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, retain_batches, seed):
     """(train_loss_fn, retain_loss_fn, train_on_retain) for unlearn_llm, every combination checked first."""
-    has_alternate = all(isinstance(batch.get("alternate"), dict) for batch in forget_batches)
-    train_loss_fn, retain_loss_fn, what = resolve_objectives(forget_loss, retain_loss, seed, has_alternate)
+    without_alternate = [i for i, batch in enumerate(forget_batches) if not isinstance(batch.get("alternate"), dict)]
+    train_loss_fn, retain_loss_fn, what = resolve_objectives(forget_loss, retain_loss, seed, not without_alternate)
     needs_retain = bool(getattr(train_loss_fn, "needs_retain", False))
     if train_on_retain is None:
         train_on_retain = retain_batches is not None or needs_retain or retain_loss is not None
@@ -248,11 +246,9 @@ def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, 
         if retain_loss is not None:
             raise ValueError(f"retain_loss={retain_loss!r} needs retain_batches")
         raise ValueError("train_on_retain=True needs retain_batches")
-    if getattr(train_loss_fn, "needs_alternate", False):
-        for i, batch in enumerate(forget_batches):
-            if not isinstance(batch.get("alternate"), dict):
-                raise ValueError(f"{what} needs alternate answers: forget_batches[{i}] has no 'alternate' batch "
-                                 f"(build the forget batches with make_qa_batches(..., alternate=True))")
+    if getattr(train_loss_fn, "needs_alternate", False) and without_alternate:
+        raise ValueError(f"{what} needs alternate answers: forget_batches[{without_alternate[0]}] has no 'alternate' "
+                         f"batch (build the forget batches with make_qa_batches(..., alternate=True))")
     return train_loss_fn, retain_loss_fn, train_on_retain
 
 
