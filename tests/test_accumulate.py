@@ -62,18 +62,21 @@ def test_triton_kernel_matches_reference(gen, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_call_mixes_dtypes_layouts_and_empty_tensors(gen, device):
     """Several grad dtypes, strided and empty tensors, and views of one flat accumulator buffer, in one call."""
-    flat = torch.randn(2000, generator=gen)
-    accs = [flat[:600].view(20, 30), flat[600:600], flat[600:1400].view(8, 100), torch.randn(3, 5, 3, 3, generator=gen)]
+    flat = torch.randn(2000, generator=gen).to(device)  # the views are taken on the device: one buffer there too
+    tail = flat[1400:].clone()
+    accs = [flat[:600].view(20, 30), flat[600:600], flat[600:1400].view(8, 100),
+            torch.randn(3, 5, 3, 3, generator=gen).to(device)]
     grads = [torch.randn(30, 20, generator=gen).to(torch.bfloat16).t(), torch.empty(0, dtype=torch.float16),
-             torch.randn(8, 100, generator=gen).to(torch.float64), torch.randn(3, 5, 3, 3, generator=gen)[:, :, ::1]]
-    accs, grads = [a.to(device) for a in accs], [g.to(device) for g in grads]
-    flat = flat.to(device)
+             torch.randn(8, 100, generator=gen).to(torch.float64),
+             torch.randn(3, 5, 3, 6, generator=gen)[..., ::2]]
+    grads = [g.to(device) for g in grads]
+    assert not grads[0].is_contiguous() and not grads[3].is_contiguous()
     expected = [a.clone() for a in accs]
     reference.accumulate_(expected, grads)
     sf.ops.accumulate_(accs, grads)
     for got, want in zip(accs, expected):
         assert torch.equal(got, want)
-    assert torch.equal(flat[1400:], flat[1400:].clone())  # nothing written past the views
+    assert torch.equal(flat[1400:], tail)  # nothing written past the views
 
 
 @pytest.mark.parametrize("device", DEVICES)

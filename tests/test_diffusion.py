@@ -133,7 +133,8 @@ def test_unlearn_ddpm_trains_only_R_and_attention_is_per_column():
         set(map(id, semu_model.trainable_parameters()))
     assert any(a.R.abs().sum() > 0 for a in semu_model.adapters.values())
     with torch.no_grad():
-        assert not torch.allclose(semu_model(x, t, class_labels=c).sample, out_before)
+        out_after = semu_model(x, t, class_labels=c).sample
+    assert torch.isfinite(out_after).all() and not torch.allclose(out_after, out_before)
     assert report.training["optimizer"] == "adam" and report.training["lr"] == 1e-2
     assert report.training["epochs"] == 2  # 4 steps over 2 forget batches
 

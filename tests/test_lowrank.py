@@ -226,10 +226,13 @@ def test_triton_dual_matmul_matches_reference(gen, dtype, M, N, K1, K2, bias, tr
 
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     a1, a2 = r(M, K1), r(M, K2)
-    bb = None if bias is None else r(N) if bias == "contiguous" else r(2 * N)[::2]  # a strided bias reads right
+    bb = None if bias is None else r(N) if bias == "contiguous" else r(2 * N)[::2]
     b1, b2 = (r(N, K1).t(), r(N, K2).t()) if transposed else (r(K1, N), r(K2, N))
     ref64 = a1 @ b1 + a2 @ b2 + (0 if bb is None else bb)
     cast = [None if t is None else t.to(dtype).to(device) for t in (a1, b1, a2, b2, bb)]
+    if bias == "strided":  # .to() made it contiguous
+        cast[4] = torch.empty(2 * N, dtype=dtype, device=device)[::2].copy_(cast[4])
+        assert not cast[4].is_contiguous()
     plain = cast[0] @ cast[1] + cast[2] @ cast[3] + (0 if bb is None else cast[4])
     got = triton_lowrank.dual_matmul(*cast)
     assert got.dtype == dtype

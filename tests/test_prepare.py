@@ -57,6 +57,7 @@ def test_prepare_matches_float64_brute_force(projection, rank_rule):
     sm = sf.prepare(small_cnn(), batches, config=sf.SEMUConfig(gamma=0.9, projection=projection,
                                                               rank_rule=rank_rule))
     reports = {r.name: r for r in sm.report.layers}
+    assert set(sm.adapters) == set(expected)
     for name, adapter in sm.adapters.items():
         U_ref, ks = expected[name]
         if isinstance(adapter, SEMUConv2d):

@@ -68,12 +68,22 @@ def _grads(fn, x, W, U, R, Vh, b, dy):
     return y, x.grad, R.grad
 
 
+def _cast_keeping_layout(x, dtype):
+    """x in `dtype`, still strided: .to() returns a contiguous copy of a view with gaps."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x.to(dtype)
+    strided = torch.empty(*x.shape, 3, dtype=dtype)[..., 1].copy_(x)
+    assert not strided.is_contiguous()
+    return strided
+
+
 def _check_adapter_op(fn, ref_fn, x, W, U, R, Vh, b, dy, dtype):
     """The op in `dtype` (factors in float32, as adapters keep them) against the float64 reference, with the plain
-    dtype computation setting the tolerance."""
+    dtype computation setting the tolerance. A strided x reaches the op strided."""
     refs = _grads(ref_fn, x, W, U, R, Vh, b, dy)
-    plains = _grads(ref_fn, x.to(dtype), W.to(dtype), U.to(dtype), R.to(dtype), Vh.to(dtype), b.to(dtype), dy)
-    gots = _grads(fn, x.to(dtype), W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype), dy)
+    xd = _cast_keeping_layout(x, dtype)
+    plains = _grads(ref_fn, xd, W.to(dtype), U.to(dtype), R.to(dtype), Vh.to(dtype), b.to(dtype), dy)
+    gots = _grads(fn, xd, W.to(dtype), U.float(), R.float(), Vh.float(), b.to(dtype), dy)
     for what, got, plain, ref in zip(("y", "dx", "dR"), gots, plains, refs):
         assert_close_to_reference(got.to(dtype), plain, ref, what)
 
