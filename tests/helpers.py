@@ -1,4 +1,8 @@
-"""Small random models and forget data shared by the pipeline tests."""
+"""Small random models and forget data shared by the pipeline tests, and the loader of the benchmark scripts."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -30,3 +34,14 @@ def assert_same_state(model, saved):
     assert state.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(state[key], value), f"{key} changed"
+
+
+def load_benchmark(relative_path: str):
+    """A script under benchmarks/ as a module (its `common` import resolved), for tests of its parts."""
+    path = Path(__file__).parents[1] / "benchmarks" / relative_path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

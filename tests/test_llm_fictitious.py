@@ -1,29 +1,21 @@
 """The fictitious-people benchmark (benchmarks/quality/llm_fictitious.py): its world is well formed and seeded, its
 splits are disjoint, and its --quick path runs end to end (a tiny Llama trained here, SEMU and a full-model NPO)."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "quality" / "llm_fictitious.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parents[1]))  # its `common` import
-    spec = importlib.util.spec_from_file_location("llm_fictitious", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality/llm_fictitious.py")
 
 
 def test_world_is_seeded_and_each_fact_has_a_paraphrase_and_wrong_answers_of_its_kind(bench):
