@@ -4,13 +4,14 @@ here once, cached) forgets one class with SEMU; a digits classifier labels sampl
 Goal: at most 10% of the forgotten class's samples labelled as that class after SEMU, and the accuracy on the other
 classes' samples at most 5 points lower than before.
 
-    python benchmarks/quality/ddpm_digits.py [--forget-class 3 [0 7 ...]] [--steps 300] [--guidance-scale 2] [--json F]
+    python benchmarks/quality/ddpm_digits.py [--forget-class 3 [0 7 ...]] [--steps 600] [--guidance-scale 2] [--json F]
     python benchmarks/quality/ddpm_digits.py --shares 0.9 0.95 0.99 [--cifar-unet] [--attention-layout matrix]
 
-About 8 minutes on 2 CPU cores the first time (training the DDPM takes ~4.5), ~3.5 once it is cached. --shares only
-prepares (no training of R, no sampling) at each gamma and tabulates the trainable share split into conv / attention
-/ other, on the digits DDPM and, with --cifar-unet, on a randomly initialised CIFAR-size UNet2DModel (64-128-128-128
-channels, attention at 16x16 and in the middle block, as the official DDPM's attn_resolutions [16])."""
+About 10 minutes on 2 CPU cores the first time (training the DDPM takes ~4.5), ~5.5 per class once it is cached
+(two sweeps side by side with --threads 1: ~8.5 each). --shares only prepares (no training of R, no sampling) at
+each gamma and tabulates the trainable share split into conv / attention / other, on the digits DDPM and, with
+--cifar-unet, on a randomly initialised CIFAR-size UNet2DModel (64-128-128-128 channels, attention at 16x16 and in
+the middle block, as the official DDPM's attn_resolutions [16])."""
 from __future__ import annotations
 
 import os
@@ -99,7 +100,8 @@ def main(argv=None):
                         help="one run per class, each from the same original DDPM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=D.DIGITS_TRAIN_STEPS)
-    parser.add_argument("--steps", type=int, default=300, help="SEMU optimizer steps (official: 1000)")
+    parser.add_argument("--steps", type=int, default=600, help="SEMU optimizer steps (the CLI's default; official: "
+                        "1000)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--attention-gamma", type=float, default=1.0)
