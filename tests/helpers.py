@@ -39,7 +39,9 @@ def assert_same_state(model, saved):
 def load_benchmark(relative_path: str):
     """A script under benchmarks/ as a module (its `common` import resolved), for tests of its parts."""
     path = Path(__file__).parents[1] / "benchmarks" / relative_path
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    benchmarks = str(Path(__file__).parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

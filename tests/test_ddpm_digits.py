@@ -15,9 +15,9 @@ def bench():
     return load_benchmark("quality/ddpm_digits.py")
 
 
-def test_rates_for_another_class_come_from_the_per_class_accuracies(bench):
+def test_rates_for_another_class_come_from_the_per_class_counts(bench):
     metrics = {"forget_class_rate": 100.0, "other_accuracy": 40.0, "per_class_accuracy": {0: 100.0, 1: 60.0, 2: 20.0},
-               "samples_per_class": 5}
+               "per_class_correct": {0: 5, 1: 3, 2: 1}, "samples_per_class": 5}
     moved = bench.for_class(metrics, 2)
     assert moved["forget_class_rate"] == 20.0 and moved["other_accuracy"] == 80.0
     assert moved["per_class_accuracy"] == metrics["per_class_accuracy"] and moved["samples_per_class"] == 5

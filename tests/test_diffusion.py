@@ -232,6 +232,15 @@ def test_classifier_metrics_counts_exactly():
                                    num_classes=NUM_CLASSES, samples_per_class=10, num_inference_steps=2)
     assert metrics["forget_class_rate"] == 10.0 and metrics["other_accuracy"] == 85.0
     assert metrics["per_class_accuracy"] == {0: 10.0, 1: 70.0, 2: 100.0}
+    assert metrics["per_class_correct"] == {0: 1, 1: 7, 2: 10}
+
+
+def test_forgetting_rates_for_other_forgotten_classes():
+    correct = {0: 1, 1: 7, 2: 10}  # of 10 each
+    assert D.forgetting_rates(correct, 10, 1) == {"forget_class_rate": 70.0, "other_accuracy": 55.0}
+    assert D.forgetting_rates(correct, 10, [0, 2]) == {"forget_class_rate": 55.0, "other_accuracy": 70.0}
+    with pytest.raises(ValueError, match="forget_classes"):
+        D.forgetting_rates(correct, 10, 3)
 
 
 # --- Stable Diffusion --------------------------------------------------------------------------------------------

@@ -88,10 +88,8 @@ def shares_main(args, device) -> int:
 
 
 def for_class(metrics: dict, forget_class: int) -> dict:
-    """classifier_metrics' rates for another forgotten class, from its per-class accuracies (equal samples)."""
-    per_class = metrics["per_class_accuracy"]
-    others = [value for c, value in per_class.items() if c != forget_class]
-    return {**metrics, "forget_class_rate": per_class[forget_class], "other_accuracy": sum(others) / len(others)}
+    """classifier_metrics' result with its rates for another forgotten class."""
+    return {**metrics, **D.forgetting_rates(metrics["per_class_correct"], metrics["samples_per_class"], forget_class)}
 
 
 def main(argv=None):

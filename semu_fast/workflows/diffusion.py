@@ -463,14 +463,26 @@ def classifier_metrics(unet: nn.Module, scheduler, classifier: nn.Module, forget
     with eval_mode(classifier):
         predicted = classifier(to_unit_range(images).to(model_device(classifier))).argmax(-1).cpu()
     correct = predicted == labels
-    forget = torch.isin(labels, torch.tensor(forget_classes))
-    def percent(mask):  # exact in float64 (a float32 mean makes 5 of 50 read 10.0000001%)
-        return 100.0 * int(correct[mask].sum()) / max(int(mask.sum()), 1)
-
-    per_class = {int(c): percent(labels == c) for c in range(num_classes)}
-    return {"forget_class_rate": percent(forget), "other_accuracy": percent(~forget),
-            "per_class_accuracy": per_class, "samples_per_class": samples_per_class,
+    correct_per_class = {c: int(correct[labels == c].sum()) for c in range(num_classes)}
+    return {**forgetting_rates(correct_per_class, samples_per_class, forget_classes),
+            "per_class_accuracy": {c: 100.0 * n / samples_per_class for c, n in correct_per_class.items()},
+            "per_class_correct": correct_per_class, "samples_per_class": samples_per_class,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+
+
+def forgetting_rates(correct_per_class: dict, samples_per_class: int,
+                     forget_classes: Union[int, Sequence[int]]) -> dict:
+    """classifier_metrics' forget_class_rate and other_accuracy (percent) from correct samples per class (equal
+    samples per class), so one sampling of a model serves every choice of forgotten classes."""
+    forget_classes = {forget_classes} if isinstance(forget_classes, int) else set(forget_classes)
+    if not forget_classes <= set(correct_per_class):
+        raise ValueError(f"forget_classes: expected classes among {sorted(correct_per_class)}, got "
+                         f"{sorted(forget_classes)}")
+    def percent(classes):  # exact counts (a float32 mean makes 5 of 50 read 10.0000001%)
+        return 100.0 * sum(correct_per_class[c] for c in classes) / max(samples_per_class * len(classes), 1)
+
+    return {"forget_class_rate": percent(forget_classes),
+            "other_accuracy": percent([c for c in correct_per_class if c not in forget_classes])}
 
 
 def adapted_layer_names(model: nn.Module, config: SEMUConfig) -> list[str]:
