@@ -355,6 +355,7 @@ class RunSettings:
     retain_loss: str = "nll"  # the retain term of every SEMU loss but graddiff and rmu (their own)
     retain_weight: float = 1.0
     select_best: bool = False  # unlearn_llm's epoch selection (off: the last epoch, as the full-model runs)
+    retain_tolerance: float = llm.DEFAULTS.retain_tolerance  # the selection's guard: retain perplexity may rise this
 
 
 def _tensor_bytes(tensors) -> int:
@@ -378,7 +379,7 @@ def semu_run(model, tokenizer, splits: Splits, loss: str, settings: RunSettings,
                                                                               weight=settings.retain_weight)
     extra = {}
     if "select_best" in inspect.signature(llm.unlearn_llm).parameters:
-        extra["select_best"] = settings.select_best
+        extra.update(select_best=settings.select_best, retain_tolerance=settings.retain_tolerance)
     start = time.perf_counter()
     semu_model, report, metrics = llm.unlearn_llm(
         model, forget, retain, target_modules=settings.target_modules, gamma=settings.gamma, forget_loss=forget_loss,
@@ -528,6 +529,8 @@ def main(argv=None):
     parser.add_argument("--retain-weight", type=float, default=defaults.retain_weight)
     parser.add_argument("--select-best", action="store_true",
                         help="let unlearn_llm keep its best epoch (default: the last, as the full-model runs)")
+    parser.add_argument("--retain-tolerance", type=float, default=defaults.retain_tolerance,
+                        help="with --select-best: the share by which the retain perplexity may rise in a kept epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache())
     args = parser.parse_args(argv)
@@ -546,7 +549,7 @@ def main(argv=None):
                            full_lr=args.full_lr, epochs=args.epochs, rmu_layer=args.rmu_layer,
                            rmu_steering=args.rmu_steering, rmu_alpha=args.rmu_alpha, npo_beta=args.npo_beta,
                            retain_loss=args.retain_loss, retain_weight=args.retain_weight,
-                           select_best=args.select_best)
+                           select_best=args.select_best, retain_tolerance=args.retain_tolerance)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
