@@ -1,5 +1,6 @@
 """The classification workflow: SalUn's metrics, scenarios, models and checkpoints, baselines, the side-by-side run
 and what it writes."""
+import dataclasses
 import json
 
 import numpy as np
@@ -250,8 +251,28 @@ def test_original_model_is_trained_once_then_cached(tmp_path):
     with pytest.raises(ValueError, match="pass --checkpoint"):
         C.original_model(task, "resnet18", cache_dir=tmp_path)
     model = C.original_model(task, "resnet18", cache_dir=tmp_path, train_epochs=1)
-    assert (tmp_path / "toy-resnet18-seed0.pt").exists()
-    assert_same_state(C.original_model(task, "resnet18", cache_dir=tmp_path), snapshot(model))
+    assert [p.name for p in tmp_path.iterdir()] == [C.cached_model_name(task, "resnet18", 0, 1)]
+    assert_same_state(C.original_model(task, "resnet18", cache_dir=tmp_path, train_epochs=1), snapshot(model))
+    with pytest.raises(ValueError, match="pass --checkpoint"):  # the recipe's epochs: another model
+        C.original_model(task, "resnet18", cache_dir=tmp_path)
+
+
+def test_cached_models_are_keyed_by_what_made_them():
+    task = toy_task()
+    names = {C.cached_model_name(task, "resnet18", 0), C.cached_model_name(task, "resnet18", 1),
+             C.cached_model_name(task, "resnet18", 0, train_epochs=1),
+             C.cached_model_name(dataclasses.replace(task, source="/data/a|size32"), "resnet18", 0),
+             C.cached_model_name(dataclasses.replace(task, source="/data/b|size32"), "resnet18", 0),
+             C.cached_model_name(dataclasses.replace(task, source="/data/a|size64"), "resnet18", 0)}
+    assert len(names) == 6
+    # the recipe's own epochs and no data root: the plain name (digits models cached before keep theirs)
+    assert C.cached_model_name(task, "resnet18", 0, train_epochs=task.train_epochs) == "toy-resnet18-seed0.pt"
+
+
+def test_image_folder_tasks_record_their_root_and_size(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    first, second = C.load_task("imagefolder", root, image_size=8), C.load_task("imagefolder", root, image_size=16)
+    assert str(root.resolve()) in first.source and first.source != second.source
 
 
 # --- baselines ----------------------------------------------------------------------------------------------------

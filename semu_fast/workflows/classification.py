@@ -4,6 +4,7 @@ side by side with SalUn's metrics."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Task:
     train_batch_size: int = 64
     batch_size: int = 256         # unlearning and evaluation
     augmented_train_set: Optional[Dataset] = None  # the train set under SalUn's training augmentation (CIFAR)
+    source: str = ""              # where the data came from (root, image size): part of a cached model's key
 
 
 def _image_folder(root: Path, image_size: int):
@@ -78,7 +80,8 @@ def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 
     data = Path(data)
     if dataset == "imagefolder":
         train, test, num_classes = _image_folder(data, image_size)
-        return Task("imagefolder", train, test, num_classes, 3, "resnet18-cifar")
+        return Task("imagefolder", train, test, num_classes, 3, "resnet18-cifar",
+                    source=f"{data.resolve()}|size{image_size}")
     import torchvision
     from torchvision import transforms
 
@@ -89,10 +92,11 @@ def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 
         train, test, augmented = (cls(str(data), train=t, download=False, transform=f) for t, f in
                                   ((True, transforms.ToTensor()), (False, transforms.ToTensor()), (True, augment)))
     except RuntimeError as err:
-        raise FileNotFoundError(f"--data {str(data)!r}: no {dataset} there ({err}); put the python version of the "
-                                f"dataset (e.g. cifar-10-batches-py/) in that folder") from None
+        reason = str(err).replace(" You can use download=True to download it", "")  # nothing is downloaded here
+        raise FileNotFoundError(f"--data {str(data)!r}: no {dataset} there ({reason}); put the python version of "
+                                f"the dataset (e.g. cifar-10-batches-py/) in that folder") from None
     return Task(dataset, train, test, 10 if dataset == "cifar10" else 100, 3, "resnet18-cifar",
-                augmented_train_set=augmented)
+                augmented_train_set=augmented, source=str(data.resolve()))
 
 
 def targets_of(dataset: Dataset) -> torch.Tensor:
@@ -201,13 +205,23 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
     arch = arch or task.default_arch
     if checkpoint is not None:
         return load_checkpoint(build_model(arch, task.num_classes, task.in_channels), checkpoint)
-    path = Path(cache_dir) / f"{task.name}-{arch}-seed{seed}.pt" if cache_dir is not None else None
+    path = Path(cache_dir) / cached_model_name(task, arch, seed, train_epochs) if cache_dir is not None else None
     if (path is None or not path.exists()) and task.name != "digits" and train_epochs is None:
         raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
-                         f".pth.tar) or --train-epochs N to train one here")
+                         f".pth.tar) or --train-epochs N to train one here (or to reuse the one trained so)")
     return load_or_train(path, lambda: build_model(arch, task.num_classes, task.in_channels),
                          lambda: train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress,
                                              desc="train original"), "original model")
+
+
+def cached_model_name(task: Task, arch: str, seed: int, train_epochs: Optional[int] = None) -> str:
+    """The file name of a trained original model: the task, arch and seed, and a digest of what else made it (the
+    data's root and image size, the epochs when not the task's recipe), so no other data or recipe reuses it."""
+    made_of = [task.source] if task.source else []
+    if train_epochs is not None and train_epochs != task.train_epochs:
+        made_of.append(f"epochs{train_epochs}")
+    digest = "-" + hashlib.sha1("|".join(made_of).encode()).hexdigest()[:10] if made_of else ""
+    return f"{task.name}-{arch}-seed{seed}{digest}.pt"
 
 
 def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progress: bool = False) -> nn.Module:
