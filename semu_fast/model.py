@@ -18,6 +18,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+class BaseMismatchError(ValueError):
+    """Saved adapters meet other base weights than the ones they were made for (load_adapters, check_base)."""
+
+
 class SEMUModel(nn.Module):
     """Wraps `model` (changed in place: each adapted layer is swapped for its adapter) and forwards to it.
 
@@ -175,7 +179,7 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
                          f"made for {tuple(info.get('shape', []))}")
     saved = info.get("base_fingerprint")
     if check_base and saved is not None and serialization.fingerprint(layer.weight) != saved:
-        raise ValueError(f"layer {name!r} holds other weights than the ones the adapters were made for (another "
+        raise BaseMismatchError(f"layer {name!r} holds other weights than the ones the adapters were made for (another "
                          f"checkpoint, seed or dtype?); load them onto that model, or pass check_base=False to apply "
                          f"them anyway")
     for part, shape in serialization.factor_shapes(kind, layer.weight.shape, info.get("k")).items():

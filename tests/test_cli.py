@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run_cli(*args, cwd=None, timeout=900):
@@ -38,6 +39,14 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
         assert evaluated["semu"][key] == pytest.approx(table["semu"][key], abs=1e-9)
         assert evaluated["original"][key] == pytest.approx(table["original"][key], abs=1e-9)
 
+    # adapters met with another original model (here: seed 1's, a changed copy of seed 0's) name the flags to fix
+    state = torch.load(tmp_path / "cache" / "digits-digits-cnn-seed0.pt")
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()},
+               tmp_path / "cache" / "digits-digits-cnn-seed1.pt")
+    other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
+                    "--seed", "1")
+    assert other.returncode == 2 and "made for another original model; give the --seed" in other.stderr
+
     # report rebuilds report.md and the plots from the JSON files
     (folder / "report.md").unlink()
     rep = run_cli("report", folder)
@@ -66,7 +75,7 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
     (("unlearn", "--baselines", "ft,salun"), "--baselines"),
     (("unlearn", "--dataset", "cifar10"), "--data"),
     (("unlearn", "--dataset", "cifar10", "--data", "/nonexistent"), "no cifar10 there"),
-    (("report", "/nonexistent"), "not a semu-fast results folder"),
+    (("report", "/nonexistent"), "not a results folder of semu-fast unlearn, unlearn-ddpm or unlearn-sd"),
 ])
 def test_bad_flags_are_rejected_with_the_flag_named(args, message):
     out = run_cli(*args, timeout=300)

@@ -97,6 +97,7 @@ def run_unlearn(args, parser) -> int:
 def run_eval(args, parser) -> int:
     import semu_fast as sf
     from .. import metrics
+    from ..model import BaseMismatchError
     from ..workflows import classification as C, results
 
     task, model, split, scenario = _scenario(args, parser)
@@ -105,6 +106,9 @@ def run_eval(args, parser) -> int:
     if args.adapters is not None:
         try:
             semu_model = sf.load_adapters(model, args.adapters)
+        except BaseMismatchError:
+            parser.error(f"argument --adapters: they were made for another original model; give the --seed, "
+                         f"--arch and --checkpoint of the run that made them (its run.json records the seed and arch)")
         except (ValueError, FileNotFoundError) as err:
             parser.error(f"argument --adapters: {err}")
         table["semu"] = {**metrics.evaluate(semu_model, loaders.forget_eval, loaders.retain_eval, loaders.test_eval),
@@ -182,5 +186,5 @@ def register(sub) -> None:
     ev.set_defaults(func=run_eval, parser=ev)
 
     rep = sub.add_parser("report", help="rebuild report.md and the plots of a results folder")
-    rep.add_argument("folder", type=Path, help="a folder written by semu-fast unlearn or unlearn-ddpm")
+    rep.add_argument("folder", type=Path, help="a folder written by semu-fast unlearn, unlearn-ddpm or unlearn-sd")
     rep.set_defaults(func=run_report, parser=rep)

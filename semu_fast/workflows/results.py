@@ -171,7 +171,9 @@ def render(out) -> list[str]:
         metrics = read_json(out / "metrics.json")
         run = read_json(out / "run.json")
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{str(out)!r} is not a semu-fast results folder: {err.filename} is missing") from None
+        raise FileNotFoundError(f"{str(out)!r} is not a results folder of semu-fast unlearn, unlearn-ddpm or "
+                                f"unlearn-sd: {err.filename} is missing (unlearn-llm writes its report.md as it "
+                                f"runs)") from None
     figures = [name for name, draw in FIGURES.items() if draw(run, out / name)]
     text = _report_md(metrics, run, figures)
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
