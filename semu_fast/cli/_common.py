@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -123,6 +124,17 @@ def preset_options(name: str, parser, flags: dict, dests: Optional[dict] = None,
 
 def add_device_flag(group) -> None:
     group.add_argument("--device", type=device, default=None, help="e.g. cuda or cpu (default: cuda when available)")
+
+
+def library_error(parser, err: Exception) -> None:
+    """parser.error for an error the library raised: when it opens with a parameter that is also a flag of this
+    command ("num_forget must be ..."), it is named as the flag ("argument --num-forget: must be ..."), as argparse's
+    own errors are."""
+    text = str(err)
+    match = re.match(r"([a-z][a-z0-9_]*) (.*)", text, re.S)
+    if match and "--" + match[1].replace("_", "-") in parser._option_string_actions:
+        text = f"argument --{match[1].replace('_', '-')}: {match[2]}"
+    parser.error(text)
 
 
 def require(parser, *modules: str) -> None:

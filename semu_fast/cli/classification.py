@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 from .._utils import default_cache
-from ._common import (add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction, positive,
-                      preset_options, seed)
+from ._common import (add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction, library_error,
+                      positive, preset_options, seed)
 
 
 def _methods(text: str) -> tuple:
@@ -32,7 +32,7 @@ def _scenario(args, parser):
     try:
         task = C.load_task(args.dataset, args.data, args.seed, args.image_size)
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        library_error(parser, err)
     forget_class = args.forget_class if args.forget_class is not None or args.num_forget else 0
     if forget_class is not None and not 0 <= forget_class < task.num_classes:
         parser.error(f"argument --forget-class: must be in [0, {task.num_classes}) for {task.name}, "
@@ -51,7 +51,7 @@ def _scenario(args, parser):
         model = C.original_model(task, args.arch, args.checkpoint, args.cache_dir or default_cache(), args.seed,
                                  args.train_epochs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        library_error(parser, err)
     scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
                 "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed}
@@ -125,7 +125,7 @@ def run_report(args, parser) -> int:
     try:
         files = results.render(args.folder)
     except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
+        library_error(parser, err)
     if (args.folder / results.SAMPLES).is_file():  # a diffusion run: its report.md holds the numbers
         return finish_run(args.folder, files, [])
     return finish_run(args.folder, files, [results.format_table(results.read_json(args.folder / "metrics.json"))])

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .._utils import default_cache
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
-                      non_negative, non_negative_int, positive, preset_options, require, settings, silence)
+                      library_error, non_negative, non_negative_int, positive, preset_options, require, settings,
+                      silence)
 
 
 def register(subparsers) -> None:
@@ -249,7 +250,7 @@ def run_sd(args, parser) -> int:
             retain_prompts=retain_prompts, retain_latents=retain_latents, retain_weight=retain_weight,
             progress=not args.quiet, **options)
     except ValueError as err:
-        parser.error(str(err))
+        library_error(parser, err)
     metrics["semu_settings"] = {**options, "retain_weight": retain_weight}
     files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
     if args.grid_samples:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, non_negative, positive, require,
-                      settings, silence)
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, non_negative,
+                      positive, require, settings, silence)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -243,7 +243,7 @@ def run(args, parser) -> int:
             retain_tolerance=args.retain_tolerance, seed=args.seed, progress=not args.quiet)
         after = evaluate(semu_model.model) if args.eval else {}  # the model with its adapters (it has generate)
     except ValueError as err:
-        parser.error(str(err))
+        library_error(parser, err)
     metrics.update({f"{key}_before": value for key, value in before.items()})
     metrics.update({f"{key}_after": value for key, value in after.items()})
     run_settings = {**settings(args), "forget_loss": loss_name, "target_modules": targets, "epochs": metrics["epochs"]}
