@@ -311,7 +311,8 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         trainer.run = checkpoint.restore(saved, semu_model, opt, generator)
     classify = train_loss_fn is None
     start = time.perf_counter()
-    bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", disable=not progress)
+    bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", unit="epoch",
+               disable=not progress)
     for epoch in bar:
         set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
         if retain_mode == "mixed":

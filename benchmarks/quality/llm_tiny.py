@@ -94,11 +94,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--target-modules", nargs="+", default=["mlp.down_proj"])
     parser.add_argument("--cache-dir", type=Path, default=default_cache())
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
     args = parser.parse_args(argv)
     if args.quick:
         args.people, args.train_steps, args.epochs = 20, 2, 1
         args.cache_dir = args.cache_dir / "quick"
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
