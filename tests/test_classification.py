@@ -269,6 +269,18 @@ def test_cached_models_are_keyed_by_what_made_them():
     assert C.cached_model_name(task, "resnet18", 0, train_epochs=task.train_epochs) == "toy-resnet18-seed0.pt"
 
 
+def test_state_digest_tells_models_apart():
+    model = small_cnn()
+    digest = C.state_digest(model)
+    assert C.state_digest(small_cnn(seed=1)) != digest
+    copy = small_cnn(seed=1)
+    copy.load_state_dict(model.state_dict())
+    assert C.state_digest(copy) == digest
+    with torch.no_grad():
+        next(copy.parameters()).view(-1)[0] += 1e-6  # one element, one ulp-scale change
+    assert C.state_digest(copy) != digest
+
+
 def test_image_folder_tasks_record_their_root_and_size(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     first, second = C.load_task("imagefolder", root, image_size=8), C.load_task("imagefolder", root, image_size=16)

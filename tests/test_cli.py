@@ -29,6 +29,9 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
     assert len(list((folder / "adapters").glob("adapters-*.safetensors"))) == 1
     assert "Avg. Gap" in out.stdout and "retrain" in out.stdout
     assert list((tmp_path / "cache").glob("digits-digits-cnn-seed0.pt"))
+    scenario = json.loads((folder / "run.json").read_text())["scenario"]
+    assert scenario["original_model"] == str(tmp_path / "cache" / "digits-digits-cnn-seed0.pt")
+    assert len(scenario["original_sha256"]) == 16
 
     # eval reads the saved adapters back onto the cached model and gets SEMU's numbers again
     ev = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",

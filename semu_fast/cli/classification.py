@@ -52,9 +52,13 @@ def _scenario(args, parser):
                                  args.train_epochs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
         library_error(parser, err)
-    scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
+    arch = args.arch or task.default_arch
+    source = args.checkpoint or Path(args.cache_dir or default_cache()) / C.cached_model_name(task, arch, args.seed,
+                                                                                              args.train_epochs)
+    scenario = {"dataset": task.name, "arch": arch, "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
-                "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed}
+                "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed,
+                "original_model": str(source), "original_sha256": C.state_digest(model)[:16]}
     return task, model, split, scenario
 
 

@@ -224,6 +224,17 @@ def cached_model_name(task: Task, arch: str, seed: int, train_epochs: Optional[i
     return f"{task.name}-{arch}-seed{seed}{digest}.pt"
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes and exact bytes): which original model a run started from,
+    since one trained here differs with the machine and thread count."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progress: bool = False) -> nn.Module:
     """The digits CNN trained on the digits training split (the task's recipe), cached under cache_dir when given."""
     return original_model(load_task("digits", seed=seed), "digits-cnn", cache_dir=cache_dir, seed=seed,
