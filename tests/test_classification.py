@@ -347,6 +347,23 @@ def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp
     assert "semu" in results.format_table(table)
 
 
+def test_random_forgetting_stops_at_the_test_accuracy():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=None,
+                           num_forget=30)
+    settings = {"optimizer": "adam", "lr": 5e-2, "epochs": 12}
+    runs = {stop: C.run(task, model, split, config=sf.SEMUConfig(gamma=0.9), methods=(), semu_settings=settings,
+                        stop_at_test_accuracy=stop, progress=False)[2] for stop in (False, True)}
+    target = runs[True]["metrics"]["original"]["TA"]
+    free, stopped = runs[False]["history"]["semu"], runs[True]["history"]["semu"]
+    assert len(free) == 12 and free[-1]["forget_acc"] < target  # random labels go on below the target
+    first = next(e["epoch"] for e in free if e["forget_acc"] <= target)  # the same epochs up to the stop
+    assert [e["epoch"] for e in stopped] == list(range(1, first + 1))
+    assert all(e["forget_acc"] > target for e in stopped[:-1]) and stopped[-1]["forget_acc"] <= target
+    assert runs[True]["metrics"]["semu"]["UA"] == pytest.approx(100 - stopped[-1]["forget_acc"])
+
+
 def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():
     task = toy_task()
     model = trained_small_cnn(task)

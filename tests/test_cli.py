@@ -70,6 +70,7 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
     assert list(table) == ["original", "semu", "ft", "retrain"]
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["scenario"]["forget_samples"] == 4 and run["scenario"]["forget_class"] is None
+    assert run["scenario"]["stop_at_test_accuracy"] is True  # on by default for random forgetting
 
 
 @pytest.mark.parametrize("args, message", [

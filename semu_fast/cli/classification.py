@@ -90,10 +90,15 @@ def run_unlearn(args, parser) -> int:
     else:
         config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)
         semu = {k: v for k, v in flags.items() if k != "gamma"}
+    stop = args.stop_at_test_accuracy
+    if stop is None:
+        stop = args.num_forget is not None and args.preset != "official"
     semu_model, report, result = C.run(task, model, split, config=config, semu_settings=semu,
                                        methods=args.baselines, retrain=retrain_fn, seed=args.seed,
-                                       augment=args.preset == "official", progress=not args.quiet)
-    scenario.update(gamma=config.gamma, preset=args.preset, semu={**semu, "semu_config": config.to_dict()})
+                                       augment=args.preset == "official", stop_at_test_accuracy=stop,
+                                       progress=not args.quiet)
+    scenario.update(gamma=config.gamma, preset=args.preset, stop_at_test_accuracy=stop,
+                    semu={**semu, "semu_config": config.to_dict()})
     files = results.write_classification(args.out, semu_model, report, result, scenario)
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
@@ -170,6 +175,10 @@ def register(sub) -> None:
                     "label rules, early exit; SalUn's 90%% split and augmentation")
     g.add_argument("--retain-fraction", type=fraction, default=0.0, metavar="F",
                    help="share of the retain set unlearning may use (0 = data-free, the default)")
+    g.add_argument("--stop-at-test-accuracy", action=argparse.BooleanOptionalAction, default=None,
+                   help="SEMU stops once the forget accuracy falls to the original's test accuracy, where Retrain "
+                   "leaves forgotten random samples (default: on with --num-forget, off for class-wise forgetting "
+                   "and the official preset)")
     add_training_flags(g, gamma_default=0.95, lr=5e-3, epochs=15, optimizer="adam")
     g.add_argument("--baselines", type=_methods, default=("ft", "ga", "rl"),
                    help="comma-separated among ft, ga, rl, or 'none' (default ft,ga,rl)")

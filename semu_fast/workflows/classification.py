@@ -270,23 +270,30 @@ def make_loaders(task: Task, split: Split, seed: int = 0, batch_size: Optional[i
                    loader(task.test_set, split.test))
 
 
-def _epoch_hook(loaders: Loaders):
-    """Per-epoch forget and retain accuracy for the accuracy-per-epoch plot."""
+def _epoch_hook(loaders: Loaders, stop_below: Optional[float] = None):
+    """Per-epoch forget and retain accuracy for the accuracy-per-epoch plot; with stop_below, training stops after
+    the first epoch whose forget accuracy is at or below it."""
     def hook(epoch, model):
-        return {"forget_acc": accuracy(model, loaders.forget_eval), "retain_acc": accuracy(model, loaders.retain_eval)}
+        entry = {"forget_acc": accuracy(model, loaders.forget_eval), "retain_acc": accuracy(model, loaders.retain_eval)}
+        if stop_below is not None and entry["forget_acc"] <= stop_below:
+            entry["stop"] = True
+        return entry
     return hook
 
 
 def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_settings: Optional[dict] = None,
         methods=("ft", "ga", "rl"), baseline_settings: Optional[dict] = None,
         retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0, augment: bool = False,
-        progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
+        stop_at_test_accuracy: bool = False, progress: bool = True) -> tuple[SEMUModel, SEMUReport, dict]:
     """SEMU and `methods` (baselines.METHODS keys) each on their own copy of `model` (never changed), evaluated with
     SalUn's metrics. retrain: a callable returning the Retrain model (trained here or loaded); with it every method
     gets its "avg_gap". Returns (SEMUModel, SEMUReport, metrics) with metrics = {"metrics": {method: {UA, RA, TA,
     MIA, trainable_share, seconds}}, "history": {method: per-epoch list}}; FT is skipped without retain data.
     semu_settings: sf.unlearn's keyword arguments (e.g. from sf.preset); with retain_mode "score" or "mixed" SEMU
-    reads the whole retain set, as the official runs do. augment: see make_loaders."""
+    reads the whole retain set, as the official runs do. augment: see make_loaders. stop_at_test_accuracy: SEMU stops
+    after the first epoch whose forget accuracy is at or below the original model's test accuracy (TA), the level
+    Retrain reaches on forgotten random samples; the random-label loss alone would go on down to chance (the class-wise
+    target, 0, needs no stop)."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ValueError(f"methods must be among {', '.join(baselines.METHODS)}, got {unknown}")
@@ -299,8 +306,9 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
 
     results["original"] = {**evaluate(model), "trainable_share": 0.0, "seconds": 0.0}
     start = time.perf_counter()
+    stop_below = results["original"]["TA"] if stop_at_test_accuracy else None
     semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, semu_retain, config=config,
-                                 progress=progress, on_epoch=hook, **semu_settings)
+                                 progress=progress, on_epoch=_epoch_hook(loaders, stop_below), **semu_settings)
     seconds = time.perf_counter() - start
     results["semu"] = {**evaluate(semu_model), "trainable_share": report.trainable_share, "seconds": seconds}
     history["semu"] = report.training.get("history", [])
