@@ -376,5 +376,5 @@ def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():
 
 
 def test_render_names_a_folder_that_is_not_a_results_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a results folder of semu-fast unlearn, unlearn-ddpm or unlearn-sd"):
+    with pytest.raises(FileNotFoundError, match="not a results folder of semu-fast unlearn"):
         results.render(tmp_path)
