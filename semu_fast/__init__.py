@@ -6,7 +6,7 @@
 """
 from . import ops
 from .config import SEMUConfig
-from .model import SEMUModel, load_adapters, save_adapters
+from .model import BaseMismatchError, SEMUModel, load_adapters, save_adapters
 from .ops import backends, calibrate
 from .pipeline import prepare
 from .presets import preset
@@ -15,4 +15,4 @@ from .training import unlearn
 
 __version__ = "0.1.0"
 __all__ = ["SEMUConfig", "SEMUModel", "SEMUReport", "LayerReport", "backends", "calibrate", "ops", "prepare",
-           "preset", "unlearn", "save_adapters", "load_adapters"]
+           "preset", "unlearn", "save_adapters", "load_adapters", "BaseMismatchError"]

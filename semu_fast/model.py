@@ -179,9 +179,9 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
                          f"made for {tuple(info.get('shape', []))}")
     saved = info.get("base_fingerprint")
     if check_base and saved is not None and serialization.fingerprint(layer.weight) != saved:
-        raise BaseMismatchError(f"layer {name!r} holds other weights than the ones the adapters were made for (another "
-                         f"checkpoint, seed or dtype?); load them onto that model, or pass check_base=False to apply "
-                         f"them anyway")
+        raise BaseMismatchError(f"layer {name!r} holds other weights than the ones the adapters were made for "
+                                f"(another checkpoint, seed or dtype?); load them onto that model, or pass "
+                                f"check_base=False to apply them anyway")
     for part, shape in serialization.factor_shapes(kind, layer.weight.shape, info.get("k")).items():
         tensor = tensors.get(f"{name}.{part}")
         if tensor is None or tuple(tensor.shape) != shape or not tensor.is_floating_point():

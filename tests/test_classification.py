@@ -257,6 +257,14 @@ def test_original_model_is_trained_once_then_cached(tmp_path):
         C.original_model(task, "resnet18", cache_dir=tmp_path)
 
 
+def test_a_model_cached_under_the_old_key_is_named(tmp_path, caplog):
+    task = dataclasses.replace(toy_task(), source="/data/a|size32")
+    torch.save(small_cnn().state_dict(), tmp_path / "toy-resnet18-seed0.pt")  # the key before data and epochs
+    with pytest.raises(ValueError, match="the same N as the run that trained it"):
+        C.original_model(task, "resnet18", cache_dir=tmp_path)
+    assert "toy-resnet18-seed0.pt was cached before" in caplog.text and "--checkpoint" in caplog.text
+
+
 def test_cached_models_are_keyed_by_what_made_them():
     task = toy_task()
     names = {C.cached_model_name(task, "resnet18", 0), C.cached_model_name(task, "resnet18", 1),
@@ -362,6 +370,36 @@ def test_random_forgetting_stops_at_the_test_accuracy():
     assert [e["epoch"] for e in stopped] == list(range(1, first + 1))
     assert all(e["forget_acc"] > target for e in stopped[:-1]) and stopped[-1]["forget_acc"] <= target
     assert runs[True]["metrics"]["semu"]["UA"] == pytest.approx(100 - stopped[-1]["forget_acc"])
+
+
+def test_epoch_hook_stops_at_or_below_its_level():
+    task = toy_task()
+    model = trained_small_cnn(task)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=None,
+                           num_forget=30)
+    loaders = C.make_loaders(task, split, 0)
+    acc = C.accuracy(model, loaders.forget_eval)
+    assert "stop" not in C._epoch_hook(loaders)(1, model)
+    assert "stop" not in C._epoch_hook(loaders, stop_below=acc - 1e-6)(1, model)
+    assert C._epoch_hook(loaders, stop_below=acc)(1, model)["stop"] is True
+
+
+@pytest.mark.parametrize("flags, expected", [((), False), (("--num-forget", "20"), True),
+                                             (("--num-forget", "20", "--no-stop-at-test-accuracy"), False),
+                                             (("--num-forget", "20", "--preset", "official"), False)])
+def test_cli_stops_at_test_accuracy_for_random_forgetting_only(monkeypatch, tmp_path, flags, expected):
+    from semu_fast.cli import main
+
+    class Reached(Exception):
+        pass
+
+    def fake_run(*args, stop_at_test_accuracy, **kwargs):
+        raise Reached(stop_at_test_accuracy)
+
+    monkeypatch.setattr(C, "run", fake_run)
+    with pytest.raises(Reached) as reached:
+        main(["unlearn", "--quiet", "--out", str(tmp_path / "out"), *flags])
+    assert reached.value.args == (expected,)
 
 
 def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():

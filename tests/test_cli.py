@@ -48,7 +48,8 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
                tmp_path / "cache" / "digits-digits-cnn-seed1.pt")
     other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
                     "--seed", "1")
-    assert other.returncode == 2 and "made for another original model; give the --seed" in other.stderr
+    assert other.returncode == 2 and "made for another original model" in other.stderr
+    assert "--checkpoint its run.json's original_model" in other.stderr
 
     # report rebuilds report.md and the plots from the JSON files
     (folder / "report.md").unlink()
@@ -86,6 +87,23 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
 def test_bad_flags_are_rejected_with_the_flag_named(args, message):
     out = run_cli(*args, timeout=300)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_library_errors_name_the_flag_only_when_they_say_what_it_must_be():
+    import argparse
+
+    from semu_fast.cli._common import library_error
+
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--num-forget")
+    parser.add_argument("--layers")
+    messages = []
+    parser.error = messages.append  # argparse's would exit
+    library_error(parser, ValueError("num_forget must be in [1, 9], got 12"))
+    library_error(parser, ValueError("layers 'a' and 'b' share one weight tensor"))
+    library_error(parser, ValueError("arch must be one of x"))  # not a flag of this parser
+    assert messages == ["argument --num-forget: must be in [1, 9], got 12",
+                        "layers 'a' and 'b' share one weight tensor", "arch must be one of x"]
 
 
 def test_console_script_is_installed():

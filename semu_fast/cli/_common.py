@@ -127,11 +127,11 @@ def add_device_flag(group) -> None:
 
 
 def library_error(parser, err: Exception) -> None:
-    """parser.error for an error the library raised: when it opens with a parameter that is also a flag of this
-    command ("num_forget must be ..."), it is named as the flag ("argument --num-forget: must be ..."), as argparse's
-    own errors are."""
+    """parser.error for an error the library raised: when it says what a parameter that is also a flag of this
+    command must be ("num_forget must be ..."), it is named as the flag ("argument --num-forget: must be ..."), as
+    argparse's own errors are; any other message is left as it is."""
     text = str(err)
-    match = re.match(r"([a-z][a-z0-9_]*) (.*)", text, re.S)
+    match = re.match(r"([a-z][a-z0-9_]*) (must .*)", text, re.S)
     if match and "--" + match[1].replace("_", "-") in parser._option_string_actions:
         text = f"argument --{match[1].replace('_', '-')}: {match[2]}"
     parser.error(text)

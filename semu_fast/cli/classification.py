@@ -52,10 +52,9 @@ def _scenario(args, parser):
                                  args.train_epochs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
         library_error(parser, err)
-    arch = args.arch or task.default_arch
-    source = args.checkpoint or Path(args.cache_dir or default_cache()) / C.cached_model_name(task, arch, args.seed,
-                                                                                              args.train_epochs)
-    scenario = {"dataset": task.name, "arch": arch, "forget_class": forget_class,
+    source = Path(args.checkpoint).resolve() if args.checkpoint else C.cached_model_path(
+        task, args.arch, args.seed, args.train_epochs, args.cache_dir or default_cache())
+    scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
                 "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed,
                 "original_model": str(source), "original_sha256": C.state_digest(model)[:16]}
@@ -115,9 +114,10 @@ def run_eval(args, parser) -> int:
     if args.adapters is not None:
         try:
             semu_model = sf.load_adapters(model, args.adapters)
-        except BaseMismatchError:
-            parser.error(f"argument --adapters: they were made for another original model; give the --seed, "
-                         f"--arch and --checkpoint of the run that made them (its run.json records the seed and arch)")
+        except BaseMismatchError as err:
+            parser.error(f"argument --adapters: they were made for another original model ({err}); give the data "
+                         f"and scenario flags of the run that made them, and --checkpoint its run.json's "
+                         f"original_model (the file whose SHA-256 starts with its original_sha256)")
         except (ValueError, FileNotFoundError) as err:
             parser.error(f"argument --adapters: {err}")
         table["semu"] = {**metrics.evaluate(semu_model, loaders.forget_eval, loaders.retain_eval, loaders.test_eval),

@@ -205,13 +205,26 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
     arch = arch or task.default_arch
     if checkpoint is not None:
         return load_checkpoint(build_model(arch, task.num_classes, task.in_channels), checkpoint)
-    path = Path(cache_dir) / cached_model_name(task, arch, seed, train_epochs) if cache_dir is not None else None
+    path = cached_model_path(task, arch, seed, train_epochs, cache_dir)
+    legacy = path.with_name(f"{task.name}-{arch}-seed{seed}.pt") if path is not None else None
+    if legacy is not None and legacy != path and legacy.exists() and not path.exists():
+        log.warning("%s was cached before cached models were keyed by their data and epochs; pass it as "
+                    "--checkpoint (checkpoint=) to use it", legacy)
     if (path is None or not path.exists()) and task.name != "digits" and train_epochs is None:
         raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
-                         f".pth.tar) or --train-epochs N to train one here (or to reuse the one trained so)")
+                         f".pth.tar) or --train-epochs N to train one here (the same N as the run that trained it "
+                         f"reuses its cached model)")
     return load_or_train(path, lambda: build_model(arch, task.num_classes, task.in_channels),
                          lambda: train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress,
                                              desc="train original"), "original model")
+
+
+def cached_model_path(task: Task, arch: Optional[str], seed: int, train_epochs: Optional[int],
+                      cache_dir) -> Optional[Path]:
+    """Where original_model caches the model it trains (None without a cache_dir)."""
+    if cache_dir is None:
+        return None
+    return Path(cache_dir) / cached_model_name(task, arch or task.default_arch, seed, train_epochs)
 
 
 def cached_model_name(task: Task, arch: str, seed: int, train_epochs: Optional[int] = None) -> str:
