@@ -370,6 +370,10 @@ def test_random_forgetting_stops_at_the_test_accuracy():
     assert [e["epoch"] for e in stopped] == list(range(1, first + 1))
     assert all(e["forget_acc"] > target for e in stopped[:-1]) and stopped[-1]["forget_acc"] <= target
     assert runs[True]["metrics"]["semu"]["UA"] == pytest.approx(100 - stopped[-1]["forget_acc"])
+    classwise = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=1)
+    assert classwise.classwise and not split.classwise
+    with pytest.raises(ValueError, match="stop_at_test_accuracy is for random forgetting"):
+        C.run(task, model, classwise, config=sf.SEMUConfig(), methods=(), stop_at_test_accuracy=True, progress=False)
 
 
 def test_epoch_hook_stops_at_or_below_its_level():

@@ -275,7 +275,7 @@ def test_salun_split_matches_salun_code(forget_class, num_forget):
     assert split.forget.tolist() == forget and split.retain.tolist() == retain
     assert len(forget) + len(retain) < 1000 * 0.95  # the validation tenth is held out of both
     whole_class = num_forget is None
-    assert len(split.test) == (180 if whole_class else 200)
+    assert len(split.test) == (180 if whole_class else 200) and split.classwise == whole_class
     with pytest.raises(ValueError, match="seed must be an int >= 1"):
         C.salun_split(targets, test_targets, forget_class, num_forget, seed=0)
 

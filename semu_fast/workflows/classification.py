@@ -119,6 +119,7 @@ class Split:
     retain: torch.Tensor
     retain_subset: Optional[torch.Tensor]
     test: torch.Tensor
+    classwise: bool = False  # a whole class is forgotten (its test samples are left out)
 
 
 def forget_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_class: Optional[int] = None,
@@ -148,7 +149,7 @@ def forget_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget
         subset = retain[torch.randperm(len(retain), generator=generator)[:count]].sort().values
     classwise = forget_class is not None and num_forget is None
     test = (test_targets != forget_class).nonzero().flatten() if classwise else torch.arange(len(test_targets))
-    return Split(pool, retain, subset, test)
+    return Split(pool, retain, subset, test, classwise)
 
 
 def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_class: Optional[int] = None,
@@ -183,7 +184,7 @@ def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_
     in_forget[chosen] = True
     whole_class = forget_class is not None and len(chosen) == len(candidates)
     test = (test_targets != forget_class).nonzero().flatten() if whole_class else torch.arange(len(test_targets))
-    return Split(torch.from_numpy(kept[in_forget]), torch.from_numpy(kept[~in_forget]), None, test)
+    return Split(torch.from_numpy(kept[in_forget]), torch.from_numpy(kept[~in_forget]), None, test, whole_class)
 
 
 def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, seed: int = 0,
@@ -310,6 +311,9 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ValueError(f"methods must be among {', '.join(baselines.METHODS)}, got {unknown}")
+    if stop_at_test_accuracy and split.classwise:
+        raise ValueError("stop_at_test_accuracy is for random forgetting: a forgotten class's target accuracy is 0, "
+                         "not the test accuracy")
     loaders = make_loaders(task, split, seed, augment=augment)
     hook = _epoch_hook(loaders)
     semu_settings = dict(semu_settings or {})
