@@ -48,12 +48,13 @@ def _scenario(args, parser):
         else:
             split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
                                    args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)
-        model = C.original_model(task, args.arch, args.checkpoint, args.cache_dir or default_cache(), args.seed,
-                                 args.train_epochs, progress=not args.quiet)
+        cache_dir = args.cache_dir or default_cache()
+        model = C.original_model(task, args.arch, args.checkpoint, cache_dir, args.seed, args.train_epochs,
+                                 progress=not args.quiet)
     except (ValueError, FileNotFoundError) as err:
         library_error(parser, err)
     source = Path(args.checkpoint).resolve() if args.checkpoint else C.cached_model_path(
-        task, args.arch, args.seed, args.train_epochs, args.cache_dir or default_cache())
+        task, args.arch, args.seed, args.train_epochs, cache_dir)
     scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
                 "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed,
@@ -92,10 +93,13 @@ def run_unlearn(args, parser) -> int:
     stop = args.stop_at_test_accuracy
     if stop is None:
         stop = args.num_forget is not None and args.preset != "official"
-    semu_model, report, result = C.run(task, model, split, config=config, semu_settings=semu,
-                                       methods=args.baselines, retrain=retrain_fn, seed=args.seed,
-                                       augment=args.preset == "official", stop_at_test_accuracy=stop,
-                                       progress=not args.quiet)
+    try:
+        semu_model, report, result = C.run(task, model, split, config=config, semu_settings=semu,
+                                           methods=args.baselines, retrain=retrain_fn, seed=args.seed,
+                                           augment=args.preset == "official", stop_at_test_accuracy=stop,
+                                           progress=not args.quiet)
+    except ValueError as err:  # as unlearn-llm / unlearn-sd: what the workflow refuses, not a traceback
+        library_error(parser, err)
     scenario.update(gamma=config.gamma, preset=args.preset, stop_at_test_accuracy=stop,
                     semu={**semu, "semu_config": config.to_dict()})
     files = results.write_classification(args.out, semu_model, report, result, scenario)
