@@ -1,6 +1,8 @@
 """Shared test setup: Triton runs under its interpreter where there is no GPU, the devices every op test covers
 (CUDA cases are collected everywhere and skipped without a GPU), and one tolerance table per dtype."""
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -11,7 +13,9 @@ if not torch.cuda.is_available():
 
 # The SVD cost calibration (and any other cache) goes to a folder of this test session, not the user's home: the
 # tests must not depend on, or write, a developer's cached measurements.
-os.environ.setdefault("SEMU_FAST_CACHE", tempfile.mkdtemp(prefix="semu_fast_test_cache_"))
+if "SEMU_FAST_CACHE" not in os.environ:
+    os.environ["SEMU_FAST_CACHE"] = tempfile.mkdtemp(prefix="semu_fast_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["SEMU_FAST_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_device_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "BUDGET": "240", "PYTHON": "python"}
+    # ~115 s alone on 2 cores; the budget leaves room for a machine shared with other jobs.
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "BUDGET": "360", "PYTHON": "python"}
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=520)
     log = (out / "device_check.log").read_text()
     assert done.returncode == 0, log[-3000:]
     files = sorted(p.name for p in out.iterdir())
