@@ -82,11 +82,14 @@ def test_info_command_prints_every_op():
 
 
 def test_triton_kernels_folder_is_not_a_top_level_package():
+    # What an install provides: away from the checkout and without PYTHONPATH (the device check puts the checkout
+    # there, which makes its folders importable without any install being at fault).
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", "import triton_kernels"], capture_output=True, text=True,
-                         cwd="/", timeout=300)
+                         cwd="/", env=env, timeout=300)
     if out.returncode == 0:  # some other installed package may own the name; it must not be ours
         where = subprocess.run([sys.executable, "-c", "import triton_kernels; print(triton_kernels.__file__)"],
-                               capture_output=True, text=True, cwd="/").stdout
+                               capture_output=True, text=True, cwd="/", env=env).stdout
         assert "semu" not in where and not where.startswith(os.path.dirname(os.path.dirname(__file__)))
 
 
