@@ -56,7 +56,8 @@ def check_tensor_lists(first_name: str, first, second_name: str, second) -> tupl
             raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
     first, second = list(first), list(second)
     if len(first) != len(second):
-        raise ValueError(f"{first_name} and {second_name} must have the same length, got {len(first)} and {len(second)}")
+        raise ValueError(f"{first_name} and {second_name} must have the same length, "
+                         f"got {len(first)} and {len(second)}")
     for i, (a, b) in enumerate(zip(first, second)):
         check_tensor(f"{first_name}[{i}]", a)
         check_tensor(f"{second_name}[{i}]", b)

@@ -52,7 +52,8 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     named = [(name, m) for name, m in model.named_modules() if name]
     supported = {name: m for name, m in named if not unsupported_reason(m)}
-    with_weights = {name: m for name, m in named if isinstance(m, _UNSUPPORTED + (nn.Linear, nn.Conv2d)) or is_conv1d(m)}
+    weighted = _UNSUPPORTED + (nn.Linear, nn.Conv2d)
+    with_weights = {name: m for name, m in named if isinstance(m, weighted) or is_conv1d(m)}
     candidates = describe_names(supported)
 
     def matches(patterns, pool):

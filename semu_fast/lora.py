@@ -14,8 +14,8 @@ Two layouts:
   base_model.model.<module>.lora_A.weight / lora_B.weight; load with peft.PeftModel.from_pretrained(base, folder).
 - export_diffusers_lora (diffusers): pytorch_lora_weights.safetensors with keys <prefix>.<module>.lora_A.weight /
   lora_B.weight (prefix "unet" for a pipeline's UNet); load with a pipeline's load_lora_weights(folder) or
-  unet.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors", prefix="unet"). diffusers reads each layer's rank from the shapes and, with no alphas
-  saved, uses alpha = r, so the scaling is 1 here too.
+  unet.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors", prefix="unet"). diffusers reads
+  each layer's rank from the shapes and, with no alphas saved, uses alpha = r, so the scaling is 1 here too.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from .svd import gram_svd, truncated_svd
 for _module in (accumulate, project, svd, lowrank):
     _library.register(_module.KERNELS)
 
-__all__ = ["accumulate_", "accumulate_matmul_", "project_perpendicular_", "project_perpendicular", "truncated_svd", "gram_svd",
-           "lowrank_linear", "lowrank_conv2d", "calibrate", "backends", "describe"]
+__all__ = ["accumulate_", "accumulate_matmul_", "project_perpendicular_", "project_perpendicular", "truncated_svd",
+           "gram_svd", "lowrank_linear", "lowrank_conv2d", "calibrate", "backends", "describe"]
 
 
 def backends() -> dict[str, dict[str, dict]]:

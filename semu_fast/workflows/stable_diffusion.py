@@ -121,7 +121,8 @@ def sd_gradient_loss(scheduler, forget_embeds: torch.Tensor, uncond_embeds: torc
         pred = predict_noise(model, x_t, t, encoder_hidden_states=_rows(forget_embeds, index))
         if guidance_scale:
             uncond = uncond_embeds.to(device).expand(len(x0), *uncond_embeds.shape[-2:])
-            pred = (1 + guidance_scale) * pred - guidance_scale * predict_noise(model, x_t, t, encoder_hidden_states=uncond)
+            unconditional = predict_noise(model, x_t, t, encoder_hidden_states=uncond)
+            pred = (1 + guidance_scale) * pred - guidance_scale * unconditional
         return -F.mse_loss(pred, noise)
 
     return loss_fn
