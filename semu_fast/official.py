@@ -57,8 +57,8 @@ def _ranks(state: dict, name: str, layer: nn.Module, R: torch.Tensor) -> tuple[i
 def _check_outside_block(name: str, R: torch.Tensor, k: int, ranks: Optional[list]) -> None:
     """The official forward uses the whole R: entries outside the kept block must be zero for our truncated
     adapter to give the same outputs."""
-    limits = torch.as_tensor(ranks if ranks is not None else [k]).view(-1, 1, 1)
-    rows = torch.arange(R.shape[-1])
+    limits = torch.as_tensor(ranks if ranks is not None else [k], device=R.device).view(-1, 1, 1)
+    rows = torch.arange(R.shape[-1], device=R.device)
     inside = (rows.view(1, -1, 1) < limits) & (rows.view(1, 1, -1) < limits)
     if (R.reshape(-1, *R.shape[-2:]) * ~inside).abs().max() > 0:
         raise ValueError(f"{name}.weight (R) has nonzero entries outside the leading block of the kept ranks "

@@ -159,6 +159,29 @@ def test_randomized_svd_meets_the_contract(gen, shape, gamma, rule, device):
     G = _gradient_like(gen, *shape)
     result = sf.ops.truncated_svd(G.to(device), gamma, rule, method="randomized",
                                   generator=torch.Generator(device=device).manual_seed(0))
+    _assert_meets_the_contract(G, result, gamma, rule)
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (600, 280)])
+@pytest.mark.parametrize("gamma", [0.9, 0.95])
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_on_a_slow_decay_estimates_the_columns_still_needed(gen, shape, gamma, device, monkeypatch):
+    # The first 64-column block holds ~85% of this spectrum's energy: the finder must estimate how many more columns
+    # it needs (range_finder.predicted_columns), a step the fast-decaying spectra above never reach.
+    import semu_fast.ops.range_finder as range_finder
+
+    calls = []
+    real = range_finder.predicted_columns
+    monkeypatch.setattr(range_finder, "predicted_columns", lambda *a: calls.append(a) or real(*a))
+    G = _gradient_like(gen, *shape, decay=0.015)
+    result = sf.ops.truncated_svd(G.to(device), gamma, method="randomized",
+                                  generator=torch.Generator(device=device).manual_seed(0))
+    assert calls, "the slow spectrum did not reach predicted_columns: the test no longer covers it"
+    assert result.U.device.type == device
+    _assert_meets_the_contract(G, result, gamma, "at_least")
+
+
+def _assert_meets_the_contract(G, result, gamma, rule):
     U, S, Vh = (t.cpu() for t in result)
     _, S_ex, _, k_ex = reference.truncated_svd(G.double(), gamma, rule)
     k, k_ex = S.shape[-1], int(k_ex)

@@ -52,7 +52,7 @@ def predicted_columns(S: torch.Tensor, missing: float, room: int) -> int:
     than `room` when even all the directions left would not do."""
     if missing <= 0:
         return 0
-    energy = S.double().square()
+    energy = S.detach().double().square().cpu()  # a few thousand values, read one by one below
     if len(energy) == 0 or energy[-1] <= 0:
         return room + 1
     floor = math.ceil(missing / float(energy[-1]))
