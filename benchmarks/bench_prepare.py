@@ -5,6 +5,7 @@ Anchor: the same pipeline with svd="exact" and the official clone-and-sum gradie
 against a plain forward+backward over the same data (the floor: what any method must pay)."""
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
@@ -126,7 +127,9 @@ def main(argv=None):
                     for i in range(0, args.forget, args.batch)]
     table = Table(f"sf.prepare phases vs the official pipeline (exact SVD, clone-and-sum), gamma {args.gamma}, "
                   f"{device_name(device)}", args.json)
-    if "resnet" in args.cases:
+    if "resnet" in args.cases and importlib.util.find_spec("torchvision") is None:
+        print("skipping the ResNet case: torchvision is not installed")
+    elif "resnet" in args.cases:
         torch.manual_seed(0)
         table.add(run_case(f"CIFAR ResNet-18, {args.forget} forget samples", cifar_resnet18(), image_loader, None,
                            device, args.gamma, args.repeats))

@@ -76,6 +76,8 @@ def plain_backward(model, data, targets) -> float:
     for layer in targets.values():
         layer.weight.requires_grad_(True)
     device = next(model.parameters()).device
+    if device.type == "cuda":  # the first pass pays for cuBLAS handles, kernel choices and the allocator's growth
+        llm.nll_loss(model, data[0]).backward()
     sync(device)
     start = time.perf_counter()
     for batch in data:
@@ -92,6 +94,8 @@ def compare_svd(model, data, targets, gamma, device, table):
     """One layer per weight shape: ours (auto, with the rows the layer saw as its rank hint, as prepare passes them)
     against ours without the hint, the exact SVD and the Gram path on its real gradient."""
     from semu_fast.gradients import accumulate_gradients
+    from semu_fast.ops import svd_plan
+    from semu_fast.ops.svd import GRAM_MAX_GAMMA
 
     first = {}
     for name, layer in targets.items():
@@ -106,7 +110,10 @@ def compare_svd(model, data, targets, gamma, device, table):
                    for r, kw in runs.items()}
         ks = {r: sf.ops.truncated_svd(G, gamma, **runs[r]).S.shape[-1] for r in ("ours", "no hint", "exact")}
         best = min(seconds["gram"], seconds["exact"], seconds["no hint"])
-        table.add({"shape": "x".join(map(str, shape)), "rows": grads.rows.get(name), "k exact": ks["exact"],
+        chosen = svd_plan.plan(G.shape, device, gamma <= GRAM_MAX_GAMMA, rank_hint=grads.rows.get(name))
+        plan = f"{'hinted, ' if chosen.hinted else ''}randomized <= {chosen.max_rank}, else {chosen.fallback}"
+        table.add({"shape": "x".join(map(str, shape)), "rows": grads.rows.get(name), "auto's plan": plan,
+                   "k exact": ks["exact"],
                    "k ours": ks["ours"], "k no hint": ks["no hint"], "ours s": seconds["ours"],
                    "no hint s": seconds["no hint"], "gram s": seconds["gram"], "exact s": seconds["exact"],
                    "ours / best other": seconds["ours"] / best})
@@ -150,8 +157,8 @@ def main(argv=None):
     used = peak(device) if gpu else weights_bytes + peak(device) - before
     report = semu_model.report
     ks = sorted(layer.k for layer in report.layers)
-    title = (f"sf.prepare on a Llama-{args.size} shape ({args.dtype}, {len(targets)} projection Linears), {args.sequences} x "
-             f"{args.tokens} tokens, gamma {args.gamma}, {device_name(device)}")
+    title = (f"sf.prepare on a Llama-{args.size} shape ({args.dtype}, {len(targets)} projection Linears), "
+             f"{args.sequences} x {args.tokens} tokens, gamma {args.gamma}, {device_name(device)}")
     with Table(title, args.json) as table:
         table.add({"plain fwd+bwd s": plain, "gradients s": report.timings["gradients"],
                    "gradients / plain": report.timings["gradients"] / plain,
@@ -161,8 +168,8 @@ def main(argv=None):
                    "k min/median/max": f"{ks[0]}/{ks[len(ks) // 2]}/{ks[-1]}",
                    "trainable %": report.trainable_share})
     if not gpu:
-        print(f"CPU RSS growth during prepare {(used - weights_bytes) / 1e9:.2f} GB over {before / 1e9:.2f} GB before it "
-              f"(the model: {weights_bytes / 1e9:.2f} GB); ru_maxrss "
+        print(f"CPU RSS growth during prepare {(used - weights_bytes) / 1e9:.2f} GB over {before / 1e9:.2f} GB "
+              f"before it (the model: {weights_bytes / 1e9:.2f} GB); ru_maxrss "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     if args.compare_svd:
         model = semu_model.unload()

@@ -31,6 +31,9 @@ log = logging.getLogger("semu_fast")
 BLOCK = 64          # the range finder's block width (semu_fast.ops.svd.BLOCK)
 PASSES = 6          # passes over G per block: the product, 2 power iterations of 2 products, and B = Q^T G
 _PROBE = (384, 1152)  # (p, q) of the matrices the calibration times: big enough to run at speed, under a second
+# A GPU runs the CPU's probe in microseconds, bound by launch and solver latency, which would price every path at
+# LLM sizes many times too high (and the randomized path out of reach): there the probe is LLM-sized.
+_PROBE_CUDA = (2048, 6144)
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
 
 
 def measure(device: torch.device) -> Costs:
-    """Time each kind of work once at a probe size on `device` (about a second on a CPU, less on a GPU)."""
-    p, q = _PROBE
+    """Time each kind of work at a probe size on `device` (about a second on a CPU, a few on a GPU)."""
+    p, q = _PROBE_CUDA if device.type == "cuda" else _PROBE
     gen = torch.Generator(device=device).manual_seed(0)
     A = torch.randn(p, q, generator=gen, device=device)
     omega = torch.randn(q, BLOCK, generator=gen, device=device)
