@@ -2,6 +2,8 @@
 # The GPU check: one prepared run on a lent GPU machine (no network; torch, triton, nvcc, compute-sanitizer there).
 #   OUT=/some/dir bash benchmarks/device_check.sh            # build for the GPU, device tests, sanitizers, benchmarks
 #   DEVICE=cpu OUT=/tmp/x bash benchmarks/device_check.sh    # the same control flow on the CPU, tiny (CI runs this)
+# Order: build, kernels present, the SVD cost calibration, the tests marked gpu (pytest -m gpu), compute-sanitizer
+# memcheck and racecheck, the 7B prepare headline, the other benchmarks.
 # BUDGET (seconds; default 480 on a GPU, 200 with DEVICE=cpu) bounds the whole run: every step's timeout is capped by
 # what is left, and steps that no longer fit are reported as skipped. A failed build or a missing CUDA kernel stops
 # the run. At most 5 files under $OUT: device_check.log (the verdicts first, then every step's output), tests.txt,
@@ -75,7 +77,12 @@ stop() {
   nproc
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
+  $PY -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: not importable (the tests cannot run)"
+  $PY -c "import torchvision" 2>/dev/null || echo "torchvision: not installed (bench_prepare skips its ResNet case)"
+  if [ "$DEVICE" != cpu ]; then command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"; fi
 } >> "$BODY" 2>&1
+# One SVD cost calibration for the whole run (tests and benchmarks), measured in its own step below.
+export SEMU_FAST_CACHE="$WORK/cache"
 
 # --- build and check the extension -------------------------------------------------------------------------------
 if [ "$DEVICE" = cpu ]; then
@@ -108,20 +115,39 @@ assert f'sm_{major}{minor}' in info.get('cuda_archs', []), f'built for {info}, t
 print('CUDA kernels registered;', info)" || stop "MISSING CUDA KERNEL (the ops would silently fall back to torch)"
 fi
 
+# The SVD cost model's constants on this device, and what they choose for the 7B headline's shapes.
+run "calibrate the SVD cost model" 60 "$BODY" $PY -c "
+import torch, semu_fast as sf
+from semu_fast.ops import svd_plan
+device = torch.device('$DEVICE')
+print(sf.calibrate(device))
+for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
+    print(shape, svd_plan.plan(shape, device, True))"
+
 # --- device tests: one pytest per file, so that a crash loses one file, not the rest --------------------------------
-if [ "$DEVICE" = cpu ]; then
-  TEST_FILES=("tests/test_build.py -k schemas")
-else
-  TEST_FILES=(tests/test_build.py tests/test_accumulate.py tests/test_project_perpendicular.py tests/test_gram_svd.py
-              tests/test_truncated_svd.py tests/test_lowrank.py tests/test_prepare.py)
-fi
+# Only the tests marked gpu (their CUDA cases and the Triton kernels; tests/conftest.py): the CPU cases are CI's.
 i=0
-for spec in "${TEST_FILES[@]}"; do
+pytest_step() {  # pytest_step NAME CAP [env VAR=VALUE ...] -- PYTEST ARGS...
+  local name=$1 cap=$2 prefix=()
+  shift 2
+  while [ "$1" != -- ]; do prefix+=("$1"); shift; done
+  shift
   i=$((i + 1))
-  # shellcheck disable=SC2086  # spec is a file plus its pytest options
-  run "tests ${spec}" 120 "$OUT/tests.txt" $PY -X faulthandler -m pytest -v -rfEs -p no:cacheprovider \
-    --junitxml="$WORK/junit-$i.xml" $spec
-done
+  run "tests $name" "$cap" "$OUT/tests.txt" "${prefix[@]}" $PY -X faulthandler -m pytest -v -rfEs -p no:cacheprovider \
+    --junitxml="$WORK/junit-$i.xml" "$@"
+}
+if [ "$DEVICE" = cpu ]; then
+  pytest_step "test_build.py -k schemas" 60 -- tests/test_build.py -k schemas
+  pytest_step "test_accumulate.py -m gpu" 60 -- tests/test_accumulate.py -m gpu
+else
+  pytest_step test_build.py 90 -- tests/test_build.py
+  for file in test_accumulate test_project_perpendicular test_gram_svd test_truncated_svd test_lowrank test_prepare; do
+    pytest_step "$file.py -m gpu" 150 -- "tests/$file.py" -m gpu
+  done
+  # accumulate_ runs the Triton kernel on a GPU (it measured faster): its CUDA kernel is checked here, forced.
+  pytest_step "test_accumulate.py -m gpu (forced CUDA kernel)" 90 env SEMU_FAST_IMPL=cuda -- \
+    tests/test_accumulate.py -m gpu -k "not triton"
+fi
 $PY - "$OUT/junit.xml" "$WORK"/junit-*.xml >> "$BODY" 2>&1 <<'PYEOF'
 import sys
 import xml.etree.ElementTree as ET
@@ -137,17 +163,27 @@ ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True
 PYEOF
 grep -E "^(FAILED|ERROR)|passed|failed|Fatal Python error" "$OUT/tests.txt" | tail -40 >> "$VERDICTS"
 
-# --- compute-sanitizer on one small call of every kernel -----------------------------------------------------------
+# --- compute-sanitizer on one small call of every kernel (the CUDA accumulate_ forced, as above) --------------------
 if [ "$DEVICE" = cpu ]; then
   run "kernels run (no sanitizer on the CPU)" 60 "$BODY" $PY benchmarks/sanitize_kernels.py --device cpu
 else
-  run "compute-sanitizer memcheck" 120 "$BODY" compute-sanitizer --tool memcheck --error-exitcode 99 \
-    $PY benchmarks/sanitize_kernels.py --triton
+  run "compute-sanitizer memcheck" 120 "$BODY" env SEMU_FAST_IMPL=cuda compute-sanitizer --tool memcheck \
+    --error-exitcode 99 $PY benchmarks/sanitize_kernels.py --triton
+  # racecheck instruments every shared-memory access: only our CUDA kernels (namespace semu_fast), where the option
+  # exists; it did not finish in 60 s on everything torch launches too.
+  FILTER=()
+  compute-sanitizer --help 2>/dev/null | grep -q -- --kernel-name && FILTER=(--kernel-name kns=semu_fast)
+  run "compute-sanitizer racecheck" 120 "$BODY" env SEMU_FAST_IMPL=cuda compute-sanitizer --tool racecheck \
+    "${FILTER[@]}" --error-exitcode 99 $PY benchmarks/sanitize_kernels.py
 fi
 
 # --- benchmarks: each prints its rows as it measures them and merges its tables into bench.json ----------------------
 BENCH=(--device "$DEVICE" --json "$OUT/bench.json")
 [ "$DEVICE" = cpu ] && BENCH+=(--quick)
+# The large-model headline first: a Llama-2-7B shape, 64 x 512 tokens, every projection (goal: prepare < 60 s,
+# <= 1.2x the floor).
+if [ "$DEVICE" = cpu ]; then LLM=(--quick); else LLM=(--size 7b --compare-svd); fi
+run bench_prepare_llm 200 "$BODY" $PY benchmarks/bench_prepare_llm.py "${LLM[@]}" "${BENCH[@]}"
 run bench_accumulate 60 "$BODY" $PY benchmarks/bench_accumulate.py "${BENCH[@]}"
 # accumulate_'s CUDA kernel sits behind the Triton one, which measured faster: keep measuring both.
 [ "$DEVICE" != cpu ] && run "bench_accumulate (forced CUDA kernel)" 40 "$BODY" env SEMU_FAST_IMPL=cuda \
@@ -161,11 +197,8 @@ run bench_lowrank 90 "$BODY" $PY benchmarks/bench_lowrank.py "${MEMORY[@]}" "${B
 run "bench_lowrank (forced Triton)" 90 "$BODY" env SEMU_FAST_IMPL=triton $PY benchmarks/bench_lowrank.py --layer linear \
   "${BENCH[@]}"
 run bench_prepare 90 "$BODY" $PY benchmarks/bench_prepare.py "${BENCH[@]}"
-# The large-model headline: a Llama-2-7B shape, 64 x 512 tokens, every projection (goal: prepare < 60 s, <= 1.2x floor).
-if [ "$DEVICE" = cpu ]; then LLM=(--quick); else LLM=(--size 7b --compare-svd); fi
-run bench_prepare_llm 180 "$BODY" $PY benchmarks/bench_prepare_llm.py "${LLM[@]}" "${BENCH[@]}"
 
-# --- what the GPU measured, and racecheck with whatever time is left ------------------------------------------------
+# --- what the GPU measured -----------------------------------------------------------------------------------------
 if [ -f "$OUT/bench.json" ]; then
   {
     echo "## Device check on $($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import common, torch
@@ -173,10 +206,6 @@ print(common.device_name(torch.device('$DEVICE')))"), $(date -u +%Y-%m-%d)"
     echo
     $PY benchmarks/common.py markdown "$OUT/bench.json"
   } > "$OUT/RESULTS_gpu.md" 2>> "$BODY"
-fi
-if [ "$DEVICE" != cpu ]; then
-  run "compute-sanitizer racecheck" 150 "$BODY" compute-sanitizer --tool racecheck --error-exitcode 99 \
-    $PY benchmarks/sanitize_kernels.py
 fi
 verdict "DONE: $([ $FAILED = 0 ] && echo 'every step passed' || echo 'some steps FAILED or were skipped') in $(( $(date +%s) - START ))s"
 exit $FAILED

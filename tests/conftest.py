@@ -19,10 +19,26 @@ if "SEMU_FAST_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 
+# Every op is checked against float64 references: on a GPU, float32 convolutions must not run in TF32 (cuDNN's
+# default) nor half-precision GEMMs reduce in half precision, or the tolerances would measure those modes instead.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+NEEDS_CUDA = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def pytest_collection_modifyitems(items):
+    """Mark "gpu" every test that runs on a CUDA device when there is one (a "cuda" case of DEVICES, or
+    requires_cuda); the Triton tests carry the mark themselves. The device check runs `-m gpu`: its time is short."""
+    for item in items:
+        if any(mark.kwargs.get("reason") == NEEDS_CUDA for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 # Floor of the allowed error per dtype, on top of the "twice the plain PyTorch error" rule (flash-attention's).
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

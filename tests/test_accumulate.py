@@ -42,6 +42,7 @@ def test_accumulate_twice_sums_both(gen):
     assert torch.equal(acc, (torch.zeros(100) + a) + b)
 
 
+@pytest.mark.gpu  # on the GPU when there is one, else under the interpreter
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_triton_kernel_matches_reference(gen, dtype):
     device = triton_device()

@@ -3,7 +3,9 @@ machine is not also the script's first run: it finishes inside its budget, write
 verdicts first, and fills bench.json and RESULTS_gpu.md."""
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,8 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     assert files == ["RESULTS_gpu.md", "bench.json", "device_check.log", "junit.xml", "tests.txt"]
     verdicts = log.split("# --- every step's output ---")[0]
     assert "DONE: every step passed" in verdicts and "FAILED" not in verdicts
-    for step in ("tests", "bench_accumulate", "bench_project_perpendicular", "bench_gram_svd", "bench_truncated_svd",
+    for step in ("calibrate the SVD cost model", "tests test_build.py", "tests test_accumulate.py -m gpu",
+                 "bench_accumulate", "bench_project_perpendicular", "bench_gram_svd", "bench_truncated_svd",
                  "bench_lowrank", "bench_prepare", "bench_prepare_llm"):
         assert f"OK {step}" in verdicts, step
     tables = json.loads((out / "bench.json").read_text())["tables"]
@@ -47,3 +50,28 @@ def test_device_check_stops_loudly_when_the_extension_is_missing(tmp_path):
     assert done.returncode != 0
     assert "STOPPED" in log.split("# --- every step's output ---")[0]
     assert not (out / "bench.json").exists()
+
+
+DEVICE_TEST_FILES = ["test_accumulate", "test_project_perpendicular", "test_gram_svd", "test_truncated_svd",
+                     "test_lowrank", "test_prepare"]
+
+
+def _collect(*options):
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           *options, *(f"tests/{name}.py" for name in DEVICE_TEST_FILES)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_the_gpu_mark_selects_every_cuda_case_and_no_cpu_case():
+    """The device check runs `pytest -m gpu` on these files: that must be every test that runs on CUDA (a "cuda"
+    case, a requires_cuda test, a Triton kernel test), and none of the CPU cases CI already runs."""
+    selected = _collect("-m", "gpu")
+    cuda_cases = [test for test in _collect() if re.search(r"[\[-]cuda[\]-]", test)]
+    assert cuda_cases and set(cuda_cases) <= set(selected)
+    assert not [test for test in selected if re.search(r"[\[-]cpu[\]-]", test)]
+    for name in ("test_accumulate_tensor_longer_than_one_chunk_table_bit_exact", "test_prepare_on_cuda_matches_cpu",
+                 "test_triton_kernel_matches_reference", "test_triton_dual_matmul_matches_reference",
+                 "test_triton_conv_delta_kernels_match_reference"):
+        assert any(f"::{name}" in test for test in selected), name

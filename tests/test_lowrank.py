@@ -216,6 +216,7 @@ def test_lowrank_ops_compile_without_graph_breaks(gen):
     torch.testing.assert_close(convR.grad, expected[1])
 
 
+@pytest.mark.gpu  # on the GPU when there is one, else under the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M, N, K1, K2, bias, transposed", [(5, 7, 9, 1, "contiguous", False),
                                                             (40, 33, 70, 17, None, True),
@@ -239,6 +240,7 @@ def test_triton_dual_matmul_matches_reference(gen, dtype, M, N, K1, K2, bias, tr
     assert_close_to_reference(got, plain, ref64)
 
 
+@pytest.mark.gpu  # on the GPU when there is one, else under the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cin, out, kernel, k", [(3, 5, (3, 3), 2), (2, 70, (3, 3), 9), (4, 17, (1, 1), 1),
                                                   (2, 33, (5, 5), 20)])
