@@ -79,6 +79,8 @@ stop() {
   $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
   $PY -c "import pytest; print('pytest', pytest.__version__)" || echo "pytest: not importable (the tests cannot run)"
   $PY -c "import torchvision" 2>/dev/null || echo "torchvision: not installed (bench_prepare skips its ResNet case)"
+  $PY -c "import setuptools; print('setuptools', setuptools.__version__)" || echo "setuptools: missing (no build)"
+  command -v ninja || echo "ninja: not on PATH (torch builds one file at a time)"
   if [ "$DEVICE" != cpu ]; then command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"; fi
 } >> "$BODY" 2>&1
 # One SVD cost calibration for the whole run (tests and benchmarks), measured in its own step below.
@@ -161,7 +163,8 @@ for path in sys.argv[2:]:
     merged.extend(root.iter("testsuite"))
 ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
 PYEOF
-grep -E "^(FAILED|ERROR)|passed|failed|Fatal Python error" "$OUT/tests.txt" | tail -40 >> "$VERDICTS"
+grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|skipped|error).* in [0-9.]+s|Fatal Python error" "$OUT/tests.txt" \
+  | tail -40 >> "$VERDICTS"
 
 # --- compute-sanitizer on one small call of every kernel (the CUDA accumulate_ forced, as above) --------------------
 if [ "$DEVICE" = cpu ]; then
