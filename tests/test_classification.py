@@ -2,6 +2,7 @@
 and what it writes."""
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -404,6 +405,51 @@ def test_cli_stops_at_test_accuracy_for_random_forgetting_only(monkeypatch, tmp_
     with pytest.raises(Reached) as reached:
         main(["unlearn", "--quiet", "--out", str(tmp_path / "out"), *flags])
     assert reached.value.args == (expected,)
+
+
+@pytest.mark.parametrize("flags", [(), ("--device", "cpu")])
+def test_cli_builds_and_trains_every_model_on_the_device(monkeypatch, tmp_path, flags):
+    """unlearn's --device (default: cuda when available) reaches the original model and Retrain; SEMU and the
+    baselines run where their copy of the original is."""
+    from semu_fast.cli import main
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+    real_original = C.original_model
+    monkeypatch.setattr(C, "original_model",
+                        lambda *a, **k: seen.update(original=k["device"]) or real_original(*a, **k))
+    real_train = C.train_model
+
+    def train_model(*args, **kwargs):  # the original is trained through it too, when it is not cached yet
+        if args[6:7] != ("Retrain",):
+            return real_train(*args, **kwargs)
+        seen["retrain"] = args[7]
+
+    monkeypatch.setattr(C, "train_model", train_model)
+
+    def fake_run(task, model, split, *, retrain, **kwargs):
+        retrain()
+        raise Reached(next(model.parameters()).device.type)
+
+    monkeypatch.setattr(C, "run", fake_run)
+    with pytest.raises(Reached) as reached:
+        main(["unlearn", "--quiet", "--out", str(tmp_path / "out"), *flags])
+    expected = flags[-1] if flags else "cuda" if torch.cuda.is_available() else "cpu"
+    assert seen == {"original": expected, "retrain": expected} and reached.value.args == (expected,)
+
+
+def test_cached_and_checkpointed_models_load_onto_the_device(tmp_path):
+    # The meta device stands in for a GPU here: loading onto it moves no data, but the models must end up there.
+    cnn = C.pretrained_digits_cnn(tmp_path)  # trained and cached
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op"
+        models = [C.pretrained_digits_cnn(tmp_path, device="meta"),
+                  C.original_model(C.load_task("digits"), checkpoint=tmp_path / "cnn.pt", device="meta")]
+    assert all(p.device.type == "meta" for model in models for p in model.parameters())
+    assert all(p.device.type == "cpu" for p in cnn.parameters())
 
 
 def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 from .._utils import default_cache
-from ._common import (add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction, library_error,
-                      positive, preset_options, seed)
+from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, chosen_device, finish_run,
+                      fraction, library_error, positive, preset_options, seed)
 
 
 def _methods(text: str) -> tuple:
@@ -29,6 +29,7 @@ def _scenario(args, parser):
     flag."""
     from ..workflows import classification as C
 
+    args.device = chosen_device(args.device)  # the original, SEMU, the baselines and Retrain all run there
     try:
         task = C.load_task(args.dataset, args.data, args.seed, args.image_size)
     except (ValueError, FileNotFoundError) as err:
@@ -50,7 +51,7 @@ def _scenario(args, parser):
                                    args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)
         cache_dir = args.cache_dir or default_cache()
         model = C.original_model(task, args.arch, args.checkpoint, cache_dir, args.seed, args.train_epochs,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, device=args.device)
     except (ValueError, FileNotFoundError) as err:
         library_error(parser, err)
     source = Path(args.checkpoint).resolve() if args.checkpoint else C.cached_model_path(
@@ -79,10 +80,11 @@ def run_unlearn(args, parser) -> int:
     retrain_fn = None
     if args.retrain_checkpoint is not None:
         retrain_fn = lambda: C.load_checkpoint(C.build_model(scenario["arch"], task.num_classes,  # noqa: E731
-                                                             task.in_channels), args.retrain_checkpoint)
+                                                             task.in_channels).to(args.device),
+                                               args.retrain_checkpoint)
     elif retrain:
         retrain_fn = lambda: C.train_model(task, scenario["arch"], split.retain, args.seed,  # noqa: E731
-                                           args.train_epochs, not args.quiet, "Retrain")
+                                           args.train_epochs, not args.quiet, "Retrain", args.device)
     flags = {"gamma": args.gamma, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
     if args.preset == "official":
         semu = preset_options("official-classification", parser, flags, seed=args.seed)
@@ -161,6 +163,7 @@ def _data_flags() -> argparse.ArgumentParser:
                    help="train the original (and Retrain) here for this many epochs when there is no checkpoint")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where models trained here are cached (default {default_cache()})")
+    add_device_flag(g)
     g = p.add_argument_group("scenario (as SalUn)")
     g.add_argument("--forget-class", type=int, default=None, metavar="C",
                    help="class-wise forgetting of class C (default 0 unless --num-forget is given alone)")

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._utils import default_cache
-from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
-                      library_error, non_negative, non_negative_int, positive, preset_options, require, settings,
-                      silence)
+from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, chosen_device, finish_run,
+                      gamma, library_error, non_negative, non_negative_int, positive, preset_options, require,
+                      settings, silence)
 
 
 def register(subparsers) -> None:
@@ -42,6 +42,7 @@ def _register_ddpm(subparsers) -> None:
     g.add_argument("--classifier", type=Path, default=None, metavar="FILE",
                    help="state dict of semu_fast.workflows.digits.digits_cnn to label samples (default: the cached "
                    "one, trained here the first time)")
+    add_device_flag(g)
     g = ddpm.add_argument_group("SEMU")
     add_preset_flag(g, "sf.preset('official-ddpm'): its projection and rank rule without a floor, guided and "
                     "clipped gradient pass, target class c + 1, class dropout, 1000 steps, alpha 1e-3")
@@ -141,6 +142,7 @@ def run_ddpm(args, parser) -> int:
     if not 0 <= args.forget_class < DIGITS_NUM_CLASSES:
         parser.error(f"argument --forget-class: must be in [0, {DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
+    device = chosen_device(args.device)
     if args.classifier is not None:
         classifier = digits_cnn()
         try:
@@ -148,11 +150,13 @@ def run_ddpm(args, parser) -> int:
         except (OSError, RuntimeError) as err:
             parser.error(f"argument --classifier: cannot load a digits_cnn state dict from {args.classifier} "
                          f"({err})")
+        classifier.to(device)
     else:
-        classifier = pretrained_digits_cnn(cache_dir, args.seed, progress=not args.quiet)
+        classifier = pretrained_digits_cnn(cache_dir, args.seed, progress=not args.quiet, device=device)
     classifier.eval()
     torch.manual_seed(args.seed)
-    unet, scheduler = D.pretrained_digits_ddpm(cache_dir, args.seed, args.train_steps, progress=not args.quiet)
+    unet, scheduler = D.pretrained_digits_ddpm(cache_dir, args.seed, args.train_steps, progress=not args.quiet,
+                                               device=device)
     evaluate = dict(samples_per_class=args.samples_per_class, num_inference_steps=args.inference_steps,
                     guidance_scale=args.guidance_scale, seed=args.seed)
     before = D.classifier_metrics(unet, scheduler, classifier, args.forget_class, **evaluate)

@@ -165,7 +165,7 @@ def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_
         raise ValueError(f"seed must be an int >= 1 (SalUn draws the forget set with seed - 1), got {seed!r}")
     if forget_class is None and num_forget is None:
         raise ValueError("pass forget_class (class-wise forgetting) or num_forget (random forgetting), or both")
-    targets = train_targets.numpy()
+    targets, test_targets = train_targets.cpu().numpy(), test_targets.cpu()  # numpy draws, as SalUn's
     num_classes = int(max(targets.max(), int(test_targets.max()))) + 1
     if forget_class is not None and not 0 <= forget_class < num_classes:
         raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
@@ -188,10 +188,13 @@ def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_
 
 
 def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, seed: int = 0,
-                epochs: Optional[int] = None, progress: bool = False, desc: str = "train") -> nn.Module:
-    """A fresh `arch` trained with the task's recipe on its train set (or the train samples at `indices`)."""
-    torch.manual_seed(seed)  # the initial weights
+                epochs: Optional[int] = None, progress: bool = False, desc: str = "train", device=None) -> nn.Module:
+    """A fresh `arch` trained with the task's recipe on its train set (or the train samples at `indices`), on
+    `device` (default: the CPU)."""
+    torch.manual_seed(seed)  # the initial weights, drawn on the CPU whatever the device
     model = build_model(arch, task.num_classes, task.in_channels)
+    if device is not None:
+        model.to(device)
     data = task.train_set if indices is None else Subset(task.train_set, indices.tolist())
     loader = DataLoader(data, batch_size=task.train_batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -200,12 +203,18 @@ def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, s
 
 
 def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cache_dir=None, seed: int = 0,
-                   train_epochs: Optional[int] = None, progress: bool = False) -> nn.Module:
-    """The model to unlearn from: `checkpoint` when given; else the one cached under cache_dir; else trained here
-    (digits always; other tasks only with train_epochs, as a ResNet on CIFAR takes hours on a CPU) and cached."""
+                   train_epochs: Optional[int] = None, progress: bool = False, device=None) -> nn.Module:
+    """The model to unlearn from, on `device` (default: the CPU): `checkpoint` when given; else the one cached under
+    cache_dir; else trained here (digits always; other tasks only with train_epochs, as a ResNet on CIFAR takes
+    hours on a CPU) and cached."""
     arch = arch or task.default_arch
+
+    def build():
+        model = build_model(arch, task.num_classes, task.in_channels)
+        return model if device is None else model.to(device)
+
     if checkpoint is not None:
-        return load_checkpoint(build_model(arch, task.num_classes, task.in_channels), checkpoint)
+        return load_checkpoint(build(), checkpoint)
     path = cached_model_path(task, arch, seed, train_epochs, cache_dir)
     legacy = path.with_name(f"{task.name}-{arch}-seed{seed}.pt") if path is not None else None
     if legacy is not None and legacy != path and legacy.exists() and not path.exists():
@@ -215,9 +224,9 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
         raise ValueError(f"no model for {task.name}: pass --checkpoint (a trained model's state dict or SalUn "
                          f".pth.tar) or --train-epochs N to train one here (the same N as the run that trained it "
                          f"reuses its cached model)")
-    return load_or_train(path, lambda: build_model(arch, task.num_classes, task.in_channels),
-                         lambda: train_model(task, arch, seed=seed, epochs=train_epochs, progress=progress,
-                                             desc="train original"), "original model")
+    return load_or_train(path, build, lambda: train_model(task, arch, seed=seed, epochs=train_epochs,
+                                                          progress=progress, desc="train original", device=device),
+                         "original model")
 
 
 def cached_model_path(task: Task, arch: Optional[str], seed: int, train_epochs: Optional[int],
@@ -249,10 +258,12 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progress: bool = False) -> nn.Module:
-    """The digits CNN trained on the digits training split (the task's recipe), cached under cache_dir when given."""
+def pretrained_digits_cnn(cache_dir: Optional[Path] = None, seed: int = 0, progress: bool = False,
+                          device=None) -> nn.Module:
+    """The digits CNN trained on the digits training split (the task's recipe), cached under cache_dir when given,
+    on `device` (default: the CPU)."""
     return original_model(load_task("digits", seed=seed), "digits-cnn", cache_dir=cache_dir, seed=seed,
-                          progress=progress)
+                          progress=progress, device=device)
 
 
 # --- the side-by-side run -----------------------------------------------------------------------------------------

@@ -431,15 +431,17 @@ def digits_loaders(seed: int = 0, forget_class: Optional[int] = None, batch_size
 
 
 def pretrained_digits_ddpm(cache_dir=None, seed: int = 0, train_steps: int = DIGITS_TRAIN_STEPS,
-                           progress: bool = False):
+                           progress: bool = False, device=None):
     """(unet, scheduler): the digits UNet trained on the digits train split (batch 128, `train_steps` steps, class
-    dropout 0.1), cached as cache_dir/digits-ddpm-seed{seed}-steps{train_steps}.pt when cache_dir is given."""
+    dropout 0.1) on `device` (default: the CPU), cached as cache_dir/digits-ddpm-seed{seed}-steps{train_steps}.pt
+    when cache_dir is given."""
     scheduler = digits_scheduler()
     path = Path(cache_dir) / f"digits-ddpm-seed{seed}-steps{train_steps}.pt" if cache_dir is not None else None
 
     def build():
-        torch.manual_seed(seed)  # the initial weights
-        return digits_unet()
+        torch.manual_seed(seed)  # the initial weights, drawn on the CPU whatever the device
+        unet = digits_unet()
+        return unet if device is None else unet.to(device)
 
     def train():
         (loader,) = digits_loaders(seed, batch_size=128)
