@@ -80,6 +80,14 @@ class SEMUAdapter(nn.Module):
         self._original_weight = None
         self.merged = False
 
+    def _apply(self, fn, recurse=True):
+        # The base weight kept for unmerge moves with the module (.to(), .cuda(), .cpu()); it keeps its dtype, the
+        # one unmerge gives back.
+        module = super()._apply(fn, recurse)
+        if self._original_weight is not None:
+            self._original_weight = self._original_weight.to(self.base_layer.weight.device)
+        return module
+
     def forward(self, x):
         if self.merged or self.disabled:
             return self.base_layer(x)

@@ -111,11 +111,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor], group: Group) -> None:
-    """tensors[i] = sum over ranks of tensors[i], in place, in buckets of at most BUCKET_BYTES per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    """tensors[i] = sum over ranks of tensors[i], in place, in buckets of at most BUCKET_BYTES per device and dtype
+    (a rank's model may span several devices)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for same in by_dtype.values():
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for same in groups.values():
         bucket, size = [], 0
         for t in same + [None]:
             if t is None or (bucket and size + t.numel() * t.element_size() > BUCKET_BYTES):
@@ -169,8 +170,8 @@ def broadcast_factors(results: dict[str, Optional[dict]], owners: dict[str, int]
         numels = [(meta[n]["U_shape"], meta[n]["Vh_shape"]) for n in mine]
         total = sum(_numel(u) + _numel(v) for u, v in numels)
         if group.rank == src:
-            flat = torch.cat([t.reshape(-1).float() for n in mine for t in (results[n]["U"], results[n]["Vh"])]
-                             ) if mine else torch.empty(0, device=device)
+            flat = torch.cat([t.reshape(-1).to(device, torch.float32) for n in mine
+                              for t in (results[n]["U"], results[n]["Vh"])]) if mine else torch.empty(0, device=device)
         else:
             flat = torch.empty(total, dtype=torch.float32, device=device)
         if total:

@@ -169,11 +169,12 @@ class _Pass:
         if self.clipped:
             unique = {id(w): w for w in self.weights.values()}.values()  # a shared weight counts once in the norm
             grads = [w.grad for w in unique if w.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+            first = grads[0].device if grads else torch.device("cpu")  # a model may span several devices
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(first)
                                                          for g in grads])) if grads else torch.zeros(())
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             for grad in grads:
-                grad.mul_(scale.to(grad.dtype))
+                grad.mul_(scale.to(grad.device, grad.dtype))
             for name, weight in self.weights.items():
                 if weight.grad is not None:
                     ops.accumulate_([self.accumulators[name]], [weight.grad])

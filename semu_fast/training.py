@@ -225,8 +225,9 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     interleaved, when given). Returns (SEMUModel, report).
 
     loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget
-    loss while training R; None means cross-entropy against random labels != the true ones, drawn by label_rule
-    ("uniform_other" or "official", see sf.losses). retain_loss_fn, same signature, for retain batches; None means
+    loss while training R (generator: a CPU torch.Generator seeded by config.seed; draw on the CPU, then move);
+    None means cross-entropy against random labels != the true ones, drawn by label_rule ("uniform_other" or
+    "official", see sf.losses). retain_loss_fn, same signature, for retain batches; None means
     cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches alternate),
     "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
     forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for

@@ -69,6 +69,21 @@ def test_unmerge_restores_weights_bit_exact(dtype):
     assert torch.equal(sm(x), adapted)
 
 
+def test_the_weight_kept_for_unmerge_moves_with_the_model():
+    sm, _ = _prepared(torch.bfloat16)
+    sm.merge_adapters()
+    sm.to("meta")  # stands in for another device: .to() must move it, not leave a copy behind
+    assert all(a._original_weight.device.type == "meta" and a._original_weight.dtype == torch.bfloat16
+               for a in sm.adapters.values())
+    sm, original = _prepared(torch.float32)
+    sm.merge_adapters()
+    sm.double()  # a cast keeps the kept weight's dtype: unmerge gives the original, in the new dtype
+    sm.unmerge_adapters()
+    for name, adapter in sm.adapters.items():
+        assert adapter.base_layer.weight.dtype == torch.float64
+        assert torch.equal(adapter.base_layer.weight, original[f"{name}.weight"].double())
+
+
 def test_merge_writes_the_materialised_weight():
     sm, original = _prepared(torch.float64)
     sm.merge_adapters()

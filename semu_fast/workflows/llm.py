@@ -421,8 +421,9 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
         if select_best else math.nan
     keep = _KeepBest(criterion, forget_batches, guard_batches, guard_before, retain_tolerance, score_before,
                      select_best, on_epoch)
-    device = model_device(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # manual_seed reseeds every CUDA device: restore all that the model uses
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         semu_model, report = unlearn(model, forget_batches, retain_batches if train_on_retain else None, config,
                                      loss_fn=nll_loss, train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn,

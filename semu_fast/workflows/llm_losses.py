@@ -412,7 +412,8 @@ def activation_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     """RMU's masked MSE: for each sequence, the mean over its masked positions of the mean over features of
     (h - target)^2, then the mean over sequences with a masked position. h, target: (B, T, d); mask: (B, T)."""
     per_token = (h - target).pow(2).mean(-1)
-    weights = mask.to(per_token.dtype)
+    weights = mask.to(per_token.device, per_token.dtype)  # h is on its layer's device, the mask on the inputs'
+
     count = weights.sum(-1)
     rows = count > 0
     if not rows.any():
