@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
 from common import Table, device_name, parser as make_parser, sync, timeit  # noqa: E402
+from semu_fast.ops import svd_plan  # noqa: E402
 from semu_fast.workflows import llm  # noqa: E402
 
 # hidden, intermediate, layers, attention heads, key-value heads
@@ -94,8 +95,7 @@ def compare_svd(model, data, targets, gamma, device, table):
     """One layer per weight shape: ours (auto, with the rows the layer saw as its rank hint, as prepare passes them)
     against ours without the hint, the exact SVD and the Gram path on its real gradient."""
     from semu_fast.gradients import accumulate_gradients
-    from semu_fast.ops import svd_plan
-    from semu_fast.ops.svd import GRAM_MAX_GAMMA
+    from semu_fast.ops.svd import GRAM_MAX_GAMMA, HINT_OVERSAMPLING
 
     first = {}
     for name, layer in targets.items():
@@ -110,7 +110,9 @@ def compare_svd(model, data, targets, gamma, device, table):
                    for r, kw in runs.items()}
         ks = {r: sf.ops.truncated_svd(G, gamma, **runs[r]).S.shape[-1] for r in ("ours", "no hint", "exact")}
         best = min(seconds["gram"], seconds["exact"], seconds["no hint"])
-        chosen = svd_plan.plan(G.shape, device, gamma <= GRAM_MAX_GAMMA, rank_hint=grads.rows.get(name))
+        rows = grads.rows.get(name)  # the hint as truncated_svd passes it to the plan
+        hint = rows + HINT_OVERSAMPLING if rows is not None and rows + HINT_OVERSAMPLING < min(G.shape) else None
+        chosen = svd_plan.plan(G.shape, device, gamma <= GRAM_MAX_GAMMA, rank_hint=hint)
         plan = f"{'hinted, ' if chosen.hinted else ''}randomized <= {chosen.max_rank}, else {chosen.fallback}"
         table.add({"shape": "x".join(map(str, shape)), "rows": grads.rows.get(name), "auto's plan": plan,
                    "k exact": ks["exact"],
@@ -136,7 +138,7 @@ def main(argv=None):
     args.sequences = args.sequences or (64 if gpu else 2)
     args.tokens = args.tokens or (512 if gpu else 256)
     args.batch = args.batch or (4 if gpu else 1)
-    sf.calibrate(device)  # measured before the clock starts (it is cached for later runs)
+    svd_plan.costs(device)  # the cached calibration, or measured now: before the clock starts
 
     dtype = getattr(torch, args.dtype)
     model = build(args.size, device, dtype)

@@ -32,6 +32,7 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
     scenario = json.loads((folder / "run.json").read_text())["scenario"]
     assert scenario["original_model"] == str(tmp_path / "cache" / "digits-digits-cnn-seed0.pt")
     assert len(scenario["original_sha256"]) == 16
+    assert scenario["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device's default
 
     # eval reads the saved adapters back onto the cached model and gets SEMU's numbers again
     ev = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",

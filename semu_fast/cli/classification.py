@@ -58,7 +58,7 @@ def _scenario(args, parser):
         task, args.arch, args.seed, args.train_epochs, cache_dir)
     scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
-                "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed,
+                "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed, "device": args.device,
                 "original_model": str(source), "original_sha256": C.state_digest(model)[:16]}
     return task, model, split, scenario
 

@@ -64,7 +64,7 @@ def _median_seconds(fn, device: torch.device, repeats: int = 3) -> float:
 
 def measure(device: torch.device) -> Costs:
     """Time each kind of work at a probe size on `device` (about a second on a CPU, a few on a GPU)."""
-    p, q = _PROBE_CUDA if device.type == "cuda" else _PROBE
+    p, q = _probe(device)
     gen = torch.Generator(device=device).manual_seed(0)
     A = torch.randn(p, q, generator=gen, device=device)
     omega = torch.randn(q, BLOCK, generator=gen, device=device)
@@ -75,12 +75,17 @@ def measure(device: torch.device) -> Costs:
                  svd=_median_seconds(lambda: torch.linalg.svd(A, full_matrices=False), device) / (q * p * p))
 
 
+def _probe(device: torch.device) -> tuple[int, int]:
+    return _PROBE_CUDA if device.type == "cuda" else _PROBE
+
+
 def _device_key(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{os.cpu_count()}-threads{torch.get_num_threads()}"
-    return f"{name} / torch {torch.__version__}"
+    p, q = _probe(device)  # constants measured at another probe size are not reused
+    return f"{name} / torch {torch.__version__} / probe {p}x{q}"
 
 
 def _cache_file() -> Path:

@@ -213,8 +213,8 @@ def semu_trainer_class():
         rmu, and by a retain_loss). semu_config: a SEMUConfig (default: DEFAULTS' gamma and target_modules, seed
         args.seed). forget_loss: an llm_losses FORGET_LOSSES name, make_loss(...), a callable (model, batch,
         generator) -> scalar (generator: a CPU torch.Generator), or "auto" (the default: idkdpo when the forget
-        examples carry "alternate" answers, else npo); retain_loss: a RETAIN_LOSSES name, make_retain_loss(...) or a callable; None: the forget
-        objective's own retain term, else NLL. save_merged: save_model writes the model with W + U R Vh merged in
+        examples carry "alternate" answers, else npo); retain_loss: a RETAIN_LOSSES name, make_retain_loss(...) or
+        a callable; None: the forget objective's own retain term, else NLL. save_merged: save_model writes the model with W + U R Vh merged in
         (save_pretrained; from_pretrained loads a plain model) instead of the adapter folder. prepare_batch_size:
         batch size of the gradient pass (default args.per_device_train_batch_size). Everything else goes to
         transformers.Trainer."""
