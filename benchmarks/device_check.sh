@@ -140,6 +140,9 @@ pytest_step() {  # pytest_step NAME CAP [env VAR=VALUE ...] -- PYTEST ARGS...
   i=$((i + 1))
   run "tests $name" "$cap" "$OUT/tests.txt" "${prefix[@]}" $PY -X faulthandler -m pytest -v -rfEs -p no:cacheprovider \
     --junitxml="$WORK/junit-$i.xml" "$@"
+  # its summary line under its verdict ("3 failed, 40 passed in 12s"; none when pytest crashed)
+  tail -n 3 "$OUT/tests.txt" | grep -E "^=+ .*(passed|failed|skipped|error).* in [0-9.]+s" | sed 's/^/    /' \
+    >> "$VERDICTS"
 }
 if [ "$DEVICE" = cpu ]; then
   pytest_step "test_build.py -k schemas" 60 -- tests/test_build.py -k schemas
@@ -166,8 +169,7 @@ for path in sys.argv[2:]:
     merged.extend(root.iter("testsuite"))
 ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
 PYEOF
-grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|skipped|error).* in [0-9.]+s|Fatal Python error" "$OUT/tests.txt" \
-  | tail -40 >> "$VERDICTS"
+grep -E "^(FAILED|ERROR)|Fatal Python error" "$OUT/tests.txt" | tail -40 >> "$VERDICTS"
 
 # --- compute-sanitizer on one small call of every kernel (the CUDA accumulate_ forced, as above) --------------------
 if [ "$DEVICE" = cpu ]; then
