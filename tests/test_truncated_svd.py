@@ -4,7 +4,7 @@ import torch
 import semu_fast as sf
 from semu_fast.ops import reference
 from semu_fast.ops.svd import select_rank
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 
 
 def _decaying(gen, m, n, rank=None, batch=None, decay=0.7):
@@ -199,6 +199,15 @@ def _assert_meets_the_contract(G, result, gamma, rule):
     assert torch.allclose(U.T @ G, S[:, None] * Vh, atol=1e-4 * S[0].item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_meets_the_contract_on_every_device(gen, device):
+    """method="auto" on a matrix large enough for the cost model: it calibrates on this device (an LLM-sized probe
+    on a GPU) and whichever path it takes keeps the rank rule."""
+    G = _gradient_like(gen, 300, 500, decay=0.015)
+    result = sf.ops.truncated_svd(G.to(device), 0.9, generator=torch.Generator(device=device).manual_seed(0))
+    _assert_meets_the_contract(G, result, 0.9, "at_least")
+
+
 def test_randomized_svd_is_deterministic_for_a_seed(gen):
     G = _gradient_like(gen, 400, 300)
     runs = [sf.ops.truncated_svd(G, 0.9, method="randomized", generator=torch.Generator().manual_seed(7))
@@ -244,8 +253,9 @@ def _few_rows_gradient(gen, m, n, rows, perturbation):
 @pytest.mark.parametrize("shape", [(300, 700), (700, 300), (400, 400)])
 @pytest.mark.parametrize("perturbation", [0.0, 1e-3, 3e-2])
 @pytest.mark.parametrize("rule", ["at_least", "official"])
-@pytest.mark.parametrize("method", ["auto", "randomized"])
-def test_hinted_path_matches_the_exact_svd(gen, monkeypatch, shape, perturbation, rule, method):
+@pytest.mark.parametrize("method, device", [("auto", "cpu"), ("randomized", "cpu"),  # on a GPU, auto's plan follows
+                                            pytest.param("randomized", "cuda", marks=requires_cuda)])  # its costs
+def test_hinted_path_matches_the_exact_svd(gen, monkeypatch, shape, perturbation, rule, method, device):
     """Given the rows behind G as rank_hint, one sketch replaces the adaptive blocks: same k as the exact SVD (or
     one more: the energy it leaves out may move the cut by one), the kept energy >= gamma measured against the whole
     G, the leading singular values and the kept subspace as the exact SVD's, orthonormal factors."""
@@ -255,10 +265,10 @@ def test_hinted_path_matches_the_exact_svd(gen, monkeypatch, shape, perturbation
     real = svd_module._hinted
     monkeypatch.setattr(svd_module, "_hinted", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
     G = _few_rows_gradient(gen, *shape, rows=60, perturbation=perturbation)
-    result = sf.ops.truncated_svd(G, 0.9, rule, method=method, generator=torch.Generator().manual_seed(0),
-                                  rank_hint=60)
+    result = sf.ops.truncated_svd(G.to(device), 0.9, rule, method=method, rank_hint=60,
+                                  generator=torch.Generator(device=device).manual_seed(0))
     assert len(outcomes) == 1 and outcomes[0] is not None  # the hinted path ran and its result stood
-    U, S, Vh = result
+    U, S, Vh = (t.cpu() for t in result)
     U_ex, S_ex, Vh_ex, k_ex = reference.truncated_svd(G.double(), 0.9, rule)
     k, k_ex = S.shape[-1], int(k_ex)
     assert k_ex <= k <= k_ex + 1 if rule == "at_least" else abs(k - k_ex) <= 1
