@@ -149,7 +149,10 @@ if [ "$DEVICE" = cpu ]; then
   pytest_step "test_accumulate.py -m gpu" 60 -- tests/test_accumulate.py -m gpu
 else
   pytest_step test_build.py 90 -- tests/test_build.py
-  for file in test_accumulate test_project_perpendicular test_gram_svd test_truncated_svd test_lowrank test_prepare; do
+  # Every test file with tests marked gpu (tests/test_device_check.py checks that none is missing).
+  GPU_TEST_FILES=(test_accumulate test_project_perpendicular test_gram_svd test_truncated_svd test_lowrank
+                  test_gradients test_prepare)
+  for file in "${GPU_TEST_FILES[@]}"; do
     pytest_step "$file.py -m gpu" 150 -- "tests/$file.py" -m gpu
   done
   # accumulate_ runs the Triton kernel on a GPU (it measured faster): its CUDA kernel is checked here, forced.

@@ -52,23 +52,27 @@ def test_device_check_stops_loudly_when_the_extension_is_missing(tmp_path):
     assert not (out / "bench.json").exists()
 
 
-DEVICE_TEST_FILES = ["test_accumulate", "test_project_perpendicular", "test_gram_svd", "test_truncated_svd",
-                     "test_lowrank", "test_prepare"]
+def _gpu_test_files_of_the_script() -> list:
+    script = (ROOT / "benchmarks" / "device_check.sh").read_text()
+    return re.search(r"GPU_TEST_FILES=\(([^)]*)\)", script)[1].split()
 
 
-def _collect(*options):
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           *options, *(f"tests/{name}.py" for name in DEVICE_TEST_FILES)],
+def _collect(*args):
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
-def test_the_gpu_mark_selects_every_cuda_case_and_no_cpu_case():
-    """The device check runs `pytest -m gpu` on these files: that must be every test that runs on CUDA (a "cuda"
-    case, a requires_cuda test, a Triton kernel test), and none of the CPU cases CI already runs."""
-    selected = _collect("-m", "gpu")
-    cuda_cases = [test for test in _collect() if re.search(r"[\[-]cuda[\]-]", test)]
+def test_the_gpu_mark_selects_every_cuda_case_and_the_script_runs_every_file_that_has_one():
+    """The device check runs `pytest -m gpu` on GPU_TEST_FILES (and test_build.py whole): that must be every test
+    that runs on CUDA (a "cuda" case, a requires_cuda test, a Triton kernel test) in the whole suite, and none of
+    the CPU cases CI already runs."""
+    selected = _collect("-m", "gpu", "tests")
+    files = {test.split("::")[0].removeprefix("tests/").removesuffix(".py") for test in selected}
+    assert files - {"test_build"} <= set(_gpu_test_files_of_the_script()), files
+    in_script = [f"tests/{name}.py" for name in _gpu_test_files_of_the_script()]
+    cuda_cases = [test for test in _collect(*in_script) if re.search(r"[\[-]cuda[\]-]", test)]
     assert cuda_cases and set(cuda_cases) <= set(selected)
     assert not [test for test in selected if re.search(r"[\[-]cpu[\]-]", test)]
     for name in ("test_accumulate_tensor_longer_than_one_chunk_table_bit_exact", "test_prepare_on_cuda_matches_cpu",

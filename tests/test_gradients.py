@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from semu_fast.gradients import accumulate_gradients
+from conftest import DEVICES
 from helpers import forget_batches, small_cnn, snapshot, assert_same_state
 
 
@@ -126,14 +127,15 @@ def _mlp(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_linears_stream_more_accurately_than_summing_rounded_gradients(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_linears_stream_more_accurately_than_summing_rounded_gradients(dtype, device):
     """A half-precision Linear under a loss linear in its output (so dy = c is the same however the sum is formed):
     the streamed weight gradient, summed in float32, against the float64 sum of c^T x over the batches, next to the
     per-batch gradients autograd forms in the weight's dtype, summed. The streamed sum must be far closer."""
     gen = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(96, 80).to(dtype)
-    c = torch.randn(32, 80, generator=gen).to(dtype)
-    xs = [torch.randn(32, 96, generator=gen).to(dtype) for _ in range(16)]
+    layer = torch.nn.Linear(96, 80).to(device, dtype)  # on CUDA: cuBLAS sums the products in float32 (addmm)
+    c = torch.randn(32, 80, generator=gen).to(device, dtype)
+    xs = [torch.randn(32, 96, generator=gen).to(device, dtype) for _ in range(16)]
     loss_fn = lambda m, batch: (m(batch[0]) * c).float().sum()  # noqa: E731
     got = accumulate_gradients(layer, [(x,) for x in xs], {"": layer}, loss_fn)[""]
     exact = sum(c.double().T @ x.double() for x in xs)
