@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 import semu_fast as sf
 from semu_fast.losses import random_label_loss
+from conftest import requires_cuda
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -19,6 +22,26 @@ def test_training_changes_only_R():
         moved = ".".join(parts[:-1] + ["base_layer", parts[-1]])
         assert torch.equal(state.get(key, state.get(moved)), value), key
     assert len(report.training["history"]) == 2 and report.timings["train"] > 0
+
+
+@requires_cuda
+def test_unlearning_on_cuda_follows_the_cpu_run():
+    """sf.unlearn end to end on the GPU (gradient pass, SVD, random labels drawn on the CPU, Adam on R): base
+    weights untouched, and R where the CPU run puts it, up to float32 differences (no retain data: an epoch chosen by
+    a near tie of scores would differ for reasons that are not errors)."""
+    model = small_cnn()
+    before = snapshot(model)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        on = lambda batches: [(x.to(device), y.to(device)) for x, y in batches]  # noqa: E731
+        runs[device], _ = sf.unlearn(copy.deepcopy(model).to(device), on(forget_batches()),
+                                     config=sf.SEMUConfig(gamma=0.9), optimizer="adam", lr=1e-2, epochs=2,
+                                     progress=False)
+    for name, adapter in runs["cpu"].adapters.items():
+        R_cpu, R_gpu = adapter.R.detach(), runs["cuda"].adapters[name].R.detach().cpu()
+        assert R_gpu.shape == R_cpu.shape and R_cpu.abs().max() > 0
+        assert (R_gpu - R_cpu).norm() <= 5e-2 * R_cpu.norm(), name
+    assert_same_state(runs["cuda"].unload().cpu(), before)
 
 
 def test_unlearning_with_retain_data_and_select_best_restores_the_best_epoch():
