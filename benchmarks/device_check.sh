@@ -151,7 +151,7 @@ else
   pytest_step test_build.py 90 -- tests/test_build.py
   # Every test file with tests marked gpu (tests/test_device_check.py checks that none is missing).
   GPU_TEST_FILES=(test_accumulate test_project_perpendicular test_gram_svd test_truncated_svd test_lowrank
-                  test_gradients test_prepare test_unlearn)
+                  test_gradients test_prepare test_unlearn test_llm)
   for file in "${GPU_TEST_FILES[@]}"; do
     pytest_step "$file.py -m gpu" 150 -- "tests/$file.py" -m gpu
   done

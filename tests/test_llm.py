@@ -15,6 +15,7 @@ import semu_fast as sf  # noqa: E402
 from semu_fast.workflows import llm, llm_losses  # noqa: E402
 from semu_fast.adapters import SEMUAdapter  # noqa: E402
 from semu_fast.layers import select_layers  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
 from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
@@ -188,6 +189,21 @@ def test_unlearn_llm_trains_each_objective_on_question_answer_batches(forget_los
         assert metrics["forget_nll_after"] > metrics["forget_nll_before"]
     with torch.no_grad(), sm.disable_adapters():  # the reference stayed the original model
         assert llm.mean_nll(sm, forget) == metrics["forget_nll_before"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("forget_loss", ["npo", "idkdpo", "rmu"])
+def test_unlearn_llm_runs_each_kind_of_objective_on_cuda(forget_loss):
+    """The LLM path on the GPU: the batches stay on the CPU until each loss moves them, and the reference model
+    (npo, idkdpo) and the hidden-state hook (rmu) follow the model's device."""
+    model, tokenizer = tiny_llama().cuda(), tiny_tokenizer()
+    forget, retain = _qa_data(tokenizer)
+    loss = llm.make_loss("rmu", layer=1) if forget_loss == "rmu" else forget_loss
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, forget_loss=loss,
+                                          retain_loss="rmu" if forget_loss == "rmu" else None, select_best=False,
+                                          lr=3e-2, epochs=2, progress=False)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert all(a.R.is_cuda and (a.R != 0).any() for a in sm.adapters.values())
 
 
 def test_unlearn_llm_rmu_trains_its_own_retain_term_on_the_chosen_layer():
