@@ -79,3 +79,41 @@ def test_the_gpu_mark_selects_every_cuda_case_and_the_script_runs_every_file_tha
                  "test_triton_kernel_matches_reference", "test_triton_dual_matmul_matches_reference",
                  "test_triton_conv_delta_kernels_match_reference"):
         assert any(f"::{name}" in test for test in selected), name
+
+
+def test_the_cuda_branch_runs_every_step_in_order_with_stub_tools(tmp_path):
+    """The DEVICE=cuda branch, which only a lent GPU machine runs for real, with stand-ins for python, nvidia-smi
+    and compute-sanitizer that record their calls: every step is reached in the intended order, with the options
+    that matter (the CUDA build, -m gpu on every GPU test file, the forced CUDA accumulate_, racecheck's kernel
+    filter read from a long --help)."""
+    bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "out"
+    bin_dir.mkdir()
+    stubs = {"fakepy": f'echo "PY $*" >> {calls}',
+             "nvidia-smi": 'echo "NVIDIA H200, 143771 MiB, 570.00, 9.0"',
+             # a long help with the option early: a reader that stops at the match must not lose it
+             "compute-sanitizer": f'if [ "$1" = --help ]; then echo "  --kernel-name <name>"; '
+                                  f'exec seq 1 1000000; fi; echo "SAN $*" >> {calls}'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\nexit 0\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "DEVICE": "cuda", "OUT": str(out), "PYTHON": str(bin_dir / "fakepy"),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = (out / "device_check.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    steps = [line[3:].rsplit(" (", 1)[0] for line in log.split("# --- every step's output ---")[0].splitlines()
+             if line.startswith("OK ")]
+    gpu_files = [f"tests {name}.py -m gpu" for name in _gpu_test_files_of_the_script()]
+    assert steps == ["build", "CUDA kernels present", "calibrate the SVD cost model", "tests test_build.py",
+                     *gpu_files, "tests test_accumulate.py -m gpu (forced CUDA kernel)", "compute-sanitizer memcheck",
+                     "compute-sanitizer racecheck", "bench_prepare_llm", "bench_accumulate",
+                     "bench_accumulate (forced CUDA kernel)", "bench_project_perpendicular", "bench_gram_svd",
+                     "bench_truncated_svd", "bench_lowrank", "bench_lowrank (forced Triton)", "bench_prepare"]
+    headers = log + (out / "tests.txt").read_text()
+    assert "env SEMU_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0" in headers
+    assert re.search(r"\(forced CUDA kernel\) \(timeout \d+s\): env SEMU_FAST_IMPL=cuda .* -m gpu -k not triton",
+                     headers)
+    recorded = calls.read_text()
+    assert "SAN --tool racecheck --kernel-name kns=semu_fast" in recorded
+    assert "bench_prepare_llm.py --size 7b --compare-svd --device cuda" in recorded
