@@ -81,14 +81,12 @@ def test_the_gpu_mark_selects_every_cuda_case_and_the_script_runs_every_file_tha
         assert any(f"::{name}" in test for test in selected), name
 
 
-def test_the_cuda_branch_runs_every_step_in_order_with_stub_tools(tmp_path):
-    """The DEVICE=cuda branch, which only a lent GPU machine runs for real, with stand-ins for python, nvidia-smi
-    and compute-sanitizer that record their calls: every step is reached in the intended order, with the options
-    that matter (the CUDA build, -m gpu on every GPU test file, the forced CUDA accumulate_, racecheck's kernel
-    filter read from a long --help)."""
+def _run_cuda_branch_with_stubs(tmp_path, pytest_seconds=0, **env):
+    """device_check.sh with DEVICE=cuda and stand-ins that record their calls: python (each pytest taking
+    pytest_seconds), nvidia-smi and compute-sanitizer. Returns (process, device_check.log, out folder, calls)."""
     bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "out"
     bin_dir.mkdir()
-    stubs = {"fakepy": f'echo "PY $*" >> {calls}',
+    stubs = {"fakepy": f'echo "PY $*" >> {calls}; case "$*" in *pytest*) sleep {pytest_seconds};; esac',
              "nvidia-smi": 'echo "NVIDIA H200, 143771 MiB, 570.00, 9.0"',
              # a long help with the option early: a reader that stops at the match must not lose it
              "compute-sanitizer": f'if [ "$1" = --help ]; then echo "  --kernel-name <name>"; '
@@ -97,10 +95,18 @@ def test_the_cuda_branch_runs_every_step_in_order_with_stub_tools(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\nexit 0\n")
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "DEVICE": "cuda", "OUT": str(out), "PYTHON": str(bin_dir / "fakepy"),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    log = (out / "device_check.log").read_text()
+    return done, (out / "device_check.log").read_text(), out, calls
+
+
+def test_the_cuda_branch_runs_every_step_in_order_with_stub_tools(tmp_path):
+    """The DEVICE=cuda branch, which only a lent GPU machine runs for real, with stand-ins for python, nvidia-smi
+    and compute-sanitizer that record their calls: every step is reached in the intended order, with the options
+    that matter (the CUDA build, -m gpu on every GPU test file, the forced CUDA accumulate_, racecheck's kernel
+    filter read from a long --help)."""
+    done, log, out, calls = _run_cuda_branch_with_stubs(tmp_path)
     assert done.returncode == 0, log[-3000:]
     steps = [line[3:].rsplit(" (", 1)[0] for line in log.split("# --- every step's output ---")[0].splitlines()
              if line.startswith("OK ")]
@@ -117,3 +123,12 @@ def test_the_cuda_branch_runs_every_step_in_order_with_stub_tools(tmp_path):
     recorded = calls.read_text()
     assert "SAN --tool racecheck --kernel-name kns=semu_fast" in recorded
     assert "bench_prepare_llm.py --size 7b --compare-svd --device cuda" in recorded
+
+
+def test_the_headline_keeps_its_share_of_the_budget_when_the_tests_run_long(tmp_path):
+    # 30 s in all, 15 held back: tests of 3 s each exhaust the rest, the later ones and the sanitizers are skipped
+    # (and the run fails), but the 7B headline still runs.
+    done, log, _, _ = _run_cuda_branch_with_stubs(tmp_path, pytest_seconds=3, BUDGET="30", HOLD_FOR_HEADLINE="15")
+    verdicts = log.split("# --- every step's output ---")[0]
+    assert done.returncode == 1 and "SKIPPED tests test_llm.py -m gpu: the budget is spent" in verdicts
+    assert "SKIPPED compute-sanitizer memcheck" in verdicts and "OK bench_prepare_llm" in verdicts
