@@ -10,6 +10,11 @@ import torch
 import torch.nn as nn
 
 
+def default_device() -> str:
+    """Where work goes when the caller names no device: CUDA when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_cache() -> Path:
     """Where semu_fast keeps what it trains or measures once (models, the SVD cost calibration): $SEMU_FAST_CACHE,
     else ~/.cache/semu_fast."""

@@ -126,13 +126,6 @@ def add_device_flag(group) -> None:
     group.add_argument("--device", type=device, default=None, help="e.g. cuda or cpu (default: cuda when available)")
 
 
-def chosen_device(flag) -> str:
-    """--device's value, or its default: cuda when available, else the CPU."""
-    import torch
-
-    return flag or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def library_error(parser, err: Exception) -> None:
     """parser.error for an error the library raised: when it says what a parameter that is also a flag of this
     command must be ("num_forget must be ..."), it is named as the flag ("argument --num-forget: must be ..."), as

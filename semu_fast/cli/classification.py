@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .._utils import default_cache
-from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, chosen_device, finish_run,
-                      fraction, library_error, positive, preset_options, seed)
+from .._utils import default_cache, default_device
+from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction,
+                      library_error, positive, preset_options, seed)
 
 
 def _methods(text: str) -> tuple:
@@ -29,7 +29,7 @@ def _scenario(args, parser):
     flag."""
     from ..workflows import classification as C
 
-    args.device = chosen_device(args.device)  # the original, SEMU, the baselines and Retrain all run there
+    args.device = args.device or default_device()  # the original, SEMU, the baselines and Retrain all run there
     try:
         task = C.load_task(args.dataset, args.data, args.seed, args.image_size)
     except (ValueError, FileNotFoundError) as err:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._utils import default_cache
-from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, chosen_device, finish_run,
-                      gamma, library_error, non_negative, non_negative_int, positive, preset_options, require,
-                      settings, silence)
+from .._utils import default_cache, default_device
+from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
+                      library_error, non_negative, non_negative_int, positive, preset_options, require, settings,
+                      silence)
 
 
 def register(subparsers) -> None:
@@ -142,7 +142,7 @@ def run_ddpm(args, parser) -> int:
     if not 0 <= args.forget_class < DIGITS_NUM_CLASSES:
         parser.error(f"argument --forget-class: must be in [0, {DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
-    device = chosen_device(args.device)
+    device = args.device or default_device()
     if args.classifier is not None:
         classifier = digits_cnn()
         try:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import (add_device_flag, add_run_flags, add_training_flags, chosen_device, finish_run, library_error,
-                      non_negative, positive, require, settings, silence)
+from .._utils import default_device
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, non_negative,
+                      positive, require, settings, silence)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -213,7 +214,7 @@ def run(args, parser) -> int:
         parser.error(f"argument --loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
-    device = chosen_device(args.device)
+    device = args.device or default_device()
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = {}
     for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):

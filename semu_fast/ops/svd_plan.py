@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .._utils import default_cache
+from .._utils import default_cache, default_device
 
 log = logging.getLogger("semu_fast")
 
@@ -98,7 +98,7 @@ _COSTS: dict[str, Costs] = {}
 def calibrate(device=None, persist: bool = True) -> Costs:
     """Measure the SVD cost model's constants on `device` (default: CUDA when present, else the CPU), use them from
     now on, and (persist) keep them in $SEMU_FAST_CACHE/svd_costs.json for later processes."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else default_device())
     costs = measure(device)
     key = _device_key(device)
     _COSTS[key] = costs

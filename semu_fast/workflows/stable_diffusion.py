@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._checks import check_choice, check_number
-from .._utils import eval_mode, model_device, split_batch
+from .._utils import default_device, eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..model import SEMUModel
 from ..report import SEMUReport
@@ -378,7 +378,7 @@ def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     else:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                   beta_schedule="scaled_linear")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     unet.to(device).eval()
     text_encoder.to(device).eval().requires_grad_(False)
     if not with_vae:
