@@ -95,7 +95,7 @@ def compare_svd(model, data, targets, gamma, device, table):
     """One layer per weight shape: ours (auto, with the rows the layer saw as its rank hint, as prepare passes them)
     against ours without the hint, the exact SVD and the Gram path on its real gradient."""
     from semu_fast.gradients import accumulate_gradients
-    from semu_fast.ops.svd import GRAM_MAX_GAMMA, HINT_OVERSAMPLING
+    from semu_fast.ops.svd import auto_plan
 
     first = {}
     for name, layer in targets.items():
@@ -110,9 +110,7 @@ def compare_svd(model, data, targets, gamma, device, table):
                    for r, kw in runs.items()}
         ks = {r: sf.ops.truncated_svd(G, gamma, **runs[r]).S.shape[-1] for r in ("ours", "no hint", "exact")}
         best = min(seconds["gram"], seconds["exact"], seconds["no hint"])
-        rows = grads.rows.get(name)  # the hint as truncated_svd passes it to the plan
-        hint = rows + HINT_OVERSAMPLING if rows is not None and rows + HINT_OVERSAMPLING < min(G.shape) else None
-        chosen = svd_plan.plan(G.shape, device, gamma <= GRAM_MAX_GAMMA, rank_hint=hint)
+        chosen = auto_plan(G.shape, device, gamma, grads.rows.get(name))
         plan = f"{'hinted, ' if chosen.hinted else ''}randomized <= {chosen.max_rank}, else {chosen.fallback}"
         table.add({"shape": "x".join(map(str, shape)), "rows": grads.rows.get(name), "auto's plan": plan,
                    "k exact": ks["exact"],

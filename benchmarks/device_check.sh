@@ -123,11 +123,11 @@ fi
 # The SVD cost model's constants on this device, and what they choose for the 7B headline's shapes.
 run "calibrate the SVD cost model" 60 "$BODY" $PY -c "
 import torch, semu_fast as sf
-from semu_fast.ops import svd_plan
+from semu_fast.ops.svd import auto_plan
 device = torch.device('$DEVICE')
 print(sf.calibrate(device))
 for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
-    print(shape, svd_plan.plan(shape, device, True))"
+    print(shape, auto_plan(shape, device, 0.95))"
 
 # --- device tests: one pytest per file, so that a crash loses one file, not the rest --------------------------------
 # Only the tests marked gpu (their CUDA cases and the Triton kernels; tests/conftest.py): the CPU cases are CI's.

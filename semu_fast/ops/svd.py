@@ -285,6 +285,23 @@ def check_min_rank(min_rank) -> None:
         raise ValueError(f"min_rank must be 0 or 1, got {min_rank!r}")
 
 
+def _gram_ok(shape, gamma: float) -> bool:
+    return gamma <= GRAM_MAX_GAMMA and min(shape) > 0
+
+
+def _hint_width(shape, rank_hint: Optional[int]) -> Optional[int]:
+    """The hinted sketch's width, or None when there is no hint or the sketch would not be narrower than G."""
+    if rank_hint is None or rank_hint + HINT_OVERSAMPLING >= min(shape):
+        return None
+    return rank_hint + HINT_OVERSAMPLING
+
+
+def auto_plan(shape, device: torch.device, gamma: float, rank_hint: Optional[int] = None) -> svd_plan.Plan:
+    """The plan truncated_svd(method="auto") follows for a nonzero 2-D G of `shape` (each side at least
+    RANDOMIZED_MIN_DIM) on `device`, with this gamma and rank_hint."""
+    return svd_plan.plan(shape, device, _gram_ok(shape, gamma), rank_hint=_hint_width(shape, rank_hint))
+
+
 def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=None) -> TruncatedSVD:
     # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
     # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
@@ -296,11 +313,11 @@ def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=N
             return _truncate(*gram_svd(G), gamma, rank_rule, min_rank)
         return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     result = None
-    gram_ok = gamma <= GRAM_MAX_GAMMA and min(G.shape) > 0
+    gram_ok = _gram_ok(G.shape, gamma)
     if method == "gram" and not gram_ok:
         raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
     fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
-    hinted = rank_hint is not None and rank_hint + HINT_OVERSAMPLING < min(G.shape) and total > 0
+    hinted = _hint_width(G.shape, rank_hint) is not None and total > 0
     if method == "randomized":
         if hinted:
             result = _hinted(G, total, gamma, rank_rule, min_rank, generator, rank_hint)
@@ -308,7 +325,7 @@ def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=N
             cap = max(BLOCK, int(MAX_RANK_SHARE * min(G.shape)))
             result = _randomized(G, total, gamma, rank_rule, min_rank, generator, cap)
     elif method == "auto" and min(G.shape) >= RANDOMIZED_MIN_DIM:  # smaller: the exact SVD costs next to nothing
-        plan = svd_plan.plan(G.shape, G.device, gram_ok, rank_hint=rank_hint + HINT_OVERSAMPLING if hinted else None)
+        plan = auto_plan(G.shape, G.device, gamma, rank_hint if total > 0 else None)
         fallback = plan.fallback
         if plan.hinted:
             result = _hinted(G, total, gamma, rank_rule, min_rank, generator, rank_hint)
