@@ -2,7 +2,8 @@
 on a GPU, every projection Linear targeted), phase by phase, against its anchors in one run:
   - the gradient pass against a plain forward + backward over the same batches (the floor any method pays);
   - the SVD phase per weight shape, on the real summed gradients: ours (auto) against the exact SVD and the Gram
-    path (--compare-svd; the exact SVD of every layer would take minutes, so one layer per shape);
+    path (--compare-svd; the exact SVD of every layer would take minutes, so one layer per shape), and whether
+    batching same-shape layers would pay (the paths' pieces timed stacked against one by one);
   - peak memory against the floor: the bf16 weights plus the float32 accumulators of the targeted weights.
 Sizes: --size 100m | 350m | 1.1b (TinyLlama's shapes) | 7b (Llama-2-7B's); the 7B case is the GPU headline (goal:
 whole prepare under 60 s on one H200 at <= 1.2x the floor). --dtype float32 on CPUs without bf16 GEMMs (AVX2 only:
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import Table, device_name, parser as make_parser, sync, timeit  # noqa: E402
+from common import Table, alternate, device_name, parser as make_parser, sync, timeit  # noqa: E402
 from semu_fast.ops import svd_plan  # noqa: E402
 from semu_fast.workflows import llm  # noqa: E402
 
@@ -119,6 +120,28 @@ def compare_svd(model, data, targets, gamma, device, table):
                    "ours / best other": seconds["ours"] / best})
 
 
+def compare_batching(shapes, device, table, count: int = 4):
+    """Would same-shape layers gain from one batched call? The pieces the SVD paths spend their time in, on `count`
+    stacked matrices at once against `count` calls one by one: the Gram product (per shape class) and, per smaller
+    side p, its float64 eigendecomposition (gram path), the range finder's thin QR of a 64-column block and the SVD
+    of a 512-column basis's small factor (randomized path). A ratio near 1 says batching would not pay here."""
+    seen = set()
+    for p, q in sorted({(min(shape), max(shape)) for shape in shapes}):
+        A = torch.randn(count, p, q, generator=torch.Generator(device=device).manual_seed(0), device=device)
+        l = min(p, 512)
+        pieces = {"Gram product": (lambda X: X @ X.mT, A)}
+        if p not in seen:
+            seen.add(p)
+            pieces.update({"eigh (float64, p x p)": (torch.linalg.eigh, (A @ A.mT).double()),
+                           "thin QR (p x 64)": (torch.linalg.qr, A[..., :64].contiguous()),
+                           f"svdvals ({l} x {l})": (torch.linalg.svdvals, A[..., :l, :l].contiguous())})
+        for piece, (fn, X) in pieces.items():
+            times = alternate({"batched": lambda: fn(X), "one by one": lambda: [fn(x) for x in X]}, device, 1)
+            table.add({"piece": piece, "p x q": f"{p}x{q}", "matrices": count, "batched s": times["batched"],
+                       "one by one s": times["one by one"],
+                       "one by one / batched": times["one by one"] / times["batched"]})
+
+
 def main(argv=None):
     parser = make_parser(__doc__, repeats=None)
     parser.add_argument("--size", choices=tuple(SIZES), default="1.1b")
@@ -176,6 +199,9 @@ def main(argv=None):
         with Table(f"SVD per weight shape on the real gradients (one layer each), Llama-{args.size}, "
                    f"{device_name(device)}", args.json) as table:
             compare_svd(model, data, targets, args.gamma, device, table)
+        with Table(f"Batching same-shape layers' SVD pieces, Llama-{args.size}, {device_name(device)}",
+                   args.json) as table:
+            compare_batching([layer.weight.shape for layer in targets.values()], device, table)
 
 
 if __name__ == "__main__":
