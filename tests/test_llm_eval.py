@@ -216,13 +216,16 @@ def test_privleak_follows_muse_sign_convention():
 
 # ---- ROUGE ---------------------------------------------------------------------------------------------------------
 
-def test_rouge_l_recall_on_known_strings():
+def test_rouge_l_recall_and_f1_on_known_strings():
     pytest.importorskip("rouge_score")
-    got = ev.rouge_l_recall(["the cat sat", "the cat sat on the mat", "", "cats running", "mat the on"],
-                            ["the cat sat on the mat"] * 2 + ["anything", "cat run", "the mat on"])
-    # LCS 3 of 6; identical; empty; equal after stemming; LCS "the" or "on" (1 of 3)... "mat the on" vs
-    # "the mat on": LCS 2 ("the on" or "mat on") of 3
-    torch.testing.assert_close(got, torch.tensor([0.5, 1.0, 0.0, 1.0, 2 / 3], dtype=torch.float64))
+    predictions = ["the cat sat", "the cat sat on the mat", "", "cats running", "mat the on"]
+    references = ["the cat sat on the mat"] * 2 + ["anything", "cat run", "the mat on"]
+    # LCS 3 of 6 (all 3 of the prediction's); identical; empty; equal after stemming; "mat the on" vs "the mat on":
+    # LCS 2 ("the on" or "mat on") of 3 on both sides
+    torch.testing.assert_close(ev.rouge_l(predictions, references),
+                               torch.tensor([0.5, 1.0, 0.0, 1.0, 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(ev.rouge_l(predictions, references, "f1"),  # MUSE's: 2 P R / (P + R)
+                               torch.tensor([2 / 3, 1.0, 0.0, 1.0, 2 / 3], dtype=torch.float64))
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------------
@@ -252,7 +255,11 @@ def test_bad_inputs_raise_errors_naming_the_parameter():
     with pytest.raises(ValueError, match=r"values\[1\]"):
         ev.model_utility([0.5, -0.1])
     with pytest.raises(ValueError, match="predictions .1. and references .2."):
-        ev.rouge_l_recall(["a"], ["a", "b"])
+        ev.rouge_l(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="measure must be one of 'recall', 'f1'"):
+        ev.rouge_l(["a"], ["a"], "precision")
+    with pytest.raises(ValueError, match="exclude_last must be True or False"):
+        ev.answer_statistics(model, [batch], exclude_last=3)
 
 
 # ---- on a tiny random Llama ----------------------------------------------------------------------------------------
@@ -297,13 +304,12 @@ def test_answer_nll_with_padding_equals_the_unpadded_answer_loss(tiny, framing):
         assert got[i].item() == pytest.approx(want.item(), rel=1e-4)
 
 
-def test_a_final_eos_counts_in_the_loss_but_not_in_the_token_wise_statistics():
-    eos, vocab = 3, 10
+def test_exclude_last_keeps_the_last_token_in_the_loss_but_not_in_the_token_wise_statistics():
+    vocab = 10
     batch = _masked_batch([6], [2], vocab, seed=12)
-    batch["input_ids"][0, 5] = batch["labels"][0, 5] = eos
-    model = PeekModel(vocab, misses=[4])  # misses only the EOS (predicted at t = 4)
+    model = PeekModel(vocab, misses=[4])  # misses only the last scored token (predicted at t = 4)
     plain = ev.answer_statistics(model, [batch], k=1.0)
-    skip = ev.answer_statistics(model, [batch], k=1.0, eos_token_id=eos)
+    skip = ev.answer_statistics(model, [batch], k=1.0, exclude_last=True)
     assert plain["exact_memorization"].item() == pytest.approx(0.75) and plain["extraction_strength"].item() == 0.0
     assert skip["exact_memorization"].item() == 1.0 and skip["extraction_strength"].item() == 1.0
     torch.testing.assert_close(skip["nll"], plain["nll"])  # the EOS stays in the answer loss
@@ -343,24 +349,90 @@ def test_evaluate_llm_smoke_on_tiny_llama(tiny):
                 "perturbed_answers": [random_texts(2 + i % 2, seed + 3 + i, max_len=5) for i in range(n)]}
 
     forget, retain, holdout = split(0), split(20), split(40)
-    metrics = ev.evaluate_llm(model, tok, forget, retain=retain, holdout=holdout, reference_model=tiny_llama(1),
-                              max_new_tokens=3, batch_size=8)
+    authors, facts = split(60), split(80)
+    metrics = ev.evaluate_llm(model, tok, forget, retain=retain, holdout=holdout, real_authors=authors,
+                              world_facts=facts, reference_model=tiny_llama(1), max_new_tokens=3, batch_size=8)
     assert model.training  # restored
+    utility_keys = [f"{name}_{metric}" for name, metrics in (
+        ("retain", ("answer_prob", "rougeL_recall", "truth_ratio")),
+        ("real_authors", ("prob_normalised", "rougeL_recall", "truth_ratio")),
+        ("world_facts", ("prob_normalised", "rougeL_recall", "truth_ratio"))) for metric in metrics]
     assert set(metrics) == {
         "forget_answer_prob", "forget_exact_memorization", "forget_extraction_strength", "forget_rougeL_recall",
-        "forget_truth_ratio", "forget_quality", "retain_answer_prob", "retain_rougeL_recall", "retain_truth_ratio",
+        "forget_truth_ratio", "forget_quality", *utility_keys,
         "model_utility", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc", "privleak"}
     for key, value in metrics.items():
         assert isinstance(value, float) and math.isfinite(value), key
         if key != "privleak":
             assert 0.0 <= value <= 1.0, key
-    retain_numbers = [metrics[k] for k in ("retain_answer_prob", "retain_rougeL_recall", "retain_truth_ratio")]
-    assert metrics["model_utility"] == pytest.approx(ev.model_utility(retain_numbers))
+    # TOFU's model utility: the harmonic mean of all nine
+    assert metrics["model_utility"] == pytest.approx(ev.model_utility([metrics[k] for k in utility_keys]))
+    # real authors: the answer against its wrong options (not the paraphrase, which these sets do not have)
+    model.eval()
+    nll = [ev.answer_nll(model, ev._qa_batches(tok, [q] * (1 + len(wrong)), [a, *wrong]))
+           for q, a, wrong in zip(authors["questions"], authors["answers"], authors["perturbed_answers"])]
+    want = ev.normalised_answer_probability(torch.stack([n[0] for n in nll]), [n[1:] for n in nll])
+    assert metrics["real_authors_prob_normalised"] == pytest.approx(float(want.mean()), rel=1e-6)
+    ratios = ev.truth_ratios(torch.stack([n[0] for n in nll]), [n[1:] for n in nll])
+    assert metrics["real_authors_truth_ratio"] == pytest.approx(ev.truth_ratio_score(ratios, "true_better"), rel=1e-6)
     # the same model as its own reference: identical truth ratios (KS p = 1) and no privacy leak
     same = ev.evaluate_llm(model.eval(), tok, forget, holdout=holdout, reference_model=model, generate=False,
                            framing="raw")
     assert same["forget_quality"] == pytest.approx(1.0) and same["privleak"] == pytest.approx(0.0)
     assert "forget_rougeL_recall" not in same and "model_utility" not in same
+
+
+@pytest.mark.parametrize("framing", ["qa", "raw"])
+def test_evaluate_llm_token_wise_statistics_leave_out_the_last_token_as_open_unlearning(tiny, framing):
+    model, tok = tiny
+    questions, answers = ["w1 w2", "w3"], ["w4 w5 w6", "w7 w8"]
+    got = ev.evaluate_llm(model, tok, {"questions": questions, "answers": answers}, framing=framing, generate=False)
+    stats = ev.answer_statistics(model, ev._qa_batches(tok, questions, answers, framing=framing), exclude_last=True)
+    assert got["forget_exact_memorization"] == pytest.approx(float(stats["exact_memorization"].mean()))
+    assert got["forget_answer_prob"] == pytest.approx(float(stats["prob"].mean()))  # every token in the loss
+
+
+def test_evaluate_llm_directions_on_a_model_trained_on_the_forget_and_true_answers():
+    """A model fitted to the forget answers and to every true (paraphrased) answer, against the untrained model as
+    reference: each metric must move the way its definition says (a swapped sign, ratio or aggregator fails)."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("transformers")
+    from llm_helpers import random_texts, tiny_llama, tiny_tokenizer
+    from semu_fast.workflows import llm
+
+    tok, untrained, model = tiny_tokenizer(), tiny_llama(0), tiny_llama(0)
+
+    def split(seed, n=8):
+        return {"questions": random_texts(n, seed, max_len=5), "answers": random_texts(n, seed + 1, max_len=5),
+                "paraphrased_answers": random_texts(n, seed + 2, max_len=5),
+                "perturbed_answers": [random_texts(2, seed + 3 + i, max_len=5) for i in range(n)]}
+
+    forget, retain, holdout = split(0), split(100), split(200)
+    records = [{"question": q, "answer": a} for s, key in ((forget, "answers"), (forget, "paraphrased_answers"),
+                                                         (retain, "paraphrased_answers"))
+               for q, a in zip(s["questions"], s[key])]
+    batches = llm.make_qa_batches(tok, records, 32, len(records))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        llm.nll_loss(model, batches[0]).backward()
+        optimizer.step()
+    model.eval()
+
+    def evaluate(which, reference):
+        return ev.evaluate_llm(which, tok, forget, retain=retain, holdout=holdout, reference_model=reference,
+                               generate=False)
+
+    trained, base = evaluate(model, untrained), evaluate(untrained, None)
+    assert trained["forget_answer_prob"] > 0.5 > base["forget_answer_prob"]
+    assert trained["mia_loss_auc"] > 0.9 and trained["mia_min_k_auc"] > 0.9  # the forget set is recognised
+    assert trained["privleak"] < -50  # against a reference that does not recognise it (AUC about 0.5)
+    # true answers now far likelier than false ones: R = false / true << 1
+    assert trained["retain_truth_ratio"] > 0.8 > base["retain_truth_ratio"]  # mean max(0, 1 - R)
+    assert trained["forget_truth_ratio"] < 0.2 < base["forget_truth_ratio"]  # mean min(R, 1 / R)
+    assert trained["forget_quality"] < 0.01  # its truth ratios are told apart from the reference's
 
 
 def test_evaluate_llm_rejects_bad_splits_and_double_references(tiny):

@@ -293,7 +293,7 @@ def make_eval_set(splits: Splits, gold, tokenizer, retain_eval: int, seed: int) 
     out = EvalSet(splits.forget, sample(splits.retain_seen), sample(splits.retain_held), splits.holdout)
     out.gold_truth_ratios = truth_ratios(gold, tokenizer, out.forget)
     stats = [ev.answer_statistics(gold, qa_batches(tokenizer, [f.question for f in facts], [f.answer for f in facts]),
-                                  eos_token_id=tokenizer.eos_token_id)["mia_min_k"]
+                                  exclude_last=True)["mia_min_k"]
              for facts in (out.forget, out.holdout)]
     out.gold_auc = ev.mia_auc(*stats)
     return out
@@ -303,7 +303,7 @@ def answers_report(model, tokenizer, facts: list) -> dict:
     """Greedy answers to the facts' questions: ROUGE-L recall (%), fact accuracy (the true value is a word of the
     answer, %) and well-formedness (some value of the asked kind is, %)."""
     answers = ev.generate_answers(model, tokenizer, [f.question for f in facts], max_new_tokens=16, batch_size=64)
-    rouge = ev.rouge_l_recall(answers, [f.answer for f in facts])
+    rouge = ev.rouge_l(answers, [f.answer for f in facts])
     words = [set(a.split()) for a in answers]
     return {"rouge": 100 * float(rouge.mean()),
             "accuracy": 100 * statistics.mean(f.value in w for f, w in zip(facts, words)),

@@ -161,8 +161,8 @@ def register(subparsers) -> None:
     g.add_argument("--reference-model", type=Path, default=None, metavar="FOLDER",
                    help="a model trained without the forget data (local folder): forget quality, and privleak "
                    "with --holdout-file")
-    g.add_argument("--max-new-tokens", type=positive(int), default=32,
-                   help="greedy answer length for ROUGE-L (default 32)")
+    g.add_argument("--max-new-tokens", type=positive(int), default=None,
+                   help="greedy answer length for ROUGE-L (default open-unlearning's TOFU setting, 200)")
     g = p.add_argument_group("output")
     add_run_flags(g, "semu_fast_llm_out", "adapters/, metrics.json, report.md and lora/")
     g.add_argument("--lora", action="store_true", help="also export the adapters as a peft LoRA folder out/lora")

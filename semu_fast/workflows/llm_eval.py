@@ -9,15 +9,21 @@
 | forget quality | p-value of ks_2samp(R unlearned, R retain-only model) on forget | TOFU; OU ks_test |
 | normalised prob | p_true / (p_true + sum p_false), real authors / world facts | TOFU; OU probability_w_options |
 | model utility | harmonic mean of the utility numbers given, 0 if any is 0 | TOFU; OU hm_aggregate |
-| ROUGE-L recall | rouge_score rougeL recall (stemmed) of the greedy answer vs the true one | TOFU, MUSE; OU rouge |
+| ROUGE-L | rouge_score rougeL (stemmed) of the greedy answer vs the true one: recall (TOFU), F1 (MUSE) | OU rouge |
 | exact memorization | share of answer tokens whose teacher-forced argmax is the label | Tirumala et al. 2022; OU |
-| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest | Wang et al. 2025; OU |
+| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest (*) | Wang et al. 2025; OU |
 | MIA LOSS | answer NLL | Yeom et al. 2018; OU |
 | MIA ZLib | answer NLL / len(zlib.compress(answer text)) | Carlini et al. 2021; OU |
 | MIA Min-K% | -(mean of the max(1, int(k n)) lowest answer-token log-probs) | Shi et al. 2024; OU |
 | MIA Min-K%++ | Min-K% of the log-probs standardised by the model's next-token distribution | Zhang et al. 2024; OU |
 | MIA AUC | roc_auc_score, holdout = class 1: 1.0 when the forget set is always likelier | OU mia_auc |
 | privleak | (A - A_ref) / A_ref * 100, A = 1 - MIA AUC (unlearned; A_ref: retain-only) | MUSE; OU privleak |
+
+(*) k = n when not even the last token is predicted (0 extracted); open-unlearning's loop stops at k = n - 1 there
+and reports 1/n. Token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++) leave out each
+sample's last scored token in evaluate_llm, as open-unlearning does (the EOS of a qa answer; a raw text's last token);
+the NLL-based ones (prob, LOSS, ZLib, truth ratio) score every token. Generation defaults follow open-unlearning: up
+to 200 new tokens for qa framing (TOFU), 128 for raw (MUSE verbmem; MUSE knowmem uses 32).
 
 Every MIA score is signed as a loss: higher means "less likely a member". Per-sample functions take batches as
 llm_data makes them (dicts of (B, T) input_ids / attention_mask / labels, -100 on the prompt and padding) and
@@ -45,6 +51,10 @@ from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
 FRAMINGS = ("qa", "raw")
+ROUGE_MEASURES = {"recall": "recall", "f1": "fmeasure"}  # ours -> rouge_score's field
+# open-unlearning's defaults per framing: TOFU (qa) scores ROUGE-L recall of up to 200 new tokens, MUSE (raw)
+# ROUGE-L F1 of up to 128 (verbmem; its knowmem questions use 32).
+GENERATION_DEFAULTS = {"qa": ("recall", 200), "raw": ("f1", 128)}
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 # open-unlearning's TOFU and MUSE configs, and MUSE's own privleak key (Min-40%), score privleak with Min-K% at 40%.
 DEFAULT_MIN_K = 0.4
@@ -190,21 +200,21 @@ def _extraction_strength(correct: torch.Tensor) -> float:
 
 @torch.no_grad()
 def answer_statistics(model: nn.Module, batches, *, texts: Optional[Sequence[str]] = None,
-                      k: float = DEFAULT_MIN_K, eos_token_id: Optional[int] = None) -> dict[str, torch.Tensor]:
+                      k: float = DEFAULT_MIN_K, exclude_last: bool = False) -> dict[str, torch.Tensor]:
     """Every per-sample statistic of the scored (labelled) tokens, in one forward pass per batch.
 
     batches: list of dicts with (B, T) input_ids and labels (-100 on the prompt and padding), attention_mask
     optional. texts: the scored text of each sample (for ZLib), in batch order; k: Min-K share in (0, 1].
-    eos_token_id: a sample's last scored token equal to it counts in the NLL (LOSS, ZLib, prob) but not in the
-    token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++), as open-unlearning scores
-    answers that end with EOS. Returns float64 CPU tensors (N,): "nll" (mean answer NLL), "prob" (exp(-nll)),
+    exclude_last: each sample's last scored token counts in the NLL (LOSS, ZLib, prob) but not in the token-wise
+    statistics (exact memorization, extraction strength, Min-K%, Min-K%++), as open-unlearning scores them (meant for
+    the EOS ending a qa answer, applied to raw texts too); a sample with one scored token keeps it. Returns float64 CPU tensors (N,): "nll" (mean answer NLL), "prob" (exp(-nll)),
     "exact_memorization", "extraction_strength", "mia_loss", "mia_min_k", "mia_min_k_plus_plus", and "mia_zlib"
     when texts are given."""
     _check_model(model)
     batches = _check_batches(batches)
     k = _check_k(k)
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
-        raise ValueError(f"eos_token_id must be a token id (int) or None, got {eos_token_id!r}")
+    if not isinstance(exclude_last, bool):
+        raise ValueError(f"exclude_last must be True or False, got {exclude_last!r}")
     if texts is not None:
         texts = check_texts(texts, "texts")
         samples = sum(batch["input_ids"].shape[0] for batch in batches)
@@ -229,7 +239,7 @@ def answer_statistics(model: nn.Module, batches, *, texts: Optional[Sequence[str
                 mu = (probs * dist).sum(-1)
                 var = ((probs * dist.square()).sum(-1) - mu.square()).clamp_min(1e-6)
                 columns["nll"].append(-float(token_lp.mean()))
-                if eos_token_id is not None and labels.numel() > 1 and int(labels[-1]) == eos_token_id:
+                if exclude_last and labels.numel() > 1:
                     token_lp, correct, mu, var = token_lp[:-1], correct[:-1], mu[:-1], var[:-1]
                 columns["exact_memorization"].append(float(correct.double().mean()))
                 columns["extraction_strength"].append(_extraction_strength(correct))
@@ -411,73 +421,90 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
     return answers
 
 
-def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
-    """ROUGE-L recall of each prediction against its reference (rouge_score, Porter stemmer, as TOFU and
-    open-unlearning score it), float64 (N,): the longest common subsequence's share of the reference's tokens."""
+def rouge_l(predictions: Sequence[str], references: Sequence[str], measure: str = "recall") -> torch.Tensor:
+    """ROUGE-L of each prediction against its reference (rouge_score, Porter stemmer, as TOFU, MUSE and
+    open-unlearning score it), float64 (N,). measure: "recall" (TOFU: the longest common subsequence's share of the
+    reference's tokens) or "f1" (MUSE: its harmonic mean with the share of the prediction's)."""
     from rouge_score import rouge_scorer
 
+    if measure not in ROUGE_MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(map(repr, ROUGE_MEASURES))}, got {measure!r}")
     predictions = check_texts(predictions, "predictions", allow_empty=True)
     references = check_texts(references, "references")
     if len(predictions) != len(references):
         raise ValueError(f"predictions ({len(predictions)}) and references ({len(references)}) must have the same "
                          f"length")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return torch.tensor([scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)],
-                        dtype=torch.float64)
+    field = ROUGE_MEASURES[measure]
+    return torch.tensor([getattr(scorer.score(ref, pred)["rougeL"], field)
+                         for pred, ref in zip(predictions, references)], dtype=torch.float64)
 
 
 # ---- everything at once --------------------------------------------------------------------------------------------
 
-def _check_split(name: str, split) -> Optional[dict]:
+def _check_split(name: str, split, options: bool = False) -> Optional[dict]:
+    """The split's strings, checked. options: a real-authors / world-facts split, scored against its wrong options
+    ('perturbed_answers' required, 'paraphrased_answers' not used)."""
     if split is None:
         return None
+    wanted = "'perturbed_answers'" if options else "optionally 'paraphrased_answers', 'perturbed_answers'"
     if not isinstance(split, Mapping) or "questions" not in split or "answers" not in split:
-        raise ValueError(f"{name} must be a mapping with 'questions' and 'answers' (and optionally "
-                         f"'paraphrased_answers', 'perturbed_answers'), got {type(split).__name__}")
+        raise ValueError(f"{name} must be a mapping with 'questions' and 'answers' (and {wanted}), got "
+                         f"{type(split).__name__}")
     questions = check_texts(split["questions"], f"{name}['questions']", allow_empty=True)
     answers = check_texts(split["answers"], f"{name}['answers']")
     if len(questions) != len(answers):
         raise ValueError(f"{name}: {len(questions)} questions but {len(answers)} answers")
     out = {"questions": questions, "answers": answers}
     has_para, has_pert = "paraphrased_answers" in split, "perturbed_answers" in split
-    if has_para != has_pert:
+    if options and not has_pert:
+        raise ValueError(f"{name} needs 'perturbed_answers' (the wrong options: normalised probability and truth "
+                         f"ratio)")
+    if not options and has_para != has_pert:
         raise ValueError(f"{name}: the truth ratio needs both 'paraphrased_answers' and 'perturbed_answers'")
-    if has_para:
-        out["paraphrased_answers"] = check_texts(split["paraphrased_answers"], f"{name}['paraphrased_answers']")
+    if has_pert:
+        if not options:
+            out["paraphrased_answers"] = check_texts(split["paraphrased_answers"], f"{name}['paraphrased_answers']")
         perturbed = split["perturbed_answers"]
         if isinstance(perturbed, str) or not isinstance(perturbed, Iterable):
             raise ValueError(f"{name}['perturbed_answers'] must be one list of strings per question")
         out["perturbed_answers"] = [check_texts(row, f"{name}['perturbed_answers'][{i}]")
                                     for i, row in enumerate(perturbed)]
-        for key in ("paraphrased_answers", "perturbed_answers"):
+        for key in ("paraphrased_answers", "perturbed_answers")[options:]:
             if len(out[key]) != len(questions):
                 raise ValueError(f"{name}['{key}'] has {len(out[key])} entries, expected {len(questions)}")
     return out
 
 
 def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Optional[Mapping] = None,
-                 holdout: Optional[Mapping] = None, reference_model: Optional[nn.Module] = None,
+                 holdout: Optional[Mapping] = None, real_authors: Optional[Mapping] = None,
+                 world_facts: Optional[Mapping] = None, reference_model: Optional[nn.Module] = None,
                  reference_truth_ratios: Optional[Scores] = None, reference_auc: Optional[float] = None,
-                 framing: str = "qa", k: float = DEFAULT_MIN_K, max_new_tokens: int = 32, batch_size: int = 8,
-                 max_length: Optional[int] = None, generate: bool = True) -> dict[str, float]:
+                 framing: str = "qa", k: float = DEFAULT_MIN_K, max_new_tokens: Optional[int] = None,
+                 rouge: Optional[str] = None, batch_size: int = 8, max_length: Optional[int] = None,
+                 generate: bool = True) -> dict[str, float]:
     """TOFU / MUSE metrics of `model` as one flat dict of floats for metrics.json.
 
     forget, retain, holdout: mappings with "questions" and "answers" (lists of strings), and for the truth ratio
     "paraphrased_answers" (one string per question) and "perturbed_answers" (a list of strings per question).
+    real_authors, world_facts: TOFU's utility sets, "questions", "answers" and "perturbed_answers" (the wrong options).
     framing: "qa" frames each pair as llm_data.make_qa_batches does for training (chat template, else "Question:
     ... Answer: ...", answer ending with EOS; TOFU); "raw" appends the answer to the question as they are (MUSE:
     a prompt and its continuation, or a whole text after an empty question).
     The retain-only (gold) model: either reference_model (evaluated here) or its numbers: reference_truth_ratios
     (its per-sample truth ratios on the forget set) and reference_auc (its Min-K% mia_auc on forget vs holdout).
-    k: Min-K share; generate, max_new_tokens: greedy generation for ROUGE (generate=False skips it);
-    batch_size, max_length: the batches.
+    k: Min-K share; generate, max_new_tokens, rouge: greedy generation for ROUGE-L (generate=False skips it;
+    max_new_tokens and rouge ("recall" or "f1") default to open-unlearning's for the framing: 200 and recall for
+    qa, 128 and F1 for raw); batch_size, max_length: the batches.
 
-    Keys (each present only when its inputs are given):
+    Keys (each present only when its inputs are given; <m> is the ROUGE measure, recall or f1):
         forget_answer_prob, forget_exact_memorization, forget_extraction_strength: means over the forget set;
-        forget_rougeL_recall (generate); forget_truth_ratio: closer_to_1_better (forget paraphrased/perturbed);
+        forget_rougeL_<m> (generate); forget_truth_ratio: closer_to_1_better (forget paraphrased/perturbed);
         forget_quality: KS p-value against the reference's truth ratios;
-        retain_answer_prob, retain_rougeL_recall, retain_truth_ratio (true_better, retain paraphrased/perturbed);
-        model_utility: harmonic mean of the retain_* numbers present;
+        retain_answer_prob, retain_rougeL_<m>, retain_truth_ratio (true_better, retain paraphrased/perturbed);
+        real_authors_ and world_facts_ prob_normalised, rougeL_<m>, truth_ratio (true_better, answer/options);
+        model_utility: harmonic mean of the retain_, real_authors_ and world_facts_ numbers present (TOFU's, when
+        all nine are: comparable with published TOFU model utility only then);
         mia_loss_auc, mia_zlib_auc, mia_min_k_auc, mia_min_k_plus_plus_auc (holdout);
         privleak: from mia_min_k_auc and the reference's (holdout and a reference)."""
     _check_model(model)
@@ -486,9 +513,16 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
         raise ValueError("forget is required")
     retain = _check_split("retain", retain)
     holdout = _check_split("holdout", holdout)
+    option_splits = {"real_authors": _check_split("real_authors", real_authors, options=True),
+                     "world_facts": _check_split("world_facts", world_facts, options=True)}
     framing = _check_framing(framing)
     k = _check_k(k)
+    default_rouge, default_tokens = GENERATION_DEFAULTS[framing]
+    max_new_tokens = default_tokens if max_new_tokens is None else max_new_tokens
     check_positive_int("max_new_tokens", max_new_tokens)
+    rouge = default_rouge if rouge is None else rouge
+    if rouge not in ROUGE_MEASURES:
+        raise ValueError(f"rouge must be one of {', '.join(map(repr, ROUGE_MEASURES))} or None, got {rouge!r}")
     check_positive_int("batch_size", batch_size)
     if reference_model is not None:
         _check_model(reference_model)
@@ -509,18 +543,22 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
 
     def stats(which, split):
         return answer_statistics(which, batches(split["questions"], split["answers"]), texts=split["answers"], k=k,
-                                 eos_token_id=tokenizer.eos_token_id if framing == "qa" else None)
+                                 exclude_last=True)
 
-    def ratios(which, split):
-        para = answer_nll(which, batches(split["questions"], split["paraphrased_answers"]))
+    def option_nlls(which, split, true_key):
+        """The mean answer NLL of each true answer (N,) and of each question's wrong options (N ragged rows)."""
+        true = answer_nll(which, batches(split["questions"], split[true_key]))
         questions = [q for q, row in zip(split["questions"], split["perturbed_answers"]) for _ in row]
         flat = answer_nll(which, batches(questions, [a for row in split["perturbed_answers"] for a in row])).tolist()
         ends = torch.tensor([len(row) for row in split["perturbed_answers"]]).cumsum(0).tolist()
-        return truth_ratios(para, [flat[end - len(row):end] for end, row in zip(ends, split["perturbed_answers"])])
+        return true, [flat[end - len(row):end] for end, row in zip(ends, split["perturbed_answers"])]
 
-    def rouge(split):
+    def ratios(which, split):
+        return truth_ratios(*option_nlls(which, split, "paraphrased_answers"))
+
+    def rouge_score(split):
         answers = generate_answers(model, tokenizer, split["questions"], max_new_tokens, batch_size, framing)
-        return float(rouge_l_recall(answers, split["answers"]).mean())
+        return float(rouge_l(answers, split["answers"], rouge).mean())
 
     metrics: dict[str, float] = {}
     forget_stats = stats(model, forget)
@@ -528,7 +566,7 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
     metrics["forget_exact_memorization"] = float(forget_stats["exact_memorization"].mean())
     metrics["forget_extraction_strength"] = float(forget_stats["extraction_strength"].mean())
     if generate:
-        metrics["forget_rougeL_recall"] = rouge(forget)
+        metrics[f"forget_rougeL_{rouge}"] = rouge_score(forget)
     if "paraphrased_answers" in forget:
         forget_ratios = ratios(model, forget)
         metrics["forget_truth_ratio"] = truth_ratio_score(forget_ratios, "closer_to_1_better")
@@ -537,12 +575,21 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
         if reference_truth_ratios is not None:
             metrics["forget_quality"] = forget_quality(forget_ratios, reference_truth_ratios)
 
+    utility = {}
     if retain is not None:
-        utility = {"retain_answer_prob": float(stats(model, retain)["prob"].mean())}
+        utility["retain_answer_prob"] = float(stats(model, retain)["prob"].mean())
         if generate:
-            utility["retain_rougeL_recall"] = rouge(retain)
+            utility[f"retain_rougeL_{rouge}"] = rouge_score(retain)
         if "paraphrased_answers" in retain:
             utility["retain_truth_ratio"] = truth_ratio_score(ratios(model, retain), "true_better")
+    for name, split in option_splits.items():  # the answer against its wrong options (TOFU)
+        if split is not None:
+            true, wrong = option_nlls(model, split, "answers")
+            utility[f"{name}_prob_normalised"] = float(normalised_answer_probability(true, wrong).mean())
+            if generate:
+                utility[f"{name}_rougeL_{rouge}"] = rouge_score(split)
+            utility[f"{name}_truth_ratio"] = truth_ratio_score(truth_ratios(true, wrong), "true_better")
+    if utility:
         metrics.update(utility)
         metrics["model_utility"] = model_utility(utility)
 
