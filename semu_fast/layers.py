@@ -26,6 +26,9 @@ def unsupported_reason(module: nn.Module) -> str:
         return ""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would be bypassed"
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and _overrides_forward(module):
+        base = "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d"
+        return f"{type(module).__name__} overrides {base}'s forward, which an adapter (W + U R V^T) would bypass"
     if isinstance(module, nn.Linear):
         return ""
     if isinstance(module, nn.Conv2d):
@@ -33,6 +36,14 @@ def unsupported_reason(module: nn.Module) -> str:
     if isinstance(module, _UNSUPPORTED):
         return f"{type(module).__name__} is not supported (only nn.Linear and nn.Conv2d)"
     return "not a layer"
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """The module's class computes its output otherwise than nn.Linear / nn.Conv2d do (a custom forward)."""
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        return cls.forward is not nn.Linear.forward
+    return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
 
 
 def describe_names(names) -> str:
@@ -63,6 +74,11 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         return {name for name in pool if any(re.search(p, name) for p in patterns)}
 
     chosen = dict(supported)
+    custom = [name for name, m in with_weights.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_conv1d(m)
+              and _overrides_forward(m)]
+    if config.target_modules is None and custom:  # skipped like other unsupported layers, but less expected
+        warnings.warn(f"skipping layers whose class overrides forward (an adapter would bypass it): "
+                      f"{describe_names(custom)}", stacklevel=3)
     if config.target_modules is not None:
         hit = matches(config.target_modules, with_weights)
         for name in sorted(hit):

@@ -177,6 +177,31 @@ def test_unsupported_layers_are_skipped_by_default_and_rejected_when_named():
                    config=sf.SEMUConfig(target_modules=["0"]))
 
 
+def test_layers_whose_class_overrides_forward_are_skipped_with_a_warning_and_rejected_when_named():
+    class Scaled(nn.Linear):  # an adapter calling the plain op would drop the factor 2
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Padded(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(nn.functional.pad(x, (1, 1, 1, 1)), weight, bias)
+
+    class Plain(nn.Linear):  # a subclass that keeps nn.Linear's forward is adapted
+        pass
+
+    def model():
+        return nn.Sequential(Padded(2, 2, 3), nn.Flatten(), Scaled(2 * 4 * 4, 8), nn.ReLU(), Plain(8, 3))
+
+    batches = [(torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,)))]
+    with pytest.warns(UserWarning, match="overrides forward .* 0, 2"):
+        sm = sf.prepare(model(), batches)
+    assert list(sm.adapters) == ["4"]
+    for target, message in (("^2$", "Scaled overrides nn.Linear's forward"),
+                            ("^0$", "Padded overrides nn.Conv2d's forward")):
+        with pytest.raises(ValueError, match=message):
+            sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=[target]))
+
+
 def test_multihead_attention_out_proj_is_not_adapted():
     class Attn(nn.Module):
         def __init__(self):
