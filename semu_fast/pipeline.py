@@ -55,8 +55,8 @@ def _accumulator_groups(layers: dict, budget: Optional[int]) -> list[dict]:
 
 class _Rewind:
     """The model's buffers (norm statistics move under norm_mode="train") and torch's random state (dropout) as they
-    were before the first of several forget passes, put back before each later one. (A loss function that keeps its
-    own generator, as the diffusion losses do, still draws afresh in every pass.)"""
+    were before the first of several forget passes, put back before each later one and after a failed one. (A loss
+    function that keeps its own generator, as the diffusion losses do, still draws afresh in every pass.)"""
 
     def __init__(self, model: nn.Module):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -193,7 +193,8 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     """Install SEMU adapters on `model` (in place) from the gradients of `loss_fn` over `forget_loader`.
 
     loss_fn(model, batch) -> scalar; None means cross-entropy on (inputs, targets) batches. Base weights are never
-    written; every check runs before the model is changed. Returns a SEMUModel whose .report lists per layer the
+    written; every check runs before the model is changed, and a pass that fails puts back the norm statistics
+    (norm_mode="train") and random state it moved. Returns a SEMUModel whose .report lists per layer the
     shape, rank k, captured variance and trainable parameters, the totals and the time of each phase. With
     config.max_accumulator_bytes the layers are split into groups whose float32 gradients fit that budget, and the
     forget data is passed once per group (the model stays unchanged until every group's factors exist).
@@ -225,18 +226,24 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
               if group is not None else dict.fromkeys(layers, 0))
     mine = {n for n in layers if owners[n] == (group.rank if group is not None else 0)}
     timings, factors = {}, {}
-    rewind = _Rewind(model) if len(parts) > 1 else None
-    for i, part in enumerate(parts):  # one forget pass per group of layers whose float32 gradients fit the budget
-        if i:
-            rewind()  # every pass starts from the same statistics and random state, as one pass would
-        with _phase("gradients", timings, device):
-            grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group,
-                                         config.grad_clip)
-        with _phase("projection", timings, device):
-            _project(grads, part, [n for n in part if n in mine], config.projection)
-        with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
-            factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns, grads.rows.get(n))
-                            if n in mine else None for n in part})
+    # norm_mode="train" moves the norm statistics: a pass that fails (a bad batch, NaN) must leave them as they were
+    rewind = _Rewind(model) if len(parts) > 1 or config.norm_mode == "train" else None
+    try:
+        for i, part in enumerate(parts):  # one forget pass per group of layers whose float32 gradients fit the budget
+            if i:
+                rewind()  # every pass starts from the same statistics and random state, as one pass would
+            with _phase("gradients", timings, device):
+                grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group,
+                                             config.grad_clip)
+            with _phase("projection", timings, device):
+                _project(grads, part, [n for n in part if n in mine], config.projection)
+            with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
+                factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns,
+                                                  grads.rows.get(n)) if n in mine else None for n in part})
+    except BaseException:
+        if rewind is not None:
+            rewind()
+        raise
     with _phase("svd", timings, device):
         if group is not None:
             factors = distributed_setup.broadcast_factors(factors, owners, group, device)

@@ -79,6 +79,29 @@ def test_unsupported_layer_named_explicitly_leaves_the_model_untouched(layer, ma
     assert_same_state(model, before)
 
 
+@pytest.mark.parametrize("bad", ["non-scalar loss", "NaN input"])
+def test_a_pass_that_fails_midway_in_train_norm_mode_puts_the_norm_statistics_back(bad):
+    model = small_cnn()
+    before = snapshot(model)
+    batches = forget_batches()
+    if bad == "NaN input":
+        batches[-1][0][0, 0, 0, 0] = float("nan")
+        expected = (FloatingPointError, "holds NaN or Inf")
+    else:
+        expected = (TypeError, "loss_fn must return a scalar")
+    calls = []
+
+    def loss(m, batch):  # the first batch moves the statistics before the failure
+        calls.append(1)
+        out = nn.functional.cross_entropy(m(batch[0]), batch[1])
+        return out if bad == "NaN input" or len(calls) == 1 else out.expand(2)
+
+    with pytest.raises(expected[0], match=expected[1]):
+        sf.prepare(model, batches, loss_fn=loss, config=sf.SEMUConfig(norm_mode="train"))
+    assert len(calls) >= 2
+    assert_same_state(model, before)  # buffers included
+
+
 def test_batches_the_loss_cannot_use_leave_the_model_untouched():
     model = small_cnn()
     before = snapshot(model)
