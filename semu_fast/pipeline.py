@@ -5,7 +5,7 @@ import contextlib
 import re
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
 import torch
@@ -78,10 +78,14 @@ def check_loader(name: str, loader, passes: int = 1) -> None:
     if loader is None or isinstance(loader, (torch.Tensor, str, bytes, dict)) or not isinstance(loader, Iterable):
         raise TypeError(f"{name} must be an iterable of batches (a list or a DataLoader), got "
                         f"{type(loader).__name__}")
-    if passes > 1 and iter(loader) is loader:
+    if passes > 1 and isinstance(loader, Iterator):  # not iter(loader): that would draw from a DataLoader's sampler
         raise ValueError(f"{name} is a one-shot iterator, but it is read {passes} or more times (the gradient pass, "
                          f"then every epoch); pass a list or a DataLoader")
-    if hasattr(loader, "__len__") and len(loader) == 0:
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # no length: a generator, or a DataLoader over an IterableDataset (a stream)
+        empty = False
+    if empty:
         raise ValueError(f"{name} is empty: give at least one batch")
 
 

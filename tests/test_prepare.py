@@ -393,3 +393,33 @@ def test_accumulator_budget_under_train_norm_mode_moves_the_statistics_once():
     assert int(one[1].num_batches_tracked) == int(model[1].num_batches_tracked) == len(batches)
     for name, adapter in a.adapters.items():
         torch.testing.assert_close(adapter.U, b.adapters[name].U)
+
+
+def test_a_stream_loader_without_a_length_is_accepted():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):  # a DataLoader over it has __len__, which raises TypeError
+        def __iter__(self):
+            for x, y in forget_batches():
+                yield from zip(x, y)
+
+    loader = DataLoader(Stream(), batch_size=4)
+    sm = sf.prepare(small_cnn(), loader)
+    assert sm.adapters
+    sm, _ = sf.unlearn(small_cnn(), loader, epochs=1, progress=False)
+    assert sm.adapters
+
+
+def test_checking_a_loader_draws_nothing_from_its_sampler():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from semu_fast.pipeline import check_loader
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = forget_batches()[0]
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=generator)
+    state = generator.get_state()
+    check_loader("forget_loader", loader, passes=2)
+    assert torch.equal(generator.get_state(), state)  # a seeded shuffle stays the one the user seeded
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        check_loader("forget_loader", iter(loader), passes=2)
