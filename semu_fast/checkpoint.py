@@ -74,7 +74,8 @@ class Checkpoint:
         (self.folder / STATE_NAME).unlink(missing_ok=True)
         semu_model.save_adapters(self.adapters_dir)
 
-    def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group) -> None:
+    def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group, rng: dict) -> None:
+        """rng: torch's random state and the loaders' shuffling generators' now (the trainer puts them back)."""
         if group is not None and group.rank != 0:  # every rank holds the same R
             return
         for stale in self.folder.glob(f".{STATE_NAME}.*.tmp"):  # left by a save that was killed
@@ -82,7 +83,7 @@ class Checkpoint:
         state = {
             "format": FORMAT, "settings": self.settings, "run": run,
             "R": {name: a.R.detach().cpu() for name, a in semu_model.adapters.items()},
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rng": rng,
             "buffers": {n: b.detach().cpu() for n, b in semu_model.named_buffers() if not _is_adapter_factor(n)},
         }
         atomic_write(self.folder / STATE_NAME, lambda tmp: torch.save(state, tmp))

@@ -109,14 +109,51 @@ class _Trainer:
     checkpoints save (epoch, step within it, per-step losses, history, the best R so far)."""
 
     def __init__(self, semu_model: SEMUModel, opt, generator, losses: dict, checkpoint, group, min_delta: float,
-                 max_grad_norm: Optional[float]):
-        """losses: {"forget", "retain", "mixed"} -> train_loss_fn, by the kind of batch."""
+                 max_grad_norm: Optional[float], loaders=()):
+        """losses: {"forget", "retain", "mixed"} -> train_loss_fn, by the kind of batch. loaders: the data loaders,
+        whose shuffling generators a checkpoint keeps."""
         self.model, self.opt, self.generator = semu_model, opt, generator
         self.params = semu_model.trainable_parameters()
         self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
+        self.shufflers = loader_generators(*loaders)
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
-                    "best_state": None}
+                    "best_state": None, "shufflers_at_epoch_start": None}
+        self.resumed_rng = None  # a checkpoint's random state, until the point it was saved at is reached again
+
+    def resume(self, state: dict) -> None:
+        self.run = self.checkpoint.restore(state, self.model, self.opt, self.generator)
+        self.resumed_rng = state.get("rng")
+
+    def begin_epoch(self) -> None:
+        """Before the epoch's batches are drawn. Fresh: note the loaders' shuffling generators, so that a run resumed
+        in this epoch draws the same batches. Resumed: put the generators back where this epoch began (resumed
+        mid-epoch) or where the checkpoint left them (resumed at its start, with torch's random state)."""
+        rng = self.resumed_rng
+        if rng is None:
+            self.run["shufflers_at_epoch_start"] = [g.get_state() for g in self.shufflers]
+            return
+        states = rng["shufflers"] if self.run["step"] == 0 else self.run["shufflers_at_epoch_start"]
+        if states is not None and len(states) == len(self.shufflers):
+            for g, state in zip(self.shufflers, states):
+                g.set_state(state)
+        if self.run["step"] == 0:
+            self._restore_torch_rng()
+
+    def _restore_torch_rng(self) -> None:
+        """torch's global random state (dropout) as the checkpoint saved it, once."""
+        rng, self.resumed_rng = self.resumed_rng, None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _save(self) -> None:
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+               "shufflers": [g.get_state() for g in self.shufflers]}
+        self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, rng)
 
     def train_epoch(self, batches) -> None:
         """One pass over (kind, batch) pairs; kind names the loss ("forget", "retain" or "mixed")."""
@@ -127,6 +164,7 @@ class _Trainer:
         for step, (kind, batch) in enumerate(batches):
             if step < run["step"]:  # done before the checkpoint this run resumes from
                 continue
+            self._restore_torch_rng()  # resumed mid-epoch: the random state of the step it stopped at
             loss = self.losses[kind](self.model, batch, self.generator)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise TypeError(f"the {kind} loss must return a scalar tensor that depends on R, got {loss!r:.80} "
@@ -145,7 +183,8 @@ class _Trainer:
             run["losses"].append(value)
             run["step"] = step + 1
             if self.checkpoint.due(run["step"]):
-                self.checkpoint.save(run, self.model, self.opt, self.generator, self.group)
+                self._save()
+        self._restore_torch_rng()  # resumed after the epoch's last step: every step was skipped
 
     def score_epoch(self, epoch: int, forget_loader, retain_loader, select_best: bool) -> dict:
         """Accuracies and the score (100 - forget acc + retain acc) / 2 (without retain data: 100 - forget acc);
@@ -170,13 +209,31 @@ class _Trainer:
         run["history"].append(entry)
         run.update(epoch=entry["epoch"], step=0, losses=[])
         if self.checkpoint.enabled:
-            self.checkpoint.save(run, self.model, self.opt, self.generator, self.group)
+            self._save()
 
     def restore_best(self) -> None:
         if self.run["best_state"] is not None:
             with torch.no_grad():
                 for param, saved in zip(self.params, self.run["best_state"]):
                     param.copy_(saved)
+
+
+def _callable_name(fn) -> Optional[str]:
+    """A loss function as a resumed run must match it: by its qualified name (None: the default)."""
+    if fn is None:
+        return None
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+def loader_generators(*loaders) -> list:
+    """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
+    found = {}
+    for loader in loaders:
+        for owner in (loader, getattr(loader, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found[id(generator)] = generator
+    return list(found.values())
 
 
 def _check_stopping(patience, min_delta, label_rule, train_loss_fn) -> None:
@@ -247,9 +304,10 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     epoch (early stopping on any criterion, for any task).
 
     checkpoint_dir: keep the adapters (after prepare) and the training state (R, optimizer, random stream, epoch
-    and step, history, buffers) there, rewritten atomically every `checkpoint_every` steps (None: at the end of
-    each epoch). With resume=True a run that finds a checkpoint there skips prepare and continues from it: with
-    loaders that yield the same batches in the same order, the result equals an uninterrupted run's bit for bit.
+    and step, history, buffers, torch's random state, the loaders' shuffling generators) there, rewritten
+    atomically every `checkpoint_every` steps (None: at the end of each epoch). With resume=True a run that finds a
+    checkpoint there skips prepare and continues from it: with loaders that yield the same batches in the same
+    order (a shuffle seeded through DataLoader(generator=...)), the result equals an uninterrupted run's bit for bit.
     distributed, process_group: as in prepare; while training R the gradients of R are averaged across ranks at
     every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()
@@ -267,10 +325,13 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     layers = select_layers(base, config)
     run_identity = {"semu_config": config.to_dict(),
                     "layers": {name: fingerprint(layer.weight) for name, layer in layers.items()}}
-    checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {"optimizer": optimizer, "lr": lr,
-                                                               "momentum": momentum, "weight_decay": weight_decay,
-                                                               "seed": config.seed, "label_rule": label_rule,
-                                                               "retain_mode": retain_mode, **run_identity})
+    checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
+        "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
+        "label_rule": label_rule, "retain_mode": retain_mode, "max_grad_norm": max_grad_norm,
+        "select_best": select_best, "patience": patience, "min_delta": min_delta,
+        "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
+        "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
+        **run_identity})
     saved = checkpoint.load() if resume else None
     undo, semu_model = _Undo(base), None
     try:
@@ -307,15 +368,17 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
     losses = {"forget": train_loss_fn or random_label_loss_for(label_rule),
               "retain": retain_loss_fn or true_label_loss,
               "mixed": functools.partial(mixed_batch_loss, rule=label_rule)}
-    trainer = _Trainer(semu_model, opt, generator, losses, checkpoint, group, min_delta, max_grad_norm)
+    trainer = _Trainer(semu_model, opt, generator, losses, checkpoint, group, min_delta, max_grad_norm,
+                       (forget_loader, retain_loader))
     if saved is not None:
-        trainer.run = checkpoint.restore(saved, semu_model, opt, generator)
+        trainer.resume(saved)
     classify = train_loss_fn is None
     start = time.perf_counter()
     bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", unit="epoch",
                disable=not progress)
     for epoch in bar:
         set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
+        trainer.begin_epoch()
         if retain_mode == "mixed":
             trainer.train_epoch(mixed_batches(forget_loader, retain_loader, config.seed, epoch))
         else:

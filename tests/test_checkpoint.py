@@ -50,6 +50,52 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
     assert resumed_report.training["best_epoch"] == expected_report.training["best_epoch"]
 
 
+class _KillingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that raises KeyboardInterrupt once `budget` batches have been drawn from it."""
+
+    def __init__(self, *args, budget=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budget, self.drawn = budget, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.drawn += 1
+            if self.budget is not None and self.drawn > self.budget:
+                raise KeyboardInterrupt("simulated kill")
+            yield batch
+
+
+@pytest.mark.parametrize("every", [1, None])
+def test_resume_is_exact_with_dropout_and_a_seeded_shuffle(tmp_path, every):
+    """torch's random state (dropout) and the loader's shuffling generator come back with the checkpoint, so a
+    fresh process that seeds and builds everything as the first one did ends where the uninterrupted run does."""
+    from torch.utils.data import TensorDataset
+
+    gen = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(32, 10, generator=gen), torch.randint(0, 3, (32,), generator=gen))
+
+    def run(folder, budget=None):
+        torch.manual_seed(5)  # as a fresh process seeded the same way
+        model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                    torch.nn.Linear(16, 3))
+        loader = _KillingLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                budget=budget)
+        sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, checkpoint_dir=folder,
+                           checkpoint_every=every)
+        return {name: a.R.clone() for name, a in sm.adapters.items()}
+
+    expected = run(tmp_path / "whole")
+    # prepare draws 4 batches, each epoch 4 to train and 4 to score: mid-epoch 1, in epoch 1's scoring, at the
+    # start of epoch 2, mid-epoch 3
+    for budget in (5, 8, 12, 22):
+        folder = tmp_path / str(budget)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, budget)
+        got = run(folder)
+        for name, R in expected.items():
+            assert torch.equal(got[name], R), (budget, name)
+
+
 def test_a_finished_checkpoint_resumes_to_the_same_result(tmp_path):
     first, _ = _unlearn(tmp_path)
     again, report = _unlearn(tmp_path)
@@ -63,6 +109,10 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
         _unlearn(tmp_path, 14)
     with pytest.raises(ValueError, match="written by another run: lr differ"):
         _unlearn(tmp_path, lr=1e-3)
+    with pytest.raises(ValueError, match="written by another run: max_grad_norm differ"):
+        _unlearn(tmp_path, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="written by another run: train_loss_fn differ"):
+        _unlearn(tmp_path, train_loss_fn=lambda model, batch, generator: model(batch[0]).sum())
     state = tmp_path / "training_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupted or truncated"):
