@@ -178,7 +178,7 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
         raise ValueError(f"layer {name!r} has weight shape {tuple(layer.weight.shape)} but the adapters were "
                          f"made for {tuple(info.get('shape', []))}")
     saved = info.get("base_fingerprint")
-    if check_base and saved is not None and serialization.fingerprint(layer.weight) != saved:
+    if check_base and saved is not None and not serialization.matches_fingerprint(layer.weight, saved):
         raise BaseMismatchError(f"layer {name!r} holds other weights than the ones the adapters were made for "
                                 f"(another checkpoint, seed or dtype?); load them onto that model, or pass "
                                 f"check_base=False to apply them anyway")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -43,17 +44,41 @@ def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
     return {"U": (cin, out, k), "R": (cin, k, k), "Vh": (cin, k, khw)}
 
 
+FINGERPRINT_SAMPLE = 65536  # elements hashed per weight: every row of an LLM's projections, under a millisecond
+
+
 def fingerprint(weight: torch.Tensor) -> dict:
     """A cheap identity of a weight's values: its shape, dtype, and the SHA-256 of the exact bytes of a fixed sample
-    of at most 4096 evenly spaced elements (bytes, not sums: the same values give the same digest on any device).
-    Other weights (another seed, another checkpoint, another dtype) give another one; an FSDP2-sharded weight is
-    identified by its shape and dtype only."""
+    of FINGERPRINT_SAMPLE elements spread over the whole weight (bytes, not sums: the same values give the same
+    digest on any device). The sample's stride is coprime to the row length, so it visits every row of a weight up
+    to FINGERPRINT_SAMPLE x row-length elements, at columns that shift from row to row. Other weights (another seed,
+    checkpoint, fine-tune or dtype) give another digest; an FSDP2-sharded weight is identified by its shape and dtype
+    only."""
     identity = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
     if is_sharded(weight):  # FSDP2: each rank holds a shard; gathering every weight to hash it costs too much
         return identity
     flat = weight.detach().reshape(-1)
-    sample = flat[::max(1, flat.numel() // 4096)].to("cpu").contiguous()
-    return {**identity, "sample_sha256": hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()}
+    row = weight.shape[-1] if weight.dim() else 1
+    stride = max(1, flat.numel() // FINGERPRINT_SAMPLE)
+    while math.gcd(stride, row) != 1:
+        stride += 1
+    return {**identity, "spread_sha256": _digest(flat[::stride][:FINGERPRINT_SAMPLE])}
+
+
+def matches_fingerprint(weight: torch.Tensor, saved: dict) -> bool:
+    """Whether `weight` is the one `saved` (a fingerprint) was taken of; a fingerprint of the first scheme
+    ("sample_sha256": at most 4096 evenly spaced elements, a single column of a 4096-wide square weight) is checked
+    by that scheme."""
+    if "sample_sha256" in saved and not is_sharded(weight):
+        flat = weight.detach().reshape(-1)
+        legacy = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
+                  "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])}
+        return legacy == saved
+    return fingerprint(weight) == saved
+
+
+def _digest(values: torch.Tensor) -> str:
+    return hashlib.sha256(values.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:

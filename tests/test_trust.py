@@ -161,6 +161,39 @@ def test_adapters_refuse_other_base_weights_unless_told(saved):
     assert len(sf.load_adapters(other, folder, check_base=False).adapters) > 0
 
 
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 2816), (64, 32, 3, 3)])
+def test_the_base_fingerprint_sees_a_change_in_any_row_or_in_every_other_column(shape):
+    from semu_fast.serialization import fingerprint, matches_fingerprint
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    saved = fingerprint(weight)
+    assert matches_fingerprint(weight.clone(), saved)
+    changes = {"every other row": (slice(None, None, 2), slice(None)),
+               "every other column": (slice(None), slice(1, None, 2)),
+               "one row": (shape[0] // 3, slice(None))}
+    for what, index in changes.items():
+        other = weight.clone()
+        other.reshape(shape[0], -1)[index] += 1e-3
+        assert not matches_fingerprint(other, saved), what
+    assert not matches_fingerprint(weight.double(), saved)
+
+
+def test_a_fingerprint_of_the_first_scheme_is_still_checked(saved):
+    from semu_fast.serialization import _digest
+
+    folder, model = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    layers = dict(model.named_modules())
+    for name, info in config["layers"].items():  # as a folder saved before the spread sample was written it
+        flat = layers[name].weight.detach().reshape(-1)
+        info["base_fingerprint"] = {**{k: v for k, v in info["base_fingerprint"].items() if k != "spread_sha256"},
+                                    "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert sf.load_adapters(copy.deepcopy(model), folder).adapters
+    with pytest.raises(ValueError, match="holds other weights"):
+        sf.load_adapters(small_cnn(seed=5), folder)
+
+
 def test_nan_and_integer_tensors_in_a_file_are_refused(saved):
     from semu_fast import serialization
 
