@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import distributed as distributed_setup
 from . import ops
+from ._checks import check_callable
 from ._profile import annotate
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
@@ -212,6 +213,7 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_callable("loss_fn", loss_fn, "(model, batch) -> scalar")
     group = distributed_setup.resolve(distributed, process_group)
     model = distributed_setup.unwrap(model)
     layers = select_layers(model, config)

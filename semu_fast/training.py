@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed as distributed_setup
-from ._checks import check_choice, check_number
+from ._checks import check_callable, check_choice, check_number
 from .checkpoint import Checkpoint
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
@@ -314,6 +314,10 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     if not isinstance(config, SEMUConfig):
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     check_training_args(optimizer, lr, epochs, momentum, weight_decay)
+    check_callable("loss_fn", loss_fn, "(model, batch) -> scalar")
+    for name, fn in (("train_loss_fn", train_loss_fn), ("retain_loss_fn", retain_loss_fn)):
+        check_callable(name, fn, "(model, batch, generator) -> scalar")
+    check_callable("on_epoch", on_epoch, "(epoch, semu_model) -> dict or None")
     _check_stopping(patience, min_delta, label_rule, train_loss_fn)
     check_number("max_grad_norm", max_grad_norm, optional=True)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch

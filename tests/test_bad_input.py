@@ -112,3 +112,20 @@ def test_batches_the_loss_cannot_use_leave_the_model_untouched():
     assert_same_state(model, before)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     sf.prepare(model, forget_batches())  # and it still works afterwards
+
+
+def test_loss_functions_and_callbacks_that_are_not_callable_are_refused_before_anything_runs():
+    model = small_cnn()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="loss_fn must be None or a callable .model, batch. -> scalar, got SEMUConfig"):
+        sf.prepare(model, forget_batches(), sf.SEMUConfig())  # the config passed where loss_fn goes
+    for name, value in (("train_loss_fn", "ce"), ("retain_loss_fn", 1), ("on_epoch", 5), ("loss_fn", "ce")):
+        with pytest.raises(TypeError, match=f"^{name} must be None or a callable"):
+            sf.unlearn(model, forget_batches(), progress=False, **{name: value})
+    assert_same_state(model, before)
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    assert sf.SEMUConfig(gamma=np.float32(0.5)).gamma == 0.5
+    assert isinstance(sf.SEMUConfig(gamma=np.float64(0.9)).gamma, float)

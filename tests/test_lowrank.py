@@ -136,6 +136,9 @@ def test_lowrank_ops_reject_bad_shapes(gen):
     with pytest.raises(ValueError, match="channels"):
         sf.ops.lowrank_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 2, 3, 3), torch.randn(2, 4, 1),
                               torch.randn(2, 1, 1), torch.randn(2, 1, 9))
+    with pytest.raises(ValueError, match=r"padding='same' needs stride 1, got stride \(2, 2\)"):  # as F.conv2d
+        sf.ops.lowrank_conv2d(torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3), torch.randn(2, 4, 1),
+                              torch.randn(2, 1, 1), torch.randn(2, 1, 9), stride=2, padding="same")
 
 
 def test_lowrank_linear_never_forms_the_weight(gen):

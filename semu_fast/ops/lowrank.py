@@ -264,6 +264,8 @@ def lowrank_conv2d(x, weight, U, R, Vh, bias=None, stride=1, padding=0, dilation
         raise ValueError(f"x has {x.shape[-3]} channels but weight expects {cin}")
     check_same_device(x=x, weight=weight, U=U, R=R, Vh=Vh, bias=bias)
     stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    if padding == "same" and stride != [1, 1]:  # as F.conv2d: "same" is defined for unit strides only
+        raise ValueError(f"padding='same' needs stride 1, got stride {tuple(stride)}")
     unbatched = x.dim() == 3
     x, padding = _explicit_padding(x.unsqueeze(0) if unbatched else x, padding, (kh, kw), dilation)
     weight, bias = _cast(x.dtype, weight, bias)
