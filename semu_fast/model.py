@@ -10,7 +10,7 @@ from . import serialization
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .layers import is_conv1d
-from .report import LayerReport, SEMUReport
+from .report import SEMUReport
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -203,6 +203,11 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
     Everything is checked before the model is changed: the files intact (the weights' SHA-256), every layer present
     with the same type and shape, every value finite, and (check_base) each base weight the one the adapters were
     made for. R, U and Vh come back exactly as saved."""
+    if isinstance(model, SEMUModel):
+        raise TypeError("model is a SEMUModel: load the adapters onto the original model (semu_model.unload() gives "
+                        "it back)")
+    if any(isinstance(m, SEMUAdapter) for m in model.modules()):
+        raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     config, tensors = serialization.read_folder(path)
     layers = {name: _check_layer(model, name, info, tensors, check_base) for name, info in config["layers"].items()}
     semu_config = SEMUConfig.from_dict(config["semu_config"])
@@ -216,11 +221,12 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
             adapter = SEMUColumnLinear(layer, U, Vh, info["ranks"])
         else:
             adapter = (SEMUConv1D if info["kind"] == "conv1d" else SEMULinear)(layer, U, Vh)
+        R = tensors[f"{name}.R"]
+        if R.dtype != adapter.R.dtype:  # saved after semu_model.double() (or .half()): back in that dtype
+            device = adapter.R.device
+            adapter.U, adapter.Vh = U.to(device).contiguous(), Vh.to(device).contiguous()
+            adapter.R = nn.Parameter(torch.empty_like(R, device=device))
         with torch.no_grad():
-            adapter.R.copy_(tensors[f"{name}.R"])
+            adapter.R.copy_(R)
         adapters[found] = adapter
-    saved_report = config.get("report", {})
-    report = SEMUReport(layers=[LayerReport(**{**entry, "shape": tuple(entry["shape"])})
-                                for entry in saved_report.get("layers", [])],
-                        total_params=saved_report.get("total_params", 0), skipped=saved_report.get("skipped", {}))
-    return SEMUModel(model, adapters, semu_config, report)
+    return SEMUModel(model, adapters, semu_config, SEMUReport.from_dict(config.get("report", {})))

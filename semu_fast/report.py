@@ -61,6 +61,15 @@ class SEMUReport:
                 "timings": dict(self.timings), "training": dict(self.training), "skipped": dict(self.skipped),
                 "gradient_passes": self.gradient_passes}
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "SEMUReport":
+        """The report to_dict wrote (the derived totals are recomputed)."""
+        return cls(layers=[LayerReport(**{**entry, "shape": tuple(entry["shape"])})
+                           for entry in saved.get("layers", [])],
+                   total_params=saved.get("total_params", 0), timings=dict(saved.get("timings", {})),
+                   training=dict(saved.get("training", {})), skipped=dict(saved.get("skipped", {})),
+                   gradient_passes=saved.get("gradient_passes", 1))
+
     def __str__(self) -> str:
         rows = [f"{'layer':32s} {'kind':13s} {'shape':22s} {'gamma':>5s} {'k':>5s} {'captured':>8s} {'trainable':>10s}"]
         for layer in self.layers:

@@ -36,6 +36,22 @@ def test_save_load_round_trip_is_exact(tmp_path, conv_rank):
     assert torch.equal(loaded(x), expected)
     assert loaded.config == sm.config
     assert [r.k for r in loaded.report.layers] == [r.k for r in sm.report.layers]
+    assert loaded.report.to_dict() == sm.report.to_dict()  # timings, gradient passes, skipped layers included
+
+
+def test_adapters_saved_in_float64_load_back_in_float64(tmp_path):
+    sm = _trained()
+    sm.double()
+    x = forget_batches(seed=4)[0][0].double()
+    expected = sm(x)
+    sm.save_adapters(tmp_path / "adapters")
+    loaded = sf.load_adapters(small_cnn().double().eval(), tmp_path / "adapters")
+    for name, adapter in sm.adapters.items():
+        for part in ("R", "U", "Vh"):
+            got = getattr(loaded.adapters[name], part)
+            assert got.dtype == torch.float64 and torch.equal(got, getattr(adapter, part)), (name, part)
+    assert isinstance(loaded.adapters[next(iter(sm.adapters))].R, torch.nn.Parameter)
+    assert torch.equal(loaded(x), expected)
 
 
 def test_saved_folder_has_safetensors_and_json_and_no_temporary_files(tmp_path):
@@ -76,3 +92,12 @@ def test_corrupted_config_is_reported(tmp_path):
 def test_missing_folder_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved SEMU adapter folder"):
         sf.load_adapters(small_cnn(), tmp_path / "nowhere")
+
+
+def test_loading_onto_an_adapted_model_says_so(tmp_path):
+    sm = _trained()
+    sm.save_adapters(tmp_path / "adapters")
+    with pytest.raises(TypeError, match="model is a SEMUModel: load the adapters onto the original model"):
+        sf.load_adapters(sm, tmp_path / "adapters")
+    with pytest.raises(ValueError, match="already holds SEMU adapters"):
+        sf.load_adapters(sm.model, tmp_path / "adapters")
