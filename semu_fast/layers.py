@@ -6,6 +6,7 @@ import re
 import warnings
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .adapters import SEMUAdapter
 from .config import SEMUConfig
@@ -26,6 +27,9 @@ def unsupported_reason(module: nn.Module) -> str:
         return ""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would be bypassed"
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(module, "weight"):
+        return ("its weight is parametrized (weight_norm, spectral_norm, ...): gradients reach the parametrization's "
+                "tensors, not the weight SEMU adapts")
     if isinstance(module, (nn.Linear, nn.Conv2d)) and _overrides_forward(module):
         base = "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d"
         return f"{type(module).__name__} overrides {base}'s forward, which an adapter (W + U R V^T) would bypass"

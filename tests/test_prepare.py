@@ -202,6 +202,19 @@ def test_layers_whose_class_overrides_forward_are_skipped_with_a_warning_and_rej
             sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=[target]))
 
 
+def test_layers_with_a_parametrized_weight_are_skipped_and_rejected_when_named():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def model():
+        return nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 3))
+
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    sm = sf.prepare(model(), batches)
+    assert list(sm.adapters) == ["2"] and "parametrized" in sm.report.skipped["0"]
+    with pytest.raises(ValueError, match="'0', which SEMU cannot adapt: its weight is parametrized"):
+        sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=["^0$"]))
+
+
 def test_multihead_attention_out_proj_is_not_adapted():
     class Attn(nn.Module):
         def __init__(self):
