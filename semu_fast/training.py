@@ -116,7 +116,7 @@ class _Trainer:
         self.params = semu_model.trainable_parameters()
         self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
-        self.shufflers = loader_generators(*loaders)
+        self.shufflers = _loader_generators(*loaders)
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
                     "best_state": None, "shufflers_at_epoch_start": None}
         self.resumed_rng = None  # a checkpoint's random state, until the point it was saved at is reached again
@@ -225,7 +225,7 @@ def _callable_name(fn) -> Optional[str]:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def loader_generators(*loaders) -> list:
+def _loader_generators(*loaders) -> list:
     """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
     found = {}
     for loader in loaders:
