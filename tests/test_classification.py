@@ -141,6 +141,22 @@ def test_evaluate_and_avg_gap():
         == pytest.approx(4.0)
 
 
+def test_evaluate_reads_each_metric_from_its_own_loader():
+    class AlwaysZero(nn.Module):  # predicts class 0 for every input
+        def forward(self, x):
+            return torch.tensor([4.0, 0.0, 0.0, 0.0]).expand(len(x), 4) + 0 * x.flatten(1)[:, :1]
+
+    def loader(labels):
+        labels = torch.tensor(labels)
+        return DataLoader(TensorDataset(torch.randn(len(labels), 2), labels), batch_size=3)
+
+    forget, retain, test = loader([0] * 7 + [1]), loader([0, 0, 1, 1]), loader([0, 1, 2, 3] * 3)
+    model = AlwaysZero()
+    m = metrics.evaluate(model, forget, retain, test)
+    assert (m["UA"], m["RA"], m["TA"]) == (12.5, 50.0, 25.0)
+    assert m["MIA"] == metrics.mia_variants(model, retain, test, forget)["confidence"]
+
+
 # --- scenarios ----------------------------------------------------------------------------------------------------
 
 def test_classwise_split_forgets_the_class_and_drops_it_from_the_test_set():

@@ -280,6 +280,19 @@ def test_salun_split_matches_salun_code(forget_class, num_forget):
         C.salun_split(targets, test_targets, forget_class, num_forget, seed=0)
 
 
+def test_salun_split_keeps_the_class_in_the_test_set_as_the_official_cifar100_code_when_counted():
+    from semu_fast.workflows import classification as C
+
+    targets, test_targets = torch.arange(1000) % 10, torch.arange(200) % 10
+    whole = 90  # class 3's 100 samples less the validation tenth
+    for counted, num_forget, test_size in ((False, whole, 180), (True, whole, 200), (True, None, 180),
+                                           (True, 10, 200)):
+        split = C.salun_split(targets, test_targets, 3, num_forget, seed=2, counted_class_in_test=counted)
+        assert len(split.forget) == (10 if num_forget == 10 else whole)
+        assert len(split.test) == test_size and split.classwise == (test_size == 180)
+    assert C.official_counted_class_in_test("cifar100") and not C.official_counted_class_in_test("cifar10")
+
+
 def test_cli_official_preset_runs_the_official_settings(tmp_path):
     import json
 

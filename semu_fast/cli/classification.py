@@ -45,7 +45,7 @@ def _scenario(args, parser):
     try:
         if official:
             split = C.salun_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
-                                  args.num_forget, args.seed)
+                                  args.num_forget, args.seed, C.official_counted_class_in_test(task.name))
         else:
             split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class,
                                    args.num_forget, getattr(args, "retain_fraction", 0.0), args.seed)

@@ -153,12 +153,15 @@ def forget_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget
 
 
 def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_class: Optional[int] = None,
-                num_forget: Optional[int] = None, seed: int = 2) -> Split:
+                num_forget: Optional[int] = None, seed: int = 2, counted_class_in_test: bool = False) -> Split:
     """SalUn's split, which the official SEMU runs use: 10% of each class (numpy RandomState(seed), classes in
     order) is held out as validation and never used; from the other 90% the forget set is `num_forget` samples
     drawn with RandomState(seed - 1) among forget_class's (or among all when forget_class is None), or the whole
     class; the retain set is the rest of the 90%. The test set drops forget_class when the whole class is
-    forgotten. Indices refer to the full train set. seed: SalUn's --seed (default 2), at least 1."""
+    forgotten, unless counted_class_in_test and the whole class was asked for by count (num_forget given): the
+    official CIFAR-100 code drops it only when num_forget is not given (its CIFAR-10 code for 4500, the whole class,
+    too: official_counted_class_in_test). Indices refer to the full train set. seed: SalUn's --seed (default 2), at
+    least 1."""
     import numpy as np
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
@@ -183,8 +186,15 @@ def salun_split(train_targets: torch.Tensor, test_targets: torch.Tensor, forget_
     in_forget = np.zeros(len(kept), dtype=bool)
     in_forget[chosen] = True
     whole_class = forget_class is not None and len(chosen) == len(candidates)
-    test = (test_targets != forget_class).nonzero().flatten() if whole_class else torch.arange(len(test_targets))
-    return Split(torch.from_numpy(kept[in_forget]), torch.from_numpy(kept[~in_forget]), None, test, whole_class)
+    drop = whole_class and not (counted_class_in_test and num_forget is not None)
+    test = (test_targets != forget_class).nonzero().flatten() if drop else torch.arange(len(test_targets))
+    return Split(torch.from_numpy(kept[in_forget]), torch.from_numpy(kept[~in_forget]), None, test, drop)
+
+
+def official_counted_class_in_test(dataset: str) -> bool:
+    """salun_split's counted_class_in_test as the official code has it for `dataset`: its CIFAR-100 loader keeps the
+    forgotten class in the test set whenever a forget count is given, even the whole class's 450."""
+    return dataset == "cifar100"
 
 
 def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, seed: int = 0,
