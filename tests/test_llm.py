@@ -467,21 +467,32 @@ def _tofu_records(n, seed):
 def test_cli_unlearn_llm_eval_writes_tofu_metrics_before_and_after(llm_folder, tmp_path, capsys):
     from semu_fast.workflows import llm_eval
 
-    for name, seed in (("forget", 10), ("retain", 20), ("holdout", 30)):
+    for name, seed in (("forget", 10), ("retain", 20), ("holdout", 30), ("authors", 40)):
         llm.save_records(tmp_path / f"{name}.jsonl", _tofu_records(6, seed))
+    llm.save_records(tmp_path / "facts.jsonl", [{"question": r["question"], "answer": r["answer"],
+                                                 "perturbed_answer": r["perturbed_answer"]}
+                                                for r in _tofu_records(4, 50)])  # no paraphrase: not needed
     out = tmp_path / "out"
     code = _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-file", str(tmp_path / "forget.jsonl"),
                  "--retain-file", str(tmp_path / "retain.jsonl"), "--holdout-file", str(tmp_path / "holdout.jsonl"),
+                 "--real-authors-file", str(tmp_path / "authors.jsonl"),
+                 "--world-facts-file", str(tmp_path / "facts.jsonl"),
                  "--reference-model", str(llm_folder), "--eval", "--max-new-tokens", "4", "--lr", "0.03",
                  "--epochs", "2", "--max-length", "24", "--batch-size", "3", "--device", "cpu", "--quiet",
                  "--out", str(out)])
     assert code == 0
     data = json.loads((out / "metrics.json").read_text())
     metrics = data["metrics"]
+    utility = [f"{split}_{metric}" for split, names in (
+        ("retain", ("answer_prob", "rougeL_recall", "truth_ratio")),
+        ("real_authors", ("prob_normalised", "rougeL_recall", "truth_ratio")),
+        ("world_facts", ("prob_normalised", "rougeL_recall", "truth_ratio"))) for metric in names]
     for key in ("forget_answer_prob", "forget_rougeL_recall", "forget_truth_ratio", "forget_quality",
-                "retain_answer_prob", "retain_truth_ratio", "model_utility", "mia_min_k_auc", "privleak"):
+                *utility, "model_utility", "mia_min_k_auc", "privleak"):
         for when in ("before", "after"):
             assert f"{key}_{when}" in metrics, f"{key}_{when}"
+    assert metrics["model_utility_after"] == pytest.approx(  # TOFU's: all nine numbers
+        llm_eval.model_utility([metrics[f"{key}_after"] for key in utility]))
     assert metrics["forget_quality_before"] == pytest.approx(1.0)  # the reference is the original model itself
     assert metrics["best_epoch"] in (0, 1, 2) and data["settings"]["eval"] is True
     assert data["settings"]["forget_loss"] == "idkdpo"  # "auto" on question/answer records
@@ -529,7 +540,11 @@ def test_cli_unlearn_llm_eval_scores_texts_whole(llm_folder, tmp_path):
     (["--forget-file", "qa.jsonl", "--reference-model", "."], "argument --reference-model: only used with --eval"),
     (["--forget-file", "qa.jsonl", "--select-best"], "argument --select-best: needs --retain-texts or"),
     (["--forget-file", "qa.jsonl", "--retain-texts", "forget.txt", "--eval"],
-     "argument --eval: the forget, retain and holdout data must be of one kind"),
+     "argument --eval: the forget, retain, holdout and utility data must be of one kind"),
+    (["--forget-file", "qa.jsonl", "--world-facts-file", "qa.jsonl"],
+     "argument --world-facts-file: only used with --eval"),
+    (["--forget-file", "qa.jsonl", "--eval", "--real-authors-file", "qa.jsonl"],
+     'argument --real-authors-file: needs question/answer records with "perturbed_answer"'),
     (["--forget-file", "qa.jsonl", "--eval", "--reference-model", "missing"],
      "argument --reference-model: .*missing is not a folder"),
     (["--forget-file", "qa.jsonl", "--retain-tolerance", "-1"], "argument --retain-tolerance: must be a finite"),

@@ -74,18 +74,27 @@ def _is_qa(records) -> bool:
     return check_records(records)[1] == "qa"
 
 
+OPTION_SPLITS = ("real_authors", "world_facts")  # TOFU's model-utility sets, scored against their wrong options
+
+
 def _eval_splits(data: dict, parser) -> tuple[dict, str]:
-    """({"forget", "retain", "holdout"}: evaluate_llm splits or None, framing) from the records: question/answer
-    records are framed as training frames them ("qa"), texts are scored whole ("raw")."""
+    """({"forget", "retain", "holdout", "real_authors", "world_facts"}: evaluate_llm splits or None, framing) from
+    the records: question/answer records are framed as training frames them ("qa"), texts are scored whole
+    ("raw")."""
     from ..workflows import llm
     from ..workflows.llm_data import check_records
 
     kinds = {name: check_records(records)[1] for name, records in data.items() if records is not None}
     if len(set(kinds.values())) > 1:
-        parser.error("argument --eval: the forget, retain and holdout data must be of one kind, question/answer "
-                     "records or texts; got " + ", ".join(f"{name}: {'question/answer' if kind == 'qa' else 'texts'}"
+        parser.error("argument --eval: the forget, retain, holdout and utility data must be of one kind, "
+                     "question/answer records or texts; got " + ", ".join(f"{name}: {'question/answer' if kind == 'qa' else 'texts'}"
                                                            for name, kind in kinds.items()))
-    splits = {name: (llm.qa_split(records) if records is not None else None) for name, records in data.items()}
+    splits = {}
+    for name, records in data.items():
+        try:
+            splits[name] = llm.qa_split(records, options=name in OPTION_SPLITS) if records is not None else None
+        except ValueError as err:
+            parser.error(f"argument --{name.replace('_', '-')}-file: {err}")
     return splits, ("qa" if kinds["forget"] == "qa" else "raw")
 
 
@@ -158,6 +167,10 @@ def register(subparsers) -> None:
                    "perturbed_answer, model utility, membership-inference AUCs with --holdout-file)")
     g.add_argument("--holdout-file", type=Path, default=None, metavar="FILE",
                    help="records never trained on, of the kind of the forget data: MIA AUCs of forget vs holdout")
+    for name, what in (("real-authors", "real authors"), ("world-facts", "world facts")):
+        g.add_argument(f"--{name}-file", type=Path, default=None, metavar="FILE",
+                       help=f"TOFU's {what} records (question, answer, perturbed_answer: the wrong options): their "
+                       "normalised probability, ROUGE-L and truth ratio join model utility")
     g.add_argument("--reference-model", type=Path, default=None, metavar="FOLDER",
                    help="a model trained without the forget data (local folder): forget quality, and privleak "
                    "with --holdout-file")
@@ -184,7 +197,8 @@ def _check_flags(args, parser, forget_loss) -> None:
     if args.select_best and not has_retain:
         parser.error("argument --select-best: needs --retain-texts or --retain-file (the retain perplexity guards "
                      "the choice)")
-    for flag, value in (("--holdout-file", args.holdout_file), ("--reference-model", args.reference_model)):
+    for flag, value in (("--holdout-file", args.holdout_file), ("--reference-model", args.reference_model),
+                        ("--real-authors-file", args.real_authors_file), ("--world-facts-file", args.world_facts_file)):
         if value is not None and not args.eval:
             parser.error(f"argument {flag}: only used with --eval")
 
@@ -201,7 +215,9 @@ def run(args, parser) -> int:
         silence("transformers")
     targets = list(args.target_modules or llm.DEFAULTS.target_modules)
     data = {"forget": _records(args, "forget", parser), "retain": _records(args, "retain", parser),
-            "holdout": _read_records(args.holdout_file, "--holdout-file", parser) if args.holdout_file else None}
+            **{name: _read_records(path, f"--{name.replace('_', '-')}-file", parser) if path else None
+               for name, path in (("holdout", args.holdout_file), ("real_authors", args.real_authors_file),
+                                  ("world_facts", args.world_facts_file))}}
     loss_name = args.forget_loss
     if loss_name == llm.AUTO_LOSS:  # question/answer records get "I don't know" alternates, texts cannot
         loss_name = llm.auto_forget_loss(_is_qa(data["forget"]))
@@ -226,7 +242,8 @@ def run(args, parser) -> int:
 
     def evaluate(which) -> dict:
         return llm_eval.evaluate_llm(which, tokenizer, splits["forget"], retain=splits["retain"],
-                                     holdout=splits["holdout"], reference_model=reference, framing=framing,
+                                     holdout=splits["holdout"], real_authors=splits.get("real_authors"),
+                                     world_facts=splits.get("world_facts"), reference_model=reference, framing=framing,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      max_length=args.max_length, generate=framing == "qa")
 

@@ -448,20 +448,26 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
 
 # ---- evaluation data and the run's report ------------------------------------------------------------------------
 
-def qa_split(records) -> dict:
+def qa_split(records, options: bool = False) -> dict:
     """llm_eval.evaluate_llm's split ({"questions", "answers"}, and "paraphrased_answers" / "perturbed_answers" when
     every record has "paraphrased_answer" / "perturbed_answer") from question/answer records; from text records
-    ({"text"}) the texts as answers to empty questions (evaluate them with framing="raw")."""
+    ({"text"}) the texts as answers to empty questions (evaluate them with framing="raw"). options: TOFU's
+    real-authors / world-facts records, whose "perturbed_answer" (a string or a list) holds the wrong options and
+    is required."""
     from .llm_data import check_records
 
     records, kind = check_records(records)
+    if options and (kind == "text" or not all("perturbed_answer" in r for r in records)):
+        raise ValueError('needs question/answer records with "perturbed_answer" (the wrong options) in every one')
     if kind == "text":
         return {"questions": [""] * len(records), "answers": [r["text"] for r in records]}
     split = {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records]}
-    if all("paraphrased_answer" in r and "perturbed_answer" in r for r in records):
-        split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
+    with_options = options or all("paraphrased_answer" in r and "perturbed_answer" in r for r in records)
+    if with_options:
         split["perturbed_answers"] = [[p] if isinstance(p, str) else list(p)
                                       for p in (r["perturbed_answer"] for r in records)]
+    if with_options and not options:
+        split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
     return split
 
 
