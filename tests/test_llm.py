@@ -571,7 +571,11 @@ def test_gradient_checkpointing_gives_the_same_factors_and_trains_R(reentrant):
     config = sf.SEMUConfig(gamma=0.9, target_modules=["mlp.down_proj", "self_attn.v_proj"])
     plain = tiny_llama().to(torch.bfloat16)
     checkpointed = tiny_llama().to(torch.bfloat16)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5.2x: the old name is deprecated
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     a = sf.prepare(plain, batches, loss_fn=llm.nll_loss, config=config)
     b = sf.prepare(checkpointed, batches, loss_fn=llm.nll_loss, config=config)
     assert [layer.k for layer in a.report.layers] == [layer.k for layer in b.report.layers]
