@@ -279,6 +279,12 @@ def test_defaults_train_npo_on_retain_data_and_keep_an_epoch_within_the_toleranc
     # "auto": these question/answer batches carry "I don't know" alternates, so IdkDPO; plain batches get NPO
     assert llm.DEFAULTS.forget_loss == "auto" and train_fn.name == "idkdpo"
     assert llm.resolve_objectives("auto", None, has_alternate=False)[0].name == "npo"
+    # the forget objective's alpha weighs whichever retain loss is named, as open-unlearning's alpha does
+    from semu_fast.workflows import llm_losses as L
+    for retain_loss, expected in ((None, L.RetainNLL(weight=3.0)), ("nll", L.RetainNLL(weight=3.0)),
+                                  ("kl", L.RetainKL(weight=3.0))):
+        assert llm.resolve_objectives(L.make_loss("graddiff", alpha=3.0), retain_loss)[1] == expected
+    assert llm.resolve_objectives("rmu", "kl")[1] == L.RetainKL()  # RMU's alpha weighs its own activation loss
     assert epochs == metrics["epochs"] == 4 and lr == 3e-2
     history = report.training["history"]
     assert len(history) == epochs and all({"score", "guard_nll", "within_tolerance"} <= set(h) for h in history)

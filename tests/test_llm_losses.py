@@ -66,12 +66,12 @@ GEN = torch.Generator()
 def test_npo_equals_its_float64_definition_against_the_original_model(batches):
     forget, _ = batches
     sm, reference = _semu(forget, scale=0.3), tiny_llama()
-    for beta in (0.1, 0.7):
-        loss = L.make_loss("npo", beta=beta)
+    for beta, weight in ((0.1, 1.0), (0.7, 2.5)):
+        loss = L.make_loss("npo", beta=beta, weight=weight)
         for batch in forget:
             logp, _ = _seq_logp64(sm, batch)
             logp_ref, _ = _seq_logp64(reference, batch)
-            expected = (-2 / beta * F.logsigmoid(-beta * (logp - logp_ref))).mean()
+            expected = weight * (-2 / beta * F.logsigmoid(-beta * (logp - logp_ref))).mean()
             _close(loss(sm, batch, GEN), expected)
     assert not torch.allclose(*(_seq_logp64(m, forget[0])[0] for m in (sm, reference)))
 
@@ -88,11 +88,14 @@ def test_npo_and_idkdpo_equal_2_over_beta_log_2_while_the_model_is_the_reference
 def test_simnpo_equals_its_float64_definition_without_a_reference(batches):
     forget, _ = batches
     sm = _semu(forget, scale=0.3)
-    for beta, delta, weight in ((4.5, 0.0, 0.125), (2.5, 0.5, 1.0)):
+    # small betas: at the defaults (4.5) the tiny model's NLL of ~4.5 a token saturates the loss near 0, where a
+    # missing weight or 2/beta factor would pass
+    for beta, delta, weight in ((0.1, 0.0, 0.125), (0.5, 1.0, 2.0)):
         loss = L.make_loss("simnpo", beta=beta, delta=delta, weight=weight)
         for batch in forget:
             logp, count = _seq_logp64(sm, batch)
             expected = weight * (-2 / beta * F.logsigmoid(beta * (-logp / count - delta))).mean()
+            assert float(expected) > 0.1
             _close(loss(sm, batch, GEN), expected)
     assert (L.SimNPO().beta, L.SimNPO().delta, L.SimNPO().weight) == (4.5, 0.0, 0.125)
 
@@ -100,14 +103,15 @@ def test_simnpo_equals_its_float64_definition_without_a_reference(batches):
 def test_idkdpo_prefers_the_alternate_answer_as_its_float64_definition_says(batches):
     forget, _ = batches
     sm, reference = _semu(forget, scale=0.3), tiny_llama()
-    loss = L.make_loss("idkdpo")
-    for batch in forget:
-        win, _ = _seq_logp64(sm, batch["alternate"])
-        win_ref, _ = _seq_logp64(reference, batch["alternate"])
-        lose, _ = _seq_logp64(sm, batch)
-        lose_ref, _ = _seq_logp64(reference, batch)
-        expected = (-2 / 0.1 * F.logsigmoid(0.1 * ((win - win_ref) - (lose - lose_ref)))).mean()
-        _close(loss(sm, batch, GEN), expected)
+    for beta, weight in ((0.1, 1.0), (0.6, 0.5)):
+        loss = L.make_loss("idkdpo", beta=beta, weight=weight)
+        for batch in forget:
+            win, _ = _seq_logp64(sm, batch["alternate"])
+            win_ref, _ = _seq_logp64(reference, batch["alternate"])
+            lose, _ = _seq_logp64(sm, batch)
+            lose_ref, _ = _seq_logp64(reference, batch)
+            expected = weight * (-2 / beta * F.logsigmoid(beta * ((win - win_ref) - (lose - lose_ref)))).mean()
+            _close(loss(sm, batch, GEN), expected)
 
 
 def test_idknll_graddiff_and_retain_nll_are_weighted_token_nlls(batches):
@@ -118,6 +122,8 @@ def test_idknll_graddiff_and_retain_nll_are_weighted_token_nlls(batches):
         alt_logp, alt_count = _seq_logp64(sm, batch["alternate"])
         _close(L.make_loss("idknll", weight=2.0)(sm, batch, GEN), 2 * -alt_logp.sum() / alt_count.sum())
         _close(L.make_loss("graddiff")(sm, batch, GEN), logp.sum() / count.sum())
+        _close(L.make_loss("graddiff", weight=3.0)(sm, batch, GEN), 3 * logp.sum() / count.sum())
+        _close(L.ascent_loss(sm, batch, GEN), logp.sum() / count.sum())  # minus the mean token NLL
     for batch in retain:
         logp, count = _seq_logp64(sm, batch)
         _close(L.make_retain_loss("nll", weight=0.5)(sm, batch, GEN), 0.5 * -logp.sum() / count.sum())
@@ -257,7 +263,7 @@ def test_registry_builds_named_losses_with_overrides_and_passes_callables_throug
     assert (L.RMU().layer, L.RMU().steering_coeff, L.RMU().alpha) == (7, 6.5, 1200.0)
     assert L.make_loss("graddiff").needs_retain and L.make_loss("rmu").needs_retain
     assert not L.make_loss("npo").needs_retain and L.make_loss("idknll").needs_alternate
-    assert isinstance(L.make_loss("npo", alpha=3.0).retain_loss(), L.RetainNLL)
+    assert L.make_loss("npo", alpha=3.0).retain_loss() == L.RetainNLL(weight=3.0)
 
     def mine(model, batch, generator):
         return torch.zeros(())

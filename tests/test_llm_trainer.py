@@ -161,6 +161,24 @@ def test_other_objectives_train_through_the_trainer(tmp_path, forget_loss):
     assert all((a.R != 0).any() for a in trainer.semu_model.adapters.values())
 
 
+def test_the_training_loss_is_the_forget_objective_plus_the_retain_objective(tmp_path):
+    tokenizer, forget, retain = _data()
+    trainer = SEMUTrainer(tiny_llama(), _args(tmp_path, num_train_epochs=1), train_dataset=forget,
+                          retain_dataset=retain, forget_loss=llm.make_loss("npo", alpha=2.0), retain_loss="kl",
+                          processing_class=tokenizer)
+    trainer.train()  # runs the gradient pass; R moves away from 0, so both terms are nonzero
+    assert trainer.retain_objective.weight == 2.0  # the forget objective's alpha weighs the named retain loss
+    sm, generator = trainer.semu_model, torch.Generator()
+    inputs = {"forget": llm.make_qa_batches(tokenizer, _records(), 24, 4)[0],
+              "retain": llm.make_batches(tokenizer, random_texts(4, seed=1), 16, 4)[0]}
+    with torch.no_grad():
+        forget_term = trainer.forget_objective(sm, inputs["forget"], generator)
+        retain_term = trainer.retain_objective(sm, inputs["retain"], generator)
+        total = trainer.compute_loss(trainer.model, inputs)
+    assert float(forget_term) != 0 and float(retain_term) != 0
+    torch.testing.assert_close(total, forget_term + retain_term)
+
+
 def test_evaluate_reports_the_nll_of_plain_batches(tmp_path):
     tokenizer, forget, retain = _data()
     trainer = SEMUTrainer(tiny_llama(), _args(tmp_path), train_dataset=forget, eval_dataset=retain)

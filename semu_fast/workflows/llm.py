@@ -51,8 +51,9 @@ from ..training import check_training_args, unlearn
 from . import results
 from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, load_records, make_batches,  # noqa: F401
                        make_qa_batches, make_record_batches, save_records)
-from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, _logits_and_targets, _nll_sum, ascent_loss,  # noqa: F401
-                         make_loss, make_retain_loss, nll_loss, random_token_loss, retain_nll_loss, sequence_nll)
+from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, RetainKL, RetainNLL, _logits_and_targets,  # noqa: F401
+                         _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss, random_token_loss,
+                         retain_nll_loss, sequence_nll)
 
 
 # ---- defaults ----------------------------------------------------------------------------------------------------
@@ -205,7 +206,9 @@ def resolve_objectives(forget_loss, retain_loss, seed: int = 0,
     """(forget objective, retain objective, "forget_loss=..." for error messages) from names, objects or callables:
     the forget objective by make_loss (RMU's control vector seeded by `seed`; "auto" by auto_forget_loss(
     has_alternate)), the retain one by make_retain_loss, or, when retain_loss is None, the forget objective's own
-    retain term (NLL times alpha for most, RMU's for "rmu"), else NLL."""
+    retain term (NLL times alpha for most, RMU's for "rmu"), else NLL. A retain loss given by name keeps the forget
+    objective's alpha as its weight, as open-unlearning scales whichever retain loss it uses ("kl" after
+    make_loss("npo", alpha=2) weighs 2)."""
     if isinstance(forget_loss, str) and forget_loss == AUTO_LOSS:
         forget_loss = auto_forget_loss(has_alternate)
     if isinstance(forget_loss, str) and forget_loss == "rmu":  # its control vector follows the run's seed
@@ -220,6 +223,8 @@ def resolve_objectives(forget_loss, retain_loss, seed: int = 0,
         retain_loss_fn = own if own is not None else retain_nll_loss
     elif isinstance(retain_loss, str) and own is not None and getattr(own, "name", None) == retain_loss:
         retain_loss_fn = own
+    elif isinstance(retain_loss, str) and isinstance(own, RetainNLL) and retain_loss == RetainKL.name:
+        retain_loss_fn = make_retain_loss(retain_loss, weight=own.weight)
     else:
         retain_loss_fn = make_retain_loss(retain_loss)
     return train_loss_fn, retain_loss_fn, what

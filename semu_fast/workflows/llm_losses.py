@@ -32,7 +32,9 @@ Retain objectives:
     "nll"  weight * mean token NLL; "kl"  weight * KL(ref || model) of the next-token distributions, averaged over
     labelled positions (open-unlearning's KL retain term, there averaged over all positions); "rmu"  RMU's
     retain term. A forget objective's own retain term (its retain_loss() method: NLL times alpha = 1, or RMU's) is
-    the one unlearn_llm trains when retain_loss is not given.
+    the one unlearn_llm trains when retain_loss is not given; a retain loss named instead keeps alpha as its weight.
+The sequence-level losses (NPO, SimNPO, IdkDPO) leave a sequence with no labelled token out of their mean, where
+open-unlearning keeps it (as NPO's constant 2/beta log 2; SimNPO's NaN).
 
 sf.unlearn interleaves forget and retain batches as separate optimizer steps, so weight and alpha scale each
 step's gradient (with Adam that barely matters: it is nearly scale-free; with SGD they act like learning rates).
