@@ -6,7 +6,6 @@ import re
 import warnings
 
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from .adapters import SEMUAdapter
 from .config import SEMUConfig
@@ -21,18 +20,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
-def unsupported_reason(module: nn.Module) -> str:
-    """"" when SEMU can adapt module, else why not."""
+# Subclasses that override forward with the plain op's computation (read in their code): adapted as their base.
+_PLAIN_FORWARD = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+_PLAIN_WITHOUT_LORA = {"diffusers.models.lora.LoRACompatibleLinear", "diffusers.models.lora.LoRACompatibleConv"}
+
+
+def unsupported_reason(module: nn.Module, custom_forward_ok: bool = False) -> str:
+    """"" when SEMU can adapt module, else why not. custom_forward_ok: a Linear/Conv2d whose class overrides forward
+    counts as adaptable (target_modules named it: select_layers warns)."""
     if is_conv1d(module):
         return ""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would be bypassed"
-    if isinstance(module, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(module, "weight"):
-        return ("its weight is parametrized (weight_norm, spectral_norm, ...): gradients reach the parametrization's "
-                "tensors, not the weight SEMU adapts")
-    if isinstance(module, (nn.Linear, nn.Conv2d)) and _overrides_forward(module):
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return ("its weight is computed from other tensors (weight_norm, spectral_norm or a parametrization): "
+                "gradients reach those, not the weight SEMU adapts")
+    if not custom_forward_ok and custom_forward(module):
         base = "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d"
-        return f"{type(module).__name__} overrides {base}'s forward, which an adapter (W + U R V^T) would bypass"
+        return (f"{type(module).__name__} overrides {base}'s forward, which an adapter (W + U R V^T through the plain "
+                f"op) would bypass; name it in target_modules to adapt it anyway")
     if isinstance(module, nn.Linear):
         return ""
     if isinstance(module, nn.Conv2d):
@@ -42,12 +48,19 @@ def unsupported_reason(module: nn.Module) -> str:
     return "not a layer"
 
 
-def _overrides_forward(module: nn.Module) -> bool:
-    """The module's class computes its output otherwise than nn.Linear / nn.Conv2d do (a custom forward)."""
+def custom_forward(module: nn.Module) -> bool:
+    """A Linear / Conv2d whose class computes its output otherwise than nn.Linear / nn.Conv2d do (a forward of its
+    own), but for the subclasses known to compute the plain op."""
     cls = type(module)
-    if isinstance(module, nn.Linear):
-        return cls.forward is not nn.Linear.forward
-    return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+    if isinstance(module, nn.Linear) and not is_conv1d(module):
+        overridden = cls.forward is not nn.Linear.forward
+    elif isinstance(module, nn.Conv2d):
+        overridden = cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+    else:
+        return False
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    plain = name in _PLAIN_FORWARD or (name in _PLAIN_WITHOUT_LORA and getattr(module, "lora_layer", None) is None)
+    return overridden and not plain
 
 
 def describe_names(names) -> str:
@@ -78,21 +91,24 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         return {name for name in pool if any(re.search(p, name) for p in patterns)}
 
     chosen = dict(supported)
-    custom = [name for name, m in with_weights.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_conv1d(m)
-              and _overrides_forward(m)]
-    if config.target_modules is None and custom:  # skipped like other unsupported layers, but less expected
-        warnings.warn(f"skipping layers whose class overrides forward (an adapter would bypass it): "
-                      f"{describe_names(custom)}", stacklevel=3)
     if config.target_modules is not None:
         hit = matches(config.target_modules, with_weights)
         for name in sorted(hit):
-            reason = unsupported_reason(with_weights[name])
+            reason = unsupported_reason(with_weights[name], custom_forward_ok=True)
             if reason:
                 raise ValueError(f"target_modules selects {name!r}, which SEMU cannot adapt: {reason}")
-        chosen = {name: m for name, m in supported.items() if name in hit}
-    if config.exclude_modules is not None:
-        excluded = matches(config.exclude_modules, with_weights)
-        chosen = {name: m for name, m in chosen.items() if name not in excluded}
+        chosen = {name: m for name, m in with_weights.items() if name in hit}
+    excluded = matches(config.exclude_modules, with_weights) if config.exclude_modules is not None else set()
+    chosen = {name: m for name, m in chosen.items() if name not in excluded}
+    custom = [name for name, m in with_weights.items() if custom_forward(m) and name not in excluded]
+    if config.target_modules is None and custom:  # skipped like other unsupported layers, but less expected
+        warnings.warn(f"skipping layers whose class overrides forward (an adapter would bypass it; name them in "
+                      f"target_modules to adapt them anyway): {describe_names(custom)}", stacklevel=3)
+    forced = [name for name in chosen if custom_forward(chosen[name])]
+    if forced:
+        warnings.warn(f"adapting {describe_names(forced)} as target_modules names them, although their class "
+                      f"overrides forward: the adapted layer computes the plain op with W + U R V^T, not that "
+                      f"forward", stacklevel=3)
     if not chosen:
         raise ValueError(f"no layer left to adapt after target_modules/exclude_modules; candidates: {candidates}")
     if config.gamma_overrides:

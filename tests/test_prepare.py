@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_unsupported_layers_are_skipped_by_default_and_rejected_when_named():
                    config=sf.SEMUConfig(target_modules=["0"]))
 
 
-def test_layers_whose_class_overrides_forward_are_skipped_with_a_warning_and_rejected_when_named():
+def test_layers_whose_class_overrides_forward_are_skipped_with_a_warning_and_adapted_only_when_named():
     class Scaled(nn.Linear):  # an adapter calling the plain op would drop the factor 2
         def forward(self, x):
             return 2 * super().forward(x)
@@ -195,23 +196,42 @@ def test_layers_whose_class_overrides_forward_are_skipped_with_a_warning_and_rej
     batches = [(torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,)))]
     with pytest.warns(UserWarning, match="overrides forward .* 0, 2"):
         sm = sf.prepare(model(), batches)
-    assert list(sm.adapters) == ["4"]
-    for target, message in (("^2$", "Scaled overrides nn.Linear's forward"),
-                            ("^0$", "Padded overrides nn.Conv2d's forward")):
-        with pytest.raises(ValueError, match=message):
-            sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=[target]))
+    assert list(sm.adapters) == ["4"] and "Scaled overrides nn.Linear's forward" in sm.report.skipped["2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded: no warning about it
+        sf.prepare(model(), batches, config=sf.SEMUConfig(exclude_modules=["^0$", "^2$"]))
+    with pytest.warns(UserWarning, match="adapting 2 as target_modules names them, although their class overrides"):
+        sm = sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=["^2$"]))
+    assert list(sm.adapters) == ["2"]
 
 
-def test_layers_with_a_parametrized_weight_are_skipped_and_rejected_when_named():
-    from torch.nn.utils.parametrizations import weight_norm
+def test_subclasses_known_to_compute_the_plain_op_are_adapted():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=50,
+                                       new_decoder_architecture=False, tie_word_embeddings=False)
+    model = transformers.FalconForCausalLM(config)
+    ids = torch.randint(0, 50, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sm = sf.prepare(model, [{"input_ids": ids}], loss_fn=lambda m, b: m(**b, labels=b["input_ids"]).loss)
+    assert {name.rsplit(".", 1)[-1] for name in sm.adapters} >= {"query_key_value", "dense", "dense_h_to_4h",
+                                                                  "dense_4h_to_h"}
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_layers_with_a_computed_weight_are_skipped_and_rejected_when_named(kind):
+    from torch.nn.utils import parametrizations
 
     def model():
-        return nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 3))
+        norm = parametrizations.weight_norm if kind == "parametrization" else nn.utils.weight_norm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the hook form is deprecated, still widely used
+            return nn.Sequential(norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 3))
 
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     sm = sf.prepare(model(), batches)
-    assert list(sm.adapters) == ["2"] and "parametrized" in sm.report.skipped["0"]
-    with pytest.raises(ValueError, match="'0', which SEMU cannot adapt: its weight is parametrized"):
+    assert list(sm.adapters) == ["2"] and "weight is computed from other tensors" in sm.report.skipped["0"]
+    with pytest.raises(ValueError, match="'0', which SEMU cannot adapt: its weight is computed"):
         sf.prepare(model(), batches, config=sf.SEMUConfig(target_modules=["^0$"]))
 
 
