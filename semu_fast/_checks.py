@@ -19,7 +19,7 @@ def check_number(name: str, value, *, positive: bool = True, optional: bool = Fa
     """A finite number, > 0 (positive) or >= 0; None passes when optional."""
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (value <= 0 if positive else value < 0):
         raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number"
                          f"{' or None' if optional else ''}, got {value!r}")
@@ -27,7 +27,8 @@ def check_number(name: str, value, *, positive: bool = True, optional: bool = Fa
 
 
 def check_gamma(name: str, value) -> float:
-    """A share of gradient variance: a finite number in (0, 1]."""
+    """A share of gradient variance: a finite number in (0, 1], numpy's included (every caller keeps the float this
+    returns)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the share of gradient variance to keep), got {value!r}")
