@@ -75,7 +75,8 @@ class Checkpoint:
         semu_model.save_adapters(self.adapters_dir)
 
     def save(self, run: dict, semu_model, optimizer, generator: torch.Generator, group, rng: dict) -> None:
-        """rng: torch's random state and the loaders' shuffling generators' now (the trainer puts them back)."""
+        """rng: torch's random state and the loaders' shuffling generators' now, per rank (the trainer puts them
+        back)."""
         if group is not None and group.rank != 0:  # every rank holds the same R
             return
         for stale in self.folder.glob(f".{STATE_NAME}.*.tmp"):  # left by a save that was killed

@@ -153,6 +153,13 @@ def assign_owners(shapes: dict[str, tuple], size: int) -> dict[str, int]:
     return owners
 
 
+def all_gather_objects(obj, group: Group) -> list:
+    """Every rank's `obj` (picklable), indexed by rank, on every rank."""
+    out = [None] * group.size
+    dist.all_gather_object(out, obj, group=group.group)
+    return out
+
+
 def broadcast_factors(results: dict[str, Optional[dict]], owners: dict[str, int], group: Group,
                       device: torch.device) -> dict[str, dict]:
     """Every rank gets every layer's factors. results[name] is a dict with tensors "U", "Vh" (float32) and

@@ -118,25 +118,35 @@ class _Trainer:
         self.checkpoint, self.group = checkpoint, group
         self.shufflers = _loader_generators(*loaders)
         self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
-                    "best_state": None, "shufflers_at_epoch_start": None}
+                    "best_state": None}
         self.resumed_rng = None  # a checkpoint's random state, until the point it was saved at is reached again
+        self.epoch_start = None  # torch's CPU state and the shufflers' where this epoch began
 
     def resume(self, state: dict) -> None:
         self.run = self.checkpoint.restore(state, self.model, self.opt, self.generator)
-        self.resumed_rng = state.get("rng")
+        saved = state.get("rng") or {}
+        ranks = saved.get("ranks", [saved] if saved else [])  # one entry per rank that saved it
+        rank, size = (self.group.rank, self.group.size) if self.group is not None else (0, 1)
+        if len(ranks) != size:  # written by another number of processes: each starts from its own state
+            warnings.warn(f"the checkpoint's random state is from {len(ranks)} process(es), this run has {size}: "
+                          f"dropout and shuffles continue from this process's own state")
+            ranks = [None] * size
+        self.resumed_rng = ranks[rank]
 
     def begin_epoch(self) -> None:
-        """Before the epoch's batches are drawn. Fresh: note the loaders' shuffling generators, so that a run resumed
-        in this epoch draws the same batches. Resumed: put the generators back where this epoch began (resumed
-        mid-epoch) or where the checkpoint left them (resumed at its start, with torch's random state)."""
+        """Before the epoch's batches are drawn (a DataLoader draws its shuffle from its generator, or from torch's
+        CPU state without one, when iterated). Fresh: note both, so that a run resumed in this epoch draws the same
+        batches. Resumed: put both back where this epoch began (resumed mid-epoch; the state of the step it stopped
+        at follows at that step) or where the checkpoint left them (resumed at the epoch's start)."""
         rng = self.resumed_rng
         if rng is None:
-            self.run["shufflers_at_epoch_start"] = [g.get_state() for g in self.shufflers]
+            self.epoch_start = {"cpu": torch.get_rng_state(), "shufflers": [g.get_state() for g in self.shufflers]}
             return
-        states = rng["shufflers"] if self.run["step"] == 0 else self.run["shufflers_at_epoch_start"]
-        if states is not None and len(states) == len(self.shufflers):
-            for g, state in zip(self.shufflers, states):
+        self.epoch_start = rng["epoch_start"] if self.run["step"] else rng
+        if len(self.epoch_start["shufflers"]) == len(self.shufflers):
+            for g, state in zip(self.shufflers, self.epoch_start["shufflers"]):
                 g.set_state(state)
+        torch.set_rng_state(self.epoch_start["cpu"])
         if self.run["step"] == 0:
             self._restore_torch_rng()
 
@@ -152,8 +162,11 @@ class _Trainer:
     def _save(self) -> None:
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-               "shufflers": [g.get_state() for g in self.shufflers]}
-        self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, rng)
+               "shufflers": [g.get_state() for g in self.shufflers],
+               "epoch_start": {"cpu": self.epoch_start["cpu"], "shufflers": self.epoch_start["shufflers"]}}
+        # each rank has its own dropout stream and data shard: rank 0 writes them all
+        ranks = distributed_setup.all_gather_objects(rng, self.group) if self.group is not None else [rng]
+        self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
 
     def train_epoch(self, batches) -> None:
         """One pass over (kind, batch) pairs; kind names the loss ("forget", "retain" or "mixed")."""
@@ -229,7 +242,8 @@ def _loader_generators(*loaders) -> list:
     """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
     found = {}
     for loader in loaders:
-        for owner in (loader, getattr(loader, "sampler", None)):
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
             generator = getattr(owner, "generator", None)
             if isinstance(generator, torch.Generator):
                 found[id(generator)] = generator
@@ -306,8 +320,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     checkpoint_dir: keep the adapters (after prepare) and the training state (R, optimizer, random stream, epoch
     and step, history, buffers, torch's random state, the loaders' shuffling generators) there, rewritten
     atomically every `checkpoint_every` steps (None: at the end of each epoch). With resume=True a run that finds a
-    checkpoint there skips prepare and continues from it: with loaders that yield the same batches in the same
-    order (a shuffle seeded through DataLoader(generator=...)), the result equals an uninterrupted run's bit for bit.
+    checkpoint there skips prepare and continues from it; the result equals an uninterrupted run's bit for bit when
+    the loaders' order depends only on torch's random state and their generators (as a DataLoader's shuffle does).
     distributed, process_group: as in prepare; while training R the gradients of R are averaged across ranks at
     every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()

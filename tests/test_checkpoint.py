@@ -65,11 +65,13 @@ class _KillingLoader(torch.utils.data.DataLoader):
             yield batch
 
 
-@pytest.mark.parametrize("every", [1, None])
-def test_resume_is_exact_with_dropout_and_a_seeded_shuffle(tmp_path, every):
-    """torch's random state (dropout) and the loader's shuffling generator come back with the checkpoint, so a
-    fresh process that seeds and builds everything as the first one did ends where the uninterrupted run does."""
-    from torch.utils.data import TensorDataset
+@pytest.mark.parametrize("every, shuffle", [(1, "generator"), (None, "generator"), (1, "batch sampler"),
+                                            (1, "unseeded")])
+def test_resume_is_exact_with_dropout_and_a_shuffle(tmp_path, every, shuffle):
+    """torch's random state (dropout; an unseeded shuffle draws from it too) and the loader's shuffling generator
+    come back with the checkpoint, so a fresh process that seeds and builds everything as the first one did ends
+    where the uninterrupted run does."""
+    from torch.utils.data import BatchSampler, RandomSampler, TensorDataset
 
     gen = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(32, 10, generator=gen), torch.randint(0, 3, (32,), generator=gen))
@@ -78,8 +80,12 @@ def test_resume_is_exact_with_dropout_and_a_seeded_shuffle(tmp_path, every):
         torch.manual_seed(5)  # as a fresh process seeded the same way
         model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
                                     torch.nn.Linear(16, 3))
-        loader = _KillingLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                budget=budget)
+        if shuffle == "batch sampler":
+            sampler = BatchSampler(RandomSampler(data, generator=torch.Generator().manual_seed(0)), 8, False)
+            loader = _KillingLoader(data, batch_sampler=sampler, budget=budget)
+        else:
+            loader = _KillingLoader(data, batch_size=8, shuffle=True, budget=budget,
+                                    generator=torch.Generator().manual_seed(0) if shuffle == "generator" else None)
         sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, checkpoint_dir=folder,
                            checkpoint_every=every)
         return {name: a.R.clone() for name, a in sm.adapters.items()}

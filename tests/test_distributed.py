@@ -111,6 +111,60 @@ def test_training_R_on_two_ranks_keeps_them_in_sync(tmp_path):
     assert any(R.abs().sum() > 0 for R in r0["R"].values())
 
 
+def _resume_worker(rank, init_file, out_dir):
+    """Each rank with its own dropout stream and its own seeded shuffle: killed runs resumed from their checkpoints
+    end where the uninterrupted run does, on every rank."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Killing(DataLoader):
+        def __init__(self, *args, budget=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.budget, self.drawn = budget, 0
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                self.drawn += 1
+                if self.budget is not None and self.drawn > self.budget:
+                    raise KeyboardInterrupt("simulated kill")
+                yield batch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(10 + rank)  # this rank's shard
+    data = TensorDataset(torch.randn(32, 10, generator=gen), torch.randint(0, 3, (32,), generator=gen))
+
+    def run(folder, budget=None):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        torch.manual_seed(100 + rank)  # each rank's dropout masks differ
+        loader = Killing(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(rank),
+                         budget=budget)
+        sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, distributed=True,
+                           checkpoint_dir=os.path.join(out_dir, folder), checkpoint_every=1)
+        return {name: a.R.detach().clone() for name, a in sm.adapters.items()}
+
+    try:
+        expected, exact = run("whole"), {}
+        for budget in (5, 14):  # mid-epoch 1; the start of epoch 2
+            try:
+                run(str(budget), budget)
+            except KeyboardInterrupt:
+                pass
+            dist.barrier()
+            got = run(str(budget))
+            exact[budget] = all(torch.equal(got[name], R) for name, R in expected.items())
+        torch.save(exact, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def test_a_distributed_run_resumes_exactly_with_each_rank_s_own_random_state(tmp_path):
+    mp.spawn(_resume_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {5: True, 14: True}, rank
+
+
 def test_layers_are_shared_out_by_cost():
     shapes = {"big": (4096, 4096), "mid": (2048, 2048), "a": (1024, 1024), "conv": (64, 64, 3, 3)}
     owners = distributed.assign_owners(shapes, 2)
