@@ -49,7 +49,7 @@ FINGERPRINT_SAMPLE = 65536  # elements hashed per weight: every row of an LLM's 
 
 def fingerprint(weight: torch.Tensor) -> dict:
     """A cheap identity of a weight's values: its shape, dtype, and the SHA-256 of the exact bytes of a fixed sample
-    of FINGERPRINT_SAMPLE elements spread over the whole weight (bytes, not sums: the same values give the same
+    of at most FINGERPRINT_SAMPLE elements spread over the whole weight (bytes, not sums: the same values give the same
     digest on any device). The sample's stride is coprime to the row length, so it visits every row of a weight up
     to FINGERPRINT_SAMPLE x row-length elements, at columns that shift from row to row. Other weights (another seed,
     checkpoint, fine-tune or dtype) give another digest; an FSDP2-sharded weight is identified by its shape and dtype
@@ -59,10 +59,10 @@ def fingerprint(weight: torch.Tensor) -> dict:
         return identity
     flat = weight.detach().reshape(-1)
     row = weight.shape[-1] if weight.dim() else 1
-    stride = max(1, flat.numel() // FINGERPRINT_SAMPLE)
+    stride = max(1, -(-flat.numel() // FINGERPRINT_SAMPLE))  # rounded up: the sample reaches the last rows
     while math.gcd(stride, row) != 1:
         stride += 1
-    return {**identity, "spread_sha256": _digest(flat[::stride][:FINGERPRINT_SAMPLE])}
+    return {**identity, "spread_sha256": _digest(flat[::stride])}
 
 
 def matches_fingerprint(weight: torch.Tensor, saved: dict) -> bool:

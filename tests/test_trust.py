@@ -161,7 +161,7 @@ def test_adapters_refuse_other_base_weights_unless_told(saved):
     assert len(sf.load_adapters(other, folder, check_base=False).adapters) > 0
 
 
-@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 2816), (64, 32, 3, 3)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 2816), (1000, 512), (64, 32, 3, 3)])
 def test_the_base_fingerprint_sees_a_change_in_any_row_or_in_every_other_column(shape):
     from semu_fast.serialization import fingerprint, matches_fingerprint
 
@@ -170,7 +170,7 @@ def test_the_base_fingerprint_sees_a_change_in_any_row_or_in_every_other_column(
     assert matches_fingerprint(weight.clone(), saved)
     changes = {"every other row": (slice(None, None, 2), slice(None)),
                "every other column": (slice(None), slice(1, None, 2)),
-               "one row": (shape[0] // 3, slice(None))}
+               "one row": (shape[0] // 3, slice(None)), "the last row": (-1, slice(None))}
     for what, index in changes.items():
         other = weight.clone()
         other.reshape(shape[0], -1)[index] += 1e-3
