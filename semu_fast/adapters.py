@@ -68,7 +68,8 @@ class SEMUAdapter(nn.Module):
             raise RuntimeError("cannot merge into an FSDP-sharded weight: keep the adapters unmerged (they train and "
                                "run as they are), or gather a full state dict into an unsharded model and merge there")
         self._original_weight = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight().float()).to(weight.dtype))
+        exact = torch.promote_types(torch.float32, torch.promote_types(weight.dtype, self.R.dtype))  # float64 stays
+        weight.copy_((weight.to(exact) + self.delta_weight().to(exact)).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()

@@ -52,6 +52,8 @@ def test_adapters_saved_in_float64_load_back_in_float64(tmp_path):
             assert got.dtype == torch.float64 and torch.equal(got, getattr(adapter, part)), (name, part)
     assert isinstance(loaded.adapters[next(iter(sm.adapters))].R, torch.nn.Parameter)
     assert torch.equal(loaded(x), expected)
+    loaded.merge_adapters()  # merged in float64 too: the same outputs to float64 rounding
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_saved_folder_has_safetensors_and_json_and_no_temporary_files(tmp_path):

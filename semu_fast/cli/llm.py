@@ -86,9 +86,9 @@ def _eval_splits(data: dict, parser) -> tuple[dict, str]:
 
     kinds = {name: check_records(records)[1] for name, records in data.items() if records is not None}
     if len(set(kinds.values())) > 1:
+        got = ", ".join(f"{name}: {'question/answer' if kind == 'qa' else 'texts'}" for name, kind in kinds.items())
         parser.error("argument --eval: the forget, retain, holdout and utility data must be of one kind, "
-                     "question/answer records or texts; got " + ", ".join(f"{name}: {'question/answer' if kind == 'qa' else 'texts'}"
-                                                           for name, kind in kinds.items()))
+                     f"question/answer records or texts; got {got}")
     splits = {}
     for name, records in data.items():
         try:

@@ -11,7 +11,7 @@
 | model utility | harmonic mean of the utility numbers given, 0 if any is 0 | TOFU; OU hm_aggregate |
 | ROUGE-L | rouge_score rougeL (stemmed) of the greedy answer vs the true one: recall (TOFU), F1 (MUSE) | OU rouge |
 | exact memorization | share of answer tokens whose teacher-forced argmax is the label | Tirumala et al. 2022; OU |
-| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest (*) | Wang et al. 2025; OU |
+| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest (*) | Wang et al. 2025 |
 | MIA LOSS | answer NLL | Yeom et al. 2018; OU |
 | MIA ZLib | answer NLL / len(zlib.compress(answer text)) | Carlini et al. 2021; OU |
 | MIA Min-K% | -(mean of the max(1, int(k n)) lowest answer-token log-probs) | Shi et al. 2024; OU |
@@ -207,9 +207,9 @@ def answer_statistics(model: nn.Module, batches, *, texts: Optional[Sequence[str
     optional. texts: the scored text of each sample (for ZLib), in batch order; k: Min-K share in (0, 1].
     exclude_last: each sample's last scored token counts in the NLL (LOSS, ZLib, prob) but not in the token-wise
     statistics (exact memorization, extraction strength, Min-K%, Min-K%++), as open-unlearning scores them (meant for
-    the EOS ending a qa answer, applied to raw texts too); a sample with one scored token keeps it. Returns float64 CPU tensors (N,): "nll" (mean answer NLL), "prob" (exp(-nll)),
-    "exact_memorization", "extraction_strength", "mia_loss", "mia_min_k", "mia_min_k_plus_plus", and "mia_zlib"
-    when texts are given."""
+    the EOS ending a qa answer, applied to raw texts too); a sample with one scored token keeps it. Returns float64
+    CPU tensors (N,): "nll" (mean answer NLL), "prob" (exp(-nll)), "exact_memorization", "extraction_strength",
+    "mia_loss", "mia_min_k", "mia_min_k_plus_plus", and "mia_zlib" when texts are given."""
     _check_model(model)
     batches = _check_batches(batches)
     k = _check_k(k)
