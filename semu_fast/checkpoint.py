@@ -13,7 +13,7 @@ import torch
 
 from ._utils import atomic_write
 
-FORMAT = "semu_fast.training_state/1"
+FORMAT = "semu_fast.training_state/2"  # /1 (semu_fast 0.1): no random state, fewer settings; not resumable
 STATE_NAME = "training_state.pt"
 ADAPTERS_NAME = "adapters"
 
@@ -57,6 +57,10 @@ class Checkpoint:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a damaged file
             raise ValueError(f"{path} is corrupted or truncated ({err}); delete it to start afresh") from None
+        if isinstance(state, dict) and state.get("format") == "semu_fast.training_state/1":
+            raise ValueError(f"{path} was written by an earlier semu_fast, whose checkpoints lack the random state an "
+                             f"exact resume needs; start afresh with resume=False (the adapters there load with "
+                             f"sf.load_adapters)")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} checkpoint")
         differ = sorted(k for k, v in self.settings.items() if state["settings"].get(k) != v)

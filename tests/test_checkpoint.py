@@ -120,6 +120,11 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
     with pytest.raises(ValueError, match="written by another run: train_loss_fn differ"):
         _unlearn(tmp_path, train_loss_fn=lambda model, batch, generator: model(batch[0]).sum())
     state = tmp_path / "training_state.pt"
+    saved = torch.load(state, weights_only=True)
+    torch.save({**saved, "format": "semu_fast.training_state/1"}, state)
+    with pytest.raises(ValueError, match="written by an earlier semu_fast, whose checkpoints lack the random state"):
+        _unlearn(tmp_path)
+    torch.save(saved, state)
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupted or truncated"):
         _unlearn(tmp_path)
