@@ -17,7 +17,7 @@ from .ops.svd import compute_dtype
 
 class SEMUAdapter(nn.Module):
     """Base of the Linear, Conv1D, per-column Linear and Conv2d adapters. U and Vh are float32 buffers, R a float32
-    zero-initialised Parameter.
+    zero-initialised Parameter (float64 after .double(), and when loaded from adapters saved so).
 
     rank: k (the size of R); ranks: for conv and per-column layers, each input channel's (column's) own k (U's
     columns and Vh's rows beyond it are zero).

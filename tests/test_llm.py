@@ -524,8 +524,10 @@ def test_cli_unlearn_llm_eval_scores_texts_whole(llm_folder, tmp_path):
                  "--retain-texts", str(tmp_path / "retain.txt"), "--eval", "--no-select-best", "--epochs", "1",
                  "--lr", "0.03", "--max-length", "16", "--batch-size", "3", "--device", "cpu", "--quiet",
                  "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    data = json.loads((out / "metrics.json").read_text())
+    metrics = data["metrics"]
     assert "forget_answer_prob_after" in metrics and "forget_rougeL_recall_after" not in metrics  # no generation
+    assert data["settings"]["max_new_tokens"] == 128  # the default recorded as used: MUSE's for texts
     assert "best_epoch" not in metrics
 
 

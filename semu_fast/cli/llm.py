@@ -230,6 +230,8 @@ def run(args, parser) -> int:
         parser.error(f"argument --loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
+    if args.max_new_tokens is None:  # recorded in run.json as used
+        args.max_new_tokens = llm_eval.GENERATION_DEFAULTS[framing][1]
     device = args.device or default_device()
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = {}

@@ -490,7 +490,7 @@ def report_markdown(metrics: Mapping, report: SEMUReport, run_settings: Mapping)
     lines = ["# SEMU LLM unlearning report", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in run_settings.items() if v is not None), "",
              "NLL: mean next-token negative log-likelihood of the labelled tokens (the answers of question/answer "
-             "data), ppl = exp(NLL). The evaluation metrics (answer_prob, truth_ratio, rougeL_recall, "
+             "data), ppl = exp(NLL). The evaluation metrics (answer_prob, truth_ratio, rougeL_recall or _f1, "
              "model_utility, mia_*_auc, forget_quality, privleak) are TOFU's / MUSE's as semu_fast.workflows.llm_eval "
              "computes them.", "", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {cell(metrics[name + '_before'])} | {cell(metrics[name + '_after'])} |" for name in pairs]
