@@ -26,6 +26,12 @@ def check_number(name: str, value, *, positive: bool = True, optional: bool = Fa
     return float(value)
 
 
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_gamma(name: str, value) -> float:
     """A share of gradient variance: a finite number in (0, 1], numpy's included (every caller keeps the float this
     returns)."""

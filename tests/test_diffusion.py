@@ -194,6 +194,21 @@ def test_unlearn_ddpm_lowers_the_forget_loss():
 def test_unlearn_ddpm_argument_errors():
     with pytest.raises(ValueError, match="steps or epochs"):
         D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1, steps=1, epochs=1, progress=False)
+    unet = tiny_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    for kwargs, match in (({"forget_class": NUM_CLASSES}, r"forget_class must be a class in \[0, 3\)"),
+                          ({"forget_class": -1}, "forget_class must be a class"),
+                          ({"forget_class": 1, "steps": 0}, "steps must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            D.unlearn_ddpm(unet, scheduler(), batches(1), num_classes=NUM_CLASSES, progress=False, **kwargs)
+    v_prediction = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction': SEMU's diffusion losses train noise"):
+        D.unlearn_ddpm(unet, v_prediction, batches(1), 1, num_classes=NUM_CLASSES, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\)"):
+        D.sample(unet, scheduler(), [0, NUM_CLASSES + 1])
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
+        D.sample(unet, scheduler(), [0], num_inference_steps=0)
 
 
 def test_sample_is_seeded_and_adapters_with_zero_R_change_nothing():
@@ -388,6 +403,32 @@ def test_sd_given_latents_and_errors(sd_folder):
     assert metrics["num_latents"] == 4 and len(semu_model.adapters) == 16
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         SD.load_sd(sd_folder / "unet")
+
+
+def test_sd_without_a_scheduler_folder_samples_with_sd_s_schedule_unclipped(sd_folder):
+    _, _, _, sched = SD.load_sd(sd_folder, "cpu")  # the tiny folder has no scheduler/
+    assert not sched.config.clip_sample and sched.config.steps_offset == 1
+    assert sched.config.beta_schedule == "scaled_linear" and sched.config.prediction_type == "epsilon"
+
+
+def test_unlearn_sd_takes_a_prompt_string_and_refuses_degenerate_input(sd_folder, monkeypatch):
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
+    encoded, encode = [], SD.encode_prompts
+    monkeypatch.setattr(SD, "encode_prompts", lambda te, tok, prompts: encoded.append(list(prompts)) or
+                        encode(te, tok, prompts))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for kwargs, match in (({"sample_steps": 0}, "sample_steps must be an int >= 1"),
+                          ({"num_latents": 0, "latents": None}, "num_latents must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            SD.unlearn_sd(unet, sched, text_encoder, tokenizer, "cat", **{"latents": latents, **kwargs},
+                          progress=False)
+    v_prediction = diffusers.DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
+        SD.unlearn_sd(unet, v_prediction, text_encoder, tokenizer, "cat", latents=latents, progress=False)
+    _, _, metrics = SD.unlearn_sd(unet, sched, text_encoder, tokenizer, "cat", "dog", latents=latents, epochs=1,
+                                  batch_size=2, progress=False)
+    assert metrics["num_latents"] == 2
+    assert encoded[:2] == [["cat"], ["dog"]]  # one forget and one anchor prompt, not one per character
 
 
 def test_sd_retain_loss_adds_weighted_denoising_loss_on_a_fresh_retain_batch():

@@ -3,7 +3,8 @@
 DDPM (class-conditional `UNet2DModel` + `DDPMScheduler`), as the official DDPM code does:
 
     unet, scheduler = pretrained_digits_ddpm(cache_dir)            # or your own model
-    semu_model, report, metrics = unlearn_ddpm(unet, scheduler, forget_loader, forget_class=3, steps=300)
+    semu_model, report, metrics = unlearn_ddpm(unet, scheduler, forget_loader, forget_class=3, steps=300,
+                                               num_classes=DIGITS_NUM_CLASSES)  # its last embedding row: null
     images = sample(semu_model, scheduler, [3] * 16, num_inference_steps=50, generator=g)
 
 - gradient pass (`diffusion_loss`): the standard eps-prediction MSE on the forget images at random timesteps;
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_number
+from .._checks import check_choice, check_number, check_positive_int
 from .._utils import eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..layers import select_layers
@@ -259,10 +260,18 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     cond_dropout need num_class_embeds > num_classes. **unlearn_kwargs go to sf.unlearn (e.g. grad_clip)."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
+    if steps is not None:
+        check_positive_int("steps", steps)
+    check_epsilon_prediction(scheduler)
     if num_classes is None:
         num_classes = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None)
         if not num_classes:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
+    forget = [forget_class] if isinstance(forget_class, int) else list(forget_class)
+    bad = [c for c in forget if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
+    if not forget or bad:
+        raise ValueError(f"forget_class must be a class in [0, {num_classes}) or a non-empty list of them, got "
+                         f"{forget_class!r}")
     if config is not None and semu_options:
         raise ValueError("give config or semu_options, not both (semu_options extend the config built from gamma)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed,
@@ -319,6 +328,15 @@ def sample_size(model: nn.Module) -> tuple:
 
 
 @torch.no_grad()
+def check_epsilon_prediction(scheduler) -> None:
+    """SEMU's diffusion losses regress the noise: a scheduler of another parametrization (SD 2.x-768's
+    "v_prediction", "sample") would give them the wrong target without an error."""
+    kind = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"the scheduler's prediction_type is {kind!r}: SEMU's diffusion losses train noise "
+                         f"('epsilon') prediction only")
+
+
 def guided_ddim(unet: nn.Module, scheduler, x: torch.Tensor, num_inference_steps: int, cond: dict,
                 uncond: Optional[dict] = None, guidance_scale: float = 1.0, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -328,6 +346,7 @@ def guided_ddim(unet: nn.Module, scheduler, x: torch.Tensor, num_inference_steps
     noise from `generator` on the CPU. The UNet runs in eval mode (restored) with SEMU adapters merged."""
     from diffusers import DDIMScheduler
 
+    check_positive_int("num_inference_steps", num_inference_steps)
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_inference_steps)
     device, n = x.device, len(x)
@@ -358,8 +377,12 @@ def sample(unet: nn.Module, scheduler, class_labels, num_inference_steps: int = 
     `generator` on the CPU."""
     cfg = base_model(unet).config
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    rows = int(cfg.num_class_embeds or 0)
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < rows):
+        raise ValueError(f"class_labels must be in [0, {rows}) (the UNet's class-embedding rows), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
     if guidance_scale != 1.0 and null_class is None:
-        null_class = int(cfg.num_class_embeds) - 1
+        null_class = rows - 1
     device = model_device(base_model(unet))
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     out = []

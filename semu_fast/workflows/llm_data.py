@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_positive_int
+
 # the label of a position that is not learned (prompt, padding), as transformers and F.cross_entropy use
 IGNORE_INDEX = -100
 Batch = dict
@@ -65,12 +67,6 @@ def check_texts(texts, name: str = "texts", allow_empty: bool = False) -> list:
         if not isinstance(text, str) or (not allow_empty and not text.strip()):
             raise ValueError(f"{name}[{i}] must be a {'' if allow_empty else 'non-blank '}string, got {text!r:.60}")
     return texts
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def check_batch(batch) -> None:

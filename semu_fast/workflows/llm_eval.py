@@ -44,9 +44,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .._checks import check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import SEMUModel
-from .llm_data import IGNORE_INDEX, check_positive_int, check_texts, encode_qa
+from .llm_data import IGNORE_INDEX, check_texts, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")

@@ -31,13 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .._checks import check_choice, check_number
+from .._checks import check_choice, check_number, check_positive_int
 from .._utils import default_device, eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import unlearn
-from .diffusion import add_noise, base_model, ddpm_config, guided_ddim, predict_noise, sample_size
+from .diffusion import (add_noise, base_model, check_epsilon_prediction, ddpm_config, guided_ddim, predict_noise,
+                        sample_size)
 
 SD_PRESETS = {
     "xattn": (r"attn2\.to_(q|k|v|out\.0)$",),   # every cross-attention projection
@@ -301,10 +302,14 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
     MSE(eps(forget prompt), eps(anchor prompt)), anchor_drift = MSE of the anchor prediction after vs before and
     forget_shift = MSE of the forget prediction after vs before (with retain data: retain_drift, the same for the
     retain prompts on the retain latents); plus the trainable parameter count."""
-    forget_prompts, anchor_prompts = list(forget_prompts), list(anchor_prompts)
-    retain_prompts = [retain_prompts] if isinstance(retain_prompts, str) else list(retain_prompts)
+    forget_prompts, anchor_prompts, retain_prompts = ([p] if isinstance(p, str) else list(p)  # one prompt, or many
+                                                      for p in (forget_prompts, anchor_prompts, retain_prompts))
     _check_sd_inputs(unet, forget_prompts, anchor_prompts, retain_prompts, latents, retain_latents, retain_weight,
                      batch_size, gradient_guidance)
+    check_epsilon_prediction(scheduler)
+    check_positive_int("sample_steps", sample_steps)
+    if latents is None or (retain_prompts and retain_latents is None):
+        check_positive_int("num_latents", num_latents)
     if config is not None and semu_options:
         raise ValueError("give config or semu_options, not both (semu_options extend the config built from preset)")
     config = config if config is not None else sd_config(preset, gamma, attention_gamma, seed=seed,
@@ -376,8 +381,9 @@ def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     if (path / "scheduler").is_dir():
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
     else:
+        # SD 1.x's schedule: without clip_sample=False, DDIM would clip the predicted latents to [-1, 1]
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear")
+                                  beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     device = device or default_device()
     unet.to(device).eval()
     text_encoder.to(device).eval().requires_grad_(False)
