@@ -89,6 +89,10 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
     (("unlearn-ddpm", "--device", "cuda:7"), "argument --device: cuda:7: no such CUDA device here"),
     (("unlearn", "--stop-at-test-accuracy", "--baselines", "none", "--no-retrain"),
      "stop_at_test_accuracy is for random forgetting"),
+    (("unlearn", "--retrain-checkpoint", "/nonexistent.pt"), "argument --retrain-checkpoint: /nonexistent.pt is not"),
+    (("eval", "--adapters", "/dev/null"), "argument --adapters: /dev/null is not a folder"),
+    (("eval", "--json", "/nonexistent/m.json"), "argument --json: the folder /nonexistent does not exist"),
+    (("report", "/dev/null"), "argument folder: /dev/null is not a folder"),
 ])
 def test_bad_flags_are_rejected_with_the_flag_named(args, message):
     out = run_cli(*args, timeout=300)

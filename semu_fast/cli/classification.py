@@ -75,6 +75,8 @@ def run_unlearn(args, parser) -> int:
         parser.error(f"argument --seed: the official preset draws SalUn's split with seed - 1, so it needs a seed >= 1 "
                      f"(SalUn's default 2), got {args.seed}")
     torch.manual_seed(args.seed)
+    if args.retrain_checkpoint is not None and not args.retrain_checkpoint.is_file():
+        parser.error(f"argument --retrain-checkpoint: {args.retrain_checkpoint} is not a file")
     task, model, split, scenario = _scenario(args, parser)
     retrain = args.retrain if args.retrain is not None else task.name == "digits"
     retrain_fn = None
@@ -114,6 +116,10 @@ def run_eval(args, parser) -> int:
     from ..model import BaseMismatchError
     from ..workflows import classification as C, results
 
+    if args.adapters is not None and not args.adapters.is_dir():
+        parser.error(f"argument --adapters: {args.adapters} is not a folder (give the folder save_adapters wrote)")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"argument --json: the folder {args.json.parent} does not exist")
     task, model, split, scenario = _scenario(args, parser)
     loaders = C.make_loaders(task, split, args.seed)
     table = {"original": metrics.evaluate(model, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)}
@@ -137,6 +143,8 @@ def run_eval(args, parser) -> int:
 def run_report(args, parser) -> int:
     from ..workflows import results
 
+    if args.folder.exists() and not args.folder.is_dir():
+        parser.error(f"argument folder: {args.folder} is not a folder (give the run's --out folder)")
     try:
         files = results.render(args.folder)
     except (FileNotFoundError, ValueError) as err:
