@@ -227,6 +227,8 @@ def test_build_model_knows_torchvision_names_and_refuses_others():
     assert models.build_model("resnet18", 7).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 7)
     with pytest.raises(ValueError, match="arch must be"):
         models.build_model("no-such-net", 10)
+    with pytest.raises(ValueError, match="arch 'resnet18-cifar' takes 3-channel images, the data has 1"):
+        models.build_model("resnet18-cifar", 10, in_channels=1)
     with pytest.raises(ValueError, match="1-channel"):
         models.build_model("digits-cnn", 10, in_channels=3)
 

@@ -84,6 +84,7 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
     (("report", "/nonexistent"), "not a results folder of semu-fast unlearn, unlearn-ddpm or unlearn-sd"),
     (("unlearn", "--num-forget", "100000"), "argument --num-forget: must be in [1, "),
     (("unlearn", "--arch", "notamodel"), "argument --arch: must be 'digits-cnn'"),
+    (("unlearn", "--arch", "resnet18"), "arch 'resnet18' takes 3-channel images, the data has 1 channel(s)"),
     (("unlearn", "--device", "cuda:7"), "argument --device: cuda:7: no such CUDA device here"),
     (("eval", "--device", "cuda:7"), "argument --device: cuda:7: no such CUDA device here"),
     (("unlearn-ddpm", "--device", "cuda:7"), "argument --device: cuda:7: no such CUDA device here"),
