@@ -49,6 +49,14 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
                tmp_path / "cache" / "digits-digits-cnn-seed1.pt")
     other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
                     "--seed", "1")
+    assert other.returncode == 2 and "made for another scenario" in other.stderr  # run.json sits next to them
+    assert "pass --seed 0 (here 1)" in other.stderr
+    wrong_class = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
+                          "--forget-class", "3")
+    assert wrong_class.returncode == 2 and "pass --forget-class 0 (here 3)" in wrong_class.stderr
+    shutil.copytree(folder / "adapters", tmp_path / "moved")  # without run.json: the base weights tell
+    other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", tmp_path / "moved",
+                    "--seed", "1")
     assert other.returncode == 2 and "made for another original model" in other.stderr
     assert "--checkpoint its run.json's original_model" in other.stderr
 

@@ -6,6 +6,7 @@ and report.md, metrics.json, run.json, plots and the adapters are written to ./s
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .._utils import default_cache, default_device
@@ -110,6 +111,23 @@ def run_unlearn(args, parser) -> int:
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
 
+def _check_same_scenario(run_file: Path, scenario: dict, parser) -> None:
+    """Adapters inside a semu-fast unlearn folder come with its run.json: evaluating them on another scenario (another
+    forgotten class, seed or dataset) would report its metrics as theirs."""
+    if not run_file.is_file():
+        return
+    try:
+        saved = json.loads(run_file.read_text()).get("scenario", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    flags = {"dataset": "--dataset", "forget_class": "--forget-class", "num_forget": "--num-forget", "seed": "--seed"}
+    differ = [f"{flags[key]} {saved[key]} (here {scenario[key]})" for key in flags
+              if key in saved and saved[key] != scenario.get(key)]
+    if differ:
+        parser.error(f"argument --adapters: they were made for another scenario ({run_file}): pass "
+                     f"{', '.join(differ)}")
+
+
 def run_eval(args, parser) -> int:
     import semu_fast as sf
     from .. import metrics
@@ -122,6 +140,8 @@ def run_eval(args, parser) -> int:
         parser.error(f"argument --json: the folder {args.json.parent} does not exist")
     task, model, split, scenario = _scenario(args, parser)
     loaders = C.make_loaders(task, split, args.seed)
+    if args.adapters is not None:
+        _check_same_scenario(args.adapters.parent / "run.json", scenario, parser)
     table = {"original": metrics.evaluate(model, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)}
     if args.adapters is not None:
         try:
