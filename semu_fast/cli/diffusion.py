@@ -142,7 +142,7 @@ def run_ddpm(args, parser) -> int:
     if not 0 <= args.forget_class < DIGITS_NUM_CLASSES:
         parser.error(f"argument --forget-class: must be in [0, {DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
-    device = args.device or default_device()
+    device = args.device = args.device or default_device()  # recorded in run.json as used
     if args.classifier is not None:
         classifier = digits_cnn()
         try:
@@ -221,6 +221,7 @@ def run_sd(args, parser) -> int:
     require(parser, "diffusers", "transformers")
     if args.quiet:
         silence("diffusers", "transformers")
+    args.device = args.device or default_device()  # recorded in run.json as used
     try:
         unet, text_encoder, tokenizer, scheduler, vae = SD.load_sd(args.model, args.device, with_vae=True)
     except (OSError, ValueError) as err:

@@ -232,7 +232,7 @@ def run(args, parser) -> int:
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
     if args.max_new_tokens is None:  # recorded in run.json as used
         args.max_new_tokens = llm_eval.GENERATION_DEFAULTS[framing][1]
-    device = args.device or default_device()
+    device = args.device = args.device or default_device()  # recorded in run.json as used
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = {}
     for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):
