@@ -67,7 +67,8 @@ def _register_ddpm(subparsers) -> None:
                    "samples_after.png next to report.md (0: none)")
     g.add_argument("--guidance-scale", type=non_negative, default=1.0,
                    help="classifier-free guidance of the samples (default 1: none)")
-    add_run_flags(ddpm.add_argument_group("run"), "semu_fast_ddpm_out", "metrics.json, adapters/, report.md and the sample grids")
+    add_run_flags(ddpm.add_argument_group("run"), "semu_fast_ddpm_out",
+                  "metrics.json, adapters/, report.md and the sample grids")
     ddpm.set_defaults(func=run_ddpm, parser=ddpm)
 
 
