@@ -334,6 +334,13 @@ def test_generate_answers_batched_with_left_padding_equals_one_at_a_time(tiny):
     assert batched[0] == tok.decode(ids[0, 6:].tolist(), skip_special_tokens=True).strip()
 
 
+def test_generation_stops_at_the_model_s_context(tiny):
+    model, tok = tiny  # 64 positions, against evaluate_llm's default of 200 new tokens
+    prompt = len(tok("Question: w1 w2 w3\nAnswer:")["input_ids"])
+    answer = ev.generate_answers(model, tok, ["w1 w2 w3"], max_new_tokens=200)[0]
+    assert 0 < len(tok(answer, add_special_tokens=False)["input_ids"]) <= 64 - prompt + 1
+
+
 def test_evaluate_llm_smoke_on_tiny_llama(tiny):
     pytest.importorskip("scipy")
     pytest.importorskip("sklearn")

@@ -386,8 +386,9 @@ def privleak(auc: float, reference_auc: float) -> float:
 def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int = 32,
                      batch_size: int = 8, framing: str = "qa") -> list[str]:
     """Greedy answers (model.generate, do_sample=False) to each question, framed as the scored batches are
-    (framing "qa" or "raw", see evaluate_llm), cut at the first EOS and decoded without special tokens. Prompts are
-    left-padded here, so the tokenizer's padding side does not matter."""
+    (framing "qa" or "raw", see evaluate_llm), cut at the first EOS and decoded without special tokens, of at most
+    max_new_tokens (and no further than the model's max_position_embeddings). Prompts are left-padded here, so the
+    tokenizer's padding side does not matter."""
     _check_model(model)
     questions = check_texts(questions, "questions", allow_empty=True)
     check_positive_int("max_new_tokens", max_new_tokens)
@@ -413,8 +414,11 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
             for row, ids in enumerate(chunk):
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
+            # no further than the model's context (a small model's 64 positions, say, against the default 200)
+            context = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
+            room = max_new_tokens if not isinstance(context, int) else max(1, min(max_new_tokens, context - width))
             output = generator.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+                                        max_new_tokens=room, do_sample=False, pad_token_id=pad_id)
             for row in output[:, width:].tolist():
                 if eos_id is not None and eos_id in row:
                     row = row[:row.index(eos_id)]
