@@ -549,6 +549,8 @@ def test_cli_unlearn_llm_eval_scores_texts_whole(llm_folder, tmp_path):
     (["--forget-file", "qa.jsonl", "--select-best"], "argument --select-best: needs --retain-texts or"),
     (["--forget-file", "qa.jsonl", "--retain-texts", "forget.txt", "--eval"],
      "argument --eval: the forget, retain, holdout and utility data must be of one kind"),
+    (["--forget-texts", "qa.jsonl"], "argument --forget-texts: every line of qa.jsonl is a JSON object; records are "
+                                     "read by --forget-file"),
     (["--forget-file", "qa.jsonl", "--world-facts-file", "qa.jsonl"],
      "argument --world-facts-file: only used with --eval"),
     (["--forget-file", "qa.jsonl", "--eval", "--real-authors-file", "qa.jsonl"],

@@ -33,6 +33,10 @@ def _read_texts(path: Path, flag: str, parser) -> list:
     texts = [line for line in lines if line.strip()]
     if not texts:
         parser.error(f"argument {flag}: {path} holds no text (one text per line)")
+    if all(line.lstrip().startswith("{") and line.rstrip().endswith("}") for line in texts):
+        records = flag.replace("-texts", "-file")
+        parser.error(f"argument {flag}: every line of {path} is a JSON object; records are read by {records} (texts "
+                     f"are one a line)")
     return texts
 
 
