@@ -47,3 +47,19 @@ def load_benchmark(relative_path: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+class KillingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that raises KeyboardInterrupt once `budget` batches have been drawn from it: a run killed at a
+    chosen point, for the resume tests."""
+
+    def __init__(self, *args, budget=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budget, self.drawn = budget, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.drawn += 1
+            if self.budget is not None and self.drawn > self.budget:
+                raise KeyboardInterrupt("simulated kill")
+            yield batch

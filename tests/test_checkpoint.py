@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import semu_fast as sf
-from helpers import forget_batches, small_cnn
+from helpers import KillingLoader, forget_batches, small_cnn
 
 
 class Interrupting:
@@ -50,21 +50,6 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
     assert resumed_report.training["best_epoch"] == expected_report.training["best_epoch"]
 
 
-class _KillingLoader(torch.utils.data.DataLoader):
-    """A DataLoader that raises KeyboardInterrupt once `budget` batches have been drawn from it."""
-
-    def __init__(self, *args, budget=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.budget, self.drawn = budget, 0
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            self.drawn += 1
-            if self.budget is not None and self.drawn > self.budget:
-                raise KeyboardInterrupt("simulated kill")
-            yield batch
-
-
 @pytest.mark.parametrize("every, shuffle", [(1, "generator"), (None, "generator"), (1, "batch sampler"),
                                             (1, "unseeded")])
 def test_resume_is_exact_with_dropout_and_a_shuffle(tmp_path, every, shuffle):
@@ -82,9 +67,9 @@ def test_resume_is_exact_with_dropout_and_a_shuffle(tmp_path, every, shuffle):
                                     torch.nn.Linear(16, 3))
         if shuffle == "batch sampler":
             sampler = BatchSampler(RandomSampler(data, generator=torch.Generator().manual_seed(0)), 8, False)
-            loader = _KillingLoader(data, batch_sampler=sampler, budget=budget)
+            loader = KillingLoader(data, batch_sampler=sampler, budget=budget)
         else:
-            loader = _KillingLoader(data, batch_size=8, shuffle=True, budget=budget,
+            loader = KillingLoader(data, batch_size=8, shuffle=True, budget=budget,
                                     generator=torch.Generator().manual_seed(0) if shuffle == "generator" else None)
         sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, checkpoint_dir=folder,
                            checkpoint_every=every)

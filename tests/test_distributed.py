@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import semu_fast as sf
 from semu_fast import distributed
-from helpers import forget_batches, small_cnn
+from helpers import KillingLoader, forget_batches, small_cnn
 
 WORLD = 2
 CONFIG = dict(gamma=0.9, seed=3)
@@ -114,19 +114,7 @@ def test_training_R_on_two_ranks_keeps_them_in_sync(tmp_path):
 def _resume_worker(rank, init_file, out_dir):
     """Each rank with its own dropout stream and its own seeded shuffle: killed runs resumed from their checkpoints
     end where the uninterrupted run does, on every rank."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Killing(DataLoader):
-        def __init__(self, *args, budget=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.budget, self.drawn = budget, 0
-
-        def __iter__(self):
-            for batch in super().__iter__():
-                self.drawn += 1
-                if self.budget is not None and self.drawn > self.budget:
-                    raise KeyboardInterrupt("simulated kill")
-                yield batch
+    from torch.utils.data import TensorDataset
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -137,7 +125,7 @@ def _resume_worker(rank, init_file, out_dir):
         torch.manual_seed(5)
         model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
         torch.manual_seed(100 + rank)  # each rank's dropout masks differ
-        loader = Killing(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(rank),
+        loader = KillingLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(rank),
                          budget=budget)
         sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, distributed=True,
                            checkpoint_dir=os.path.join(out_dir, folder), checkpoint_every=1)
