@@ -48,16 +48,17 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         if in_channels != 1:
             raise ValueError(f"arch 'digits-cnn' takes 1-channel 8x8 images, the data has {in_channels} channels")
         return digits_cnn(num_classes)
+    if arch != "resnet18-cifar":
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"arch must be 'digits-cnn', 'resnet18-cifar' or a torchvision classification model "
+                             f"name, got {arch!r}")
     if in_channels != 3:
         raise ValueError(f"arch {arch!r} takes 3-channel images, the data has {in_channels} channel(s) (digits: "
                          f"'digits-cnn')")
     if arch == "resnet18-cifar":
         return resnet18_cifar(num_classes)
-    import torchvision
-
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"arch must be 'digits-cnn', 'resnet18-cifar' or a torchvision classification model "
-                         f"name, got {arch!r}")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
