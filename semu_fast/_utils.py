@@ -15,6 +15,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_rng_state() -> dict:
+    """torch's global random state (dropout, unseeded shuffles): the CPU's, and every GPU's once CUDA is in use."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_torch_rng_state(state: dict) -> None:
+    """Put back what torch_rng_state returned (its GPU part when this process sees as many GPUs)."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def default_cache() -> Path:
     """Where semu_fast keeps what it trains or measures once (models, the SVD cost calibration): $SEMU_FAST_CACHE,
     else ~/.cache/semu_fast."""

@@ -15,6 +15,7 @@ from . import distributed as distributed_setup
 from . import ops
 from ._checks import check_callable
 from ._profile import annotate
+from ._utils import set_torch_rng_state, torch_rng_state
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import LossFn, accumulate_gradients
@@ -61,16 +62,13 @@ class _Rewind:
 
     def __init__(self, model: nn.Module):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.rng = torch_rng_state()
 
     def __call__(self) -> None:
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        set_torch_rng_state(self.rng)
 
 
 def check_loader(name: str, loader, passes: int = 1) -> None:

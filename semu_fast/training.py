@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as distributed_setup
 from ._checks import check_callable, check_choice, check_number
+from ._utils import set_torch_rng_state, torch_rng_state
 from .checkpoint import Checkpoint
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
@@ -142,7 +143,8 @@ class _Trainer:
         if rng is None:
             self.epoch_start = {"cpu": torch.get_rng_state(), "shufflers": [g.get_state() for g in self.shufflers]}
             return
-        self.epoch_start = rng["epoch_start"] if self.run["step"] else rng
+        self.epoch_start = rng["epoch_start"] if self.run["step"] else {"cpu": rng["cpu"],
+                                                                         "shufflers": rng["shufflers"]}
         if len(self.epoch_start["shufflers"]) == len(self.shufflers):
             for g, state in zip(self.shufflers, self.epoch_start["shufflers"]):
                 g.set_state(state)
@@ -153,17 +155,12 @@ class _Trainer:
     def _restore_torch_rng(self) -> None:
         """torch's global random state (dropout) as the checkpoint saved it, once."""
         rng, self.resumed_rng = self.resumed_rng, None
-        if rng is None:
-            return
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng is not None:
+            set_torch_rng_state(rng)
 
     def _save(self) -> None:
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-               "shufflers": [g.get_state() for g in self.shufflers],
-               "epoch_start": {"cpu": self.epoch_start["cpu"], "shufflers": self.epoch_start["shufflers"]}}
+        rng = {**torch_rng_state(), "shufflers": [g.get_state() for g in self.shufflers],
+               "epoch_start": self.epoch_start}
         # each rank has its own dropout stream and data shard: rank 0 writes them all
         ranks = distributed_setup.all_gather_objects(rng, self.group) if self.group is not None else [rng]
         self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
