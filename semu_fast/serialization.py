@@ -54,7 +54,7 @@ def fingerprint(weight: torch.Tensor) -> dict:
     to FINGERPRINT_SAMPLE x row-length elements, at columns that shift from row to row. Other weights (another seed,
     checkpoint, fine-tune or dtype) give another digest; an FSDP2-sharded weight is identified by its shape and dtype
     only."""
-    identity = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+    identity = _identity(weight)
     if is_sharded(weight):  # FSDP2: each rank holds a shard; gathering every weight to hash it costs too much
         return identity
     flat = weight.detach().reshape(-1)
@@ -71,10 +71,12 @@ def matches_fingerprint(weight: torch.Tensor, saved: dict) -> bool:
     by that scheme."""
     if "sample_sha256" in saved and not is_sharded(weight):
         flat = weight.detach().reshape(-1)
-        legacy = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-                  "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])}
-        return legacy == saved
+        return {**_identity(weight), "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])} == saved
     return fingerprint(weight) == saved
+
+
+def _identity(weight: torch.Tensor) -> dict:
+    return {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
 def _digest(values: torch.Tensor) -> str:

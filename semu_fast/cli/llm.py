@@ -78,6 +78,11 @@ def _is_qa(records) -> bool:
     return check_records(records)[1] == "qa"
 
 
+def _file_flag(split: str) -> str:
+    """The flag that names a split's records file: "real_authors" -> "--real-authors-file"."""
+    return f"--{split.replace('_', '-')}-file"
+
+
 OPTION_SPLITS = ("real_authors", "world_facts")  # TOFU's model-utility sets, scored against their wrong options
 
 
@@ -98,7 +103,7 @@ def _eval_splits(data: dict, parser) -> tuple[dict, str]:
         try:
             splits[name] = llm.qa_split(records, options=name in OPTION_SPLITS) if records is not None else None
         except ValueError as err:
-            parser.error(f"argument --{name.replace('_', '-')}-file: {err}")
+            parser.error(f"argument {_file_flag(name)}: {err}")
     return splits, ("qa" if kinds["forget"] == "qa" else "raw")
 
 
@@ -219,7 +224,7 @@ def run(args, parser) -> int:
         silence("transformers")
     targets = list(args.target_modules or llm.DEFAULTS.target_modules)
     data = {"forget": _records(args, "forget", parser), "retain": _records(args, "retain", parser),
-            **{name: _read_records(path, f"--{name.replace('_', '-')}-file", parser) if path else None
+            **{name: _read_records(path, _file_flag(name), parser) if path else None
                for name, path in (("holdout", args.holdout_file), ("real_authors", args.real_authors_file),
                                   ("world_facts", args.world_facts_file))}}
     loss_name = args.forget_loss

@@ -467,12 +467,12 @@ def qa_split(records, options: bool = False) -> dict:
     if kind == "text":
         return {"questions": [""] * len(records), "answers": [r["text"] for r in records]}
     split = {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records]}
-    with_options = options or all("paraphrased_answer" in r and "perturbed_answer" in r for r in records)
-    if with_options:
+    truth_ratio = not options and all("paraphrased_answer" in r and "perturbed_answer" in r for r in records)
+    if truth_ratio:
+        split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
+    if options or truth_ratio:
         split["perturbed_answers"] = [[p] if isinstance(p, str) else list(p)
                                       for p in (r["perturbed_answer"] for r in records)]
-    if with_options and not options:
-        split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
     return split
 
 

@@ -44,7 +44,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .._checks import check_positive_int
+from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import SEMUModel
 from .llm_data import IGNORE_INDEX, check_texts, encode_qa
@@ -432,8 +432,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str], measure: str 
     reference's tokens) or "f1" (MUSE: its harmonic mean with the share of the prediction's)."""
     from rouge_score import rouge_scorer
 
-    if measure not in ROUGE_MEASURES:
-        raise ValueError(f"measure must be one of {', '.join(map(repr, ROUGE_MEASURES))}, got {measure!r}")
+    check_choice("measure", measure, tuple(ROUGE_MEASURES))
     predictions = check_texts(predictions, "predictions", allow_empty=True)
     references = check_texts(references, "references")
     if len(predictions) != len(references):
