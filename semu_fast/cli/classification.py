@@ -6,7 +6,6 @@ and report.md, metrics.json, run.json, plots and the adapters are written to ./s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .._utils import default_cache, default_device
@@ -114,10 +113,12 @@ def run_unlearn(args, parser) -> int:
 def _check_same_scenario(run_file: Path, scenario: dict, parser) -> None:
     """Adapters inside a semu-fast unlearn folder come with its run.json: evaluating them on another scenario (another
     forgotten class, seed or dataset) would report its metrics as theirs."""
+    from ..workflows import results
+
     if not run_file.is_file():
         return
     try:
-        saved = json.loads(run_file.read_text()).get("scenario", {})
+        saved = results.read_json(run_file).get("scenario", {})
     except (OSError, ValueError, AttributeError):
         return
     flags = {"dataset": "--dataset", "forget_class": "--forget-class", "num_forget": "--num-forget", "seed": "--seed"}
