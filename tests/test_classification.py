@@ -484,3 +484,23 @@ def test_run_skips_ft_without_retain_data_and_rejects_unknown_methods():
 def test_render_names_a_folder_that_is_not_a_results_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a results folder of semu-fast unlearn"):
         results.render(tmp_path)
+
+
+def test_record_run_removes_only_what_the_previous_run_listed_and_this_one_did_not_write(tmp_path, caplog):
+    out = tmp_path / "out"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "w.safetensors").write_text("old")
+    for name in ("run.json", "spectra.png", "metrics.json", "mine.txt"):
+        (out / name).write_text("old")
+    (tmp_path / "outside.txt").write_text("keep")
+    assert results.record_run(out, ["metrics.json"]) == []  # no list yet (an older version's run): nothing goes
+    results.write_json(out / results.MANIFEST, ["metrics.json", "run.json", "lora/", "spectra.png", "gone.png",
+                                                "../outside.txt", "/etc/hostname", "a/b", ".", 7])
+    with caplog.at_level("WARNING", logger="semu_fast"):
+        assert results.record_run(out, ["metrics.json", "spectra.png"]) == ["lora/", "run.json"]
+    assert "removed lora/, run.json" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [results.MANIFEST, "metrics.json", "mine.txt", "spectra.png"]
+    assert (tmp_path / "outside.txt").exists() and results.read_json(out / results.MANIFEST) == ["metrics.json",
+                                                                                                  "spectra.png"]
+    (out / results.MANIFEST).write_text("{not json")
+    assert results.record_run(out, []) == [] and (out / "spectra.png").exists()  # unreadable list: nothing goes

@@ -642,6 +642,21 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])
 
+    # a second run into the folder takes away what only the first wrote (its LoRA, UNet and grids would pass for
+    # the second run's); what no run wrote stays
+    (out / "notes.txt").write_text("mine")
+    assert cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--layers", "xattn",
+                "--num-latents", "2", "--sample-steps", "2", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
+                "--grid-samples", "0", "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".semu_fast_files.json", "adapters", "metrics.json",
+                                                      "notes.txt"]
+    assert json.loads((out / ".semu_fast_files.json").read_text()) == ["metrics.json", "adapters/"]
+    assert json.loads((out / "metrics.json").read_text())["settings"]["forget_prompt"] == ["cat"]
+    with pytest.raises(SystemExit):  # the merged UNet would replace the model's own
+        cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--out", str(sd_folder),
+             "--save-unet", "--quiet"])
+    assert "--save-unet would replace its unet/" in capsys.readouterr().err
+
 
 def test_unlearn_sd_preset_refuses_a_layer_set_naming_its_new_flag(tmp_path, capsys):
     """--preset took the layer set before it took ours|official: an old call is told where the value went."""

@@ -107,6 +107,7 @@ def run_unlearn(args, parser) -> int:
     scenario.update(gamma=config.gamma, preset=args.preset, stop_at_test_accuracy=stop,
                     semu={**semu, "semu_config": config.to_dict()})
     files = results.write_classification(args.out, semu_model, report, result, scenario)
+    results.record_run(args.out, files)
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
 

@@ -192,6 +192,7 @@ def run_ddpm(args, parser) -> int:
         results.write_samples(args.out, grid_before, grid(semu_model), [f"class {c}" for c in
                                                                         range(DIGITS_NUM_CLASSES)])
         files += [results.SAMPLES, *results.render(args.out)]
+    results.record_run(args.out, files)
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
         f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
@@ -222,6 +223,9 @@ def run_sd(args, parser) -> int:
     require(parser, "diffusers", "transformers")
     if args.quiet:
         silence("diffusers", "transformers")
+    if args.save_unet and args.out.resolve() == args.model.resolve():
+        parser.error(f"argument --out: {args.out} is the --model folder; --save-unet would replace its unet/ with the "
+                     f"merged one (give another --out)")
     args.device = args.device or default_device()  # recorded in run.json as used
     try:
         unet, text_encoder, tokenizer, scheduler, vae = SD.load_sd(args.model, args.device, with_vae=True)
@@ -272,6 +276,7 @@ def run_sd(args, parser) -> int:
     if args.save_unet:
         semu_model.merge_and_unload().save_pretrained(args.out / "unet")
         files.append("unet/")
+    results.record_run(args.out, files)
     return finish_run(args.out, files, [
         f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
         f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}",

@@ -283,6 +283,7 @@ def run(args, parser) -> int:
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
+    results.record_run(args.out, files)
     rows = [("forget ppl", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
         rows.append(("retain ppl", "retain_ppl_before", "retain_ppl_after"))

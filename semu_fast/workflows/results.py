@@ -3,15 +3,23 @@ written atomically. A classification run also: run.json (the scenario, per-epoch
 report), report.md and the plots, with metrics.json as method -> UA, RA, TA, MIA (and its other SalUn features
 MIA_*), trainable_share, seconds [, avg_gap]; `render` rebuilds report.md and the plots from the two JSON files. A
 diffusion run also keeps samples.safetensors (images from the same seeds before and after, one row per class or
-prompt), from which `render` draws samples_before.png / samples_after.png and its report.md."""
+prompt), from which `render` draws samples_before.png / samples_after.png and its report.md.
+
+Every run also lists what it wrote in .semu_fast_files.json (`record_run`): a later run into the same folder removes
+what the earlier one listed and it did not write, so a folder never holds one run's results beside another's
+(only names a semu-fast run listed are ever removed)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 from .._utils import atomic_write
 from . import plots
+
+log = logging.getLogger("semu_fast")
 
 COLUMNS = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"),
            ("trainable_share", "trainable %"), ("seconds", "seconds"))
@@ -190,3 +198,35 @@ def write_classification(out, semu_model, report, result: dict, scenario: dict) 
     write_json(out / "run.json", {"scenario": scenario, "history": result["history"],
                                   "semu_report": report.to_dict()})
     return ["metrics.json", "run.json", *render(out), "adapters/"]
+
+
+MANIFEST = ".semu_fast_files.json"
+
+
+def _listed(out: Path) -> list[str]:
+    """The names the previous run listed in `out` (none when it listed nothing or the list is unreadable)."""
+    try:
+        names = read_json(out / MANIFEST)
+    except (FileNotFoundError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def record_run(out, files: list[str]) -> list[str]:
+    """After a run wrote `files` into folder `out` (names as the commands print them, folders ending in "/"): remove
+    what the previous run there listed and this one did not write (its lora/, unet/, samples, plots or run.json
+    would otherwise pass for this run's), then list this run's files. Only plain names inside `out` are removed;
+    returns the names removed."""
+    out = Path(out)
+    removed = []
+    for name in sorted(set(_listed(out)) - set(files)):
+        path = out / name.rstrip("/")
+        if "/" in name.rstrip("/") or name.rstrip("/") in ("", ".", "..") or path.is_symlink() or not path.exists():
+            continue  # a hand-edited list never reaches outside the folder
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(name)
+    if removed:
+        log.warning("removed %s from %s: an earlier run left them and this run does not write them",
+                    ", ".join(removed), out)
+    write_json(out / MANIFEST, list(files))
+    return removed
