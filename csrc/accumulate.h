@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "disjoint.h"
+#include "dtypes.h"
 
 namespace semu_fast {
 
@@ -15,7 +16,7 @@ inline void check_accumulate_args(at::TensorList accumulators, at::TensorList gr
     const auto& grad = grads[i];
     TORCH_CHECK(acc.scalar_type() == at::kFloat, "accumulate_: accumulators[", i, "] must be float32, got ",
                 acc.scalar_type());
-    TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "accumulate_: grads[", i,
+    TORCH_CHECK(is_kernel_float(grad.scalar_type()), "accumulate_: grads[", i,
                 "] must be a floating dtype (float32, float16, bfloat16, float64), got ", grad.scalar_type());
     TORCH_CHECK(acc.sizes() == grad.sizes(), "accumulate_: grads[", i, "] has shape ", grad.sizes(),
                 " but accumulators[", i, "] has shape ", acc.sizes());
@@ -25,6 +26,7 @@ inline void check_accumulate_args(at::TensorList accumulators, at::TensorList gr
     TORCH_CHECK(acc.is_contiguous(), "accumulate_: accumulators[", i, "] must be contiguous");
   }
   check_disjoint("accumulate_", "accumulators", accumulators);
+  check_disjoint_reads("accumulate_", "accumulators", accumulators, "grads", grads);
 }
 
 }  // namespace semu_fast

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "dtypes.h"
 #include "host_device.h"
 
 namespace semu_fast {
@@ -29,7 +30,7 @@ constexpr int kJacobiMaxSweeps = 30;
 
 inline void check_gram_svd_args(const at::Tensor& G) {
   TORCH_CHECK(G.dim() == 3, "gram_svd: G must have shape (B, m, n), got ", G.sizes());
-  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "gram_svd: G must be a floating tensor, got ", G.scalar_type());
+  TORCH_CHECK(is_kernel_float(G.scalar_type()), "gram_svd: G must be a floating tensor, got ", G.scalar_type());
   TORCH_CHECK(G.size(2) >= 1 && G.size(2) <= kGramSvdMaxN, "gram_svd: G's last dim n must be in [1, ", kGramSvdMaxN,
               "] (the Gram matrix is n x n), got ", G.size(2));
   TORCH_CHECK(G.size(1) >= 1, "gram_svd: G must have at least one row, got shape ", G.sizes());
@@ -130,6 +131,9 @@ SEMU_HD inline double pivot_sign(const double* v, int64_t stride, int n) {
 
 // sigma_k from the k-th largest eigenvalue and the largest one, with the relative cut-off applied.
 SEMU_HD inline double singular_value(double eig, double eig_max) {
+  // x - x is 0 only for finite x: a NaN or infinite Gram (NaN/Inf input, or float64 entries past ~1e154) must not
+  // come out as a clean sigma of 0.
+  if (!(eig - eig == 0.0) || !(eig_max - eig_max == 0.0)) return (eig - eig) + (eig_max - eig_max);  // NaN
   const double top = eig_max > 0 ? sqrt(eig_max) : 0.0;
   const double s = eig > 0 ? sqrt(eig) : 0.0;
   return s > kGramSvdRelTol * top ? s : 0.0;

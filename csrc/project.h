@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "disjoint.h"
+#include "dtypes.h"
 #include "host_device.h"
 
 namespace semu_fast {
@@ -38,7 +39,7 @@ inline Projection check_project_args(at::TensorList grads, at::TensorList weight
     TORCH_CHECK(grads[i].scalar_type() == at::kFloat, "project_perpendicular_: grads[", i, "] must be float32, got ",
                 grads[i].scalar_type());
     TORCH_CHECK(grads[i].is_contiguous(), "project_perpendicular_: grads[", i, "] must be contiguous");
-    TORCH_CHECK(at::isFloatingType(weights[i].scalar_type()), "project_perpendicular_: weights[", i,
+    TORCH_CHECK(is_kernel_float(weights[i].scalar_type()), "project_perpendicular_: weights[", i,
                 "] must be a floating tensor, got ", weights[i].scalar_type());
     TORCH_CHECK(grads[i].sizes() == weights[i].sizes(), "project_perpendicular_: weights[", i, "] has shape ",
                 weights[i].sizes(), " but grads[", i, "] has shape ", grads[i].sizes());
@@ -47,6 +48,7 @@ inline Projection check_project_args(at::TensorList grads, at::TensorList weight
                 c10::DeviceTypeName(device), " device, got ", grads[i].device(), " and ", weights[i].device());
   }
   check_disjoint("project_perpendicular_", "grads", grads);
+  check_disjoint_reads("project_perpendicular_", "grads", grads, "weights", weights);
   return projection;
 }
 

@@ -47,10 +47,13 @@ def check_callable(name: str, value, signature: str) -> None:
         raise TypeError(f"{name} must be None or a callable {signature}, got {type(value).__name__}")
 
 
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_tensor(name: str, value, dims: Optional[Sequence[int]] = None, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and not value.is_floating_point():
+    if floating and value.dtype not in KERNEL_FLOATS:  # float8 is floating too, but no kernel computes in it
         raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {value.dtype}")
     if dims is not None and value.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(value.shape)}")
@@ -84,16 +87,39 @@ def check_tensor_lists(first_name: str, first, second_name: str, second) -> tupl
     return first, second
 
 
-def check_disjoint(name: str, tensors: Sequence[torch.Tensor]) -> None:
+def _span(t: torch.Tensor) -> tuple:
+    """(device type, index, first byte, one past the last byte) of a tensor with any (non-negative) strides."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.device.type, t.device.index or 0, t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str = "",
+                   reads: Sequence[torch.Tensor] = ()) -> None:
     """No two contiguous tensors that an op writes may overlap in memory: the writes would race on a GPU (and add
-    twice on the CPU). Views of one flat buffer that do not overlap are fine. (Under torch.compile tracing there are
-    no addresses to compare: the C++ kernels check for duplicates themselves.)"""
+    twice on the CPU). Views of one flat buffer that do not overlap are fine. Nor may a tensor the op reads (`reads`,
+    any strides) overlap one it writes, unless reads[i] is exactly tensors[i] (each element reads itself before it
+    is written): it would be read after some of its elements were written. (Under torch.compile tracing there are
+    no addresses to compare: the C++ kernels check for themselves.)"""
     if torch.compiler.is_compiling():
         return
-    spans = sorted((t.device.type, t.device.index or 0, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
-                   for i, t in enumerate(tensors) if t.numel())
+    spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
     for a, b in zip(spans, spans[1:]):
         if a[:2] == b[:2] and b[2] < a[3]:
             first, second = sorted((a[4], b[4]))
             raise ValueError(f"{name}[{first}] and {name}[{second}] overlap in memory; each tensor written must be "
                              f"distinct")
+    itself = [i < len(tensors) and r.data_ptr() == tensors[i].data_ptr() and r.dtype == tensors[i].dtype
+              and r.shape == tensors[i].shape and r.stride() == tensors[i].stride() for i, r in enumerate(reads)]
+    spans = sorted([(*span, False, i) for *span, i in spans]
+                   + [(*_span(r), True, i) for i, r in enumerate(reads) if r.numel() and not itself[i]])
+    furthest = {}  # (device, read?) -> the span of that kind reaching furthest so far; sorted by start, an overlap
+    for span in spans:  # shows as a span starting before the furthest end of the other kind
+        device, start, read = span[:2], span[2], span[4]
+        other = furthest.get((device, not read))
+        if other is not None and start < other[3]:
+            written, read_one = (other, span) if read else (span, other)
+            raise ValueError(f"{reads_name}[{read_one[5]}] overlaps {name}[{written[5]}] in memory; a tensor read "
+                             f"must not share memory with one written ({reads_name}[i] may only be {name}[i] "
+                             f"itself)")
+        if furthest.get((device, read), (0, 0, 0, -1))[3] < span[3]:
+            furthest[device, read] = span

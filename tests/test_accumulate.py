@@ -88,7 +88,31 @@ def test_overlapping_accumulators_are_rejected_before_writing(device):
     assert torch.equal(flat, torch.zeros(10, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["python", "cpp"])
+def test_grads_sharing_memory_with_an_accumulator_are_rejected_before_writing(device, op):
+    """A grad read after some of its elements were written gave a running sum on the CPU ([1, 3, 6, ...])."""
+    call = sf.ops.accumulate_ if op == "python" else torch.ops.semu_fast.accumulate_
+    buf = torch.arange(1.0, 11.0, device=device)
+    other = torch.zeros(9, device=device)
+    for accs, grads, match in [([buf[1:]], [buf[:-1]], r"grads\[0\] overlaps accumulators\[0\]"),
+                               ([other, buf[:4]], [buf[1:], torch.ones(4, device=device)],
+                                r"grads\[0\] overlaps accumulators\[1\]"),
+                               ([buf[2:6]], [buf[:8:2]], r"grads\[0\] overlaps accumulators\[0\]")]:  # strided
+        with pytest.raises(ValueError, match=match):
+            call(accs, grads)
+    assert torch.equal(buf.cpu(), torch.arange(1.0, 11.0)) and not other.any()
+    call([buf[:5], buf[5:]], [buf[:5], torch.ones(5, device=device)])  # each grad its own accumulator: fine
+    assert torch.equal(buf.cpu(), torch.tensor([2.0, 4, 6, 8, 10, 7, 8, 9, 10, 11]))
+
+
+def test_accumulate_of_no_tensors_is_a_no_op():
+    sf.ops.accumulate_([], [])
+
+
 @pytest.mark.parametrize("accs, grads, error, match", [
+    ([torch.zeros(3), torch.zeros(3)], [torch.ones(3), torch.zeros(3, dtype=torch.float8_e5m2)], TypeError,
+     r"grads\[1\] must be a floating tensor \(float32, float16, bfloat16, float64\)"),
     ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], ValueError, "same length"),
     ([torch.zeros(3)], [torch.zeros(4)], ValueError, r"grads\[0\] has shape"),
     ([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], TypeError, "must be float32"),
@@ -107,7 +131,10 @@ def test_cpp_kernel_checks_arguments_itself():
     acc = torch.zeros(3)
     with pytest.raises(RuntimeError, match="must be float32|must be a floating"):
         torch.ops.semu_fast.accumulate_([acc], [torch.zeros(3, dtype=torch.int64)])
-    assert torch.equal(acc, torch.zeros(3))
+    first = torch.zeros(3)  # float8 is refused before any accumulator is written, not by the dispatch at grads[1]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] must be a floating dtype"):
+        torch.ops.semu_fast.accumulate_([first, acc], [torch.ones(3), torch.zeros(3, dtype=torch.float8_e4m3fn)])
+    assert torch.equal(acc, torch.zeros(3)) and not first.any()
 
 
 def test_opcheck_accumulate(gen):

@@ -77,7 +77,7 @@ def test_gram_svd_torch_fallback_agrees(gen):
 
 
 @pytest.mark.parametrize("G", [torch.randn(3, 4), torch.randn(2, 5, 65), torch.ones(2, 3, 3, dtype=torch.int32),
-                               torch.randn(2, 0, 3)])
+                               torch.randn(2, 0, 3), torch.randn(2, 3, 3).to(torch.float8_e5m2)])
 def test_gram_svd_rejects_bad_input(G):
     with pytest.raises(ValueError, match="gram_svd: G must be"):
         sf.ops.gram_svd(G)
@@ -86,6 +86,19 @@ def test_gram_svd_rejects_bad_input(G):
 def test_cpp_gram_svd_checks_arguments_itself():
     with pytest.raises(RuntimeError, match="last dim n must be in"):
         torch.ops.semu_fast.gram_svd(torch.randn(2, 5, 65))
+    with pytest.raises(RuntimeError, match="must be a floating tensor"):
+        torch.ops.semu_fast.gram_svd(torch.randn(2, 5, 3).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e200])
+def test_gram_svd_refuses_nan_inf_and_overflowing_input(value):
+    """A NaN, an Inf or a float64 entry whose square overflows came out as a clean singular value 0 (n = 1)."""
+    G = torch.ones(2, 3, 1, dtype=torch.float64)
+    G[1, 0, 0] = value
+    with pytest.raises(ValueError, match="NaN or Inf" if value != 1e200 else "Gram matrix would overflow"):
+        sf.ops.gram_svd(G)
+    S = torch.ops.semu_fast.gram_svd(G)[1]  # the kernel itself (no check in front) passes it on, never a clean 0
+    assert S[0, 0] == 3 ** 0.5 and not torch.isfinite(S[1]).any()
 
 
 def test_opcheck_gram_svd(gen):

@@ -141,6 +141,52 @@ def test_lowrank_ops_reject_bad_shapes(gen):
                               torch.randn(2, 1, 1), torch.randn(2, 1, 9), stride=2, padding="same")
 
 
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., in\), got a 0-d tensor"):
+        sf.ops.lowrank_linear(torch.tensor(1.0, dtype=torch.float64), W, U, R, Vh, b)
+    with pytest.raises(ValueError, match="padding must be an int or a pair of ints, got 1.0"):
+        sf.ops.lowrank_conv2d(torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3), torch.randn(2, 4, 1),
+                              torch.randn(2, 1, 1), torch.randn(2, 1, 9), padding=1.0)
+
+
+def test_lowrank_linear_with_no_input_features_is_the_bias(gen):
+    W, U, R, Vh, b = _linear_args(gen, 6, 0, 2)
+    x = torch.randn(3, 4, 0, dtype=torch.float64, requires_grad=True)
+    y = sf.ops.lowrank_linear(x, W, U, R, Vh, b)
+    torch.testing.assert_close(y, F.linear(x, W, b), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_double_backward_through_the_adapter_ops_is_refused_not_wrong(gen, op):
+    """The backwards read tensors saved without history: a gradient penalty came out silently wrong (the conv's
+    d/dR of ||dL/dx||^2 about half the reference)."""
+    r = lambda *s, grad=False: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    if op == "linear":
+        x, args = r(3, 4, grad=True), (r(5, 4), r(5, 2), r(2, 2, grad=True), r(2, 4))
+        y = sf.ops.lowrank_linear(x, *args)
+    else:
+        x, args = r(2, 3, 6, 6, grad=True), (r(4, 3, 3, 3), r(3, 4, 2), r(3, 2, 2, grad=True), r(3, 2, 9))
+        y = sf.ops.lowrank_conv2d(x, *args, padding=1)
+    with pytest.raises(RuntimeError, match=f"lowrank_{op}.* has no double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_lowrank_conv2d_backward_with_factors_of_mixed_dtypes(gen):
+    """The forward took U in float64 with R, Vh in float32; the backward raised 'expected scalar type Double'."""
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    W = torch.randn(4, 3, 3, 3, generator=gen)
+    U = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(3, 2, 2, generator=gen, requires_grad=True)
+    Vh = torch.randn(3, 2, 9, generator=gen, requires_grad=True)
+    sf.ops.lowrank_conv2d(x, W, U, R, Vh, padding=1).square().sum().backward()
+    want = [t.detach().double().requires_grad_() for t in (U, R, Vh)]
+    reference.lowrank_conv2d(x.double(), W.double(), *want, padding=1).square().sum().backward()
+    for got, ref in zip((U, R, Vh), want):
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-3)
+
+
 def test_lowrank_linear_never_forms_the_weight(gen):
     """The delta path multiplies by Vh, R and U in turn: no (out, in) tensor is ever created."""
     W, U, R, Vh, b = _linear_args(gen, 300, 200, 2, torch.float32)

@@ -141,6 +141,35 @@ def test_truncated_svd_rejects_bad_matrices(G, error, match):
         sf.ops.truncated_svd(G, 0.9)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "auto"])
+def test_rank_and_energies_do_not_depend_on_the_scale_of_g(gen, scale, method):
+    """Float32 energies overflowed for entries of 1e20 ("NaN or Inf") and underflowed to k = 0 for 1e-30."""
+    G = _gradient_like(gen, 300, 280)
+    gamma = 0.9
+    plain = sf.ops.truncated_svd(G, gamma, method=method, generator=torch.Generator().manual_seed(0))
+    scaled = sf.ops.truncated_svd(G * scale, gamma, method=method, generator=torch.Generator().manual_seed(0))
+    assert int(scaled.ranks) == int(plain.ranks) > 0
+    torch.testing.assert_close(scaled.S.double() / scale, plain.S.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(scaled.total_energy / scale ** 2, plain.total_energy, rtol=1e-6, atol=0)
+    assert float(scaled.captured_energy / scaled.total_energy) >= gamma
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized"])
+@pytest.mark.parametrize("gamma", [0.9999999, 1.0])
+def test_gamma_near_one_gives_the_exact_rank_not_the_basis_width(gen, method, gamma):
+    """Float32 energies of a partial basis cannot resolve such a gamma: a rank-20 G came out k = 64."""
+    G = torch.randn(300, 20, generator=gen) @ torch.randn(20, 280, generator=gen)
+    got = sf.ops.truncated_svd(G, gamma, method=method, generator=torch.Generator().manual_seed(1))
+    exact = sf.ops.truncated_svd(G, gamma, method="exact")
+    assert int(got.ranks) == int(exact.ranks)
+
+
+def test_gram_method_on_an_empty_matrix_returns_it_empty():
+    out = sf.ops.truncated_svd(torch.zeros(0, 5), 0.5, method="gram")
+    assert out.U.shape == (0, 0) and out.Vh.shape == (0, 5) and int(out.ranks) == 0
+
+
 def _gradient_like(gen, m, n, decay=0.08, noise=0.02):
     """A decaying spectrum plus a noise floor holding `noise` of the norm (fp32), like summed gradients."""
     q = min(m, n)

@@ -24,7 +24,7 @@ def _check(accumulators, grads):
             raise TypeError(f"accumulate_: accumulators[{i}] must be float32, got {acc.dtype}")
         if not acc.is_contiguous():
             raise ValueError(f"accumulate_: accumulators[{i}] must be contiguous")
-    check_disjoint("accumulators", accumulators)
+    check_disjoint("accumulators", accumulators, "grads", grads)
     return accumulators, grads
 
 
@@ -94,8 +94,10 @@ def accumulate_(accumulators, grads) -> None:
     """accumulators[i] += grads[i] for every i, in one call.
 
     accumulators: float32, contiguous, not overlapping; grads: same shapes, any float dtype (float32, float16,
-    bfloat16, float64), any strides."""
+    bfloat16, float64), any strides, sharing no memory with an accumulator (but grads[i] may be accumulators[i])."""
     accumulators, grads = _check(accumulators, grads)
+    if not accumulators:  # the dispatcher cannot route a call without tensors
+        return
     with annotate("semu_fast.accumulate_"):
         torch.ops.semu_fast.accumulate_(accumulators, grads)
 

@@ -114,7 +114,17 @@ def _lowrank_linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _refuse_double_backward(op: str) -> None:
+    """Both backwards read tensors saved without history (t = x Vh^T; the adapted conv weight): differentiating
+    them again would silently leave those paths out, so a backward that would record a graph (create_graph=True)
+    is refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} has no double backward: differentiate it once (create_graph=False), or merge the "
+                           f"adapters (semu_model.merge_adapters()) for higher-order gradients")
+
+
 def _lowrank_linear_backward(ctx, dy, _):
+    _refuse_double_backward("lowrank_linear")
     if dy is None:  # grads are not materialised (t has none): y unused
         return (None,) * 6
     x, weight, U, R, Vh, t = ctx.saved_tensors
@@ -162,13 +172,16 @@ def lowrank_linear(x, weight, U, R, Vh, bias=None):
     x: (..., in), any strides; weight A: (out, in); U: (out, k); R: (k, k); Vh: (k, in); bias: (out,) or None.
     Factors are cast to x's dtype; y has x's dtype. Autograd: x, R, and A, U, Vh, bias when they require grad."""
     check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have shape (..., in), got a 0-d tensor")
     check_tensor("weight", weight, dims=(2,))
     _check_factors(weight, U, R, Vh, bias, batched=False)
     if Vh.shape[1] != weight.shape[1] or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x (..., in), weight (out, in) and Vh (k, in) must agree on in; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}, Vh {tuple(Vh.shape)}")
     check_same_device(x=x, weight=weight, U=U, R=R, Vh=Vh, bias=bias)
-    y, _ = _lowrank_linear(x.reshape(-1, x.shape[-1]), *_cast(x.dtype, weight, U, R, Vh, bias))
+    rows = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, in): in may be 0
+    y, _ = _lowrank_linear(rows, *_cast(x.dtype, weight, U, R, Vh, bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -201,6 +214,7 @@ def _lowrank_conv2d_setup(ctx, inputs, output):
 
 
 def _lowrank_conv2d_backward(ctx, dy, _):
+    _refuse_double_backward("lowrank_conv2d")
     if dy is None:
         return (None,) * 9
     x, U, R, Vh, adapted = ctx.saved_tensors
@@ -212,10 +226,11 @@ def _lowrank_conv2d_backward(ctx, dy, _):
         [need_x, need_dW, need_b and ctx.has_bias])
     dR = _kernels().conv_delta_contract(dW, U, Vh).to(R.dtype) if need_r else None
     dU = dVh = None
-    if need_u or need_vh:
-        G = conv_gradient_matrices(dW).to(U.dtype)  # (in, out, kh*kw)
-        dU = G @ (R @ Vh).transpose(1, 2) if need_u else None
-        dVh = (U @ R).transpose(1, 2) @ G if need_vh else None
+    if need_u or need_vh:  # in the factors' common dtype (they may differ, as in the forward's conv_delta_add)
+        dtype = torch.promote_types(torch.promote_types(U.dtype, R.dtype), Vh.dtype)
+        G, Uc, Rc, Vc = (t.to(dtype) for t in (conv_gradient_matrices(dW), U, R, Vh))  # G: (in, out, kh*kw)
+        dU = (G @ (Rc @ Vc).transpose(1, 2)).to(U.dtype) if need_u else None
+        dVh = ((Uc @ Rc).transpose(1, 2) @ G).to(Vh.dtype) if need_vh else None
     return dx, dW if need_w else None, dU, dR, dVh, db, None, None, None
 
 
@@ -223,8 +238,8 @@ _lowrank_conv2d.register_autograd(_lowrank_conv2d_backward, setup_context=_lowra
 
 
 def _pair(name: str, value) -> list[int]:
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return pair
 

@@ -23,7 +23,7 @@ def _check(grads, weights, mode):
         if g.dtype != torch.float32 or not g.is_contiguous():
             raise TypeError(f"project_perpendicular_: grads[{i}] must be a contiguous float32 tensor (an "
                             f"accumulator), got {g.dtype}{'' if g.is_contiguous() else ', non-contiguous'}")
-    check_disjoint("grads", grads)
+    check_disjoint("grads", grads, "weights", weights)
     return grads, weights
 
 
@@ -62,9 +62,11 @@ def project_perpendicular_(grads, weights, mode: str = "orthogonal") -> torch.Te
     """In place: grads[i] -= c_i weights[i] (c as in project_perpendicular), for all layers in one call.
 
     grads: contiguous float32 tensors (the gradient accumulators), not overlapping; weights: same shapes, any float
-    dtype. The reduction runs in float64. Returns the float64 energies ||grads[i]||_F^2 after the projection (the
+    dtype, sharing no memory with a grad (but weights[i] may be grads[i]). The reduction runs in float64. Returns the float64 energies ||grads[i]||_F^2 after the projection (the
     total variance each layer's rank rule needs), computed in the same pass."""
     grads, weights = _check(grads, weights, mode)
+    if not grads:  # the dispatcher cannot route a call without tensors
+        return torch.empty(0, dtype=torch.float64)
     with annotate("semu_fast.project_perpendicular_"):
         return torch.ops.semu_fast.project_perpendicular_(grads, weights, mode)
 

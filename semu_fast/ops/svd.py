@@ -6,12 +6,13 @@ and, for conv batches, the gram_svd kernel. semu_fast.ops.svd_plan chooses among
 gram_svd backends: C++ (CPU: float64 Gram + LAPACK syevd) and CUDA (one block per matrix) in csrc/, torch."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 
-from .._checks import check_choice, check_gamma
+from .._checks import KERNEL_FLOATS, check_choice, check_gamma
 from ._library import Kernel
 from .._profile import annotate
 from . import svd_plan
@@ -33,11 +34,16 @@ BLOCK, POWER_ITERS, MAX_RANK_SHARE = svd_plan.BLOCK, 2, 0.25
 # is measured exactly afterwards, so the rank can only come out short by the error near the cut. Above this gamma
 # the tail it must resolve is too thin: truncated_svd uses the other paths.
 GRAM_MAX_GAMMA = 0.999
+# The randomized paths decide the rank from float32 energies of a partial basis: past this gamma their rounding
+# (~1e-7 of the total) can move k anywhere (a rank-20 G came out k = 64 at gamma 0.9999999); exact runs instead.
+RANDOMIZED_MAX_GAMMA = 0.9999
+ENERGY_SAFE = (1e-30, 1e30)  # ||G||_F^2 outside: G is scaled first (_in_safe_range)
 # The hinted path (truncated_svd's rank_hint): basis columns beyond the hint, and how small the energy left outside
 # the basis must be against the last kept direction's for the rank to stand (then it is the exact rank, or one more).
 HINT_OVERSAMPLING, HINT_RESIDUAL = 16, 0.1
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
+GRAM_SVD_MAX_ENTRY = 1e150  # its square times n <= 64 stays far inside float64
 GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
 
 
@@ -55,7 +61,7 @@ def conv_gradient_matrices(G: torch.Tensor) -> torch.Tensor:
 # ---- gram_svd ------------------------------------------------------------------------------------------------------
 
 def _check_gram_svd(G):
-    if not isinstance(G, torch.Tensor) or G.dim() != 3 or not G.is_floating_point() \
+    if not isinstance(G, torch.Tensor) or G.dim() != 3 or G.dtype not in KERNEL_FLOATS \
             or not 1 <= G.shape[-1] <= GRAM_SVD_MAX_N or G.shape[1] < 1:
         what = f"{G.dtype} of shape {tuple(G.shape)}" if isinstance(G, torch.Tensor) else type(G).__name__
         raise ValueError(f"gram_svd: G must be a floating (B, m, n) tensor with m >= 1 and 1 <= n <= "
@@ -97,6 +103,13 @@ def gram_svd(G: torch.Tensor):
     (float64 for float64 input). Singular values below 1e-7 of a matrix's largest are returned as 0, with zero U
     columns (Gram squaring cannot resolve them; float32 could not either)."""
     _check_gram_svd(G)
+    if G.numel() and not torch.compiler.is_compiling():
+        peak = float(G.abs().amax())
+        if not math.isfinite(peak):
+            raise ValueError("gram_svd: G holds NaN or Inf values")
+        if peak > GRAM_SVD_MAX_ENTRY:
+            raise ValueError(f"gram_svd: G holds entries of {peak:.3g}: its float64 Gram matrix would overflow "
+                             f"(entries must stay below {GRAM_SVD_MAX_ENTRY:g}; scale G first)")
     with annotate("semu_fast.gram_svd"):
         return torch.ops.semu_fast.gram_svd(G)
 
@@ -205,7 +218,11 @@ def _randomized(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min
     if not found.converged:
         return None
     Ub, S, Vh = wide_svd(found.B)
-    k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=True, min_rank=min_rank)
+    # S is the whole spectrum only when the basis spans all p directions; otherwise a rank this S cannot settle
+    # (its rounding differs from the range finder's) goes to the exact SVD.
+    k = rank_from_partial_spectrum(S, total, gamma, rank_rule, complete=found.U.shape[1] >= p, min_rank=min_rank)
+    if k is None:
+        return None
     return _from_basis(found.U, Ub, S, Vh, k, total, transpose)
 
 
@@ -253,7 +270,7 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     Returns TruncatedSVD: U (..., m, k), S (..., k), Vh (..., k, n) in the compute dtype, with .ranks per matrix.
     method: "exact" (torch.linalg.svd); "gram" (2-D: the eigendecomposition of the smaller Gram matrix, for
     gamma <= GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel, other batches exact); "randomized" (adaptive
-    range finder, 2-D only; exact on flat spectra); "auto": batches with n <= 64 take gram_svd, other batches exact;
+    range finder, 2-D only, gamma <= RANDOMIZED_MAX_GAMMA; exact on flat spectra or past that gamma); "auto": batches with n <= 64 take gram_svd, other batches exact;
     a 2-D G with min(m, n) >= 256 takes the randomized path with its basis capped where it would cost more than the
     cheaper of gram and exact, then that one (costs measured on this device, semu_fast.ops.svd_plan); a smaller one
     the exact SVD. generator seeds the randomized path (same
@@ -299,26 +316,60 @@ def _hint_width(shape, rank_hint: Optional[int]) -> Optional[int]:
 def auto_plan(shape, device: torch.device, gamma: float, rank_hint: Optional[int] = None) -> svd_plan.Plan:
     """The plan truncated_svd(method="auto") follows for a nonzero 2-D G of `shape` (each side at least
     RANDOMIZED_MIN_DIM) on `device`, with this gamma and rank_hint."""
-    return svd_plan.plan(shape, device, _gram_ok(shape, gamma), rank_hint=_hint_width(shape, rank_hint))
+    plan = svd_plan.plan(shape, device, _gram_ok(shape, gamma), rank_hint=_hint_width(shape, rank_hint))
+    return plan if gamma <= RANDOMIZED_MAX_GAMMA else dataclasses.replace(plan, max_rank=0, hinted=False)
+
+
+def _energy(G: torch.Tensor) -> float:
+    # Row norms, then a float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on
+    # 4096 x 11008.
+    return float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
+
+
+def _in_safe_range(G: torch.Tensor):
+    """(G times a power of two, that power, ||.||_F^2 of the scaled G). The scale is 1 unless G's energy leaves
+    [1e-30, 1e30], where float32 squares and Gram products overflow or underflow (a finite G of 1e20 entries read as
+    Inf, one of 1e-30 entries as 0): then G's largest entry is brought into [0.5, 1). Ranks are scale-free and a
+    power of two scales exactly; NaN or Inf in G is a ValueError."""
+    total = _energy(G)
+    if ENERGY_SAFE[0] < total < ENERGY_SAFE[1]:
+        return G, 1.0, total
+    peak = float(G.abs().amax()) if G.numel() else 0.0
+    if not math.isfinite(peak):
+        raise ValueError("G holds NaN or Inf values")
+    if peak == 0:
+        return G, 1.0, 0.0
+    scale = 2.0 ** -math.frexp(peak)[1]
+    return G * scale, scale, _energy(G * scale)
+
+
+def _rescaled(result: TruncatedSVD, scale: float) -> TruncatedSVD:
+    """A result computed on G * scale, for G."""
+    if scale == 1.0:
+        return result
+    U, S, Vh = result
+    return TruncatedSVD(U, S / scale, Vh, result.ranks, result.total_energy / scale ** 2,
+                        result.captured_energy / scale ** 2)
 
 
 def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=None) -> TruncatedSVD:
-    # One reduction both checks for NaN/Inf (they reach the sum) and gives the total variance. Row norms, then a
-    # float64 sum: as fast as a plain fp32 norm, whose single accumulator loses ~1e-2 relative on 4096 x 11008.
-    total = float(torch.linalg.vector_norm(G, dim=-1).double().square().sum()) if G.numel() else 0.0
-    if not math.isfinite(total):
-        raise ValueError("G holds NaN or Inf values")
+    G, scale, total = _in_safe_range(G)
+    return _rescaled(_truncated_svd_of_safe(G, total, gamma, rank_rule, min_rank, method, generator, rank_hint),
+                     scale)
+
+
+def _truncated_svd_of_safe(G, total, gamma, rank_rule, min_rank, method, generator, rank_hint) -> TruncatedSVD:
     if G.dim() == 3:  # a batch: the gram_svd kernel where its n fits (and the matrices are not empty), else exact
         if method in ("auto", "gram") and 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1:
             return _truncate(*gram_svd(G), gamma, rank_rule, min_rank)
         return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     result = None
     gram_ok = _gram_ok(G.shape, gamma)
-    if method == "gram" and not gram_ok:
+    if method == "gram" and not gram_ok and min(G.shape) > 0:  # an empty G needs no path: exact returns it
         raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
-    fallback = {"gram": "gram", "randomized": "exact", "exact": "exact"}.get(method)
+    fallback = {"gram": "gram" if gram_ok else "exact", "randomized": "exact", "exact": "exact"}.get(method)
     hinted = _hint_width(G.shape, rank_hint) is not None and total > 0
-    if method == "randomized":
+    if method == "randomized" and gamma <= RANDOMIZED_MAX_GAMMA:
         if hinted:
             result = _hinted(G, total, gamma, rank_rule, min_rank, generator, rank_hint)
         if result is None:
