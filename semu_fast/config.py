@@ -10,7 +10,7 @@ from .ops.project import PROJECTIONS
 from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES, check_min_rank
 
 CONV_RANKS = ("max", "per_channel")
-NORM_MODES = ("eval", "train")
+NORM_MODES = ("eval", "train", "eval_all")
 
 
 def _check_patterns(name: str, value) -> Optional[tuple]:
@@ -45,10 +45,11 @@ class SEMUConfig:
         the gram_svd kernel), "exact", "gram", "randomized" (see sf.ops.truncated_svd).
     norm_mode: "eval" keeps norm layers' running statistics untouched (and dropout in the mode the model was left
         in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
-        statistics on the forget data, as the official code does.
-    train_norm_mode: the same choice while R trains; None (the default) means norm_mode. The official
-        classification run takes its gradients in train mode but trains R with norms and dropout in eval mode
-        (norm_mode="train", train_norm_mode="eval").
+        statistics on the forget data, as the official classification code does; "eval_all" puts the whole model
+        in eval mode, dropout off too, as the official DDPM/SD gradient passes (model.eval()) do.
+    train_norm_mode: the same choice while R trains; None (the default) means norm_mode. The official runs train R
+        with the whole model in eval mode (train_norm_mode="eval_all"); the classification run takes its gradients
+        in train mode (norm_mode="train").
     grad_clip: clip each forget batch's gradient (its total norm over the targeted layers) to this before it joins
         the sum, as the official DDPM/SD gradient pass does with clip_grad_norm_(1.0); None (default): no clipping.
     seed: seeds every random choice (randomized SVD, random labels); in [0, 2**63).

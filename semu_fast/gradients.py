@@ -22,9 +22,13 @@ DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
 
 
 def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
-    """model.train() as the official code does for norm_mode == "train"; for "eval" (the default) norm layers stay
-    in eval mode and dropout layers in the mode the user left them, so an eval-mode model gives the same gradients
-    (and ranks) on every run."""
+    """model.train() as the official classification code does for norm_mode == "train"; model.eval() for
+    "eval_all" (the official DDPM/SD gradient passes and every official training phase); for "eval" (the default)
+    norm layers stay in eval mode and dropout layers in the mode the user left them, so an eval-mode model gives the
+    same gradients (and ranks) on every run."""
+    if norm_mode == "eval_all":
+        model.eval()
+        return
     dropout = {m: m.training for m in model.modules() if isinstance(m, DROPOUT_TYPES)}
     model.train()
     if norm_mode == "eval":

@@ -8,6 +8,7 @@ official SEMU code draws them: class y + 1 is then twice as likely as any other)
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -54,26 +55,39 @@ def random_labels(targets: torch.Tensor, num_classes: int, generator: torch.Gene
     return torch.where(drawn == targets, (drawn + 1) % num_classes, drawn)
 
 
-def random_label_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "uniform_other") -> torch.Tensor:
+def _label_classes(logits: torch.Tensor, label_classes: Optional[int]) -> int:
+    """How many classes random labels are drawn from: the first label_classes of the model's outputs (all of them
+    when None or fewer)."""
+    return logits.shape[-1] if label_classes is None else min(label_classes, logits.shape[-1])
+
+
+def random_label_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "uniform_other",
+                      label_classes: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy against a random label that differs from the true one (SalUn's RL, as SEMU trains), drawn by
-    `rule` (see LABEL_RULES)."""
+    `rule` (see LABEL_RULES) from the first `label_classes` classes (None: every output; the official code draws
+    from its --num_classes, 10 unless given, also for CIFAR-100)."""
     inputs, targets = split_batch(batch, "the random-label loss")
     device = model_device(model)
     logits = model(inputs.to(device))
-    return F.cross_entropy(logits, random_labels(targets, logits.shape[-1], generator, rule).to(device))
+    labels = random_labels(targets, _label_classes(logits, label_classes), generator, rule)
+    return F.cross_entropy(logits, labels.to(device))
 
 
-def random_label_loss_for(rule: str):
-    """random_label_loss drawing by `rule`, in the training-loss signature."""
-    return random_label_loss if rule == "uniform_other" else functools.partial(random_label_loss, rule=rule)
+def random_label_loss_for(rule: str, label_classes: Optional[int] = None):
+    """random_label_loss drawing by `rule` from `label_classes` classes, in the training-loss signature."""
+    if rule == "uniform_other" and label_classes is None:
+        return random_label_loss
+    return functools.partial(random_label_loss, rule=rule, label_classes=label_classes)
 
 
-def mixed_batch_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "official") -> torch.Tensor:
+def mixed_batch_loss(model: nn.Module, batch, generator: torch.Generator, rule: str = "official",
+                     label_classes: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy on a mixed batch (inputs, targets, is_forget): forget samples against random labels drawn by
-    `rule`, retain samples against their true labels (the official retain variant's shuffled union)."""
+    `rule` from `label_classes` classes, retain samples against their true labels (the official retain variant's
+    shuffled union)."""
     inputs, targets, is_forget = batch
     device = model_device(model)
     logits = model(inputs.to(device))
-    drawn = random_labels(targets, logits.shape[-1], generator, rule)
+    drawn = random_labels(targets, _label_classes(logits, label_classes), generator, rule)
     labels = torch.where(is_forget.cpu().bool(), drawn, targets.cpu())
     return F.cross_entropy(logits, labels.to(device))

@@ -33,7 +33,7 @@ class Preset:
 
 
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
-                       "weight_decay", "select_best", "patience", "min_delta", "label_rule", "retain_mode",
+                       "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes", "retain_mode",
                        "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
                        "distributed", "process_group")
 
@@ -42,29 +42,30 @@ PRESETS = {
     "official-classification": Preset(
         target="semu_fast.unlearn",
         config={"gamma": 0.95, "projection": "official", "rank_rule": "official", "conv_rank": "max",
-                "svd": "exact", "norm_mode": "train", "train_norm_mode": "eval"},
+                "svd": "exact", "norm_mode": "train", "train_norm_mode": "eval_all"},
         kwargs={"optimizer": "sgd", "lr": 1e-5, "epochs": 10, "momentum": 0.9, "weight_decay": 5e-4,
-                "label_rule": "official", "retain_mode": "score", "select_best": False, "patience": 2,
+                "label_rule": "official", "label_classes": 10, "retain_mode": "score", "select_best": False, "patience": 2,
                 "min_delta": 0.01},
         accepts=_UNLEARN_PARAMETERS,
         source="Classification/README.md (example run), arg_parser.py (momentum, weight decay, batch 256), "
-               "unlearn/own_SVD.py (labels, train_phase), unlearn/own/impl.py (SGD, EarlyExit), "
+               "unlearn/own_SVD.py (labels, from --num_classes: 10 unless given, train_phase), unlearn/own/impl.py (SGD, EarlyExit), "
                "unlearn/own/transform_model.py (model.train() gradient pass)"),
     # DDPM/train.py --mode generate_svd then --mode semu_unlearn --method rl, with the README's flags and
-    # configs/cifar10_semu_unlearn.yml (batch 64 is the forget loader's).
+    # configs/cifar10_semu_unlearn.yml (batch 64 is the forget loader's). That mode trains on the forget loss alone
+    # (it ignores --alpha): alpha 0. Its retain variant, --mode semu_unlearn_retrain, adds 1e-3 x the remain loss.
     "official-ddpm": Preset(
         target="semu_fast.workflows.diffusion.unlearn_ddpm",
         config={"projection": "official", "rank_rule": "official", "min_rank": 0, "svd": "exact",
-                "grad_clip": 1.0},
+                "grad_clip": 1.0, "norm_mode": "eval_all"},
         kwargs={"gamma": 0.95, "attention_gamma": 1.0, "attention_layout": "per_column", "lr": 1e-3, "steps": 1000,
-                "alpha": 1e-3, "guidance": 2.0, "target": "next", "cond_dropout": 0.1, "reduction": "sum",
+                "alpha": 0.0, "guidance": 2.0, "target": "next", "cond_dropout": 0.1, "reduction": "sum",
                 "max_grad_norm": 1.0},
         accepts=("num_classes", "alpha", "gamma", "attention_gamma", "attention_layout", "lr", "steps", "epochs",
                  "seed", "progress", "antithetic", "guidance", "target", "cond_dropout", "reduction",
                  # sf.unlearn's, through unlearn_ddpm's **unlearn_kwargs (not those it sets itself)
                  "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
                  "distributed", "process_group"),
-        source="DDPM/README.md (flags), train.py (cond_scale 2, alpha), configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
+        source="DDPM/README.md (flags), train.py (cond_scale 2, alpha for semu_unlearn_retrain only), configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
                "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
                "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
         config_key="semu_options"),
@@ -73,7 +74,8 @@ PRESETS = {
     # Classification and DDPM READMEs pass it (projection="none" is the script's default without the flag).
     "official-sd": Preset(
         target="semu_fast.workflows.stable_diffusion.unlearn_sd",
-        config={"projection": "official", "rank_rule": "official", "min_rank": 0, "svd": "exact"},
+        config={"projection": "official", "rank_rule": "official", "min_rank": 0, "svd": "exact",
+                "norm_mode": "eval_all"},
         kwargs={"preset": "all", "gamma": 0.95, "attention_gamma": None, "gradient_guidance": 7.5, "lr": 1e-5,
                 "epochs": 5, "batch_size": 8, "shuffle": False},
         accepts=("preset", "gamma", "attention_gamma", "gradient_guidance", "lr", "epochs", "batch_size", "shuffle",

@@ -247,14 +247,17 @@ def _loader_generators(*loaders) -> list:
     return list(found.values())
 
 
-def _check_stopping(patience, min_delta, label_rule, train_loss_fn) -> None:
+def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn) -> None:
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive int or None, got {patience!r}")
     check_number("min_delta", min_delta, positive=False)
     check_choice("label_rule", label_rule, LABEL_RULES)
-    if label_rule != "uniform_other" and train_loss_fn is not None:
-        raise ValueError("label_rule applies to the built-in random-label loss: with a train_loss_fn, draw the "
-                         "labels there")
+    if label_classes is not None and (isinstance(label_classes, bool) or not isinstance(label_classes, int)
+                                      or label_classes < 2):
+        raise ValueError(f"label_classes must be an int >= 2 or None, got {label_classes!r}")
+    if (label_rule != "uniform_other" or label_classes is not None) and train_loss_fn is not None:
+        raise ValueError("label_rule and label_classes apply to the built-in random-label loss: with a "
+                         "train_loss_fn, draw the labels there")
 
 
 class _Undo:
@@ -285,7 +288,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             optimizer: str = "adam", lr: float = 5e-3,
             epochs: int = 15, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
             patience: Optional[int] = None, min_delta: float = 0.0, label_rule: str = "uniform_other",
-            retain_mode: str = "interleave", max_grad_norm: Optional[float] = None,
+            label_classes: Optional[int] = None, retain_mode: str = "interleave", max_grad_norm: Optional[float] = None,
             progress: bool = True, on_epoch=None, checkpoint_dir=None,
             checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
             process_group=None) -> tuple[SEMUModel, SEMUReport]:
@@ -295,7 +298,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget
     loss while training R (generator: a CPU torch.Generator seeded by config.seed; draw on the CPU, then move);
     None means cross-entropy against random labels != the true ones, drawn by label_rule ("uniform_other" or
-    "official", see sf.losses). retain_loss_fn, same signature, for retain batches; None means
+    "official", see sf.losses) from the first label_classes classes (None: all of the model's outputs; the
+    official code draws from its --num_classes, 10 unless given, also on CIFAR-100). retain_loss_fn, same signature, for retain batches; None means
     cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches alternate),
     "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
     forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for
@@ -329,7 +333,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     for name, fn in (("train_loss_fn", train_loss_fn), ("retain_loss_fn", retain_loss_fn)):
         check_callable(name, fn, "(model, batch, generator) -> scalar")
     check_callable("on_epoch", on_epoch, "(epoch, semu_model) -> dict or None")
-    _check_stopping(patience, min_delta, label_rule, train_loss_fn)
+    _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn)
     check_number("max_grad_norm", max_grad_norm, optional=True)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
@@ -342,7 +346,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
                     "layers": {name: fingerprint(layer.weight) for name, layer in layers.items()}}
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
-        "label_rule": label_rule, "retain_mode": retain_mode, "max_grad_norm": max_grad_norm,
+        "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode, "max_grad_norm": max_grad_norm,
         "select_best": select_best, "patience": patience, "min_delta": min_delta,
         "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
@@ -359,7 +363,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         _train(semu_model, saved, forget_loader, retain_loader, checkpoint, group, config,
                train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn, optimizer=optimizer, lr=lr,
                epochs=epochs, momentum=momentum, weight_decay=weight_decay, select_best=select_best,
-               patience=patience, min_delta=min_delta, label_rule=label_rule, retain_mode=retain_mode,
+               patience=patience, min_delta=min_delta, label_rule=label_rule, label_classes=label_classes,
+               retain_mode=retain_mode,
                max_grad_norm=max_grad_norm, progress=progress, on_epoch=on_epoch)
     except BaseException:
         undo(semu_model)  # the model as it came in, whatever failed (Ctrl-C included)
@@ -369,7 +374,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
 
 def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoint, group, config, *, train_loss_fn,
            retain_loss_fn, optimizer, lr, epochs, momentum, weight_decay, select_best, patience, min_delta,
-           label_rule, retain_mode, max_grad_norm, progress, on_epoch) -> None:
+           label_rule, label_classes, retain_mode, max_grad_norm, progress, on_epoch) -> None:
     """Train R (see unlearn); the outcome goes to semu_model.report.training."""
     report = semu_model.report
     params = semu_model.trainable_parameters()
@@ -380,9 +385,9 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         return
     opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    losses = {"forget": train_loss_fn or random_label_loss_for(label_rule),
+    losses = {"forget": train_loss_fn or random_label_loss_for(label_rule, label_classes),
               "retain": retain_loss_fn or true_label_loss,
-              "mixed": functools.partial(mixed_batch_loss, rule=label_rule)}
+              "mixed": functools.partial(mixed_batch_loss, rule=label_rule, label_classes=label_classes)}
     trainer = _Trainer(semu_model, opt, generator, losses, checkpoint, group, min_delta, max_grad_norm,
                        (forget_loader, retain_loader))
     if saved is not None:

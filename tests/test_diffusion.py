@@ -732,5 +732,5 @@ def test_cli_unlearn_ddpm_official_preset(tmp_path):
                 "--train-steps", "2", "--classifier", str(tmp_path / "clf.pt"), "--steps", "2",
                 "--samples-per-class", "1", "--inference-steps", "2", "--out", str(out), "--quiet"]) == 0
     used = json.loads((out / "metrics.json").read_text())["metrics"]["semu_settings"]
-    assert used["steps"] == 2 and used["target"] == "next" and used["guidance"] == 2.0 and used["alpha"] == 1e-3
+    assert used["steps"] == 2 and used["target"] == "next" and used["guidance"] == 2.0 and used["alpha"] == 0.0
     assert used["semu_options"]["min_rank"] == 0 and used["semu_options"]["grad_clip"] == 1.0

@@ -2,6 +2,7 @@
 written here (not our code path), and the training switches they rely on (label rule, retain modes, early exit,
 norm modes) checked on their own."""
 import copy
+import dataclasses
 import inspect
 
 import pytest
@@ -224,9 +225,38 @@ def test_min_delta_and_label_rule_are_checked():
     for bad in (-0.1, float("nan"), True):
         with pytest.raises(ValueError, match="min_delta must be"):
             sf.unlearn(small_cnn(), forget, min_delta=bad, progress=False)
-    with pytest.raises(ValueError, match="label_rule applies to the built-in"):
+    with pytest.raises(ValueError, match="label_rule and label_classes apply to the built-in"):
         sf.unlearn(small_cnn(), forget, label_rule="official", train_loss_fn=losses.random_label_loss,
                    progress=False)
+    for bad in (1, 2.0, True, "10"):
+        with pytest.raises(ValueError, match="label_classes must be an int >= 2 or None"):
+            sf.unlearn(small_cnn(), forget, label_classes=bad, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["forget", "mixed"])
+def test_label_classes_draws_random_labels_from_the_first_classes_as_the_official_num_classes(mode):
+    """The official code draws from its --num_classes, 10 unless given: on CIFAR-100 every label is in 0..9."""
+    drawn = []
+    real_random_labels = losses.random_labels
+
+    def spy(targets, num_classes, generator, rule="uniform_other"):
+        labels = real_random_labels(targets, num_classes, generator, rule)
+        drawn.append((num_classes, labels))
+        return labels
+
+    model = small_cnn(num_classes=5)
+    x, y = torch.randn(40, 3, 6, 6), torch.arange(40) % 5
+    batch = (x, y) if mode == "forget" else (x, y, torch.ones(40, dtype=torch.bool))
+    loss = losses.random_label_loss if mode == "forget" else losses.mixed_batch_loss
+    gen = torch.Generator().manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(losses, "random_labels", spy)
+        loss(model, batch, gen, rule="official", label_classes=3)
+        loss(model, batch, gen, rule="official", label_classes=10)  # more than the model has: all of its outputs
+        loss(model, batch, gen, rule="official")
+    assert [n for n, _ in drawn] == [3, 5, 5]
+    assert drawn[0][1].max() <= 2 and (drawn[0][1] != y).all()
+    assert sf.preset("official-classification")["label_classes"] == 10
 
 
 def test_train_norm_mode_separates_the_two_phases():
@@ -241,6 +271,26 @@ def test_train_norm_mode_separates_the_two_phases():
     assert grad_pass == [True, True] and training == [False, False]
     assert not torch.equal(model[1].running_mean, before)  # moved in the gradient pass, as the official code does
     assert sf.SEMUConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["official-classification", "official-ddpm", "official-sd"])
+def test_official_presets_train_r_with_dropout_off_whatever_mode_the_model_was_left_in(name):
+    """The official train phase puts every module but the adapted layers in eval mode, and the DDPM/SD gradient
+    passes run under model.eval(): a model left in train mode trained R (and took its DDPM/SD gradients) with dropout
+    on."""
+    config = sf.preset(name)["config" if name == "official-classification" else "semu_options"]
+    config = config if isinstance(config, sf.SEMUConfig) else sf.SEMUConfig(**config)
+    assert (config.train_norm_mode or config.norm_mode) == "eval_all"
+    assert config.norm_mode == ("train" if name == "official-classification" else "eval_all")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    model.train()
+    seen = []
+    model[2].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    forget = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+    sf.unlearn(model, forget, config=dataclasses.replace(config, svd="auto"), epochs=1, progress=False,
+               select_best=False)
+    grad_pass, training = seen[:2], seen[2:4]
+    assert training == [False, False] and grad_pass == [config.norm_mode == "train"] * 2
 
 
 def _salun_split_as_written(targets, test_targets, forget_class, num_forget, seed):
@@ -598,7 +648,8 @@ def test_official_sd_preset_reproduces_the_official_loop(tmp_path):
 def test_official_sd_preset_routes_overrides_to_unlearn_sd():
     kwargs = sf.preset("official-sd", preset="xattn", projection="none", retain_weight=0.1, lr=2e-5)
     assert kwargs["preset"] == "xattn" and kwargs["lr"] == 2e-5 and kwargs["retain_weight"] == 0.1
-    assert kwargs["semu_options"] == {"projection": "none", "rank_rule": "official", "min_rank": 0, "svd": "exact"}
+    assert kwargs["semu_options"] == {"projection": "none", "rank_rule": "official", "min_rank": 0, "svd": "exact",
+                                     "norm_mode": "eval_all"}
     assert kwargs["shuffle"] is False and kwargs["gradient_guidance"] == 7.5 and kwargs["batch_size"] == 8
     with pytest.raises(ValueError, match="retain_prompts is neither a SEMUConfig field nor a parameter"):
         sf.preset("official-sd", retain_prompts=["a dog"])  # data, not a setting: passed to unlearn_sd itself
