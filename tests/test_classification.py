@@ -225,6 +225,8 @@ def test_bad_checkpoints_are_rejected(tmp_path):
 
 def test_build_model_knows_torchvision_names_and_refuses_others():
     assert models.build_model("resnet18", 7).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 7)
+    for dataset, mean in (("cifar10", 0.4914), ("cifar100", 0.5071), ("imagefolder", 0.4914)):  # SalUn's statistics
+        assert models.build_model("resnet18-cifar", 100, 3, dataset).normalize.mean[0] == torch.tensor(mean)
     with pytest.raises(ValueError, match="arch must be"):
         models.build_model("no-such-net", 10)
     with pytest.raises(ValueError, match="arch 'resnet18-cifar' takes 3-channel images, the data has 1"):

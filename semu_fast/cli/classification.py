@@ -82,7 +82,7 @@ def run_unlearn(args, parser) -> int:
     retrain_fn = None
     if args.retrain_checkpoint is not None:
         retrain_fn = lambda: C.load_checkpoint(C.build_model(scenario["arch"], task.num_classes,  # noqa: E731
-                                                             task.in_channels).to(args.device),
+                                                             task.in_channels, task.name).to(args.device),
                                                args.retrain_checkpoint)
     elif retrain:
         retrain_fn = lambda: C.train_model(task, scenario["arch"], split.retain, args.seed,  # noqa: E731

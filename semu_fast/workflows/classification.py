@@ -202,7 +202,7 @@ def train_model(task: Task, arch: str, indices: Optional[torch.Tensor] = None, s
     """A fresh `arch` trained with the task's recipe on its train set (or the train samples at `indices`), on
     `device` (default: the CPU)."""
     torch.manual_seed(seed)  # the initial weights, drawn on the CPU whatever the device
-    model = build_model(arch, task.num_classes, task.in_channels)
+    model = build_model(arch, task.num_classes, task.in_channels, task.name)
     if device is not None:
         model.to(device)
     data = task.train_set if indices is None else Subset(task.train_set, indices.tolist())
@@ -220,7 +220,7 @@ def original_model(task: Task, arch: Optional[str] = None, checkpoint=None, cach
     arch = arch or task.default_arch
 
     def build():
-        model = build_model(arch, task.num_classes, task.in_channels)
+        model = build_model(arch, task.num_classes, task.in_channels, task.name)
         return model if device is None else model.to(device)
 
     if checkpoint is not None:

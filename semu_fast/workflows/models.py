@@ -10,6 +10,7 @@ import torch.nn as nn
 from .digits import digits_cnn
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # SalUn's (utils.py)
 
 
 class Normalize(nn.Module):
@@ -42,8 +43,10 @@ def resnet18_cifar(num_classes: int = 10, mean=CIFAR_MEAN, std=CIFAR_STD) -> nn.
     return CifarResNet18()
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """"digits-cnn", "resnet18-cifar", or any torchvision classification model name (e.g. "resnet50")."""
+def build_model(arch: str, num_classes: int, in_channels: int = 3, dataset: str = "cifar10") -> nn.Module:
+    """"digits-cnn", "resnet18-cifar", or any torchvision classification model name (e.g. "resnet50").
+    dataset: whose channel statistics resnet18-cifar normalises by (CIFAR-100's for "cifar100", else CIFAR-10's,
+    as SalUn's models)."""
     if arch == "digits-cnn":
         if in_channels != 1:
             raise ValueError(f"arch 'digits-cnn' takes 1-channel 8x8 images, the data has {in_channels} channels")
@@ -58,7 +61,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise ValueError(f"arch {arch!r} takes 3-channel images, the data has {in_channels} channel(s) (digits: "
                          f"'digits-cnn')")
     if arch == "resnet18-cifar":
-        return resnet18_cifar(num_classes)
+        return resnet18_cifar(num_classes, *((CIFAR100_MEAN, CIFAR100_STD) if dataset == "cifar100" else ()))
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
