@@ -33,7 +33,8 @@ class Preset:
 
 
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
-                       "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes", "retain_mode",
+                       "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes",
+                       "retain_mode",
                        "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
                        "distributed", "process_group")
 
@@ -44,11 +45,13 @@ PRESETS = {
         config={"gamma": 0.95, "projection": "official", "rank_rule": "official", "conv_rank": "max",
                 "svd": "exact", "norm_mode": "train", "train_norm_mode": "eval_all"},
         kwargs={"optimizer": "sgd", "lr": 1e-5, "epochs": 10, "momentum": 0.9, "weight_decay": 5e-4,
-                "label_rule": "official", "label_classes": 10, "retain_mode": "score", "select_best": False, "patience": 2,
+                "label_rule": "official", "label_classes": 10, "retain_mode": "score", "select_best": False,
+                "patience": 2,
                 "min_delta": 0.01},
         accepts=_UNLEARN_PARAMETERS,
         source="Classification/README.md (example run), arg_parser.py (momentum, weight decay, batch 256), "
-               "unlearn/own_SVD.py (labels, from --num_classes: 10 unless given, train_phase), unlearn/own/impl.py (SGD, EarlyExit), "
+               "unlearn/own_SVD.py (labels, from --num_classes: 10 unless given, train_phase), "
+               "unlearn/own/impl.py (SGD, EarlyExit), "
                "unlearn/own/transform_model.py (model.train() gradient pass)"),
     # DDPM/train.py --mode generate_svd then --mode semu_unlearn --method rl, with the README's flags and
     # configs/cifar10_semu_unlearn.yml (batch 64 is the forget loader's). That mode trains on the forget loss alone
@@ -65,7 +68,8 @@ PRESETS = {
                  # sf.unlearn's, through unlearn_ddpm's **unlearn_kwargs (not those it sets itself)
                  "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
                  "distributed", "process_group"),
-        source="DDPM/README.md (flags), train.py (cond_scale 2, alpha for semu_unlearn_retrain only), configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
+        source="DDPM/README.md (flags), train.py (cond_scale 2, alpha for semu_unlearn_retrain only), "
+               "configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
                "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
                "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
         config_key="semu_options"),

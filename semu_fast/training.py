@@ -299,9 +299,9 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     loss while training R (generator: a CPU torch.Generator seeded by config.seed; draw on the CPU, then move);
     None means cross-entropy against random labels != the true ones, drawn by label_rule ("uniform_other" or
     "official", see sf.losses) from the first label_classes classes (None: all of the model's outputs; the
-    official code draws from its --num_classes, 10 unless given, also on CIFAR-100). retain_loss_fn, same signature, for retain batches; None means
-    cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches alternate),
-    "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
+    official code draws from its --num_classes, 10 unless given, also on CIFAR-100). retain_loss_fn, same
+    signature, for retain batches; None means cross-entropy with their true labels. retain_mode: "interleave"
+    (forget and retain batches alternate), "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
     forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for
     select_best and patience, as the official early exit reads it without training on it).
     max_grad_norm: clip the gradient of all R (total norm) to this at every step, as the official DDPM/SD training does
@@ -346,8 +346,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
                     "layers": {name: fingerprint(layer.weight) for name, layer in layers.items()}}
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
-        "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode, "max_grad_norm": max_grad_norm,
-        "select_best": select_best, "patience": patience, "min_delta": min_delta,
+        "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
+        "max_grad_norm": max_grad_norm, "select_best": select_best, "patience": patience, "min_delta": min_delta,
         "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
         **run_identity})

@@ -45,8 +45,8 @@ def _register_ddpm(subparsers) -> None:
     add_device_flag(g)
     g = ddpm.add_argument_group("SEMU")
     add_preset_flag(g, "sf.preset('official-ddpm'): its projection and rank rule without a floor, guided and "
-                    "clipped gradient pass, target class c + 1, class dropout, 1000 steps, no remain loss (--alpha 1e-3: "
-                    "its retain variant)")
+                    "clipped gradient pass, target class c + 1, class dropout, 1000 steps, no remain loss "
+                    "(--alpha 1e-3: its retain variant)")
     add_training_flags(g, gamma_default=0.95, lr=1e-3, what=", Adam")
     g.add_argument("--attention-gamma", type=gamma, default=1.0, help="gamma of the attention projections "
                    "(default 1.0, as the official DDPM code)")

@@ -62,8 +62,10 @@ def project_perpendicular_(grads, weights, mode: str = "orthogonal") -> torch.Te
     """In place: grads[i] -= c_i weights[i] (c as in project_perpendicular), for all layers in one call.
 
     grads: contiguous float32 tensors (the gradient accumulators), not overlapping; weights: same shapes, any float
-    dtype, sharing no memory with a grad (but weights[i] may be grads[i]). The reduction runs in float64. Returns the float64 energies ||grads[i]||_F^2 after the projection (the
-    total variance each layer's rank rule needs), computed in the same pass."""
+    dtype, sharing no memory with a grad (but weights[i] may be grads[i]). The reduction runs in float64. Returns
+    the float64 energies ||grads[i]||_F^2 after the projection (the total variance each layer's rank rule needs),
+    computed in the same pass.
+    """
     grads, weights = _check(grads, weights, mode)
     if not grads:  # the dispatcher cannot route a call without tensors
         return torch.empty(0, dtype=torch.float64)
