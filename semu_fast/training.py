@@ -295,15 +295,15 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     """SEMU end to end: sf.prepare, then train R for `epochs` passes over the forget set (and the retain set,
     interleaved, when given). Returns (SEMUModel, report).
 
-    loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget
-    loss while training R (generator: a CPU torch.Generator seeded by config.seed; draw on the CPU, then move);
-    None means cross-entropy against random labels != the true ones, drawn by label_rule ("uniform_other" or
-    "official", see sf.losses) from the first label_classes classes (None: all of the model's outputs; the
-    official code draws from its --num_classes, 10 unless given, also on CIFAR-100). retain_loss_fn, same
-    signature, for retain batches; None means cross-entropy with their true labels. retain_mode: "interleave"
-    (forget and retain batches alternate), "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed batches of the
-    forget loader's batch size, forget samples with random labels) or "score" (retain data only scores epochs for
-    select_best and patience, as the official early exit reads it without training on it).
+    loss_fn: the gradient-pass loss (see prepare). train_loss_fn(model, batch, generator) -> scalar: the forget loss
+    while training R (generator: a CPU torch.Generator seeded by config.seed; draw on the CPU, then move); None
+    means cross-entropy against random labels != the true ones, drawn by label_rule ("uniform_other" or "official",
+    see sf.losses) from the first label_classes classes (None: all of the model's outputs; the official code draws
+    from its --num_classes, 10 unless given, also on CIFAR-100). retain_loss_fn, same signature, for retain batches;
+    None means cross-entropy with their true labels. retain_mode: "interleave" (forget and retain batches
+    alternate), "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed
+    batches of the forget loader's batch size, forget samples with random labels) or "score" (retain data only
+    scores epochs for select_best and patience, as the official early exit reads it without training on it).
     max_grad_norm: clip the gradient of all R (total norm) to this at every step, as the official DDPM/SD training does
     with 1.0 (there the norm also counts R's entries outside each channel's kept block, whose gradients the official
     code masks after clipping; ours are zero, so where clipping acts the official steps are slightly smaller).
