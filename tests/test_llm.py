@@ -396,6 +396,19 @@ def _cli(argv):
     return main(argv)
 
 
+def test_cli_eval_names_a_missing_metrics_package_before_any_work(llm_folder, tmp_path, capsys, monkeypatch):
+    """Without rouge-score, --eval trained first and then died in evaluation with a ModuleNotFoundError."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # an import of it raises ImportError
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    with pytest.raises(SystemExit):
+        _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"), "--eval",
+              "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")])
+    assert "--eval needs the rouge_score package: pip install rouge-score" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, capsys):
     (tmp_path / "forget.txt").write_text("\n".join(random_texts(8, seed=0)) + "\n\n")
     (tmp_path / "retain.txt").write_text("\n".join(random_texts(8, seed=1)))
@@ -472,6 +485,9 @@ def _tofu_records(n, seed):
 
 def test_cli_unlearn_llm_eval_writes_tofu_metrics_before_and_after(llm_folder, tmp_path, capsys):
     from semu_fast.workflows import llm_eval
+
+    for module in ("rouge_score", "scipy", "sklearn"):  # optional: the GPU check machine has none of them
+        pytest.importorskip(module)
 
     for name, seed in (("forget", 10), ("retain", 20), ("holdout", 30), ("authors", 40)):
         llm.save_records(tmp_path / f"{name}.jsonl", _tofu_records(6, seed))

@@ -137,13 +137,16 @@ def library_error(parser, err: Exception) -> None:
     parser.error(text)
 
 
-def require(parser, *modules: str) -> None:
-    """Exit with a clear message when an optional package a command needs is missing."""
+PIP_NAMES = {"rouge_score": "rouge-score", "sklearn": "scikit-learn"}  # where the module's name is not pip's
+
+
+def require(parser, *modules: str, what: str = "this command") -> None:
+    """Exit with a clear message when an optional package `what` needs is missing (before any work)."""
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError:
-            parser.error(f"this command needs the {module} package: pip install {module}")
+            parser.error(f"{what} needs the {module} package: pip install {PIP_NAMES.get(module, module)}")
 
 
 def silence(*libraries: str) -> None:

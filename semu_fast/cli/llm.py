@@ -216,6 +216,9 @@ def run(args, parser) -> int:
     import torch
 
     require(parser, "transformers")
+    if args.eval:  # checked now, not after training: evaluate_llm imports them where it scores
+        require(parser, "rouge_score", *(["sklearn"] if args.holdout_file else []),
+                *(["scipy"] if args.reference_model else []), what="--eval")
     from .._utils import atomic_write
     from ..lora import export_lora
     from ..workflows import llm, llm_eval, results
