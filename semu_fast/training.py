@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed as distributed_setup
-from ._checks import check_callable, check_choice, check_number
+from ._checks import check_callable, check_choice, check_number, check_positive_int
 from ._utils import set_torch_rng_state, torch_rng_state
 from .checkpoint import Checkpoint
 from .config import SEMUConfig
@@ -110,21 +110,23 @@ class _Trainer:
     checkpoints save (epoch, step within it, per-step losses, history, the best R so far)."""
 
     def __init__(self, semu_model: SEMUModel, opt, generator, losses: dict, checkpoint, group, min_delta: float,
-                 max_grad_norm: Optional[float], loaders=()):
+                 max_grad_norm: Optional[float], loaders=(), max_steps: Optional[int] = None):
         """losses: {"forget", "retain", "mixed"} -> train_loss_fn, by the kind of batch. loaders: the data loaders,
-        whose shuffling generators a checkpoint keeps."""
+        whose shuffling generators a checkpoint keeps. max_steps: the steps of the whole run (None: no limit)."""
         self.model, self.opt, self.generator = semu_model, opt, generator
         self.params = semu_model.trainable_parameters()
         self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
         self.shufflers = _loader_generators(*loaders)
-        self.run = {"epoch": 0, "step": 0, "losses": [], "history": [], "best_score": None, "best_epoch": None,
-                    "best_state": None}
+        self.max_steps = max_steps
+        self.run = {"epoch": 0, "step": 0, "steps_before": 0, "losses": [], "history": [], "best_score": None,
+                    "best_epoch": None, "best_state": None}
         self.resumed_rng = None  # a checkpoint's random state, until the point it was saved at is reached again
         self.epoch_start = None  # torch's CPU state and the shufflers' where this epoch began
 
     def resume(self, state: dict) -> None:
         self.run = self.checkpoint.restore(state, self.model, self.opt, self.generator)
+        self.run.setdefault("steps_before", 0)  # a checkpoint of a run without max_steps may lack it
         saved = state.get("rng") or {}
         ranks = saved.get("ranks", [saved] if saved else [])  # one entry per rank that saved it
         rank, size = (self.group.rank, self.group.size) if self.group is not None else (0, 1)
@@ -172,6 +174,8 @@ class _Trainer:
             raise RuntimeError("R cannot train while the adapters are merged into the weights (the forward then "
                                "skips R); call unmerge_adapters() first")
         for step, (kind, batch) in enumerate(batches):
+            if self.steps_left(step) == 0:  # the run's last step is done: the epoch ends here
+                break
             if step < run["step"]:  # done before the checkpoint this run resumes from
                 continue
             self._restore_torch_rng()  # resumed mid-epoch: the random state of the step it stopped at
@@ -196,6 +200,13 @@ class _Trainer:
                 self._save()
         self._restore_torch_rng()  # resumed after the epoch's last step: every step was skipped
 
+    def steps_left(self, step: Optional[int] = None) -> Optional[int]:
+        """Steps the run may still take before step `step` of this epoch (None: after the epoch's last step);
+        None when there is no max_steps."""
+        if self.max_steps is None:
+            return None
+        return max(0, self.max_steps - self.run["steps_before"] - (self.run["step"] if step is None else step))
+
     def score_epoch(self, epoch: int, forget_loader, retain_loader, select_best: bool) -> dict:
         """Accuracies and the score (100 - forget acc + retain acc) / 2 (without retain data: 100 - forget acc);
         keeps the best epoch's R when select_best."""
@@ -217,7 +228,7 @@ class _Trainer:
         if not all(torch.isfinite(p).all() for p in self.params):
             raise FloatingPointError(f"R holds NaN or Inf after epoch {entry['epoch']}; lower lr")
         run["history"].append(entry)
-        run.update(epoch=entry["epoch"], step=0, losses=[])
+        run.update(epoch=entry["epoch"], steps_before=run["steps_before"] + run["step"], step=0, losses=[])
         if self.checkpoint.enabled:
             self._save()
 
@@ -289,6 +300,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
             epochs: int = 15, momentum: float = 0.9, weight_decay: float = 5e-4, select_best: bool = True,
             patience: Optional[int] = None, min_delta: float = 0.0, label_rule: str = "uniform_other",
             label_classes: Optional[int] = None, retain_mode: str = "interleave", max_grad_norm: Optional[float] = None,
+            max_steps: Optional[int] = None,
             progress: bool = True, on_epoch=None, checkpoint_dir=None,
             checkpoint_every: Optional[int] = None, resume: bool = True, distributed: Optional[bool] = None,
             process_group=None) -> tuple[SEMUModel, SEMUReport]:
@@ -304,9 +316,11 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     alternate), "mixed" (the official retain variant: both DataLoaders' datasets shuffled into one set of mixed
     batches of the forget loader's batch size, forget samples with random labels) or "score" (retain data only
     scores epochs for select_best and patience, as the official early exit reads it without training on it).
-    max_grad_norm: clip the gradient of all R (total norm) to this at every step, as the official DDPM/SD training does
-    with 1.0 (there the norm also counts R's entries outside each channel's kept block, whose gradients the official
-    code masks after clipping; ours are zero, so where clipping acts the official steps are slightly smaller).
+    max_steps: stop after this many optimizer steps in all, ending the epoch it falls in early (as the official DDPM
+    loop's n_iters); None: every epoch runs whole. max_grad_norm: clip the gradient of all R (total norm) to this at
+    every step, as the official DDPM/SD training does with 1.0 (there the norm also counts R's entries outside each
+    channel's kept block, whose gradients the official code masks after clipping; ours are zero, so where clipping
+    acts the official steps are slightly smaller).
     optimizer "adam" or "sgd" (with momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits
     task over 3 seeds x 10 classes (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5,
     10 epochs, momentum 0.9, weight_decay 5e-4, which barely moves R there.
@@ -335,6 +349,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     check_callable("on_epoch", on_epoch, "(epoch, semu_model) -> dict or None")
     _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn)
     check_number("max_grad_norm", max_grad_norm, optional=True)
+    if max_steps is not None:
+        check_positive_int("max_steps", max_steps)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)
@@ -347,7 +363,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
         "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
-        "max_grad_norm": max_grad_norm, "select_best": select_best, "patience": patience, "min_delta": min_delta,
+        "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience, "min_delta": min_delta,
         "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
         **run_identity})
@@ -364,8 +380,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
                train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn, optimizer=optimizer, lr=lr,
                epochs=epochs, momentum=momentum, weight_decay=weight_decay, select_best=select_best,
                patience=patience, min_delta=min_delta, label_rule=label_rule, label_classes=label_classes,
-               retain_mode=retain_mode,
-               max_grad_norm=max_grad_norm, progress=progress, on_epoch=on_epoch)
+               retain_mode=retain_mode, max_grad_norm=max_grad_norm, max_steps=max_steps, progress=progress,
+               on_epoch=on_epoch)
     except BaseException:
         undo(semu_model)  # the model as it came in, whatever failed (Ctrl-C included)
         raise
@@ -374,7 +390,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
 
 def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoint, group, config, *, train_loss_fn,
            retain_loss_fn, optimizer, lr, epochs, momentum, weight_decay, select_best, patience, min_delta,
-           label_rule, label_classes, retain_mode, max_grad_norm, progress, on_epoch) -> None:
+           label_rule, label_classes, retain_mode, max_grad_norm, max_steps, progress, on_epoch) -> None:
     """Train R (see unlearn); the outcome goes to semu_model.report.training."""
     report = semu_model.report
     params = semu_model.trainable_parameters()
@@ -389,7 +405,7 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
               "retain": retain_loss_fn or true_label_loss,
               "mixed": functools.partial(mixed_batch_loss, rule=label_rule, label_classes=label_classes)}
     trainer = _Trainer(semu_model, opt, generator, losses, checkpoint, group, min_delta, max_grad_norm,
-                       (forget_loader, retain_loader))
+                       (forget_loader, retain_loader), max_steps)
     if saved is not None:
         trainer.resume(saved)
     classify = train_loss_fn is None
@@ -397,6 +413,8 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
     bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", unit="epoch",
                disable=not progress)
     for epoch in bar:
+        if trainer.run["step"] == 0 and trainer.steps_left() == 0:  # max_steps reached at an epoch's end
+            break
         set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
         trainer.begin_epoch()
         if retain_mode == "mixed":

@@ -50,6 +50,20 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
     assert resumed_report.training["best_epoch"] == expected_report.training["best_epoch"]
 
 
+@pytest.mark.parametrize("budget", [8, 16, 20])  # epoch 1 step 5, epoch 2 step 1, epoch 2's scoring
+def test_a_run_with_max_steps_resumes_exactly_and_stops_at_the_same_step(tmp_path, budget):
+    expected_model, expected_report = _unlearn(max_steps=8)  # 6 steps a pass (forget and retain interleaved)
+    assert expected_report.training["epochs"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        _unlearn(tmp_path, budget, max_steps=8)
+    resumed_model, resumed_report = _unlearn(tmp_path, max_steps=8)
+    expected, got = _state(expected_model), _state(resumed_model)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert resumed_report.training["history"] == expected_report.training["history"]
+    with pytest.raises(ValueError, match="max_steps differ"):  # a checkpoint of another length is another run
+        _unlearn(tmp_path, max_steps=9)
+
+
 @pytest.mark.parametrize("every, shuffle", [(1, "generator"), (None, "generator"), (1, "batch sampler"),
                                             (1, "unseeded")])
 def test_resume_is_exact_with_dropout_and_a_shuffle(tmp_path, every, shuffle):

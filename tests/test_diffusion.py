@@ -191,6 +191,25 @@ def test_unlearn_ddpm_lowers_the_forget_loss():
     assert measure(semu_model) < 0.5 * start
 
 
+def test_unlearn_ddpm_takes_exactly_steps_optimizer_steps(monkeypatch):
+    """The official loop cycles its loader for n_iters steps: 4 steps over 3 batches are 4, not 6."""
+    seen = {}
+    real = D.unlearn
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "unlearn", spy)
+    calls = []
+    loss = D.ddpm_forget_loss
+    monkeypatch.setattr(D, "ddpm_forget_loss", lambda *a, **k: (lambda f: lambda *b: (calls.append(1), f(*b))[1])(
+        loss(*a, **k)))
+    _, report, _ = D.unlearn_ddpm(tiny_unet(1), scheduler(), batches(1, 3, 2), 1, num_classes=NUM_CLASSES, steps=4,
+                                  progress=False)
+    assert seen["max_steps"] == 4 and seen["epochs"] == 2 and len(calls) == 4 and report.training["epochs"] == 2
+
+
 def test_unlearn_ddpm_argument_errors():
     with pytest.raises(ValueError, match="steps or epochs"):
         D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1, steps=1, epochs=1, progress=False)

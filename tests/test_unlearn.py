@@ -166,3 +166,18 @@ def test_on_epoch_can_stop_training():
     assert seen == [1, 2] and report.training["epochs"] == 2
     assert all("stop" not in entry for entry in report.training["history"])
     assert report.training["history"][-1]["marker"] == 2.0
+
+
+def test_max_steps_ends_the_run_mid_epoch_after_exactly_that_many_steps():
+    calls = []
+
+    def loss(model, batch, generator):
+        calls.append(1)
+        return random_label_loss(model, batch, generator)
+
+    _, report = sf.unlearn(small_cnn(), forget_batches(), epochs=10, max_steps=5, train_loss_fn=loss,
+                           progress=False, select_best=False)
+    assert len(calls) == 5 and report.training["epochs"] == 2  # 3 batches a pass: 3 + 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps"):
+            sf.unlearn(small_cnn(), forget_batches(), max_steps=bad, progress=False)

@@ -57,8 +57,8 @@ def _register_ddpm(subparsers) -> None:
     g.add_argument("--alpha", type=non_negative, default=1.0,
                    help="weight of the remain loss (standard loss on the other classes); 0: forget loss only")
     g.add_argument("--steps", type=positive(int), default=600,
-                   help="optimizer steps, rounded up to whole passes over the forget class (default 600, measured "
-                   "on the digits DDPM; official and unlearn_ddpm's default: 1000)")
+                   help="optimizer steps, cycling over the forget class (default 600, measured on the digits "
+                   "DDPM; official and unlearn_ddpm's default: 1000)")
     g.add_argument("--batch-size", type=positive(int), default=64)
     g = ddpm.add_argument_group("evaluation")
     g.add_argument("--samples-per-class", type=positive(int), default=50)

@@ -247,8 +247,8 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     forget_loader: (x0, labels) batches of the classes to forget, x0 in the model's range. remain_loader: batches
     of the other classes; when given, each step adds alpha * their standard loss. num_classes: the real classes
     (default unet.config.num_class_embeds; pass it when the embedding has an extra null-class row). Training length:
-    `steps` optimizer steps (rounded up to whole passes over forget_loader) or `epochs` passes; neither means the
-    official 1000 steps. attention_layout: "per_column" (default, the official UNet's 1x1-conv attention) or
+    `steps` optimizer steps (passes over forget_loader, the last one cut short, as the official loop cycles its
+    loader) or `epochs` passes; neither means the official 1000 steps. attention_layout: "per_column" (default, the official UNet's 1x1-conv attention) or
     "matrix" (see ddpm_config). config: a full SEMUConfig instead of gamma/attention_gamma/attention_layout/seed;
     semu_options: other SEMUConfig fields for ddpm_config (e.g. rank_rule, min_rank, grad_clip).
 
@@ -294,12 +294,14 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
         config = dataclasses.replace(config, gamma_overrides={p: g for p, g in config.gamma_overrides.items()
                                                               if p != ATTENTION_PATTERN},
                                      per_column_modules=columns or None)
+    max_steps = None
     if epochs is None:
         try:
             batches = len(forget_loader)
         except TypeError:
             raise ValueError("forget_loader has no len(): pass epochs instead of steps") from None
-        epochs = max(1, math.ceil((1000 if steps is None else steps) / max(batches, 1)))
+        max_steps = 1000 if steps is None else steps
+        epochs = max(1, math.ceil(max_steps / max(batches, 1)))
     loader = forget_loader if remain_loader is None else _WithRemain(forget_loader, remain_loader)
     semu_model, report = unlearn(unet, loader, None, config,
                                  loss_fn=diffusion_loss(scheduler, seed=config.seed, antithetic=antithetic,
@@ -309,8 +311,8 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
                                                                 antithetic=antithetic, target=target,
                                                                 cond_dropout=cond_dropout, null_class=null_class,
                                                                 remain_reduction=reduction),
-                                 optimizer="adam", lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
-                                 progress=progress, **unlearn_kwargs)
+                                 optimizer="adam", lr=lr, epochs=epochs, max_steps=max_steps, weight_decay=0.0,
+                                 select_best=False, progress=progress, **unlearn_kwargs)
     history = report.training.get("history") or [{}]
     metrics = {"trainable_params": report.trainable_params, "trainable_share": report.trainable_share,
                "trainable_split": report.trainable_split(ATTENTION_PATTERN), "final_loss": history[-1].get("loss")}
