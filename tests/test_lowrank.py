@@ -187,6 +187,34 @@ def test_lowrank_conv2d_backward_with_factors_of_mixed_dtypes(gen):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_adapter_ops_under_autocast_compute_in_its_dtype_as_plain_layers_do(gen, op):
+    """A Trainer with bf16=True runs the model under torch.autocast: the op's GEMMs came out in bf16 one by one
+    and its in-place sum then mixed dtypes (a RuntimeError at the first step)."""
+    r = lambda *s, grad=False: torch.randn(*s, generator=gen, requires_grad=grad)  # noqa: E731
+    if op == "linear":
+        x, W, U, Vh, b = r(4, 8, grad=True), r(6, 8), r(6, 2), r(2, 8), r(6)
+        R = r(2, 2, grad=True)
+        call = lambda f, *a: f(*a)  # noqa: E731
+        fn, ref = sf.ops.lowrank_linear, lambda x, W, U, R, Vh, b: F.linear(x, W + U @ R @ Vh, b)  # noqa: E731
+    else:
+        x, W, U, Vh, b = r(2, 3, 6, 6, grad=True), r(4, 3, 3, 3), r(3, 4, 2), r(3, 2, 9), r(4)
+        R = r(3, 2, 2, grad=True)
+        call = lambda f, *a: f(*a, padding=1)  # noqa: E731
+        fn, ref = sf.ops.lowrank_conv2d, lambda x, W, U, R, Vh, b, padding: F.conv2d(  # noqa: E731
+            x, W + torch.bmm(U, torch.bmm(R, Vh)).transpose(0, 1).reshape(W.shape), b, padding=padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = call(fn, x, W, U, R, Vh, b), call(ref, x, W, U, R, Vh, b)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=5e-2)
+    y.float().square().sum().backward()
+    assert R.grad.dtype == torch.float32 and torch.isfinite(R.grad).all() and x.grad.dtype == torch.float32
+    x64 = x.detach().double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast's to cast, as for F.linear
+        assert call(fn, x64, W.double(), U.double(), R.detach().double(), Vh.double(), b.double()).dtype == \
+            torch.float64
+
+
 def test_lowrank_linear_never_forms_the_weight(gen):
     """The delta path multiplies by Vh, R and U in turn: no (out, in) tensor is ever created."""
     W, U, R, Vh, b = _linear_args(gen, 300, 200, 2, torch.float32)

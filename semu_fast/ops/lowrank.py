@@ -166,11 +166,25 @@ def _cast(dtype, *tensors):
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
+def _autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype torch.autocast would run a Linear/conv of x in (float32 x goes to autocast's dtype, others stay),
+    None when autocast is off on x's device."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if x.dtype == torch.float32 else x.dtype
+
+
 def lowrank_linear(x, weight, U, R, Vh, bias=None):
     """y = x A^T + ((x Vh^T) R^T) U^T + b, never materialising A + U R Vh (nor, in backward, an m x n gradient).
 
     x: (..., in), any strides; weight A: (out, in); U: (out, k); R: (k, k); Vh: (k, in); bias: (out,) or None.
-    Factors are cast to x's dtype; y has x's dtype. Autograd: x, R, and A, U, Vh, bias when they require grad."""
+    Factors are cast to x's dtype; y has x's dtype. Autograd: x, R, and A, U, Vh, bias when they require grad.
+    Under torch.autocast it computes in autocast's dtype, as F.linear does there."""
+    autocast = _autocast_dtype(x)
+    if autocast is not None:  # the op's own GEMMs must not be re-cast one by one (their in-place sum would mix dtypes)
+        with torch.autocast(x.device.type, enabled=False):
+            return lowrank_linear(x.to(autocast), weight, U, R, Vh, bias)
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have shape (..., in), got a 0-d tensor")
@@ -265,7 +279,11 @@ def lowrank_conv2d(x, weight, U, R, Vh, bias=None, stride=1, padding=0, dilation
     Vh: (in, k, kh*kw); bias: (out,) or None; stride/dilation ints or pairs, padding ints, pairs, "same" or
     "valid". groups must be 1 (SEMU's per-input-channel split needs all of W). Weight and bias are cast to x's
     dtype; dW is formed in float32 (float64 for float64 x). R's gradient comes from the conv's weight gradient
-    contracted with U and Vh."""
+    contracted with U and Vh. Under torch.autocast it computes in autocast's dtype, as F.conv2d does there."""
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return lowrank_conv2d(x.to(autocast), weight, U, R, Vh, bias, stride, padding, dilation, groups)
     if groups != 1:
         raise ValueError(f"groups must be 1 for the SEMU conv adapter, got {groups}")
     check_tensor("x", x, dims=(3, 4))
