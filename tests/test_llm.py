@@ -706,3 +706,93 @@ def test_default_epochs_give_about_forget_steps_steps_and_at_least_min_epochs():
     assert defaults.epochs is None and defaults.forget_steps == 180 and defaults.min_epochs == 5
     assert [defaults.epochs_for(n) for n in (1, 3, 7, 36, 37, 1000)] == [180, 60, 26, 5, 5, 5]
     assert dataclasses.replace(defaults, epochs=2).epochs_for(3) == 2
+
+
+def _save_tiny_gpt2(folder, n_positions=64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llm_helpers import VOCAB, tiny_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(VOCAB), n_positions=n_positions,
+                               bos_token_id=2, eos_token_id=3)).eval().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_refuses_before_any_work_what_would_fail_after_it(llm_folder, tmp_path, capsys):
+    """A LoRA folder mixing Conv1D and Linear layers, and a reference model of a smaller vocabulary, failed after
+    the whole run (the first leaving the previous run's lora/ beside the new results)."""
+    gpt2 = _save_tiny_gpt2(tmp_path / "gpt2")
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    base = ["unlearn-llm", "--forget-texts", str(tmp_path / "forget.txt"), "--epochs", "1", "--device", "cpu",
+            "--quiet", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        _cli([*base, "--model", str(gpt2), "--lora", "--target-modules", "c_attn", "--target-modules", "lm_head"])
+    assert "argument --lora: a peft LoRA folder takes transformers Conv1D layers" in capsys.readouterr().err
+    small = tmp_path / "small"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=20)).save_pretrained(small)
+    with pytest.raises(SystemExit):  # a folder without a tokenizer says so, before the weights load
+        _cli([*base, "--model", str(small)])
+    assert "argument --model: path: no tokenizer could be loaded from" in capsys.readouterr().err
+    tiny_tokenizer().save_pretrained(small)
+    for module in ("rouge_score", "scipy"):
+        pytest.importorskip(module)
+    (tmp_path / "forget.jsonl").write_text("\n".join(json.dumps(r) for r in _tofu_records(2, 1)))
+    with pytest.raises(SystemExit):
+        _cli([*base[:1], "--forget-file", str(tmp_path / "forget.jsonl"), *base[3:], "--model", str(llm_folder),
+              "--eval", "--reference-model", str(small)])
+    assert "argument --reference-model: its vocabulary holds 20 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_cuts_texts_at_the_model_s_positions_and_unlearn_llm_names_them(tmp_path, caplog):
+    """Sequences past the model's context died in the position embedding with an IndexError."""
+    gpt2 = _save_tiny_gpt2(tmp_path / "gpt2", n_positions=16)
+    (tmp_path / "forget.txt").write_text("\n".join(" ".join(random_texts(6, seed=i)) for i in range(4)))
+    assert _cli(["unlearn-llm", "--model", str(gpt2), "--forget-texts", str(tmp_path / "forget.txt"), "--epochs",
+                 "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["max_length"] == 16
+    assert "--max-length 256 is past the model's 16 positions" in caplog.text
+    model, tokenizer = llm.load_causal_lm(gpt2)
+    batches = llm.make_batches(tokenizer, [" ".join(random_texts(6, seed=0))], max_length=40)
+    with pytest.raises(ValueError, match="forget_batches hold sequences of .* tokens, more than the model's 16"):
+        llm.unlearn_llm(model, batches, progress=False)
+
+
+def test_cli_a_nan_loss_is_a_usage_error_not_a_traceback(llm_folder, tmp_path, capsys):
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    with pytest.raises(SystemExit) as exit_:
+        _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+              "--loss", "ascent", "--lr", "1e30", "--epochs", "3", "--device", "cpu", "--quiet",
+              "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "lower lr" in capsys.readouterr().err
+
+
+def test_an_rmu_layer_the_model_lacks_is_refused_before_the_gradient_pass(llm_folder, tmp_path, capsys):
+    """It failed at the first training step, after the gradient pass and the SVDs; --retain-loss rmu's layer could
+    not be set from the command line at all."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forget, retain = id_batches(2), id_batches(2, seed=1)
+    with pytest.raises(ValueError, match="rmu: layer=7 is out of range"):
+        llm.unlearn_llm(model, forget, retain, forget_loss="rmu", progress=False)
+    with pytest.raises(ValueError, match="rmu: layer=7 is out of range"):
+        llm.unlearn_llm(model, forget, retain, forget_loss="npo", retain_loss="rmu", progress=False)
+    assert not any(type(m).__name__.startswith("SEMU") for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for name, seed in (("forget", 0), ("retain", 1)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(random_texts(4, seed=seed)))
+    base = ["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+            "--retain-texts", str(tmp_path / "retain.txt"), "--loss", "npo", "--retain-loss", "rmu", "--epochs", "1",
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        _cli(base)
+    assert "rmu: layer=7 is out of range" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert _cli([*base, "--retain-loss-arg", "layer=1"]) == 0
+    with pytest.raises(SystemExit):
+        _cli([*base[:9], "--retain-loss-arg", "layer=1"])  # without --retain-loss
+    assert "argument --retain-loss-arg: needs --retain-loss" in capsys.readouterr().err

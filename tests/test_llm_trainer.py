@@ -195,6 +195,7 @@ def test_evaluate_reports_the_nll_of_plain_batches(tmp_path):
     ({"retain_dataset": "w1 w2"}, "retain_dataset must be an indexable dataset"),
     ({"forget_loss": "nope"}, "forget_loss must be one of"),
     ({"forget_loss": "graddiff"}, "forget_loss='graddiff' needs retain_dataset"),
+    ({"forget_loss": "idkdpo"}, "needs alternate answers: train_dataset\\[0\\] has no 'alternate'"),
     ({"retain_loss": "kl"}, "retain_loss='kl' needs retain_dataset"),
     ({"semu_config": {"gamma": 0.9}}, "semu_config must be a SEMUConfig"),
     ({"semu_config": sf.SEMUConfig(target_modules=("no_such",))}, "pattern 'no_such' matches no layer"),
@@ -225,6 +226,24 @@ def test_resume_and_load_best_model_at_end_are_refused(tmp_path):
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.semu_model is None
+
+
+def test_a_train_that_fails_takes_its_adapters_out_again(tmp_path):
+    """As sf.unlearn: an error (or Ctrl-C) inside the Trainer's loop left the adapters installed in the user's
+    model, and a new trainer on it then refused the model."""
+    _, forget, _ = _data()
+    model = tiny_llama()
+    before = snapshot(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the loop failed")
+
+    trainer = SEMUTrainer(model, _args(tmp_path), train_dataset=forget, forget_loss=boom)
+    with pytest.raises(RuntimeError, match="the loop failed"):
+        trainer.train()
+    assert trainer.semu_model is None and not any(type(m).__name__.startswith("SEMU") for m in model.modules())
+    assert_same_state(model, before)
+    SEMUTrainer(model, _args(tmp_path), train_dataset=forget).train()  # the model takes a new run
 
 
 def test_the_module_imports_without_transformers():

@@ -15,11 +15,14 @@ default is in semu_fast.workflows.llm.DEFAULTS. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .._utils import default_device
 from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, non_negative,
                       positive, require, settings, silence)
+
+log = logging.getLogger("semu_fast")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -129,7 +132,8 @@ def register(subparsers) -> None:
                         "of the epoch kept, and their perplexity is reported")
     retain.add_argument("--retain-file", type=Path, default=None, metavar="FILE",
                         help="records to keep, as --forget-file")
-    g.add_argument("--max-length", type=positive(int), default=DEFAULTS.max_length, help="tokens per text, at most")
+    g.add_argument("--max-length", type=positive(int), default=DEFAULTS.max_length,
+                   help="tokens per text, at most (and at most the model's positions)")
     g.add_argument("--batch-size", type=positive(int), default=DEFAULTS.batch_size)
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="load the model in this dtype (auto: as saved)")
     add_device_flag(g)
@@ -151,6 +155,8 @@ def register(subparsers) -> None:
     g.add_argument("--retain-loss", choices=tuple(RETAIN_LOSSES), default=None,
                    help="retain objective, trained on the retain data: nll, kl (KL to the original model) or rmu; "
                    "default: the forget objective's own (nll for most)")
+    g.add_argument("--retain-loss-arg", type=_loss_arg, action="append", default=None, metavar="KEY=VALUE",
+                   help="a hyper-parameter of --retain-loss, e.g. weight=2 (kl) or layer=3 (rmu); repeat for several")
     g.add_argument("--train-on-retain", action=argparse.BooleanOptionalAction, default=None,
                    help="train R on the retain data too (default: yes when retain data is given); "
                    "--no-train-on-retain only evaluates it (SEMU's data-free setting)")
@@ -212,6 +218,26 @@ def _check_flags(args, parser, forget_loss) -> None:
             parser.error(f"argument {flag}: only used with --eval")
 
 
+def _check_lora_targets(parser, model, targets, args) -> None:
+    """--lora before any work: peft's LoRA config has one fan_in_fan_out for all targets, so transformers Conv1D
+    layers and nn.Linear ones cannot share a folder (export_lora refused that after the whole run)."""
+    import torch
+
+    from ..layers import is_conv1d, select_layers
+    from ..workflows import llm
+
+    try:
+        chosen = select_layers(model, llm.llm_config(model, targets, args.gamma, args.seed))
+    except ValueError as err:
+        library_error(parser, err)
+    conv1d = sorted(name for name, module in chosen.items() if is_conv1d(module))
+    linear = sorted(name for name, module in chosen.items() if isinstance(module, torch.nn.Linear))
+    if conv1d and linear:
+        parser.error(f"argument --lora: a peft LoRA folder takes transformers Conv1D layers ({conv1d[0]}, ...) or "
+                     f"nn.Linear ones ({linear[0]}, ...), not both; narrow --target-modules to one kind, or leave "
+                     f"--lora out")
+
+
 def run(args, parser) -> int:
     import torch
 
@@ -240,6 +266,14 @@ def run(args, parser) -> int:
         forget_loss = llm.make_loss(loss_name, **overrides)
     except ValueError as err:
         parser.error(f"argument --loss-arg: {err}")
+    retain_loss = args.retain_loss
+    if args.retain_loss_arg:
+        if retain_loss is None:
+            parser.error("argument --retain-loss-arg: needs --retain-loss (the objective it sets)")
+        try:
+            retain_loss = llm.make_retain_loss(retain_loss, **dict(args.retain_loss_arg))
+        except ValueError as err:
+            parser.error(f"argument --retain-loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
     if args.max_new_tokens is None:  # recorded in run.json as used
@@ -253,6 +287,17 @@ def run(args, parser) -> int:
         except (FileNotFoundError, OSError, ValueError) as err:
             parser.error(f"argument {flag}: {err}")
     (model, tokenizer), reference = loaded["--model"], loaded["--reference-model"][0]
+    context = llm.context_length(model)
+    if context is not None and args.max_length > context:  # recorded in run.json as used
+        log.warning("--max-length %d is past the model's %d positions: texts are cut at %d", args.max_length,
+                    context, context)
+        args.max_length = context
+    if args.lora:
+        _check_lora_targets(parser, model, targets, args)
+    vocab = reference.get_input_embeddings().num_embeddings if reference is not None else None
+    if vocab is not None and vocab < len(tokenizer):  # it is scored with --model's tokenizer
+        parser.error(f"argument --reference-model: its vocabulary holds {vocab} tokens, the --model's tokenizer "
+                     f"{len(tokenizer)}; it must be a model of the same tokenizer")
 
     def evaluate(which) -> dict:
         return llm_eval.evaluate_llm(which, tokenizer, splits["forget"], retain=splits["retain"],
@@ -270,11 +315,11 @@ def run(args, parser) -> int:
         before = evaluate(model) if args.eval else {}
         semu_model, report, metrics = llm.unlearn_llm(
             model, forget, retain, target_modules=tuple(targets), gamma=args.gamma, forget_loss=forget_loss,
-            retain_loss=args.retain_loss, train_on_retain=args.train_on_retain, optimizer=args.optimizer,
+            retain_loss=retain_loss, train_on_retain=args.train_on_retain, optimizer=args.optimizer,
             lr=args.lr, epochs=args.epochs, select_best=args.select_best, criterion=args.criterion,
             retain_tolerance=args.retain_tolerance, seed=args.seed, progress=not args.quiet)
         after = evaluate(semu_model.model) if args.eval else {}  # the model with its adapters (it has generate)
-    except ValueError as err:
+    except (ValueError, FloatingPointError) as err:  # FloatingPointError: a NaN loss, its message says what to try
         library_error(parser, err)
     metrics.update({f"{key}_before": value for key, value in before.items()})
     metrics.update({f"{key}_after": value for key, value in after.items()})

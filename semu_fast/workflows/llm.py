@@ -49,8 +49,8 @@ from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
 from . import results
-from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, load_records, make_batches,  # noqa: F401
-                       make_qa_batches, make_record_batches, save_records)
+from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, context_length, load_records,  # noqa: F401
+                       make_batches, make_qa_batches, make_record_batches, save_records)
 from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, RetainKL, RetainNLL, _logits_and_targets,  # noqa: F401
                          _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss, random_token_loss,
                          retain_nll_loss, sequence_nll)
@@ -119,8 +119,12 @@ def load_causal_lm(path, dtype: Union[str, torch.dtype, None] = "auto", device=N
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    try:  # first: it is the cheaper one to find missing
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise OSError(f"path: no tokenizer could be loaded from {folder}; save the model's tokenizer there with "
+                      f"tokenizer.save_pretrained ({str(err).strip().splitlines()[0]})") from None
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if device is not None:
         model.to(device)
     model.eval()
@@ -255,6 +259,14 @@ def _training_losses(forget_loss, retain_loss, train_on_retain, forget_batches, 
         raise ValueError(f"{what} needs alternate answers: forget_batches[{without_alternate[0]}] has no 'alternate' "
                          f"batch (build the forget batches with make_qa_batches(..., alternate=True))")
     return train_loss_fn, retain_loss_fn, train_on_retain
+
+
+def check_objectives_fit(model: nn.Module, *objectives) -> None:
+    """Each objective's check_model (RMU's layer exists, say) before the gradient pass, not at the first step."""
+    for objective in objectives:
+        check = getattr(objective, "check_model", None)
+        if callable(check):
+            check(model)
 
 
 # ---- choosing the epoch to keep ----------------------------------------------------------------------------------
@@ -402,10 +414,18 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     eval_batches = _check_batches("eval_batches", eval_batches, required=False)
+    context = context_length(model.model if isinstance(model, SEMUModel) else model)
+    for name, batches in (("forget_batches", forget_batches), ("retain_batches", retain_batches),
+                          ("eval_batches", eval_batches)):
+        longest = max((b["input_ids"].shape[1] for b in batches or ()), default=0)
+        if context is not None and longest > context:  # the position embedding would fail on them
+            raise ValueError(f"{name} hold sequences of {longest} tokens, more than the model's {context} positions "
+                             f"(config.max_position_embeddings): tokenize with max_length <= {context}")
     config = llm_config(model, target_modules, gamma, seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,
                                                                       forget_batches, retain_batches, seed)
+    check_objectives_fit(model, train_loss_fn, retain_loss_fn)
     if epochs is None:
         epochs = DEFAULTS.epochs_for(len(forget_batches))
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)

@@ -69,6 +69,13 @@ def check_texts(texts, name: str = "texts", allow_empty: bool = False) -> list:
     return texts
 
 
+def context_length(model) -> Optional[int]:
+    """The most positions the model takes (its config's max_position_embeddings, which GPT-2's n_positions also
+    answers to); None when the config names none (rotary models without a limit, say)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+
+
 def check_batch(batch) -> None:
     """TypeError unless `batch` is a dict with a (B, T) input_ids tensor."""
     if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor) \

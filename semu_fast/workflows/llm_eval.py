@@ -47,7 +47,7 @@ import torch.nn as nn
 from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import SEMUModel
-from .llm_data import IGNORE_INDEX, check_texts, encode_qa
+from .llm_data import IGNORE_INDEX, check_texts, context_length, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
@@ -415,8 +415,8 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
             # no further than the model's context (a small model's 64 positions, say, against the default 200)
-            context = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
-            room = max_new_tokens if not isinstance(context, int) else max(1, min(max_new_tokens, context - width))
+            context = context_length(generator)
+            room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - width))
             output = generator.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                         max_new_tokens=room, do_sample=False, pad_token_id=pad_id)
             for row in output[:, width:].tolist():

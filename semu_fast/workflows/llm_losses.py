@@ -229,6 +229,10 @@ class _Objective:
             raise ValueError(f"{self.name}: cache_bytes must be an int >= 0, got {cache_bytes!r}")
         self._cache = ReferenceCache(cache_bytes)
 
+    def check_model(self, model: nn.Module) -> None:
+        """ValueError now when the objective cannot run on `model` (not at the first step, after the gradient
+        pass); nothing to check by default."""
+
     def clear_cache(self) -> None:
         self._cache.clear()
 
@@ -463,6 +467,9 @@ class RMU(_Objective):
     def retain_loss(self) -> "RMURetain":
         return RMURetain(layer=self.layer, alpha=self.alpha, cache_bytes=self.cache_bytes)
 
+    def check_model(self, model: nn.Module) -> None:
+        decoder_layer(model, self.layer)
+
 
 # ---- retain objectives -------------------------------------------------------------------------------------------
 
@@ -512,6 +519,9 @@ class RMURetain(_Objective):
         h, mask = hidden_states(model, batch, self.layer)
         h_ref = self._reference(model, batch, lambda: hidden_states(model, batch, self.layer)[0])
         return self.alpha * activation_loss(h, h_ref, mask)
+
+    def check_model(self, model: nn.Module) -> None:
+        decoder_layer(model, self.layer)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------------

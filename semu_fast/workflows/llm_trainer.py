@@ -54,7 +54,7 @@ import torch.nn as nn
 from ..config import SEMUConfig
 from ..layers import select_layers
 from ..pipeline import prepare
-from .llm import DEFAULTS, llm_config, resolve_objectives
+from .llm import DEFAULTS, check_objectives_fit, llm_config, resolve_objectives
 from .llm_data import IGNORE_INDEX, Batch, check_batch
 from .llm_losses import nll_loss
 
@@ -256,6 +256,10 @@ def semu_trainer_class():
             first = train_dataset[0]
             has_alternate = isinstance(first, Mapping) and "alternate" in first
             forget_fn, retain_fn, what = resolve_objectives(forget_loss, retain_loss, seed, has_alternate)
+            check_objectives_fit(model, forget_fn, retain_fn)
+            if getattr(forget_fn, "needs_alternate", False) and not has_alternate:
+                raise ValueError(f"{what} needs alternate answers: train_dataset[0] has no 'alternate' (build the "
+                                 f"examples with unbatch(make_qa_batches(..., alternate=True)))")
             if retain_dataset is None and getattr(forget_fn, "needs_retain", False):
                 raise ValueError(f"{what} needs retain_dataset: it is defined with a retain term")
             if retain_dataset is None and retain_loss is not None:
@@ -307,12 +311,20 @@ def semu_trainer_class():
             return semu_model
 
         def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-            """sf.prepare on train_dataset (the first time), then transformers.Trainer.train on R."""
+            """sf.prepare on train_dataset (the first time), then transformers.Trainer.train on R. When the first
+            train() fails, the adapters it installed are taken out again (the model as it came in)."""
             if resume_from_checkpoint not in (None, False):
                 raise ValueError("resume_from_checkpoint: SEMUTrainer does not resume Trainer checkpoints (they hold "
                                  "adapters, not model weights); sf.unlearn(checkpoint_dir=...) resumes")
+            fresh = self.semu_model is None
             self.prepare_semu()
-            return super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            try:
+                return super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            except BaseException:  # as sf.unlearn: a run that fails (Ctrl-C included) leaves the model as it came
+                if fresh and self.semu_model is not None and self.semu_model._detached_by is None:
+                    self.semu_model.unload()
+                    self.semu_model = None
+                raise
 
         def get_train_dataloader(self):
             """Forget batches paired with retain batches (see _Paired), shuffled by a generator seeded by
