@@ -423,6 +423,9 @@ def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, 
     assert metrics["forget_ppl_after"] > metrics["forget_ppl_before"] and "retain_ppl_after" in metrics
     assert data["settings"]["target_modules"] == ["mlp.down_proj", "self_attn.v_proj"]
     assert data["settings"]["forget_loss"] == "npo" and data["settings"]["epochs"] == 2  # "auto" on texts
+    # what ran, not the flags' None ("automatic"): retain data turns selection and retain training on
+    assert (data["settings"]["select_best"], data["settings"]["train_on_retain"]) == (True, True)
+    assert data["settings"]["retain_loss"] == "nll"
     assert {layer["name"] for layer in data["layers"]} == {f"model.layers.{i}.{m}" for i in (0, 1)
                                                            for m in ("mlp.down_proj", "self_attn.v_proj")}
     assert "forget" in capsys.readouterr().out

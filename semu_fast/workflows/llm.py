@@ -468,7 +468,14 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     for key in [k for k in metrics if "_nll_" in k]:
         metrics[key.replace("_nll_", "_ppl_")] = _exp(metrics[key])
     metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share, epochs=epochs)
+    report.training.update(select_best=bool(select_best), train_on_retain=bool(train_on_retain),
+                           retain_loss=None if not train_on_retain else _objective_name(retain_loss_fn))
     return semu_model, report, metrics
+
+
+def _objective_name(fn) -> str:
+    """How a run record names a loss: its registry name, else the function's or "callable"."""
+    return getattr(fn, "name", None) or getattr(fn, "__name__", None) or "callable"
 
 
 # ---- evaluation data and the run's report ------------------------------------------------------------------------
