@@ -87,20 +87,40 @@ def check_tensor_lists(first_name: str, first, second_name: str, second) -> tupl
     return first, second
 
 
-def _span(t: torch.Tensor) -> tuple:
-    """(device type, index, first byte, one past the last byte) of a tensor with any (non-negative) strides."""
+def _bytes(t: torch.Tensor) -> tuple:
+    """(first byte, one past the last byte) of a tensor with any (non-negative) strides."""
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.device.type, t.device.index or 0, t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def _span(t: torch.Tensor) -> tuple:
+    """(device type, index, first byte, one past the last byte)."""
+    return (t.device.type, t.device.index or 0, *_bytes(t))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements in the same layout: each element of a read is the one written at its place."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
 def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str = "",
                    reads: Sequence[torch.Tensor] = ()) -> None:
     """No two contiguous tensors that an op writes may overlap in memory: the writes would race on a GPU (and add
     twice on the CPU). Views of one flat buffer that do not overlap are fine. Nor may a tensor the op reads (`reads`,
-    any strides) overlap one it writes, unless reads[i] is exactly tensors[i] (each element reads itself before it
-    is written): it would be read after some of its elements were written. (Under torch.compile tracing there are
+    any strides) overlap one it writes (their byte ranges: conservative for interleaved strided views), unless
+    reads[i] is exactly tensors[i] (each element reads itself before it is written): it would be read after some
+    of its elements were written. (Under torch.compile tracing there are
     no addresses to compare: the C++ kernels check for themselves.)"""
     if torch.compiler.is_compiling():
+        return
+    if len(tensors) == 1 and len(reads) == 1:  # the gradient hook's call, once per weight per batch: the short way
+        # (the pair is on one device: check_tensor_lists saw to it)
+        if tensors[0].numel() and reads[0].numel() and not _same_view(reads[0], tensors[0]):
+            (start_w, end_w), (start_r, end_r) = _bytes(tensors[0]), _bytes(reads[0])
+            if start_w < end_r and start_r < end_w:
+                raise ValueError(f"{reads_name}[0] overlaps {name}[0] in memory; a tensor read must not share "
+                                 f"memory with one written ({reads_name}[i] may only be {name}[i] itself)")
         return
     spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
     for a, b in zip(spans, spans[1:]):
@@ -108,8 +128,7 @@ def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str =
             first, second = sorted((a[4], b[4]))
             raise ValueError(f"{name}[{first}] and {name}[{second}] overlap in memory; each tensor written must be "
                              f"distinct")
-    itself = [i < len(tensors) and r.data_ptr() == tensors[i].data_ptr() and r.dtype == tensors[i].dtype
-              and r.shape == tensors[i].shape and r.stride() == tensors[i].stride() for i, r in enumerate(reads)]
+    itself = [i < len(tensors) and _same_view(r, tensors[i]) for i, r in enumerate(reads)]
     spans = sorted([(*span, False, i) for *span, i in spans]
                    + [(*_span(r), True, i) for i, r in enumerate(reads) if r.numel() and not itself[i]])
     furthest = {}  # (device, read?) -> the span of that kind reaching furthest so far; sorted by start, an overlap

@@ -50,7 +50,11 @@ def random_labels(targets: torch.Tensor, num_classes: int, generator: torch.Gene
         raise ValueError(f"random labels need at least 2 classes, the model outputs {num_classes}")
     targets = targets.cpu()
     if rule == "uniform_other":
-        return (targets + torch.randint(1, num_classes, targets.shape, generator=generator)) % num_classes
+        drawn = (targets + torch.randint(1, num_classes, targets.shape, generator=generator)) % num_classes
+        outside = (targets < 0) | (targets >= num_classes)  # drawing among fewer classes (label_classes): every
+        if outside.any():  # one is "other" for these, the shift above would never give target % num_classes
+            drawn = torch.where(outside, torch.randint(0, num_classes, targets.shape, generator=generator), drawn)
+        return drawn
     drawn = torch.randint(0, num_classes, targets.shape, generator=generator)
     return torch.where(drawn == targets, (drawn + 1) % num_classes, drawn)
 

@@ -208,6 +208,8 @@ def test_unlearn_ddpm_takes_exactly_steps_optimizer_steps(monkeypatch):
     _, report, _ = D.unlearn_ddpm(tiny_unet(1), scheduler(), batches(1, 3, 2), 1, num_classes=NUM_CLASSES, steps=4,
                                   progress=False)
     assert seen["max_steps"] == 4 and seen["epochs"] == 2 and len(calls) == 4 and report.training["epochs"] == 2
+    with pytest.raises(ValueError, match="give steps .* not max_steps"):
+        D.unlearn_ddpm(tiny_unet(1), scheduler(), batches(1, 3, 2), 1, num_classes=NUM_CLASSES, max_steps=4)
 
 
 def test_unlearn_ddpm_argument_errors():

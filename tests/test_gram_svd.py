@@ -130,7 +130,7 @@ def test_relative_tolerance_is_the_same_in_the_kernel_and_the_fallback():
 
 def test_auto_routes_conv_batches_to_gram_svd(gen, monkeypatch):
     calls = []
-    monkeypatch.setattr(svd, "gram_svd", lambda G: calls.append(G.shape) or svd._gram_svd_torch(G))
+    monkeypatch.setattr(svd, "_gram_svd_checked", lambda G: calls.append(G.shape) or svd._gram_svd_torch(G))
     sf.ops.truncated_svd(_batch(gen, 4, 32, 9), 0.9)
     assert calls == [(4, 32, 9)]
     sf.ops.truncated_svd(_batch(gen, 4, 32, 9), 0.9, method="exact")

@@ -401,12 +401,15 @@ def test_cli_eval_names_a_missing_metrics_package_before_any_work(llm_folder, tm
     import sys
 
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # an import of it raises ImportError
-    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
-    with pytest.raises(SystemExit):
-        _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"), "--eval",
+    llm.save_records(tmp_path / "forget.jsonl", _tofu_records(4, 1))
+    with pytest.raises(SystemExit):  # question/answer records: ROUGE of the generated answers
+        _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-file", str(tmp_path / "forget.jsonl"), "--eval",
               "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")])
     assert "--eval needs the rouge_score package: pip install rouge-score" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))  # texts generate nothing: no ROUGE
+    assert _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"), "--eval",
+                 "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]) == 0
 
 
 def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, capsys):

@@ -259,6 +259,16 @@ def test_label_classes_draws_random_labels_from_the_first_classes_as_the_officia
     assert sf.preset("official-classification")["label_classes"] == 10
 
 
+def test_random_labels_of_targets_outside_the_drawn_classes_are_uniform_under_both_rules():
+    """Drawing among fewer classes than the model has (label_classes), uniform_other's shift of target 57 among
+    10 classes never gave class 7."""
+    targets = torch.full((20000,), 57)
+    for rule in ("uniform_other", "official"):
+        share = torch.bincount(losses.random_labels(targets, 10, torch.Generator().manual_seed(0), rule),
+                               minlength=10).double() / len(targets)
+        assert share.sub(0.1).abs().max() < 0.01, rule
+
+
 def test_train_norm_mode_separates_the_two_phases():
     forget = DataLoader(_data(12, 1), batch_size=6)
     model = small_cnn()

@@ -155,6 +155,17 @@ def test_rank_and_energies_do_not_depend_on_the_scale_of_g(gen, scale, method):
     assert float(scaled.captured_energy / scaled.total_energy) >= gamma
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-40), (torch.float64, 1e-200), (torch.float64, 1e-300)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_subnormal_and_tiny_float64_gradients_keep_their_rank(gen, dtype, scale, batched):
+    """The first scaling multiplied by 2**133 (inf in float32) and squared 2**996 (OverflowError)."""
+    G = (torch.randn(6, 20, 9, generator=gen) if batched else _gradient_like(gen, 300, 280)).to(dtype)
+    plain = sf.ops.truncated_svd(G, 0.9)
+    tiny = sf.ops.truncated_svd(G * scale, 0.9)
+    assert torch.equal(tiny.ranks, plain.ranks)
+    torch.testing.assert_close(tiny.S.double() / scale, plain.S.double(), rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("method", ["auto", "randomized"])
 @pytest.mark.parametrize("gamma", [0.9999999, 1.0])
 def test_gamma_near_one_gives_the_exact_rank_not_the_basis_width(gen, method, gamma):

@@ -242,9 +242,6 @@ def run(args, parser) -> int:
     import torch
 
     require(parser, "transformers")
-    if args.eval:  # checked now, not after training: evaluate_llm imports them where it scores
-        require(parser, "rouge_score", *(["sklearn"] if args.holdout_file else []),
-                *(["scipy"] if args.reference_model else []), what="--eval")
     from .._utils import atomic_write
     from ..lora import export_lora
     from ..workflows import llm, llm_eval, results
@@ -276,6 +273,11 @@ def run(args, parser) -> int:
             parser.error(f"argument --retain-loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
+    if args.eval:  # checked now, not after training: evaluate_llm imports each where it scores with it
+        needed = {"rouge_score": framing == "qa",  # ROUGE of generated answers
+                  "sklearn": args.holdout_file is not None,  # MIA AUCs
+                  "scipy": args.reference_model is not None and "paraphrased_answers" in splits["forget"]}  # KS
+        require(parser, *(module for module, used in needed.items() if used), what="--eval")
     if args.max_new_tokens is None:  # recorded in run.json as used
         args.max_new_tokens = llm_eval.GENERATION_DEFAULTS[framing][1]
     device = args.device = args.device or default_device()  # recorded in run.json as used

@@ -43,7 +43,7 @@ ENERGY_SAFE = (1e-30, 1e30)  # ||G||_F^2 outside: G is scaled first (_in_safe_ra
 HINT_OVERSAMPLING, HINT_RESIDUAL = 16, 0.1
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
-GRAM_SVD_MAX_ENTRY = 1e150  # its square times n <= 64 stays far inside float64
+GRAM_SVD_MAX_ENTRY = 1e150  # a Gram entry, a sum of m products of two entries, stays inside float64
 GRAM_SVD_SCHEMA = "gram_svd(Tensor G) -> (Tensor U, Tensor S, Tensor Vh)"
 
 
@@ -110,6 +110,11 @@ def gram_svd(G: torch.Tensor):
         if peak > GRAM_SVD_MAX_ENTRY:
             raise ValueError(f"gram_svd: G holds entries of {peak:.3g}: its float64 Gram matrix would overflow "
                              f"(entries must stay below {GRAM_SVD_MAX_ENTRY:g}; scale G first)")
+    return _gram_svd_checked(G)
+
+
+def _gram_svd_checked(G: torch.Tensor):
+    """gram_svd of a G already checked (truncated_svd has checked and scaled it)."""
     with annotate("semu_fast.gram_svd"):
         return torch.ops.semu_fast.gram_svd(G)
 
@@ -328,41 +333,53 @@ def _energy(G: torch.Tensor) -> float:
 
 
 def _in_safe_range(G: torch.Tensor):
-    """(G times a power of two, that power, ||.||_F^2 of the scaled G). The scale is 1 unless G's energy leaves
+    """(G times 2**exponent, exponent, ||.||_F^2 of the scaled G). The exponent is 0 unless G's energy leaves
     [1e-30, 1e30], where float32 squares and Gram products overflow or underflow (a finite G of 1e20 entries read as
     Inf, one of 1e-30 entries as 0): then G's largest entry is brought into [0.5, 1). Ranks are scale-free and a
     power of two scales exactly; NaN or Inf in G is a ValueError."""
     total = _energy(G)
     if ENERGY_SAFE[0] < total < ENERGY_SAFE[1]:
-        return G, 1.0, total
+        return G, 0, total
     peak = float(G.abs().amax()) if G.numel() else 0.0
     if not math.isfinite(peak):
         raise ValueError("G holds NaN or Inf values")
     if peak == 0:
-        return G, 1.0, 0.0
-    scale = 2.0 ** -math.frexp(peak)[1]
-    return G * scale, scale, _energy(G * scale)
+        return G, 0, 0.0
+    exponent = -math.frexp(peak)[1]
+    G = _times_power_of_two(G, exponent)
+    return G, exponent, _energy(G)
 
 
-def _rescaled(result: TruncatedSVD, scale: float) -> TruncatedSVD:
-    """A result computed on G * scale, for G."""
-    if scale == 1.0:
+def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """t * 2**exponent in factors of at most 2**100, each representable in float32 (a subnormal float32 G needs
+    2**128 and more, which float32 cannot hold)."""
+    while exponent:
+        step = max(-100, min(100, exponent))
+        t = t * 2.0 ** step
+        exponent -= step
+    return t
+
+
+def _rescaled(result: TruncatedSVD, exponent: int) -> TruncatedSVD:
+    """A result computed on G * 2**exponent, for G."""
+    if exponent == 0:
         return result
     U, S, Vh = result
-    return TruncatedSVD(U, S / scale, Vh, result.ranks, result.total_energy / scale ** 2,
-                        result.captured_energy / scale ** 2)
+    return TruncatedSVD(U, _times_power_of_two(S, -exponent), Vh, result.ranks,
+                        _times_power_of_two(result.total_energy, -2 * exponent),
+                        _times_power_of_two(result.captured_energy, -2 * exponent))
 
 
 def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=None) -> TruncatedSVD:
-    G, scale, total = _in_safe_range(G)
+    G, exponent, total = _in_safe_range(G)
     return _rescaled(_truncated_svd_of_safe(G, total, gamma, rank_rule, min_rank, method, generator, rank_hint),
-                     scale)
+                     exponent)
 
 
 def _truncated_svd_of_safe(G, total, gamma, rank_rule, min_rank, method, generator, rank_hint) -> TruncatedSVD:
     if G.dim() == 3:  # a batch: the gram_svd kernel where its n fits (and the matrices are not empty), else exact
         if method in ("auto", "gram") and 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1:
-            return _truncate(*gram_svd(G), gamma, rank_rule, min_rank)
+            return _truncate(*_gram_svd_checked(G), gamma, rank_rule, min_rank)
         return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     result = None
     gram_ok = _gram_ok(G.shape, gamma)

@@ -260,6 +260,9 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     cond_dropout need num_class_embeds > num_classes. **unlearn_kwargs go to sf.unlearn (e.g. grad_clip)."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
+    if "max_steps" in unlearn_kwargs:
+        raise ValueError("give steps (the training length unlearn_ddpm passes to sf.unlearn as max_steps), not "
+                         "max_steps")
     if steps is not None:
         check_positive_int("steps", steps)
     check_epsilon_prediction(scheduler)

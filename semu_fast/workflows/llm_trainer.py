@@ -324,6 +324,7 @@ def semu_trainer_class():
                 if fresh and self.semu_model is not None and self.semu_model._detached_by is None:
                     self.semu_model.unload()
                     self.semu_model = None
+                    self.optimizer = self.lr_scheduler = None  # they hold the R just taken out: a retry makes new ones
                 raise
 
         def get_train_dataloader(self):
