@@ -363,7 +363,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
         "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
-        "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience, "min_delta": min_delta,
+        "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience,
+        "min_delta": min_delta,
         "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
         **run_identity})

@@ -244,13 +244,14 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     report, metrics) with metrics: trainable_params, trainable_share (%), trainable_split (report.trainable_split:
     conv / attention / other), final_loss (the last epoch's mean).
 
-    forget_loader: (x0, labels) batches of the classes to forget, x0 in the model's range. remain_loader: batches
-    of the other classes; when given, each step adds alpha * their standard loss. num_classes: the real classes
+    forget_loader: (x0, labels) batches of the classes to forget, x0 in the model's range. remain_loader: batches of
+    the other classes; when given, each step adds alpha * their standard loss. num_classes: the real classes
     (default unet.config.num_class_embeds; pass it when the embedding has an extra null-class row). Training length:
     `steps` optimizer steps (passes over forget_loader, the last one cut short, as the official loop cycles its
-    loader) or `epochs` passes; neither means the official 1000 steps. attention_layout: "per_column" (default, the official UNet's 1x1-conv attention) or
-    "matrix" (see ddpm_config). config: a full SEMUConfig instead of gamma/attention_gamma/attention_layout/seed;
-    semu_options: other SEMUConfig fields for ddpm_config (e.g. rank_rule, min_rank, grad_clip).
+    loader) or `epochs` passes; neither means the official 1000 steps. attention_layout: "per_column" (default, the
+    official UNet's 1x1-conv attention) or "matrix" (see ddpm_config). config: a full SEMUConfig instead of
+    gamma/attention_gamma/attention_layout/seed; semu_options: other SEMUConfig fields for ddpm_config (e.g.
+    rank_rule, min_rank, grad_clip).
 
     The official run's choices (sf.preset("official-ddpm")): guidance w, the gradient pass predicts with
     (1 + w) eps_c - w eps_null; target "next", R trains towards the fixed class (c + 1) mod num_classes instead of a
