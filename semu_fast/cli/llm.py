@@ -272,6 +272,13 @@ def run(args, parser) -> int:
         except ValueError as err:
             parser.error(f"argument --retain-loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
+    for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):
+        if folder is None:
+            continue
+        try:  # before the package checks below: a wrong path is the first thing to hear about
+            llm.check_model_folder(folder)
+        except FileNotFoundError as err:
+            parser.error(f"argument {flag}: {err}")
     splits, framing = _eval_splits(data, parser) if args.eval else ({}, "qa")
     if args.eval:  # checked now, not after training: evaluate_llm imports each where it scores with it
         needed = {"rouge_score": framing == "qa",  # ROUGE of generated answers

@@ -104,18 +104,24 @@ CRITERIA = ("forget_nll", "forget_prob")
 
 # ---- loading -----------------------------------------------------------------------------------------------------
 
-def load_causal_lm(path, dtype: Union[str, torch.dtype, None] = "auto", device=None):
-    """(model, tokenizer) from a local folder written by save_pretrained: AutoModelForCausalLM and AutoTokenizer
-    with local_files_only=True (never the network). dtype: "auto" (the saved one), a torch dtype or None
-    (transformers' default); device: where to put the model (None: stays on the CPU). The model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_folder(path) -> Path:
+    """The folder of a saved transformers model (FileNotFoundError naming what is missing otherwise)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"path: {folder} is not a folder; give the local folder of a transformers model "
                                 f"(nothing is downloaded)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"path: no config.json in {folder}: not a transformers model folder")
+    return folder
+
+
+def load_causal_lm(path, dtype: Union[str, torch.dtype, None] = "auto", device=None):
+    """(model, tokenizer) from a local folder written by save_pretrained: AutoModelForCausalLM and AutoTokenizer
+    with local_files_only=True (never the network). dtype: "auto" (the saved one), a torch dtype or None
+    (transformers' default); device: where to put the model (None: stays on the CPU). The model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = check_model_folder(path)
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
