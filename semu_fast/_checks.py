@@ -104,14 +104,19 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
+def _read_overlap(reads_name: str, read: int, name: str, written: int) -> ValueError:
+    return ValueError(f"{reads_name}[{read}] overlaps {name}[{written}] in memory; a tensor read must not share "
+                      f"memory with one written ({reads_name}[i] may only be {name}[i] itself)")
+
+
 def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str = "",
                    reads: Sequence[torch.Tensor] = ()) -> None:
     """No two contiguous tensors that an op writes may overlap in memory: the writes would race on a GPU (and add
     twice on the CPU). Views of one flat buffer that do not overlap are fine. Nor may a tensor the op reads (`reads`,
     any strides) overlap one it writes (their byte ranges: conservative for interleaved strided views), unless
     reads[i] is exactly tensors[i] (each element reads itself before it is written): it would be read after some
-    of its elements were written. (Under torch.compile tracing there are
-    no addresses to compare: the C++ kernels check for themselves.)"""
+    of its elements were written. (Under torch.compile tracing there are no addresses to compare: the C++ kernels
+    check for themselves.)"""
     if torch.compiler.is_compiling():
         return
     if len(tensors) == 1 and len(reads) == 1:  # the gradient hook's call, once per weight per batch: the short way
@@ -119,8 +124,7 @@ def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str =
         if tensors[0].numel() and reads[0].numel() and not _same_view(reads[0], tensors[0]):
             (start_w, end_w), (start_r, end_r) = _bytes(tensors[0]), _bytes(reads[0])
             if start_w < end_r and start_r < end_w:
-                raise ValueError(f"{reads_name}[0] overlaps {name}[0] in memory; a tensor read must not share "
-                                 f"memory with one written ({reads_name}[i] may only be {name}[i] itself)")
+                raise _read_overlap(reads_name, 0, name, 0)
         return
     spans = sorted((*_span(t), i) for i, t in enumerate(tensors) if t.numel())
     for a, b in zip(spans, spans[1:]):
@@ -137,8 +141,6 @@ def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str =
         other = furthest.get((device, not read))
         if other is not None and start < other[3]:
             written, read_one = (other, span) if read else (span, other)
-            raise ValueError(f"{reads_name}[{read_one[5]}] overlaps {name}[{written[5]}] in memory; a tensor read "
-                             f"must not share memory with one written ({reads_name}[i] may only be {name}[i] "
-                             f"itself)")
+            raise _read_overlap(reads_name, read_one[5], name, written[5])
         if furthest.get((device, read), (0, 0, 0, -1))[3] < span[3]:
             furthest[device, read] = span

@@ -136,6 +136,11 @@ class SEMUModel(nn.Module):
         save_adapters(self, path)
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The wrapped model of a SEMUModel (its config, dtype and device), else the model itself."""
+    return model.model if isinstance(model, SEMUModel) else model
+
+
 def save_adapters(semu_model: SEMUModel, path) -> None:
     """Write semu_model's adapters (R, U, Vh, ranks), its SEMUConfig and its report to the folder `path`."""
     semu_model._attached("save_adapters")

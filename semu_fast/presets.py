@@ -34,9 +34,8 @@ class Preset:
 
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
                        "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes",
-                       "retain_mode",
-                       "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
-                       "distributed", "process_group")
+                       "retain_mode", "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every",
+                       "resume", "distributed", "process_group")
 
 PRESETS = {
     # Classification/main_forget.py --unlearn own_SVD, with the README's example flags (ResNet-18, CIFAR).
@@ -46,13 +45,11 @@ PRESETS = {
                 "svd": "exact", "norm_mode": "train", "train_norm_mode": "eval_all"},
         kwargs={"optimizer": "sgd", "lr": 1e-5, "epochs": 10, "momentum": 0.9, "weight_decay": 5e-4,
                 "label_rule": "official", "label_classes": 10, "retain_mode": "score", "select_best": False,
-                "patience": 2,
-                "min_delta": 0.01},
+                "patience": 2, "min_delta": 0.01},
         accepts=_UNLEARN_PARAMETERS,
         source="Classification/README.md (example run), arg_parser.py (momentum, weight decay, batch 256), "
                "unlearn/own_SVD.py (labels, from --num_classes: 10 unless given, train_phase), "
-               "unlearn/own/impl.py (SGD, EarlyExit), "
-               "unlearn/own/transform_model.py (model.train() gradient pass)"),
+               "unlearn/own/impl.py (SGD, EarlyExit), unlearn/own/transform_model.py (model.train() gradient pass)"),
     # DDPM/train.py --mode generate_svd then --mode semu_unlearn --method rl, with the README's flags and
     # configs/cifar10_semu_unlearn.yml (batch 64 is the forget loader's). That mode trains on the forget loss alone
     # (it ignores --alpha): alpha 0. Its retain variant, --mode semu_unlearn_retrain, adds 1e-3 x the remain loss.
@@ -69,8 +66,8 @@ PRESETS = {
                  "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
                  "distributed", "process_group"),
         source="DDPM/README.md (flags), train.py (cond_scale 2, alpha for semu_unlearn_retrain only), "
-               "configs/cifar10_semu_unlearn.yml (Adam 1e-3, "
-               "1000 iterations, batch 64, grad_clip 1, cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
+               "configs/cifar10_semu_unlearn.yml (Adam 1e-3, 1000 iterations, batch 64, grad_clip 1, "
+               "cond_drop_prob 0.1), runners/diffusion.py generate_svd and "
                "svd unlearning, svd_utils/transform_model.py (no rank floor, per-channel ranks, attention gamma)",
         config_key="semu_options"),
     # SD/train-scripts/svd_unlearning_diffusers.py (which runs generate_svd_diffusers.generate_svd first) with its

@@ -272,7 +272,8 @@ def run(args, parser) -> int:
         except ValueError as err:
             parser.error(f"argument --retain-loss-arg: {err}")
     _check_flags(args, parser, forget_loss)
-    for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):
+    folders = {"--model": args.model, "--reference-model": args.reference_model}
+    for flag, folder in folders.items():
         if folder is None:
             continue
         try:  # before the package checks below: a wrong path is the first thing to hear about
@@ -290,7 +291,7 @@ def run(args, parser) -> int:
     device = args.device = args.device or default_device()  # recorded in run.json as used
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = {}
-    for flag, folder in (("--model", args.model), ("--reference-model", args.reference_model)):
+    for flag, folder in folders.items():
         try:
             loaded[flag] = llm.load_causal_lm(folder, dtype=dtype, device=device) if folder is not None else (None,)
         except (FileNotFoundError, OSError, ValueError) as err:

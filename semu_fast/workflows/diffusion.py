@@ -45,7 +45,7 @@ from .._checks import check_choice, check_number, check_positive_int
 from .._utils import eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..layers import select_layers
-from ..model import SEMUModel
+from ..model import SEMUModel, base_model
 from ..report import SEMUReport
 from ..training import unlearn
 from ._cache import load_or_train
@@ -60,11 +60,6 @@ DIGITS_TRAIN_STEPS = 1200
 
 
 # --- shared pieces ----------------------------------------------------------------------------------------------
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The wrapped model of a SEMUModel (its config, dtype and device), else the model itself."""
-    return model.model if isinstance(model, SEMUModel) else model
-
 
 def predict_noise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, **conditioning) -> torch.Tensor:
     """The model's noise prediction (diffusers UNets return an output object; plain modules a tensor)."""

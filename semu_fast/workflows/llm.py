@@ -45,7 +45,7 @@ import torch.nn as nn
 from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
 from ..layers import select_layers
-from ..model import SEMUModel
+from ..model import SEMUModel, base_model
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
 from . import results
@@ -420,7 +420,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     eval_batches = _check_batches("eval_batches", eval_batches, required=False)
-    context = context_length(model.model if isinstance(model, SEMUModel) else model)
+    context = context_length(base_model(model))
     for name, batches in (("forget_batches", forget_batches), ("retain_batches", retain_batches),
                           ("eval_batches", eval_batches)):
         longest = max((b["input_ids"].shape[1] for b in batches or ()), default=0)

@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
-from ..model import SEMUModel
+from ..model import base_model
 from .llm_data import IGNORE_INDEX, check_texts, context_length, encode_qa
 from .llm_losses import _logits_and_targets
 
@@ -403,7 +403,7 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
                              f"that adds a BOS token)")
         encoded.append(ids[:n_prompt])
     device = model_device(model)
-    generator = model.model if isinstance(model, SEMUModel) else model  # SEMUModel forwards calls, not .generate
+    generator = base_model(model)  # SEMUModel forwards calls, not .generate
     answers = []
     with eval_mode(model):
         for first in range(0, len(encoded), batch_size):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from .._checks import check_number
 from .._utils import model_device
-from ..model import SEMUModel
+from ..model import SEMUModel, base_model
 from .llm_data import IGNORE_INDEX, Batch, check_batch
 
 LossFn = Callable[[nn.Module, Batch, torch.Generator], torch.Tensor]
@@ -371,7 +371,7 @@ def decoder_layer(model: nn.Module, layer: Union[int, str]) -> tuple[str, nn.Mod
     """(name, module) of a decoder layer: `layer` is an index into the model's stack of blocks (the longest
     nn.ModuleList of one module type, e.g. model.layers of a Llama, transformer.h of a GPT-2) or a module name
     (as in the original model, without SEMUModel's "model." prefix)."""
-    base = model.model if isinstance(model, SEMUModel) else model
+    base = base_model(model)
     if isinstance(layer, str):
         try:
             return layer, base.get_submodule(layer)

@@ -220,10 +220,14 @@ def record_run(out, files: list[str]) -> list[str]:
     out = Path(out)
     removed = []
     for name in sorted(set(_listed(out)) - set(files)):
-        path = out / name.rstrip("/")
-        if "/" in name.rstrip("/") or name.rstrip("/") in ("", ".", "..") or path.is_symlink() or not path.exists():
+        plain = name.rstrip("/")
+        path = out / plain
+        if "/" in plain or plain in ("", ".", "..") or path.is_symlink() or not path.exists():
             continue  # a hand-edited list never reaches outside the folder
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         removed.append(name)
     if removed:
         log.warning("removed %s from %s: an earlier run left them and this run does not write them",
