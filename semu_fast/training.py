@@ -88,8 +88,7 @@ def check_training_args(optimizer, lr, epochs, momentum, weight_decay):
     check_number("lr", lr)
     check_number("momentum", momentum, positive=False)
     check_number("weight_decay", weight_decay, positive=False)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int("epochs", epochs)
 
 
 def _make_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
@@ -217,11 +216,16 @@ class _Trainer:
         retain = entry.get("retain_acc")
         entry["score"] = (100.0 - entry["forget_acc"] + retain) / 2 if retain is not None \
             else 100.0 - entry["forget_acc"]
-        if run["best_score"] is None or entry["score"] > run["best_score"] + self.min_delta:
+        if run["best_score"] is None or self._improves(entry["score"], run["best_score"]):
             run["best_score"], run["best_epoch"] = entry["score"], epoch
             if select_best:
                 run["best_state"] = [p.detach().clone() for p in self.params]
         return entry
+
+    def _improves(self, score: float, best: float) -> bool:
+        """The official early exit's rule: an improvement reaches best + min_delta (a tie counts); with min_delta
+        0 it must beat best, so a plateau still runs out of patience."""
+        return score >= best + self.min_delta if self.min_delta > 0 else score > best
 
     def end_epoch(self, entry: dict) -> None:
         run = self.run
@@ -259,13 +263,10 @@ def _loader_generators(*loaders) -> list:
 
 
 def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn) -> None:
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be a positive int or None, got {patience!r}")
+    check_positive_int("patience", patience, optional=True)
     check_number("min_delta", min_delta, positive=False)
     check_choice("label_rule", label_rule, LABEL_RULES)
-    if label_classes is not None and (isinstance(label_classes, bool) or not isinstance(label_classes, int)
-                                      or label_classes < 2):
-        raise ValueError(f"label_classes must be an int >= 2 or None, got {label_classes!r}")
+    check_positive_int("label_classes", label_classes, 2, optional=True)
     if (label_rule != "uniform_other" or label_classes is not None) and train_loss_fn is not None:
         raise ValueError("label_rule and label_classes apply to the built-in random-label loss: with a "
                          "train_loss_fn, draw the labels there")
@@ -325,8 +326,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     task over 3 seeds x 10 classes (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5,
     10 epochs, momentum 0.9, weight_decay 5e-4, which barely moves R there.
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
-    (without retain data: the lowest forget accuracy). patience: stop early once the score has not improved by
-    more than min_delta for this many epochs (classification only; None = run every epoch). progress: a tqdm bar.
+    (without retain data: the lowest forget accuracy). patience: stop early once the score has not reached the best
+    one + min_delta (min_delta 0: not beaten it) for this many epochs (classification only; None = run every epoch). progress: a tqdm bar.
     sf.presets.preset("official-classification") gives the official run's settings of all of these.
     on_epoch(epoch, semu_model) -> dict or None: called after each epoch; what it returns joins that epoch's history
     entry (e.g. accuracies on data the run does not train on); {"stop": True} in it ends training after that

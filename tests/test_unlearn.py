@@ -92,7 +92,7 @@ def test_custom_train_loss_is_used():
 @pytest.mark.parametrize("kwargs, match", [
     ({"optimizer": "lbfgs"}, "optimizer must be one of"),
     ({"lr": 0}, "lr must be a finite positive"),
-    ({"epochs": 0}, "epochs must be a positive int"),
+    ({"epochs": 0}, "epochs must be an int >= 1"),
     ({"momentum": -1}, "momentum must be a finite non-negative"),
     ({"lr": float("nan")}, "lr must be a finite positive"),
     ({"weight_decay": float("nan")}, "weight_decay must be a finite non-negative"),
@@ -137,8 +137,18 @@ def test_patience_stops_when_the_score_stops_improving():
     assert report.training["epochs"] == 3 and report.training["best_epoch"] == 1
 
 
+def test_patience_counts_reaching_best_plus_min_delta_as_improvement(monkeypatch):
+    # The official early exit: an epoch reaching exactly best + min_delta improves (epoch 2 here), so training
+    # stops `patience` epochs after it, not after epoch 1. Scores are 100 - forget acc, exact in binary.
+    forget_accs = iter([50.0, 49.5, 49.5, 49.5, 49.5, 49.5])
+    monkeypatch.setattr("semu_fast.training.accuracy", lambda *args: next(forget_accs))
+    _, report = sf.unlearn(small_cnn(), forget_batches(), lr=1e-12, epochs=6, patience=2, min_delta=0.5,
+                           progress=False)
+    assert report.training["epochs"] == 4 and report.training["best_epoch"] == 2
+
+
 def test_bad_patience_is_rejected():
-    with pytest.raises(ValueError, match="patience must be a positive int"):
+    with pytest.raises(ValueError, match="patience must be an int >= 1 or None"):
         sf.unlearn(small_cnn(), forget_batches(), patience=0, progress=False)
 
 
