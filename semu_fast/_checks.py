@@ -26,9 +26,12 @@ def check_number(name: str, value, *, positive: bool = True, optional: bool = Fa
     return float(value)
 
 
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
+def check_positive_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> Optional[int]:
+    """An int >= minimum (bools refused); None passes when optional."""
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
     return value
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_positive_int
 from ._utils import atomic_write
 
 FORMAT = "semu_fast.training_state/2"  # /1 (semu_fast 0.1): no random state, fewer settings; not resumable
@@ -27,8 +28,7 @@ class Checkpoint:
     of each epoch only). settings: the training arguments a resumed run must share."""
 
     def __init__(self, folder, every: Optional[int], settings: dict):
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"checkpoint_every must be a positive int or None, got {every!r}")
+        check_positive_int("checkpoint_every", every, optional=True)
         if every is not None and folder is None:
             raise ValueError("checkpoint_every needs checkpoint_dir (where to write the checkpoints)")
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():

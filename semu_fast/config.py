@@ -5,7 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from ._checks import check_choice, check_gamma, check_number
+from ._checks import check_choice, check_gamma, check_number, check_positive_int
 from .ops.project import PROJECTIONS
 from .ops.svd import GRAM_MAX_GAMMA, METHODS, RANK_RULES, check_min_rank
 
@@ -105,9 +105,7 @@ class SEMUConfig:
                              f"gamma_overrides); use svd='auto' or 'exact'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        budget = self.max_accumulator_bytes
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-            raise ValueError(f"max_accumulator_bytes must be a positive int (bytes) or None, got {budget!r}")
+        check_positive_int("max_accumulator_bytes", self.max_accumulator_bytes, optional=True)
         set_(self, "per_column_modules", _check_patterns("per_column_modules", self.per_column_modules))
         check_min_rank(self.min_rank)
         if self.min_rank == 0 and self.rank_rule != "official":

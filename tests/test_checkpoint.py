@@ -132,7 +132,7 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
 
 
 def test_checkpoint_arguments_are_checked_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1 or None"):
         _unlearn(tmp_path, checkpoint_every=0)
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
         _unlearn(None, checkpoint_every=3)

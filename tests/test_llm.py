@@ -338,7 +338,7 @@ def test_mean_answer_prob_is_the_mean_of_per_sequence_answer_probabilities():
     ({"train_on_retain": "yes"}, "train_on_retain must be True, False or None"),
     ({"gamma": 0.0}, "gamma must be a number in"),
     ({"lr": 0}, "lr must be a finite positive"),
-    ({"epochs": 0}, "epochs must be a positive int"),
+    ({"epochs": 0}, "epochs must be an int >= 1"),
     ({"optimizer": "lbfgs"}, "optimizer must be one of"),
     ({"eval_batches": []}, "eval_batches is empty"),
     ({"select_best": True}, "select_best=True needs retain_batches or eval_batches"),

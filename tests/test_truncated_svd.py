@@ -347,10 +347,10 @@ def test_rank_hint_at_or_above_the_dimensions_changes_nothing(gen):
 
 
 @pytest.mark.parametrize("hint, G, match", [
-    (0, torch.randn(30, 20), "rank_hint must be a positive int"),
-    (-3, torch.randn(30, 20), "rank_hint must be a positive int"),
-    (True, torch.randn(30, 20), "rank_hint must be a positive int"),
-    (2.5, torch.randn(30, 20), "rank_hint must be a positive int"),
+    (0, torch.randn(30, 20), "rank_hint must be an int >= 1 or None"),
+    (-3, torch.randn(30, 20), "rank_hint must be an int >= 1 or None"),
+    (True, torch.randn(30, 20), "rank_hint must be an int >= 1 or None"),
+    (2.5, torch.randn(30, 20), "rank_hint must be an int >= 1 or None"),
     (4, torch.randn(2, 30, 20), "rank_hint applies to a 2-D G"),
 ])
 def test_truncated_svd_rejects_bad_rank_hints(hint, G, match):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import KERNEL_FLOATS, check_choice, check_gamma
+from .._checks import KERNEL_FLOATS, check_choice, check_gamma, check_positive_int
 from ._library import Kernel
 from .._profile import annotate
 from . import svd_plan
@@ -294,8 +294,7 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
     if rank_hint is not None:
-        if isinstance(rank_hint, bool) or not isinstance(rank_hint, int) or rank_hint < 1:
-            raise ValueError(f"rank_hint must be a positive int or None, got {rank_hint!r}")
+        check_positive_int("rank_hint", rank_hint, optional=True)
         if G.dim() != 2:
             raise ValueError(f"rank_hint applies to a 2-D G, got shape {tuple(G.shape)}")
     with annotate("semu_fast.truncated_svd"):

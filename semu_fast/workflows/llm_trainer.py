@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._checks import check_positive_int
 from ..config import SEMUConfig
 from ..layers import select_layers
 from ..pipeline import prepare
@@ -243,9 +244,7 @@ def semu_trainer_class():
                 raise ValueError(f"semu_config must be a SEMUConfig, got {type(semu_config).__name__}")
             if not isinstance(save_merged, bool):
                 raise ValueError(f"save_merged must be True or False, got {save_merged!r}")
-            if prepare_batch_size is not None and (isinstance(prepare_batch_size, bool) or
-                                                   not isinstance(prepare_batch_size, int) or prepare_batch_size < 1):
-                raise ValueError(f"prepare_batch_size must be an int >= 1 or None, got {prepare_batch_size!r}")
+            check_positive_int("prepare_batch_size", prepare_batch_size, optional=True)
             if args is not None and getattr(args, "load_best_model_at_end", False):
                 raise ValueError("args.load_best_model_at_end: SEMUTrainer's checkpoints hold adapters, which the "
                                  "Trainer cannot load as model weights; keep it False")
