@@ -36,6 +36,12 @@ class SEMUAdapter(nn.Module):
         self.merged = False
         self.disabled = False
         self._original_weight: Optional[torch.Tensor] = None
+        self._merge_after_load = False
+        # A state dict holds the unmerged weight whether or not the adapter is merged (merging is a faster forward,
+        # not another model), and loading one into a merged adapter merges the loaded weight and R.
+        self._register_state_dict_hook(_unmerged_state_dict)
+        self._register_load_state_dict_pre_hook(_unmerge_before_load, with_module=True)
+        self.register_load_state_dict_post_hook(_merge_after_load)
 
     def __getattr__(self, name: str):
         try:
@@ -60,17 +66,19 @@ class SEMUAdapter(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Write A + dW into the base weight (in its dtype), keeping A to unmerge exactly."""
-        if self.merged:
-            return
+        """Write A + dW into the base weight (in its dtype), keeping A to unmerge exactly. Merging a merged adapter
+        writes A + dW again, from the current R (it may have changed since)."""
         weight = self.base_layer.weight
+        if self.disabled:
+            raise RuntimeError("cannot merge the adapters inside disable_adapters(): the block runs the original "
+                               "model; merge after it")
         if distributed.is_sharded(weight):
             raise RuntimeError("cannot merge into an FSDP-sharded weight: keep the adapters unmerged (they train and "
                                "run as they are), or gather a full state dict into an unsharded model and merge there")
-        self._original_weight = weight.detach().clone()
+        original = self._original_weight if self.merged else weight.detach().clone()
         exact = torch.promote_types(torch.float32, torch.promote_types(weight.dtype, self.R.dtype))  # float64 stays
-        weight.copy_((weight.to(exact) + self.delta_weight().to(exact)).to(weight.dtype))
-        self.merged = True
+        weight.copy_((original.to(exact) + self.delta_weight().to(exact)).to(weight.dtype))
+        self._original_weight, self.merged = original, True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -96,6 +104,24 @@ class SEMUAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _unmerged_state_dict(adapter: SEMUAdapter, state_dict: dict, prefix: str, local_metadata) -> None:
+    key = prefix + "base_layer.weight"
+    if adapter.merged and key in state_dict:
+        state_dict[key] = adapter._original_weight
+
+
+def _unmerge_before_load(adapter: SEMUAdapter, *args) -> None:
+    if adapter.merged:
+        adapter.unmerge()
+        adapter._merge_after_load = True
+
+
+def _merge_after_load(adapter: SEMUAdapter, incompatible_keys) -> None:
+    if adapter._merge_after_load:
+        adapter._merge_after_load = False
+        adapter.merge()
 
 
 class SEMULinear(SEMUAdapter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Optional
 
 import torch.nn as nn
 
@@ -113,7 +114,7 @@ def select_layers(model: nn.Module, config: SEMUConfig) -> dict[str, nn.Module]:
         raise ValueError(f"no layer left to adapt after target_modules/exclude_modules; candidates: {candidates}")
     if config.gamma_overrides:
         matches(list(config.gamma_overrides), chosen)  # a gamma_overrides pattern must pick a layer, as targets do
-    _check_shared_weights(model, chosen)
+    check_shared_weights(model, chosen)
     return chosen
 
 
@@ -142,9 +143,10 @@ def parameter_owners(model: nn.Module) -> dict[int, list]:
     return owners
 
 
-def _check_shared_weights(model: nn.Module, chosen: dict) -> None:
-    """Two adapted layers on one weight tensor cannot both be merged and unmerged exactly: refuse. A weight shared
-    with a module SEMU does not adapt (an LM head tied to the embeddings) is fine until merged: warn."""
+def check_shared_weights(model: nn.Module, chosen: dict, remedy: Optional[str] = None) -> None:
+    """Two adapted layers on one weight tensor cannot both be merged and unmerged exactly: refuse (remedy: what to
+    do instead; default: exclude one of them). A weight shared with a module SEMU does not adapt (an LM head tied
+    to the embeddings) is fine until merged: warn."""
     owners = parameter_owners(model)
     for name, layer in chosen.items():
         sharing = [o for o in owners.get(id(layer.weight), []) if o != name]
@@ -152,8 +154,8 @@ def _check_shared_weights(model: nn.Module, chosen: dict) -> None:
         if adapted:
             pattern = f"^{re.escape(adapted[0])}$"
             raise ValueError(f"layers {name!r} and {adapted[0]!r} share one weight tensor, and SEMU adapts each "
-                             f"weight once: keep one of them (exclude_modules=[{pattern!r}]), or untie the weights "
-                             f"first")
+                             f"weight once: " + (remedy or f"keep one of them (exclude_modules=[{pattern!r}]), or "
+                                                           f"untie the weights first"))
         if sharing:
             warnings.warn(f"{name}.weight is shared with {', '.join(sharing)}: the adapter acts on {name} only, but "
                           f"merge_adapters()/merge_and_unload() would write into the shared tensor and change those "

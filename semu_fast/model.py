@@ -9,7 +9,7 @@ import torch.nn as nn
 from . import serialization
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
-from .layers import is_conv1d
+from .layers import check_shared_weights, is_conv1d
 from .report import SEMUReport
 
 
@@ -74,21 +74,25 @@ class SEMUModel(nn.Module):
         """The adapters merged into the weights inside the block (a faster forward, e.g. for sampling), the weights
         given back bit for bit afterwards; adapters merged before the block stay merged."""
         self._attached("merge the adapters")
-        unmerged = [a for a in self.adapters.values() if not a.merged]
+        adapters = list(self.adapters.values())
+        unmerged = [a for a in adapters if not a.merged]
         try:
-            for adapter in unmerged:
+            for adapter in adapters:  # those merged before too: from the current R
                 adapter.merge()
             yield self
         finally:
-            for adapter in unmerged:
-                adapter.unmerge()
+            if self._detached_by is None:  # unload() or merge_and_unload() inside the block settled the weights
+                for adapter in unmerged:
+                    adapter.unmerge()
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Run the original model inside the block (merged weights are unmerged for it, then merged again)."""
+        """Run the original model inside the block (merged weights are unmerged for it, then merged again). Blocks
+        nest; merging inside one is refused."""
         self._attached("disable_adapters")
         adapters = list(self.adapters.values())
         merged = [a for a in adapters if a.merged]
+        disabled = [a.disabled for a in adapters]
         for adapter in merged:
             adapter.unmerge()
         for adapter in adapters:
@@ -96,10 +100,11 @@ class SEMUModel(nn.Module):
         try:
             yield self
         finally:
-            for adapter in adapters:
-                adapter.disabled = False
-            for adapter in merged:
-                adapter.merge()
+            if self._detached_by is None:  # unload() inside the block gave back the original weights: keep them
+                for adapter, before in zip(adapters, disabled):
+                    adapter.disabled = before
+                for adapter in merged:
+                    adapter.merge()
 
     def _remove_adapters(self, by: str) -> nn.Module:
         for name, adapter in self.adapters.items():
@@ -215,6 +220,8 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
         raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
     config, tensors = serialization.read_folder(path)
     layers = {name: _check_layer(model, name, info, tensors, check_base) for name, info in config["layers"].items()}
+    check_shared_weights(model, dict(layers.values()), remedy="load the adapters onto a model whose weights are "
+                                                             "untied, as in the one they were made on")
     semu_config = SEMUConfig.from_dict(config["semu_config"])
     adapters = {}
     for name, (found, layer) in layers.items():

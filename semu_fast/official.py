@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .adapters import SEMUConv2d, SEMULinear
 from .config import SEMUConfig
+from .layers import check_shared_weights
 from .model import SEMUModel
 from .report import LayerReport, SEMUReport
 
@@ -99,6 +100,8 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
         k, ranks = _ranks(state, name, layer, R)
         _check_outside_block(name, R, k, ranks)
         plan.append((name, layer, a, R[..., :k, :k], U[..., :k], Vh[..., :k, :], k, ranks))
+    check_shared_weights(model, {p[0]: p[1] for p in plan if p[6] > 0},
+                         remedy="load the checkpoint onto a model whose weights are untied, as in the official one")
     config = config if config is not None else SEMUConfig(projection="official", rank_rule="official",
                                                           conv_rank="max" if all(p[7] is None for p in plan)
                                                           else "per_channel")

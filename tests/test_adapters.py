@@ -110,6 +110,85 @@ def test_disable_adapters_runs_the_original_model_even_when_merged():
     assert all(a.merged for a in sm.adapters.values())
 
 
+def test_disable_adapters_nests_and_refuses_a_merge_inside():
+    sm, original = _prepared()
+    x = forget_batches(seed=6)[0][0]
+    reference_model = small_cnn()
+    reference_model.load_state_dict(original)
+    expected = reference_model.eval()(x)
+    with sm.disable_adapters():
+        with sm.disable_adapters():
+            pass
+        assert torch.equal(sm(x), expected)  # the inner block's exit left the outer one disabled
+        with pytest.raises(RuntimeError, match="cannot merge the adapters inside disable_adapters"):
+            sm.merge_adapters()
+        with pytest.raises(RuntimeError, match="cannot merge the adapters inside disable_adapters"):
+            with sm.merged():
+                pass
+        assert torch.equal(sm(x), expected)
+    assert not any(a.merged or a.disabled for a in sm.adapters.values())
+    assert_same_state(sm.unload(), original)
+
+
+@pytest.mark.parametrize("block", ["disable_adapters", "merged"])
+def test_unloading_inside_a_block_keeps_what_unload_gives(block):
+    sm, original = _prepared()
+    sm.merge_adapters()
+    with getattr(sm, block)():
+        model = sm.unload()
+    assert_same_state(model, original)  # the block's exit did not merge into the plain model again
+    sm, original = _prepared()
+    x = forget_batches(seed=7)[0][0]
+    adapted = sm(x)
+    with getattr(sm, "merged")():
+        model = sm.merge_and_unload()
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_merging_again_writes_the_current_R():
+    sm, original = _prepared(torch.float64)
+    x = forget_batches(seed=7, dtype=torch.float64)[0][0]
+    sm.merge_adapters()
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.mul_(3)
+    sm.unmerge_adapters()
+    expected = sm(x)
+    sm.merge_adapters()
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.div_(3)
+    sm.merge_adapters()  # R changed since the merge: written again from the kept weight
+    for name, adapter in sm.adapters.items():
+        torch.testing.assert_close(adapter.base_layer.weight, original[f"{name}.weight"] + adapter.delta_weight())
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.mul_(3)
+    with sm.merged():  # (R is float32: merged and adapted forwards differ by its rounding, stale R by ~1)
+        torch.testing.assert_close(sm(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sm.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_state_dict_holds_the_unmerged_weight_and_loads_into_a_merged_model():
+    sm, original = _prepared()
+    x = forget_batches(seed=7)[0][0]
+    adapted = sm(x)
+    sm.merge_adapters()
+    state = {key: value.clone() for key, value in sm.state_dict().items()}
+    for name in sm.adapters:
+        assert torch.equal(state[f"model.{name}.base_layer.weight"], original[f"{name}.weight"])
+    twin, _ = _prepared(seed=1)  # other R, unmerged
+    twin.load_state_dict(state)
+    torch.testing.assert_close(twin(x), adapted)
+    twin.merge_adapters()  # loading into a merged model: the loaded weight and R, merged
+    state[f"model.7.base_layer.weight"].zero_()
+    twin.load_state_dict(state)
+    assert twin.adapters["7"].merged
+    torch.testing.assert_close(twin.adapters["7"].base_layer.weight, twin.adapters["7"].delta_weight())
+    twin.unmerge_adapters()
+    assert twin.adapters["7"].base_layer.weight.abs().max() == 0
+
+
 def test_merge_and_unload_gives_a_plain_model_with_merged_weights():
     sm, original = _prepared()
     x = forget_batches(seed=7)[0][0]

@@ -103,3 +103,31 @@ def test_loading_onto_an_adapted_model_says_so(tmp_path):
         sf.load_adapters(sm, tmp_path / "adapters")
     with pytest.raises(ValueError, match="already holds SEMU adapters"):
         sf.load_adapters(sm.model, tmp_path / "adapters")
+
+
+def _tied_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    return model
+
+
+def test_adapters_for_two_layers_do_not_load_onto_one_tied_weight(tmp_path):
+    # made on an untied copy (as prepare's refusal of the tied model advises); two adapters on one tensor could not
+    # both unmerge exactly
+    from semu_fast.official import load_official, official_state_dict
+    untied = _tied_mlp()
+    untied[2].weight = torch.nn.Parameter(untied[0].weight.detach().clone())
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    sm = sf.prepare(untied, data, config=sf.SEMUConfig(gamma=0.9))
+    sm.save_adapters(tmp_path)
+    official = official_state_dict(sm)
+    tied = _tied_mlp()
+    before = snapshot(tied)
+    with pytest.raises(ValueError, match="share one weight tensor.*load the adapters onto a model whose weights"):
+        sf.load_adapters(tied, tmp_path)
+    with pytest.raises(ValueError, match="share one weight tensor.*load the checkpoint onto a model whose weights"):
+        load_official(tied, official)
+    assert_same_state(tied, before)
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in tied.modules())
