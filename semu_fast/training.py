@@ -227,12 +227,14 @@ class _Trainer:
         0 it must beat best, so a plateau still runs out of patience."""
         return score >= best + self.min_delta if self.min_delta > 0 else score > best
 
-    def end_epoch(self, entry: dict) -> None:
+    def end_epoch(self, entry: dict, stop: bool) -> None:
+        """Record the epoch (stop: training ends here, which a checkpoint keeps for a resumed run)."""
         run = self.run
         if not all(torch.isfinite(p).all() for p in self.params):
             raise FloatingPointError(f"R holds NaN or Inf after epoch {entry['epoch']}; lower lr")
         run["history"].append(entry)
-        run.update(epoch=entry["epoch"], steps_before=run["steps_before"] + run["step"], step=0, losses=[])
+        run.update(epoch=entry["epoch"], steps_before=run["steps_before"] + run["step"], step=0, losses=[],
+                   stopped=stop)
         if self.checkpoint.enabled:
             self._save()
 
@@ -415,8 +417,8 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
     bar = tqdm(range(trainer.run["epoch"], epochs), desc="SEMU unlearn", unit="epoch",
                disable=not progress)
     for epoch in bar:
-        if trainer.run["step"] == 0 and trainer.steps_left() == 0:  # max_steps reached at an epoch's end
-            break
+        if trainer.run["step"] == 0 and trainer.steps_left() == 0 or trainer.run.get("stopped"):
+            break  # max_steps reached at an epoch's end, or a resumed run that had stopped early
         set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
         trainer.begin_epoch()
         if retain_mode == "mixed":
@@ -434,10 +436,11 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
             extra = dict(on_epoch(epoch + 1, semu_model) or {})
             stop = bool(extra.pop("stop", False))
             entry.update(extra)
-        trainer.end_epoch(entry)
-        bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch" and isinstance(v, float)})
         best = trainer.run["best_epoch"]
-        if stop or (patience is not None and best is not None and epoch + 1 - best >= patience):
+        stop = stop or (patience is not None and best is not None and epoch + 1 - best >= patience)
+        trainer.end_epoch(entry, stop)
+        bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "epoch" and isinstance(v, float)})
+        if stop:
             break
     trainer.restore_best()
     semu_model.eval()

@@ -109,6 +109,15 @@ def test_a_finished_checkpoint_resumes_to_the_same_result(tmp_path):
     assert len(report.training["history"]) == 3
 
 
+@pytest.mark.parametrize("stopping", [{"patience": 1, "lr": 1e-12}, {"on_epoch": lambda epoch, model: {"stop": True}}])
+def test_a_run_that_stopped_early_resumes_to_the_same_result(tmp_path, stopping):
+    first, first_report = _unlearn(tmp_path, select_best=False, **stopping)
+    again, report = _unlearn(tmp_path, select_best=False, **stopping)  # the same call again: nothing more to run
+    assert len(report.training["history"]) == len(first_report.training["history"]) < 3
+    for key, value in _state(first).items():
+        assert torch.equal(_state(again)[key], value), key
+
+
 def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _unlearn(tmp_path, 14)
