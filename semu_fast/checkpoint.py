@@ -6,10 +6,14 @@ step within it, the history, the best R so far, and the model's buffers (BatchNo
 norm_mode="train"). Resuming from it continues exactly where the last checkpoint stood."""
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from ._checks import check_positive_int
 from ._utils import atomic_write
@@ -17,6 +21,60 @@ from ._utils import atomic_write
 FORMAT = "semu_fast.training_state/2"  # /1 (semu_fast 0.1): no random state, fewer settings; not resumable
 STATE_NAME = "training_state.pt"
 ADAPTERS_NAME = "adapters"
+
+
+def data_identity(loader) -> str:
+    """A digest of the data a loader reads, so that a resumed run refuses other data: exact for batches held in
+    memory (a list of tensors or dicts), TensorDatasets, Subsets (their indices), ConcatDatasets and Hugging Face
+    datasets (their own fingerprint); for any other dataset, its type and length only (reading samples could run
+    random transforms). A DataLoader's batch size is part of it, the order of its shuffle is not."""
+    digest = hashlib.sha256()
+
+    def add(item) -> None:
+        if isinstance(item, torch.Tensor):
+            flat = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(item, np.ndarray):
+            digest.update(f"array{item.dtype}{item.shape}".encode())
+            digest.update(np.ascontiguousarray(item).tobytes())
+        elif isinstance(item, (str, int, float, bool, type(None))):
+            digest.update(f"{type(item).__name__}:{item!r};".encode())
+        elif isinstance(item, Mapping):
+            for key in sorted(item, key=str):
+                add(str(key))
+                add(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"seq{len(item)}[".encode())
+            for element in item:
+                add(element)
+            digest.update(b"]")
+        else:
+            dataset(item)
+
+    def dataset(data) -> None:
+        if isinstance(data, torch.utils.data.DataLoader):
+            add(f"batches of {data.batch_size}, drop_last {data.drop_last}")
+            dataset(data.dataset)
+        elif isinstance(data, Subset):
+            add(list(map(int, data.indices)))
+            dataset(data.dataset)
+        elif isinstance(data, TensorDataset):
+            add(list(data.tensors))
+        elif isinstance(data, ConcatDataset):
+            for part in data.datasets:
+                dataset(part)
+        elif isinstance(getattr(data, "_fingerprint", None), str):  # datasets.Dataset
+            add(data._fingerprint)
+        else:
+            try:
+                size = len(data)
+            except TypeError:
+                size = None
+            add(f"{type(data).__module__}.{type(data).__qualname__}:{size}")
+
+    add(loader) if isinstance(loader, (list, tuple)) else dataset(loader)
+    return digest.hexdigest()
 
 
 def _is_adapter_factor(name: str) -> bool:
@@ -66,8 +124,8 @@ class Checkpoint:
         differ = sorted(k for k, v in self.settings.items() if state["settings"].get(k) != v)
         if differ:
             raise ValueError(f"{path} was written by another run: {', '.join(differ)} differ (the SEMU config, the "
-                             f"targeted layers and their weights, and the optimizer settings must all match); pass "
-                             f"the same ones, use another checkpoint_dir, or resume=False")
+                             f"targeted layers and their weights, the data and the optimizer settings must all "
+                             f"match); pass the same ones, use another checkpoint_dir, or resume=False")
         return state
 
     def save_adapters(self, semu_model, group) -> None:

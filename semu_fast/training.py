@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import distributed as distributed_setup
 from ._checks import check_callable, check_choice, check_number, check_positive_int
 from ._utils import set_torch_rng_state, torch_rng_state
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, data_identity
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
 from .layers import select_layers
@@ -368,7 +368,9 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
         "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience,
         "min_delta": min_delta,
-        "retain_data": retain_loader is not None, "loss_fn": _callable_name(loss_fn),
+        "forget_data": data_identity(forget_loader),
+        "retain_data": None if retain_loader is None else data_identity(retain_loader),
+        "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
         **run_identity})
     saved = checkpoint.load() if resume else None

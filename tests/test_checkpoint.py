@@ -140,6 +140,45 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
     assert sf.load_adapters(small_cnn(seed=1), tmp_path / "adapters").adapters
 
 
+def test_resume_refuses_other_forget_or_retain_data(tmp_path):
+    model = small_cnn(seed=1)
+    settings = dict(config=sf.SEMUConfig(gamma=0.9, norm_mode="train", seed=4), lr=1e-2, epochs=1, progress=False,
+                    checkpoint_dir=tmp_path, checkpoint_every=2)
+    sf.unlearn(model, forget_batches(), forget_batches(seed=9), **settings)[0].unload()
+    with pytest.raises(ValueError, match="written by another run: forget_data differ"):
+        sf.unlearn(model, forget_batches(seed=5), forget_batches(seed=9), **settings)
+    with pytest.raises(ValueError, match="written by another run: retain_data differ"):
+        sf.unlearn(model, forget_batches(), forget_batches(seed=10), **settings)
+    sf.unlearn(model, forget_batches(), forget_batches(seed=9), **settings)  # the same data resumes
+
+
+def test_data_identity_reads_what_is_in_memory_and_not_the_shuffle():
+    from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+    from semu_fast.checkpoint import data_identity
+    data = TensorDataset(torch.randn(10, 3), torch.arange(10))
+    loader = lambda dataset, **kw: data_identity(DataLoader(dataset, batch_size=2, **kw))  # noqa: E731
+    assert loader(Subset(data, [0, 1, 2])) == loader(Subset(data, [0, 1, 2]), shuffle=True)
+    assert loader(Subset(data, [0, 1, 2])) != loader(Subset(data, [0, 1, 3]))
+    assert loader(data) != data_identity(DataLoader(data, batch_size=3))
+    assert loader(data) != loader(TensorDataset(data.tensors[0] + 1e-7, data.tensors[1]))
+    assert loader(ConcatDataset([data, data])) != loader(data)
+    batches = [(torch.ones(2, 3, dtype=torch.bfloat16), torch.tensor([0, 1]))]
+    assert data_identity(batches) != data_identity([(batches[0][0].half(), batches[0][1])])
+    assert data_identity([{"ids": torch.tensor([1, 2])}]) != data_identity([{"ids": torch.tensor([1, 3])}])
+
+    class Images(Dataset):  # samples are never read (their transforms may be random): type and length only
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            raise AssertionError("read a sample")
+
+    assert loader(Images(4)) == loader(Images(4)) != loader(Images(5))
+
+
 def test_checkpoint_arguments_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1 or None"):
         _unlearn(tmp_path, checkpoint_every=0)
