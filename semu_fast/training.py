@@ -368,11 +368,11 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
         "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience,
         "min_delta": min_delta,
-        "forget_data": data_identity(forget_loader),
-        "retain_data": None if retain_loader is None else data_identity(retain_loader),
         "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
-        **run_identity})
+        **run_identity, **({} if checkpoint_dir is None else {  # hashes what is in memory: only when it is used
+            "forget_data": data_identity(forget_loader),
+            "retain_data": None if retain_loader is None else data_identity(retain_loader)})})
     saved = checkpoint.load() if resume else None
     undo, semu_model = _Undo(base), None
     try:
