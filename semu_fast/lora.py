@@ -3,7 +3,7 @@
 A SEMU Linear delta U R Vh (U: out x k, R: k x k, Vh: k x in) is a LoRA of rank k with lora_A = Vh (k x in),
 lora_B = U R (out x k) and scaling lora_alpha / r = 1 (for transformers' Conv1D layers too, with peft's
 fan_in_fan_out). SEMU picks k per layer, so the folder sets r and lora_alpha to
-the most common rank and gives every other layer its own r (and alpha = r) in peft's rank_pattern / alpha_pattern.
+the most common rank and gives every layer its own r (and alpha = r) in peft's rank_pattern / alpha_pattern.
 The LoRA applies to the original base model (the delta is relative to the unadapted weights, whether or not the
 SEMU adapters are merged). A conv adapter has one R per input channel (dW[:, n] = U[n] R[n] Vh[n]): that is not a
 product B A of two matrices, so it has no LoRA form and is refused (or skipped with skip_conv=True); the same holds
@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from . import serialization
 from ._utils import atomic_write
 from .adapters import SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .model import SEMUModel
@@ -45,6 +46,7 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
     Raises ValueError for a conv adapter unless skip_conv (then it is skipped with a warning)."""
     if not isinstance(semu_model, SEMUModel):
         raise TypeError(f"semu_model must be a SEMUModel, got {type(semu_model).__name__}")
+    semu_model._attached("export the adapters as LoRA")
     adapters = semu_model.adapters
     conv = [name for name, a in adapters.items() if isinstance(a, (SEMUConv2d, SEMUColumnLinear))]
     if conv and not skip_conv:
@@ -74,8 +76,9 @@ def _pattern_key(keys, name: str) -> Optional[str]:
 def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_path, task_type) -> dict:
     counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))  # the most common rank (the largest of equals)
-    # Longest names first: a name that is a dotted suffix of another must not take its pattern entry.
-    special = {name: k for name, k in sorted(ranks.items(), key=lambda item: -item[0].count(".")) if k != r}
+    # Every layer's own entry, longest names first: peft takes the first key that matches a name as a dotted suffix,
+    # so a name such as "0" must come after "1.0", whose module it would otherwise also match.
+    special = dict(sorted(ranks.items(), key=lambda item: (-item[0].count("."), -len(item[0]), item[0])))
     targets = sorted(ranks)
     # peft targets a module whose name is a target or ends with "." + a target: exclude any other such module.
     adapter_parts = {f"{name}.{child}" for name in ranks for child, _ in
@@ -84,9 +87,13 @@ def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_pat
                      if name and name not in ranks and name not in adapter_parts
                      and any(name.endswith("." + t) for t in targets))
     for name, k in ranks.items():
-        if any(name == e or name.endswith("." + e) for e in exclude) or ranks.get(_pattern_key(special, name), r) != k:
-            raise ValueError(f"module {name!r} cannot be addressed unambiguously by peft's target_modules/"
-                             f"rank_pattern (its name is a dotted suffix of another module's)")
+        if any(name == e or name.endswith("." + e) for e in exclude):
+            raise ValueError(f"module {name!r} cannot be addressed unambiguously by peft's target_modules (its name "
+                             f"is a dotted suffix of a module without an adapter)")
+        key = _pattern_key(special, name)
+        if key != name:
+            raise ValueError(f"module {name!r} cannot be addressed unambiguously by peft's rank_pattern: peft reads "
+                             f"its keys as regular expressions matching a dotted suffix, and {key!r} matches it first")
     # peft takes transformers' Conv1D (weight stored (in, out)) with fan_in_fan_out, one setting for all targets.
     conv1d = {name for name, a in semu_model.adapters.items() if name in ranks and isinstance(a, SEMUConv1D)}
     if conv1d and conv1d != set(ranks):
@@ -133,6 +140,9 @@ def export_lora(semu_model: SEMUModel, path, base_model_name_or_path: Optional[s
     config = _config(semu_model, {name: A.shape[0] for name, (A, _) in factors.items()}, base_model_name_or_path,
                      task_type)
     folder = Path(path)
+    if serialization.saved_format(folder) in (serialization.FORMAT, serialization.OLD_FORMAT):
+        raise ValueError(f"{folder / CONFIG_NAME} is a SEMU adapter folder's config (sf.save_adapters), which a "
+                         f"LoRA's config would replace: export the LoRA into another folder")
     _save_factors(factors, folder, WEIGHTS_NAME, PREFIX)
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return config

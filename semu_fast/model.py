@@ -116,6 +116,7 @@ class SEMUModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """The original model with its original layers and weights (bit for bit); the adapters are dropped."""
+        self._attached("unload")
         self.unmerge_adapters()
         return self._remove_adapters("unload")
 
@@ -222,7 +223,12 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
     layers = {name: _check_layer(model, name, info, tensors, check_base) for name, info in config["layers"].items()}
     check_shared_weights(model, dict(layers.values()), remedy="load the adapters onto a model whose weights are "
                                                              "untied, as in the one they were made on")
-    semu_config = SEMUConfig.from_dict(config["semu_config"])
+    try:
+        semu_config = SEMUConfig.from_dict(config["semu_config"])
+        report = SEMUReport.from_dict(config.get("report", {}))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"the adapter folder's semu_config or report is damaged or from another version "
+                         f"({type(err).__name__}: {err})") from None
     adapters = {}
     for name, (found, layer) in layers.items():
         info = config["layers"][name]
@@ -241,4 +247,4 @@ def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUMod
         with torch.no_grad():
             adapter.R.copy_(R)
         adapters[found] = adapter
-    return SEMUModel(model, adapters, semu_config, SEMUReport.from_dict(config.get("report", {})))
+    return SEMUModel(model, adapters, semu_config, report)

@@ -18,6 +18,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -31,7 +32,7 @@ OLD_FORMAT = "semu_fast.adapters/1"  # a fixed adapters.safetensors, without dig
 CONFIG_NAME = "adapter_config.json"
 OLD_WEIGHTS_NAME = "adapters.safetensors"
 _WEIGHTS = re.compile(r"adapters-[0-9a-f]{16}\.safetensors")
-_TEMPORARY = re.compile(r"\..+\.tmp")  # atomic_write's temporaries
+_TEMPORARY = re.compile(r"\.(adapter_config\.json|adapters-[0-9a-f]{16}\.safetensors)\..+\.tmp")  # atomic_write's
 
 
 def factor_shapes(kind: str, weight_shape, k: int) -> dict[str, tuple]:
@@ -86,6 +87,10 @@ def _digest(values: torch.Tensor) -> str:
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Write the tensors and the JSON config into folder `path` (created if needed), atomically as a whole."""
     folder = Path(path)
+    previous = saved_format(folder)
+    if previous not in (None, FORMAT, OLD_FORMAT):
+        raise ValueError(f"{folder / CONFIG_NAME} exists and is not a SEMU adapter config (a peft LoRA folder?): save "
+                         f"the adapters into another folder")
     folder.mkdir(parents=True, exist_ok=True)
     data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
@@ -93,10 +98,22 @@ def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     atomic_write(folder / weights_name, lambda tmp: Path(tmp).write_bytes(data))
     text = json.dumps({"format": FORMAT, "weights_file": weights_name, "weights_sha256": digest, **config}, indent=2)
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))  # the commit
-    for stale in folder.iterdir():  # older saves' weights, and temporaries a killed save left
+    for stale in folder.iterdir():  # older saves' weights, and temporaries a killed save left; nothing else
         if (_WEIGHTS.fullmatch(stale.name) and stale.name != weights_name) or _TEMPORARY.fullmatch(stale.name) \
-                or stale.name == OLD_WEIGHTS_NAME:
+                or (stale.name == OLD_WEIGHTS_NAME and previous == OLD_FORMAT):
             stale.unlink(missing_ok=True)
+
+
+def saved_format(folder: Path) -> Optional[str]:
+    """The format an existing adapter_config.json in `folder` declares (None: there is none; "" when it declares
+    none, e.g. a peft LoRA's or a damaged one)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    return config.get("format", "") if isinstance(config, dict) and isinstance(config.get("format", ""), str) else ""
 
 
 def read_folder(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -126,6 +143,8 @@ def read_folder(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _read_config(folder: Path) -> dict:
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file: pass the adapter folder (the one holding {CONFIG_NAME})")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except FileNotFoundError:
@@ -135,6 +154,10 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict) or config.get("format") not in (FORMAT, OLD_FORMAT) \
             or not isinstance(config.get("layers"), dict):
         raise ValueError(f"{folder / CONFIG_NAME} is not a {FORMAT} adapter config")
+    bad = [name for name, info in config["layers"].items() if not isinstance(info, dict)]
+    if bad or not isinstance(config.get("semu_config", {}), dict) or not isinstance(config.get("report", {}), dict):
+        raise ValueError(f"{folder / CONFIG_NAME} is damaged: " + (f"layer {bad[0]!r} is not an object" if bad else
+                                                                   "semu_config and report must be objects"))
     name = config.get("weights_file", OLD_WEIGHTS_NAME)
     if not isinstance(name, str) or os.sep in name or name.startswith("."):
         raise ValueError(f"{folder / CONFIG_NAME} names an invalid weights file {name!r}")

@@ -135,6 +135,28 @@ def test_an_unadapted_layer_with_the_same_name_suffix_is_excluded(tmp_path):
         torch.testing.assert_close(peft_model(x), sm(x), rtol=1e-5, atol=1e-6)
 
 
+def test_nested_names_that_end_like_another_layer_get_their_own_rank(tmp_path):
+    """"0" is a dotted suffix of "1.0" (nested nn.Sequential): each must still get its own rank in peft."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Sequential(nn.Linear(8, 8))),
+                          nn.Tanh(), nn.Linear(8, 3))
+    base = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
+    sm = sf.prepare(model, data, config=sf.SEMUConfig(gamma=0.99, svd="exact"))
+    _randomise_R(sm, scale=0.5)
+    ranks = {name: a.rank for name, a in sm.adapters.items()}
+    assert ranks["0"] != ranks["1.0"] and ranks["0"] == ranks["1.2.0"], ranks  # the case the test is about
+    config = export_lora(sm, tmp_path)
+    assert config["rank_pattern"] == ranks
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    for name, k in ranks.items():
+        assert peft_model.base_model.model.get_submodule(name).r["default"] == k
+    x = torch.randn(5, 6, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), sm.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 def test_export_rejects_what_is_not_a_semu_model(tmp_path):
     with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
         export_lora(tiny_llama(), tmp_path)

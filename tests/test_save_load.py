@@ -96,6 +96,55 @@ def test_missing_folder_is_reported(tmp_path):
         sf.load_adapters(small_cnn(), tmp_path / "nowhere")
 
 
+def test_saving_removes_only_what_earlier_saves_wrote(tmp_path):
+    for name in (".notes.tmp", "adapters.safetensors", "readme.md", ".adapter_config.json.x.tmp.bak"):
+        (tmp_path / name).write_text("the user's")
+    (tmp_path / ".adapter_config.json.abc123.tmp").write_text("left by a killed save")
+    _trained().save_adapters(tmp_path)
+    _trained().save_adapters(tmp_path)  # the first save's weights file goes
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".notes.tmp", "adapters.safetensors", "readme.md", ".adapter_config.json.x.tmp.bak", "adapter_config.json",
+         config["weights_file"]])
+
+
+def test_a_semu_folder_and_a_peft_lora_do_not_overwrite_each_other(tmp_path):
+    pytest.importorskip("peft")
+    from semu_fast.lora import export_lora
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    sm = sf.prepare(mlp, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))])
+    sm.save_adapters(tmp_path / "semu")
+    export_lora(sm, tmp_path / "lora")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "semu").iterdir()}
+    with pytest.raises(ValueError, match="is a SEMU adapter folder's config.*export the LoRA into another folder"):
+        export_lora(sm, tmp_path / "semu")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "semu").iterdir()} == before
+    lora = {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()}
+    with pytest.raises(ValueError, match="exists and is not a SEMU adapter config.*save the adapters into another"):
+        sm.save_adapters(tmp_path / "lora")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == lora
+
+
+def test_damaged_configs_and_wrong_paths_get_clear_errors(tmp_path):
+    sm = _trained()
+    sm.save_adapters(tmp_path)
+    with pytest.raises(ValueError, match="adapter_config.json is a file: pass the adapter folder"):
+        sf.load_adapters(small_cnn(), tmp_path / "adapter_config.json")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for damage, match in (({"layers": {**config["layers"], "7": [1]}}, "damaged: layer '7' is not an object"),
+                          ({"semu_config": {**config["semu_config"], "new_knob": 1}}, "semu_config or report"),
+                          ({"report": []}, "semu_config and report must be objects")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **damage}))
+        model = small_cnn()
+        with pytest.raises(ValueError, match=match):
+            sf.load_adapters(model, tmp_path)
+        assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+    sm.unload()
+    with pytest.raises(RuntimeError, match="cannot unload: this SEMUModel was detached by unload"):
+        sm.unload()
+
+
 def test_loading_onto_an_adapted_model_says_so(tmp_path):
     sm = _trained()
     sm.save_adapters(tmp_path / "adapters")
