@@ -76,9 +76,16 @@ class SEMUAdapter(nn.Module):
             raise RuntimeError("cannot merge into an FSDP-sharded weight: keep the adapters unmerged (they train and "
                                "run as they are), or gather a full state dict into an unsharded model and merge there")
         original = self._original_weight if self.merged else weight.detach().clone()
-        exact = torch.promote_types(torch.float32, torch.promote_types(weight.dtype, self.R.dtype))  # float64 stays
-        weight.copy_((original.to(exact) + self.delta_weight().to(exact)).to(weight.dtype))
+        weight.copy_(self.merged_weight(original))
         self._original_weight, self.merged = original, True
+
+    @torch.no_grad()
+    def merged_weight(self, original: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A + dW in the base weight's dtype, as merge writes it (A: the unmerged weight, by default this layer's)."""
+        if original is None:
+            original = self._original_weight if self.merged else self.base_layer.weight.detach()
+        exact = torch.promote_types(torch.float32, torch.promote_types(original.dtype, self.R.dtype))  # float64 stays
+        return (original.to(exact) + self.delta_weight().to(exact)).to(original.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:

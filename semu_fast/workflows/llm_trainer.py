@@ -178,9 +178,10 @@ def _uncached(objective):
 
 
 def merged_state_dict(semu_model) -> dict:
-    """The wrapped model's state dict with the adapters merged in, under the original layers' keys (no R, U, Vh,
-    no ".base_layer"): what from_pretrained loads as a plain model. Call inside semu_model.merged()."""
-    prefixes = {f"{name}.": name for name in semu_model.adapters}
+    """The wrapped model's state dict with the adapters merged in (the weights as merge writes them), under the
+    original layers' keys (no R, U, Vh, no ".base_layer"): what from_pretrained loads as a plain model."""
+    adapters = semu_model.adapters
+    prefixes = {f"{name}.": name for name in adapters}
     out = {}
     for key, value in semu_model.model.state_dict().items():
         layer = next((name for prefix, name in prefixes.items() if key.startswith(prefix)), None)
@@ -190,7 +191,9 @@ def merged_state_dict(semu_model) -> dict:
         rest = key[len(layer) + 1:]
         if rest in ("R", "U", "Vh"):
             continue
-        if rest.startswith("base_layer."):
+        if rest == "base_layer.weight":
+            out[f"{layer}.weight"] = adapters[layer].merged_weight()
+        elif rest.startswith("base_layer."):
             out[f"{layer}.{rest[len('base_layer.'):]}"] = value
     return out
 
@@ -372,8 +375,7 @@ def semu_trainer_class():
                 return None
             os.makedirs(output_dir, exist_ok=True)
             if self.save_merged:
-                with self.semu_model.merged():
-                    self.model.save_pretrained(output_dir, state_dict=merged_state_dict(self.semu_model))
+                self.model.save_pretrained(output_dir, state_dict=merged_state_dict(self.semu_model))
             else:
                 self.semu_model.save_adapters(output_dir)
             processing = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
