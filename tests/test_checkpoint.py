@@ -21,8 +21,9 @@ class Interrupting:
             yield batch
 
 
-def _unlearn(folder=None, budget=None, **overrides):
-    counter = [0]
+def _unlearn(folder=None, budget=None, drawn=None, **overrides):
+    """drawn: a one-element list that counts the batches the run reads (both loaders)."""
+    counter = drawn if drawn is not None else [0]
     args = dict(config=sf.SEMUConfig(gamma=0.9, norm_mode="train", seed=4), optimizer="adam", lr=1e-2, epochs=3,
                 progress=False, checkpoint_dir=folder, checkpoint_every=2 if folder else None)
     args.update(overrides)
@@ -35,13 +36,34 @@ def _state(sm):
     return {k: v.clone() for k, v in sm.model.state_dict().items()}
 
 
+def _left_after(whole: int, budget: int) -> int:
+    """The most batches a resumed run may read after a kill at `budget`: the whole run's less prepare's 3 and each
+    finished epoch's 12 (6 steps, 6 scoring); it may read the killed epoch's again (its skipped steps' batches)."""
+    return whole - 3 - 12 * ((budget - 3) // 12)
+
+
+def _resume(monkeypatch, folder, **overrides):
+    """_unlearn(folder) that must resume: prepare may not run (the adapters come from the checkpoint). Returns
+    (model, report, batches read)."""
+    def no_prepare(*args, **kwargs):
+        raise AssertionError("a resumed run ran prepare")
+
+    drawn = [0]
+    with monkeypatch.context() as patch:
+        patch.setattr("semu_fast.training.prepare", no_prepare)
+        model, report = _unlearn(folder, drawn=drawn, **overrides)
+    return model, report, drawn[0]
+
+
 @pytest.mark.parametrize("budget", [8, 14, 30])  # epoch 1 step 5, epoch 1 evaluation, epoch 3 step 3
-def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
-    expected_model, expected_report = _unlearn()
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget, monkeypatch):
+    whole = [0]
+    expected_model, expected_report = _unlearn(drawn=whole)
     with pytest.raises(KeyboardInterrupt):
         _unlearn(tmp_path, budget)
     assert (tmp_path / "training_state.pt").exists() and (tmp_path / "adapters").is_dir()
-    resumed_model, resumed_report = _unlearn(tmp_path)
+    resumed_model, resumed_report, drawn = _resume(monkeypatch, tmp_path)
+    assert drawn <= _left_after(whole[0], budget)
     expected, got = _state(expected_model), _state(resumed_model)
     assert expected.keys() == got.keys()
     for key in expected:  # R, BatchNorm statistics (norm_mode="train"), U, Vh, base weights
@@ -51,12 +73,14 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, budget):
 
 
 @pytest.mark.parametrize("budget", [8, 16, 20])  # epoch 1 step 5, epoch 2 step 1, epoch 2's scoring
-def test_a_run_with_max_steps_resumes_exactly_and_stops_at_the_same_step(tmp_path, budget):
-    expected_model, expected_report = _unlearn(max_steps=8)  # 6 steps a pass (forget and retain interleaved)
+def test_a_run_with_max_steps_resumes_exactly_and_stops_at_the_same_step(tmp_path, budget, monkeypatch):
+    whole = [0]
+    expected_model, expected_report = _unlearn(max_steps=8, drawn=whole)  # 6 steps a pass (forget, retain alternate)
     assert expected_report.training["epochs"] == 2
     with pytest.raises(KeyboardInterrupt):
         _unlearn(tmp_path, budget, max_steps=8)
-    resumed_model, resumed_report = _unlearn(tmp_path, max_steps=8)
+    resumed_model, resumed_report, drawn = _resume(monkeypatch, tmp_path, max_steps=8)
+    assert drawn <= _left_after(whole[0], budget)
     expected, got = _state(expected_model), _state(resumed_model)
     assert all(torch.equal(expected[key], got[key]) for key in expected)
     assert resumed_report.training["history"] == expected_report.training["history"]
@@ -101,18 +125,20 @@ def test_resume_is_exact_with_dropout_and_a_shuffle(tmp_path, every, shuffle):
             assert torch.equal(got[name], R), (budget, name)
 
 
-def test_a_finished_checkpoint_resumes_to_the_same_result(tmp_path):
+def test_a_finished_checkpoint_resumes_to_the_same_result(tmp_path, monkeypatch):
     first, _ = _unlearn(tmp_path)
-    again, report = _unlearn(tmp_path)
+    again, report, drawn = _resume(monkeypatch, tmp_path)
+    assert drawn == 0  # nothing left to run
     for key, value in _state(first).items():
         assert torch.equal(_state(again)[key], value), key
     assert len(report.training["history"]) == 3
 
 
 @pytest.mark.parametrize("stopping", [{"patience": 1, "lr": 1e-12}, {"on_epoch": lambda epoch, model: {"stop": True}}])
-def test_a_run_that_stopped_early_resumes_to_the_same_result(tmp_path, stopping):
+def test_a_run_that_stopped_early_resumes_to_the_same_result(tmp_path, stopping, monkeypatch):
     first, first_report = _unlearn(tmp_path, select_best=False, **stopping)
-    again, report = _unlearn(tmp_path, select_best=False, **stopping)  # the same call again: nothing more to run
+    again, report, drawn = _resume(monkeypatch, tmp_path, select_best=False, **stopping)
+    assert drawn == 0  # the same call again: nothing more to run
     assert len(report.training["history"]) == len(first_report.training["history"]) < 3
     for key, value in _state(first).items():
         assert torch.equal(_state(again)[key], value), key
