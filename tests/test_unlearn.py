@@ -54,6 +54,23 @@ def test_unlearning_with_retain_data_and_select_best_restores_the_best_epoch():
     assert report.training["best_epoch"] == best["epoch"]
 
 
+def test_select_best_restores_the_R_of_the_best_scored_epoch(monkeypatch):
+    # forget accuracy by epoch (forget set, then retain set, each epoch): epoch 2 scores best; epoch 3 moves R on
+    accuracies = iter([60.0, 90.0, 20.0, 90.0, 40.0, 90.0])
+    monkeypatch.setattr("semu_fast.training.accuracy", lambda *args: next(accuracies))
+    seen = {}
+
+    def record(epoch, semu_model):
+        seen[epoch] = [p.detach().clone() for p in semu_model.trainable_parameters()]
+
+    sm, report = sf.unlearn(small_cnn(), forget_batches(), retain_loader=forget_batches(seed=9), lr=1e-2, epochs=3,
+                            on_epoch=record, progress=False)
+    assert [h["score"] for h in report.training["history"]] == [65.0, 85.0, 75.0]
+    assert report.training["best_epoch"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(sm.trainable_parameters(), seen[2]))
+    assert not all(torch.equal(p, q) for p, q in zip(seen[2], seen[3]))  # the last epoch's R is not the one kept
+
+
 def test_random_labels_never_equal_the_true_ones():
     gen = torch.Generator().manual_seed(0)
     targets = torch.randint(0, 3, (500,))
