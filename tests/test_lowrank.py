@@ -215,47 +215,31 @@ def test_adapter_ops_under_autocast_compute_in_its_dtype_as_plain_layers_do(gen,
             torch.float64
 
 
+def _largest_allocation(fn) -> int:
+    """The most bytes any single operator allocated while fn ran (CPU), kernels' insides included: the custom ops
+    are opaque to TorchFunctionMode/TorchDispatchMode spies, but not to the profiler's memory accounting."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(max(e.cpu_memory_usage, e.self_cpu_memory_usage) for e in prof.events())
+
+
 def test_lowrank_linear_never_forms_the_weight(gen):
-    """The delta path multiplies by Vh, R and U in turn: no (out, in) tensor is ever created."""
-    W, U, R, Vh, b = _linear_args(gen, 300, 200, 2, torch.float32)
-    x, U, R, Vh = torch.randn(4, 200), U.float(), R.float(), Vh.float()
-    inputs = {t.data_ptr() for t in (x, W, U, R, Vh, b)}
-    shapes = []
-
-    class Spy(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if isinstance(result, torch.Tensor) and result.data_ptr() not in inputs:
-                shapes.append(tuple(result.shape))
-            return result
-
-    with Spy():
-        sf.ops.lowrank_linear(x, W, U, R, Vh, b)
-    assert shapes and (4, 300) in shapes, shapes
-    assert (300, 200) not in shapes, shapes
+    """The delta path multiplies by Vh, R and U in turn: no (out, in) tensor is ever allocated."""
+    W, U, R, Vh, b = (t.float() for t in _linear_args(gen, 300, 200, 2, torch.float32))
+    x = torch.randn(4, 200)
+    weight_bytes = W.numel() * W.element_size()
+    assert _largest_allocation(lambda: F.linear(x, W + U @ R @ Vh, b)) >= weight_bytes  # the check sees one
+    assert _largest_allocation(lambda: sf.ops.lowrank_linear(x, W, U, R, Vh, b)) < weight_bytes / 4
 
 
 def test_lowrank_linear_backward_never_forms_the_weight_gradient(gen):
-    """Every ATen op of forward and backward (training R, x requiring grad): none makes an (out, in) tensor."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Forward and backward (training R, x requiring grad): no operator allocates an (out, in) tensor."""
     W, U, R, Vh, b = (t.float() for t in _linear_args(gen, 300, 200, 2, torch.float32))
     x = torch.randn(4, 200, requires_grad=True)
     R.requires_grad_(True)
-    shapes = []
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor):
-                    shapes.append((str(func), tuple(t.shape)))
-            return result
-
-    with Spy():
-        sf.ops.lowrank_linear(x, W, U, R, Vh, b).sum().backward()
+    weight_bytes = W.numel() * W.element_size()
+    assert _largest_allocation(lambda: sf.ops.lowrank_linear(x, W, U, R, Vh, b).sum().backward()) < weight_bytes / 4
     assert x.grad is not None and R.grad is not None
-    big = [s for s in shapes if s[1] in ((300, 200), (200, 300))]
-    assert len(shapes) > 8 and not big, big
 
 
 def test_lowrank_ops_pass_opcheck(gen):
