@@ -131,3 +131,26 @@ def test_console_script_is_installed():
         pytest.skip("semu-fast is not on PATH (package not installed with pip)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "unlearn" in out.stdout
+
+
+@pytest.mark.parametrize("argv, flags, dests, expected, kept", [
+    (["unlearn-sd", "--preset", "official", "--model", "m", "--forget-prompt", "cat", "--layers", "xattn"],
+     {"preset": "layers", "lr": "lr"}, {"preset": "layers"}, {"preset": "xattn"}, None),
+    (["unlearn-ddpm", "--preset", "official", "--alpha", "1"], {"alpha": "alpha", "steps": "steps"}, {},
+     {"alpha": 1.0}, "steps"),
+    (["unlearn", "--preset", "official", "--epochs", "15"], {"epochs": "epochs", "lr": "lr"}, {}, {"epochs": 15},
+     "lr"),
+])
+def test_a_flag_given_with_its_default_value_still_overrides_the_official_preset(argv, flags, dests, expected, kept):
+    import semu_fast as sf
+    from semu_fast.cli import _given, build_parser
+    from semu_fast.cli._common import preset_options
+
+    args = build_parser().parse_args(argv)
+    args.given = _given(argv)
+    name = {"unlearn-sd": "official-sd", "unlearn-ddpm": "official-ddpm", "unlearn": "official-classification"}
+    options = preset_options(name[argv[0]], args, {k: getattr(args, dest) for k, dest in flags.items()}, dests)
+    official = sf.preset(name[argv[0]])
+    assert all(options[k] == v != official[k] for k, v in expected.items())  # each one the preset sets otherwise
+    if kept is not None:  # a flag not given keeps the preset's value, not the command's default
+        assert options[kept] == official[kept] != getattr(args, flags[kept])

@@ -32,8 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(argv) -> set:
+    """The dests the command line sets, whatever their values (a flag given with its default value overrides a
+    preset too): argv parsed again with every default suppressed."""
+    parser = build_parser()
+    parsers = [parser, *next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()]
+    for each in parsers:
+        for action in each._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.given = _given(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     if quiet:  # also where the calling program set up logging already (basicConfig then does nothing)

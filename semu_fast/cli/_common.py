@@ -109,17 +109,18 @@ def add_preset_flag(group, official: str, moved: Optional[dict] = None) -> None:
         return value
 
     group.add_argument("--preset", type=preset, choices=("ours", "official"), default="ours",
-                       help=f"official: the official SEMU run ({official}; flags given with other values override "
+                       help=f"official: the official SEMU run ({official}; flags given override "
                        f"it); ours (default): the settings that forget best here")
 
 
-def preset_options(name: str, parser, flags: dict, dests: Optional[dict] = None, **fixed) -> dict:
-    """sf.preset(name) with `fixed` and every flag of `flags` ({parameter: value}) whose value is not its default;
-    dests maps a parameter to its flag's dest where the two names differ."""
+def preset_options(name: str, args, flags: dict, dests: Optional[dict] = None, **fixed) -> dict:
+    """sf.preset(name) with `fixed` and every flag of `flags` ({parameter: value}) given on the command line, also
+    with its default value (args.given: the dests given, which semu_fast.cli.main records); dests maps a parameter
+    to its flag's dest where the two names differ."""
     import semu_fast as sf
 
     dests = dests or {}
-    return sf.preset(name, **fixed, **{k: v for k, v in flags.items() if v != parser.get_default(dests.get(k, k))})
+    return sf.preset(name, **fixed, **{k: v for k, v in flags.items() if dests.get(k, k) in args.given})
 
 
 def add_device_flag(group) -> None:
@@ -164,7 +165,7 @@ def silence(*libraries: str) -> None:
 def settings(args) -> dict:
     """The parsed flags, JSON-ready (paths as strings)."""
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-            if key not in ("func", "quiet", "command", "parser")}
+            if key not in ("func", "quiet", "command", "parser", "given")}
 
 
 def finish_run(out: Path, files: list, summary=()) -> int:

@@ -89,7 +89,7 @@ def run_unlearn(args, parser) -> int:
                                            args.train_epochs, not args.quiet, "Retrain", args.device)
     flags = {"gamma": args.gamma, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs}
     if args.preset == "official":
-        semu = preset_options("official-classification", parser, flags, seed=args.seed)
+        semu = preset_options("official-classification", args, flags, seed=args.seed)
         config = semu.pop("config")
     else:
         config = sf.SEMUConfig(gamma=args.gamma, seed=args.seed)

@@ -174,7 +174,7 @@ def run_ddpm(args, parser) -> int:
     flags = {"alpha": args.alpha, "gamma": args.gamma, "attention_gamma": args.attention_gamma,
              "attention_layout": args.attention_layout, "lr": args.lr, "steps": args.steps}
     if args.preset == "official":
-        options = preset_options("official-ddpm", parser, flags, seed=args.seed)
+        options = preset_options("official-ddpm", args, flags, seed=args.seed)
     else:
         options = {**flags, "seed": args.seed}
     semu_model, report, trained = D.unlearn_ddpm(unet, scheduler, forget, args.forget_class,
@@ -244,7 +244,7 @@ def run_sd(args, parser) -> int:
              "epochs": args.epochs, "batch_size": args.batch_size, "gradient_guidance": args.guidance,
              "sample_guidance": args.guidance, "num_latents": args.num_latents, "sample_steps": args.sample_steps}
     if args.preset == "official":
-        options = preset_options("official-sd", parser, flags, {"preset": "layers", "gradient_guidance": "guidance",
+        options = preset_options("official-sd", args, flags, {"preset": "layers", "gradient_guidance": "guidance",
                                                                 "sample_guidance": "guidance"}, seed=args.seed)
     else:
         options = {**flags, "seed": args.seed}
