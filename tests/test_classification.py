@@ -506,3 +506,18 @@ def test_record_run_removes_only_what_the_previous_run_listed_and_this_one_did_n
                                                                                                   "spectra.png"]
     (out / results.MANIFEST).write_text("{not json")
     assert results.record_run(out, []) == [] and (out / "spectra.png").exists()  # unreadable list: nothing goes
+
+
+def test_record_run_keeps_what_this_run_read(tmp_path):
+    """unlearn-sd --save-unet into a copy of the model, then --model that copy --out it again: the unet/ the first run
+    wrote is the second run's model, not a leftover."""
+    out = tmp_path / "out"
+    (out / "unet").mkdir(parents=True)
+    (out / "lora").mkdir()
+    results.write_json(out / results.MANIFEST, ["metrics.json", "unet/", "lora/"])
+    assert results.record_run(out, ["metrics.json"], [out / "unet", out / "vae", None]) == ["lora/"]
+    assert (out / "unet").is_dir() and not (out / "lora").exists()
+    results.write_json(out / results.MANIFEST, ["unet/", "data.jsonl"])
+    (out / "data.jsonl").write_text("{}")
+    assert results.record_run(out, [], [out / "unet" / "config.json", out / "data.jsonl"]) == []
+    assert (out / "unet").is_dir() and (out / "data.jsonl").exists()

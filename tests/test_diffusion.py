@@ -432,6 +432,20 @@ def test_sd_without_a_scheduler_folder_samples_with_sd_s_schedule_unclipped(sd_f
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.prediction_type == "epsilon"
 
 
+def test_a_scheduler_config_without_clip_sample_samples_unclipped(sd_folder, tmp_path):
+    """A PNDM config saved by hand names no clip_sample: DDPMScheduler's default (True) would clip SD's latents."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    diffusers.PNDMScheduler(beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    assert "clip_sample" not in json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert not SD.load_sd(folder, "cpu")[3].config.clip_sample
+    diffusers.DDPMScheduler(clip_sample=True).save_pretrained(folder / "scheduler")  # one that asks for it
+    assert SD.load_sd(folder, "cpu")[3].config.clip_sample
+
+
 def test_unlearn_sd_takes_a_prompt_string_and_refuses_degenerate_input(sd_folder, monkeypatch):
     unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
     encoded, encode = [], SD.encode_prompts

@@ -193,7 +193,7 @@ def run_ddpm(args, parser) -> int:
         results.write_samples(args.out, grid_before, grid(semu_model), [f"class {c}" for c in
                                                                         range(DIGITS_NUM_CLASSES)])
         files += [results.SAMPLES, *results.render(args.out)]
-    results.record_run(args.out, files)
+    results.record_run(args.out, files, [args.classifier, args.cache_dir])
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
         f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
@@ -277,7 +277,8 @@ def run_sd(args, parser) -> int:
     if args.save_unet:
         semu_model.merge_and_unload().save_pretrained(args.out / "unet")
         files.append("unet/")
-    results.record_run(args.out, files)
+    results.record_run(args.out, files, [*(args.model / name for name in SD.SD_SUBFOLDERS), args.images,
+                                         args.retain_images])
     return finish_run(args.out, files, [
         f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
         f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}",

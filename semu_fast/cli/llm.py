@@ -342,7 +342,8 @@ def run(args, parser) -> int:
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
-    results.record_run(args.out, files)
+    results.record_run(args.out, files, [args.model, args.reference_model, args.forget_file, args.retain_file,
+                                         args.holdout_file])
     rows = [("forget ppl", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
         rows.append(("retain ppl", "retain_ppl_before", "retain_ppl_after"))

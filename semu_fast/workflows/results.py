@@ -212,18 +212,22 @@ def _listed(out: Path) -> list[str]:
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
-def record_run(out, files: list[str]) -> list[str]:
+def record_run(out, files: list[str], inputs=()) -> list[str]:
     """After a run wrote `files` into folder `out` (names as the commands print them, folders ending in "/"): remove
     what the previous run there listed and this one did not write (its lora/, unet/, samples, plots or run.json
-    would otherwise pass for this run's), then list this run's files. Only plain names inside `out` are removed;
-    returns the names removed."""
+    would otherwise pass for this run's), then list this run's files. Only plain names inside `out` are removed,
+    never one that holds or is one of `inputs` (the paths the run read, e.g. a model folder an earlier run wrote
+    there); returns the names removed."""
     out = Path(out)
+    inputs = [Path(p).resolve() for p in inputs if p is not None]
     removed = []
     for name in sorted(set(_listed(out)) - set(files)):
         plain = name.rstrip("/")
         path = out / plain
         if "/" in plain or plain in ("", ".", "..") or path.is_symlink() or not path.exists():
             continue  # a hand-edited list never reaches outside the folder
+        if any(p == path.resolve() or path.resolve() in p.parents for p in inputs):
+            continue  # this run's own input
         if path.is_dir():
             shutil.rmtree(path)
         else:

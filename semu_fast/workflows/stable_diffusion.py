@@ -362,10 +362,13 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
     return semu_model, report, metrics
 
 
+SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")  # what load_sd reads of a model folder
+
+
 def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     """(unet, text_encoder, tokenizer, scheduler) from a local Stable-Diffusion-style folder with unet/,
-    text_encoder/ and tokenizer/ subfolders (scheduler/ optional: its betas are used in a DDPMScheduler; without it,
-    SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). with_vae: a fifth entry, the AutoencoderKL of vae/ (eval,
+    text_encoder/ and tokenizer/ subfolders (scheduler/ optional: its betas are used in a DDPMScheduler, with
+    clip_sample False unless its config sets it; without it, SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). with_vae: a fifth entry, the AutoencoderKL of vae/ (eval,
     frozen), or None when the folder has no vae/. Nothing is downloaded; float32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -378,10 +381,13 @@ def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).float()
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).float()
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    # Without clip_sample=False, DDPM/DDIM steps clip the predicted latents to [-1, 1] (DDPMScheduler's default),
+    # which SD's latents far exceed: a scheduler config that does not say otherwise gets False.
     if (path / "scheduler").is_dir():
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-    else:
-        # SD 1.x's schedule: without clip_sample=False, DDIM would clip the predicted latents to [-1, 1]
+        config = DDPMScheduler.load_config(path / "scheduler", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True,
+                                                  **({} if "clip_sample" in config else {"clip_sample": False}))
+    else:  # SD 1.x's schedule
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                   beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     device = device or default_device()
