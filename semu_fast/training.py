@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import time
@@ -274,6 +275,38 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
                          "train_loss_fn, draw the labels there")
 
 
+def _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
+                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps) -> None:
+    if not isinstance(config, SEMUConfig):
+        raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
+    check_training_args(optimizer, lr, epochs, momentum, weight_decay)
+    check_callable("loss_fn", loss_fn, "(model, batch) -> scalar")
+    for name, fn in (("train_loss_fn", train_loss_fn), ("retain_loss_fn", retain_loss_fn)):
+        check_callable(name, fn, "(model, batch, generator) -> scalar")
+    check_callable("on_epoch", on_epoch, "(epoch, semu_model) -> dict or None")
+    _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn)
+    check_number("max_grad_norm", max_grad_norm, optional=True)
+    check_positive_int("max_steps", max_steps, optional=True)
+
+
+def check_unlearn_arguments(workflow: str, fixed: dict, extra: dict) -> None:
+    """sf.unlearn's checks that need neither the model nor the data, on the keyword arguments a workflow will pass
+    it (fixed: its own; extra: the caller's **unlearn_kwargs), for workflows that do costly work first (sampling,
+    forward passes): unknown names, names the workflow sets itself and bad values are refused before that work."""
+    taken = sorted(set(fixed) & set(extra))
+    if taken:
+        raise ValueError(f"{workflow} sets {', '.join(taken)} itself: leave them out of its extra sf.unlearn "
+                         f"arguments")
+    try:
+        bound = inspect.signature(unlearn).bind(None, None, **fixed, **extra)  # model and forget_loader come later
+    except TypeError as err:
+        raise TypeError(f"{workflow}'s extra sf.unlearn arguments: {err}") from None
+    bound.apply_defaults()
+    settings = inspect.signature(_check_settings).parameters
+    _check_settings(**{name: bound.arguments[name] for name in settings if name != "config"},
+                    config=bound.arguments["config"] if bound.arguments["config"] is not None else SEMUConfig())
+
+
 class _Undo:
     """What unlearn changes in the user's model, captured before it starts, so that any error (or Ctrl-C) after
     the adapters are installed gives the model back exactly: its layers and requires_grad flags (unload), its
@@ -343,17 +376,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     distributed, process_group: as in prepare; while training R the gradients of R are averaged across ranks at
     every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()
-    if not isinstance(config, SEMUConfig):
-        raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
-    check_training_args(optimizer, lr, epochs, momentum, weight_decay)
-    check_callable("loss_fn", loss_fn, "(model, batch) -> scalar")
-    for name, fn in (("train_loss_fn", train_loss_fn), ("retain_loss_fn", retain_loss_fn)):
-        check_callable(name, fn, "(model, batch, generator) -> scalar")
-    check_callable("on_epoch", on_epoch, "(epoch, semu_model) -> dict or None")
-    _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn)
-    check_number("max_grad_norm", max_grad_norm, optional=True)
-    if max_steps is not None:
-        check_positive_int("max_steps", max_steps)
+    _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
+                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)

@@ -5,6 +5,7 @@ import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -516,6 +517,28 @@ def test_unlearn_sd_rejects_bad_retain_input_before_changing_anything(sd_folder)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
 
 
+def test_unlearn_sd_refuses_bad_training_arguments_before_sampling(sd_folder, monkeypatch):
+    unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
+
+    def costly(*args, **kwargs):
+        raise AssertionError("sampled or predicted before refusing a bad argument")
+
+    for name in ("sample_sd_latents", "sd_predictions", "_sd_gaps"):
+        monkeypatch.setattr(SD, name, costly)
+    nan_latents = torch.randn(2, 4, 8, 8)
+    nan_latents[1, 0, 0, 0] = float("nan")
+    cases = [({"lr": -1.0}, ValueError, "lr must be a finite positive number"),
+             ({"epochs": 0}, ValueError, "epochs must be an int >= 1"),
+             ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be a finite positive number"),
+             ({"max_grad_nrom": 1.0}, TypeError, "unexpected keyword argument 'max_grad_nrom'"),
+             ({"loss_fn": lambda model, batch: 0}, ValueError, "unlearn_sd sets loss_fn itself"),
+             ({"sample_guidance": float("nan")}, ValueError, "sample_guidance must be a finite"),
+             ({"latents": nan_latents}, ValueError, "latents holds NaN or Inf")]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            SD.unlearn_sd(unet, sched, text_encoder, tokenizer, ["cat"], progress=False, **kwargs)
+
+
 def test_unlearn_sd_with_retain_data_trains_and_reports_drift(sd_folder):
     unet, text_encoder, tokenizer, sched = SD.load_sd(sd_folder, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -684,13 +707,24 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
                 "--num-latents", "2", "--sample-steps", "2", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
                 "--grid-samples", "0", "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [".semu_fast_files.json", "adapters", "metrics.json",
-                                                      "notes.txt"]
-    assert json.loads((out / ".semu_fast_files.json").read_text()) == ["metrics.json", "adapters/"]
+                                                      "notes.txt", "report.md"]
+    assert json.loads((out / ".semu_fast_files.json").read_text()) == ["metrics.json", "adapters/", "report.md"]
+    assert cli(["report", str(out)]) == 0  # a run without sample grids is a results folder too
     assert json.loads((out / "metrics.json").read_text())["settings"]["forget_prompt"] == ["cat"]
     with pytest.raises(SystemExit):  # the merged UNet would replace the model's own
         cli(["unlearn-sd", "--model", str(sd_folder), "--forget-prompt", "cat", "--out", str(sd_folder),
              "--save-unet", "--quiet"])
     assert "--save-unet would replace its unet/" in capsys.readouterr().err
+
+
+def test_unlearn_sd_refuses_retain_flags_that_do_not_fit_before_loading(tmp_path, capsys):
+    missing = tmp_path / "no-model"  # were the model loaded first, the error would be about --model
+    for flags, message in ((["--retain-weight", "0.5"], "argument --retain-weight: needs --retain-prompt"),
+                           (["--retain-prompt", "dog", "--retain-weight", "0"],
+                            "argument --retain-weight: 0 would ignore --retain-prompt")):
+        with pytest.raises(SystemExit):
+            cli(["unlearn-sd", "--model", str(missing), "--forget-prompt", "cat", *flags])
+        assert message in capsys.readouterr().err
 
 
 def test_unlearn_sd_preset_refuses_a_layer_set_naming_its_new_flag(tmp_path, capsys):
@@ -769,3 +803,36 @@ def test_cli_unlearn_ddpm_official_preset(tmp_path):
     used = json.loads((out / "metrics.json").read_text())["metrics"]["semu_settings"]
     assert used["steps"] == 2 and used["target"] == "next" and used["guidance"] == 2.0 and used["alpha"] == 0.0
     assert used["semu_options"]["min_rank"] == 0 and used["semu_options"]["grad_clip"] == 1.0
+
+
+def test_unlearn_ddpm_refuses_inputs_that_would_fail_or_mislead_late():
+    unet = tiny_unet()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    for kwargs, message in (({"num_classes": 10}, "num_classes=10 exceeds the UNet's class embedding"),
+                            ({"alpha": -1.0}, "alpha must be a finite non-negative number"),
+                            ({"alpha": float("nan")}, "alpha must be a finite non-negative number")):
+        with pytest.raises(ValueError, match=message):
+            D.unlearn_ddpm(unet, scheduler(), batches(1), 1, **{"num_classes": NUM_CLASSES, **kwargs}, steps=1,
+                           progress=False)
+    # batches of another class than the one forgotten: refused at the gradient pass's first batch
+    with pytest.raises(ValueError, match=r"labels \[2\] outside the forgotten class\(es\) \[1\]"):
+        D.unlearn_ddpm(unet, scheduler(), batches(2), 1, num_classes=NUM_CLASSES, steps=1, progress=False)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+    assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in unet.modules())
+
+
+@pytest.mark.parametrize("forget_class", [np.int64(1), torch.tensor(1), [np.int64(1)]])
+def test_unlearn_ddpm_takes_numpy_and_tensor_class_numbers(forget_class):
+    _, report, _ = D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), forget_class, num_classes=NUM_CLASSES,
+                                  steps=1, progress=False)
+    assert report.layers
+    with pytest.raises(ValueError, match="forget_class must be a class in"):
+        D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1.0, num_classes=NUM_CLASSES, steps=1, progress=False)
+
+
+def test_target_modules_in_semu_options_leave_the_attention_out():
+    _, report, _ = D.unlearn_ddpm(tiny_unet(), scheduler(), batches(1), 1, num_classes=NUM_CLASSES, steps=1,
+                                  progress=False, semu_options={"target_modules": [r"conv"]})
+    assert report.layers and not any(D.matches_attention(layer.name) for layer in report.layers)
+    config = SD.sd_config("xattn", target_modules=[r"attn2\.to_v$"])  # replaces the preset's layers
+    assert list(config.target_modules) == [r"attn2\.to_v$"]

@@ -137,6 +137,7 @@ def run_ddpm(args, parser) -> int:
     from ..workflows import diffusion as D, results
     from ..workflows.classification import pretrained_digits_cnn
     from ..workflows.digits import DIGITS_NUM_CLASSES, digits_cnn
+    from ..workflows.models import load_checkpoint
 
     require(parser, "diffusers")
     if args.quiet:
@@ -146,12 +147,10 @@ def run_ddpm(args, parser) -> int:
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
     device = args.device = args.device or default_device()  # recorded in run.json as used
     if args.classifier is not None:
-        classifier = digits_cnn()
         try:
-            classifier.load_state_dict(torch.load(args.classifier, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError) as err:
-            parser.error(f"argument --classifier: cannot load a digits_cnn state dict from {args.classifier} "
-                         f"({err})")
+            classifier = load_checkpoint(digits_cnn(), args.classifier)
+        except (OSError, ValueError) as err:
+            parser.error(f"argument --classifier: cannot load a digits_cnn state dict: {err}")
         classifier.to(device)
     else:
         classifier = pretrained_digits_cnn(cache_dir, args.seed, progress=not args.quiet, device=device)
@@ -188,11 +187,12 @@ def run_ddpm(args, parser) -> int:
                "per_class_accuracy_before": before["per_class_accuracy"],
                "per_class_accuracy_after": after["per_class_accuracy"],
                **trained, "total_params": report.total_params, "semu_settings": options}
-    files = results.write_run(args.out, semu_model, report, metrics, settings(args))
+    files = results.write_run(args.out, semu_model, report, metrics, settings(args), "unlearn-ddpm")
     if args.grid_samples:
         results.write_samples(args.out, grid_before, grid(semu_model), [f"class {c}" for c in
                                                                         range(DIGITS_NUM_CLASSES)])
-        files += [results.SAMPLES, *results.render(args.out)]
+        files.append(results.SAMPLES)
+    files += results.render(args.out, samples=bool(args.grid_samples))
     results.record_run(args.out, files, [args.classifier, args.cache_dir])
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
@@ -227,16 +227,21 @@ def run_sd(args, parser) -> int:
     if args.save_unet and args.out.resolve() == args.model.resolve():
         parser.error(f"argument --out: {args.out} is the --model folder; --save-unet would replace its unet/ with the "
                      f"merged one (give another --out)")
+    retain_prompts = args.retain_prompt or []
+    if args.retain_images is not None and not retain_prompts:
+        parser.error("argument --retain-images: needs --retain-prompt (the prompt of those images)")
+    retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if retain_prompts else 0.0)
+    if retain_weight > 0 and not retain_prompts:
+        parser.error("argument --retain-weight: needs --retain-prompt (the prompts of the data to keep)")
+    if retain_prompts and retain_weight == 0:
+        parser.error("argument --retain-weight: 0 would ignore --retain-prompt; give a weight > 0 (the official "
+                     "--retrain uses 0.1)")
     args.device = args.device or default_device()  # recorded in run.json as used
     try:
         unet, text_encoder, tokenizer, scheduler, vae = SD.load_sd(args.model, args.device, with_vae=True)
     except (OSError, ValueError) as err:
         parser.error(f"argument --model: {err}")
     anchors = args.anchor_prompt if args.anchor_prompt is not None else [""]
-    retain_prompts = args.retain_prompt or []
-    if args.retain_images is not None and not retain_prompts:
-        parser.error("argument --retain-images: needs --retain-prompt (the prompt of those images)")
-    retain_weight = args.retain_weight if args.retain_weight is not None else (0.1 if retain_prompts else 0.0)
     latents = _encode_folder(parser, "--images", args.images, vae, unet) if args.images is not None else None
     retain_latents = (_encode_folder(parser, "--retain-images", args.retain_images, vae, unet)
                       if args.retain_images is not None else None)
@@ -263,12 +268,14 @@ def run_sd(args, parser) -> int:
     except ValueError as err:
         library_error(parser, err)
     metrics["semu_settings"] = {**options, "retain_weight": retain_weight}
-    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors})
+    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors},
+                              "unlearn-sd")
     if args.grid_samples:
         grid_after = grid(semu_model)
         results.write_samples(args.out, sd_images.latents_to_images(grid_before, vae, grid_before),
                               sd_images.latents_to_images(grid_after, vae, grid_before), grid_prompts)
-        files += [results.SAMPLES, *results.render(args.out)]
+        files.append(results.SAMPLES)
+    files += results.render(args.out, samples=bool(args.grid_samples))
     if args.lora:
         from ..lora import export_diffusers_lora
 

@@ -335,7 +335,7 @@ def run(args, parser) -> int:
     metrics.update({f"{key}_after": value for key, value in after.items()})
     run_settings = {**settings(args), "forget_loss": loss_name, "target_modules": targets, "epochs": metrics["epochs"],
                     **{key: report.training[key] for key in ("select_best", "train_on_retain", "retain_loss")}}
-    files = results.write_run(args.out, semu_model, report, metrics, run_settings)
+    files = results.write_run(args.out, semu_model, report, metrics, run_settings, "unlearn-llm")
     text = llm.report_markdown(metrics, report, run_settings)
     atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))
     files.insert(1, "report.md")

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -128,14 +129,18 @@ def eps_mse_loss(model: nn.Module, scheduler, batch, generator: torch.Generator,
 
 
 def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True, reduction: str = "mean",
-                   guidance: float = 0.0, null_class: Optional[int] = None):
+                   guidance: float = 0.0, null_class: Optional[int] = None,
+                   forget_classes: Optional[Sequence[int]] = None):
     """loss_fn(model, batch) for sf.prepare: the eps-prediction loss on forget batches (x0, labels), with the
     noise and timesteps of each call drawn from its own generator seeded with `seed`; guidance w predicts with
-    (1 + w) eps_c - w eps_null, as the official gradient pass does (w = 2)."""
+    (1 + w) eps_c - w eps_null, as the official gradient pass does (w = 2). forget_classes: refuse batches with
+    other labels."""
     check_choice("reduction", reduction, REDUCTIONS)
     generator = torch.Generator().manual_seed(seed)
 
     def loss_fn(model, batch):
+        if forget_classes is not None:
+            _check_forget_labels(split_batch(batch, "the DDPM gradient pass")[1], list(forget_classes))
         return eps_mse_loss(model, scheduler, batch, generator, antithetic, reduction=reduction,
                             guidance=guidance, null_class=null_class)
 
@@ -148,6 +153,32 @@ def _other_classes(labels: torch.Tensor, forget_classes: Sequence[int], num_clas
     if len(allowed) == 0:
         raise ValueError(f"no class left to steer to: forget_classes {list(forget_classes)} cover all {num_classes}")
     return allowed[torch.randint(0, len(allowed), labels.shape, generator=generator)]
+
+
+def class_list(name: str, classes, num_classes: int) -> list[int]:
+    """One class or a non-empty sequence of them (ints, numpy or 0-d tensor integers) as a list of ints in
+    [0, num_classes); anything else is refused naming `name`."""
+    def one(c):
+        if isinstance(c, torch.Tensor) and c.dim() == 0 and not c.is_floating_point() and c.dtype != torch.bool:
+            c = c.item()
+        return int(c) if isinstance(c, numbers.Integral) and not isinstance(c, bool) else None
+
+    single = one(classes)
+    try:
+        found = [single] if single is not None else [one(c) for c in classes]
+    except TypeError:
+        found = []
+    if not found or any(c is None or not 0 <= c < num_classes for c in found):
+        raise ValueError(f"{name} must be a class in [0, {num_classes}) or a non-empty list of them, got "
+                         f"{classes!r}")
+    return found
+
+
+def _check_forget_labels(labels: torch.Tensor, forget_classes: list) -> None:
+    strays = labels[~torch.isin(labels, torch.tensor(forget_classes, device=labels.device))]
+    if len(strays):
+        raise ValueError(f"a forget batch holds labels {sorted(set(strays.tolist()))[:5]} outside the forgotten "
+                         f"class(es) {forget_classes}: forget_loader must yield samples of those classes only")
 
 
 def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_classes: int, *,
@@ -163,13 +194,15 @@ def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_c
     remain batch's noise, timesteps and dropout."""
     check_choice("target", target, TARGETS)
     check_choice("remain_reduction", remain_reduction, REDUCTIONS)
-    forget_classes = [forget_classes] if isinstance(forget_classes, int) else list(forget_classes)
+    forget_classes = class_list("forget_classes", forget_classes, num_classes)
+    check_number("alpha", alpha, positive=False)
     dropout = {"cond_dropout": cond_dropout, "null_class": null_class}
 
     def loss_fn(model, batch, generator):
         x0, labels = split_batch(batch, "the DDPM forget loss")
         device = model_device(model)
         x0, labels = x0.to(device), labels.to(device)
+        _check_forget_labels(labels, forget_classes)
         x_t, _, t = add_noise(scheduler, x0, generator, antithetic)
         other = (_other_classes(labels, forget_classes, num_classes, generator).to(device) if target == "random"
                  else (labels + 1) % num_classes)
@@ -253,7 +286,8 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     random other class; cond_dropout p, every training forward drops labels to the null class with probability p;
     reduction "sum", the gradient-pass and remain losses sum each sample's squared error over its pixels (the
     official loss) instead of averaging. The null class is the last class-embedding row, so guidance and
-    cond_dropout need num_class_embeds > num_classes. **unlearn_kwargs go to sf.unlearn (e.g. grad_clip)."""
+    cond_dropout need num_class_embeds > num_classes. **unlearn_kwargs go to sf.unlearn (e.g. max_grad_norm; the
+    SEMUConfig's grad_clip goes in semu_options)."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if "max_steps" in unlearn_kwargs:
@@ -262,15 +296,16 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     if steps is not None:
         check_positive_int("steps", steps)
     check_epsilon_prediction(scheduler)
+    embeds = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None) or 0
     if num_classes is None:
-        num_classes = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None)
-        if not num_classes:
+        if not embeds:
             raise ValueError("num_classes is needed: the UNet has no num_class_embeds (is it class-conditional?)")
-    forget = [forget_class] if isinstance(forget_class, int) else list(forget_class)
-    bad = [c for c in forget if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
-    if not forget or bad:
-        raise ValueError(f"forget_class must be a class in [0, {num_classes}) or a non-empty list of them, got "
-                         f"{forget_class!r}")
+        num_classes = embeds
+    if embeds and num_classes > embeds:
+        raise ValueError(f"num_classes={num_classes} exceeds the UNet's class embedding (num_class_embeds="
+                         f"{embeds})")
+    forget = class_list("forget_class", forget_class, num_classes)
+    check_number("alpha", alpha, positive=False)
     if config is not None and semu_options:
         raise ValueError("give config or semu_options, not both (semu_options extend the config built from gamma)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed,
@@ -282,13 +317,14 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     if check_number("cond_dropout", cond_dropout, positive=False) >= 1:
         raise ValueError(f"cond_dropout must be a probability below 1, got {cond_dropout!r}")
     if guidance or cond_dropout:
-        embeds = getattr(getattr(base_model(unet), "config", None), "num_class_embeds", None) or 0
         if embeds <= num_classes:
             raise ValueError(f"guidance and cond_dropout need a null class (a class-embedding row past the "
                              f"{num_classes} real classes), but the UNet has num_class_embeds={embeds}")
         null_class = embeds - 1
-    if not any(matches_attention(name) for name, _ in base_model(unet).named_modules()):
-        # a UNet without attention: the library's own attention override and layout have nothing to act on
+    chosen = select_layers(base_model(unet), dataclasses.replace(config, gamma_overrides={}))
+    if not any(matches_attention(name) for name in chosen):
+        # no attention layer adapted (none in the UNet, or target_modules leaves them out): the library's own
+        # attention override and layout have nothing to act on
         columns = tuple(p for p in config.per_column_modules or () if p != ATTENTION_PATTERN)
         config = dataclasses.replace(config, gamma_overrides={p: g for p, g in config.gamma_overrides.items()
                                                               if p != ATTENTION_PATTERN},
@@ -305,8 +341,8 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
     semu_model, report = unlearn(unet, loader, None, config,
                                  loss_fn=diffusion_loss(scheduler, seed=config.seed, antithetic=antithetic,
                                                         reduction=reduction, guidance=guidance,
-                                                        null_class=null_class),
-                                 train_loss_fn=ddpm_forget_loss(scheduler, forget_class, num_classes, alpha=alpha,
+                                                        null_class=null_class, forget_classes=forget),
+                                 train_loss_fn=ddpm_forget_loss(scheduler, forget, num_classes, alpha=alpha,
                                                                 antithetic=antithetic, target=target,
                                                                 cond_dropout=cond_dropout, null_class=null_class,
                                                                 remain_reduction=reduction),
@@ -482,7 +518,7 @@ def classifier_metrics(unet: nn.Module, scheduler, classifier: nn.Module, forget
     """Sample samples_per_class images of every class (same seed, same noise for every model) and label them with
     `classifier` (inputs in [0, 1]). Returns percentages: forget_class_rate (samples of the forgotten classes that
     the classifier labels as their class), other_accuracy (accuracy on the other classes' samples) and per class."""
-    forget_classes = [forget_classes] if isinstance(forget_classes, int) else list(forget_classes)
+    forget_classes = class_list("forget_classes", forget_classes, num_classes)
     labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
     images = sample(unet, scheduler, labels, num_inference_steps, torch.Generator().manual_seed(seed),
                     guidance_scale=guidance_scale)

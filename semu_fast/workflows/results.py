@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from .._utils import atomic_write
 from . import plots
@@ -118,14 +119,18 @@ def layers_table(entries: list) -> list[str]:
                     f"{e['captured_variance']:.4f} | {e['trainable_params']} |" for e in entries]
 
 
-def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict) -> list:
-    """out/adapters (sf.load_adapters) and out/metrics.json (settings, metrics, per-layer ranks, training history,
-    timings); returns the names written."""
+DIFFUSION_COMMANDS = ("unlearn-ddpm", "unlearn-sd")  # their folders render with _render_diffusion
+
+
+def write_run(out: Path, semu_model, report, metrics: dict, run_settings: dict, command: str) -> list:
+    """out/adapters (sf.load_adapters) and out/metrics.json (the command, settings, metrics, per-layer ranks,
+    training history, timings); returns the names written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     semu_model.save_adapters(out / "adapters")
-    write_json(out / "metrics.json", {"settings": run_settings, "metrics": metrics, "layers": layers(report),
-                                      "training": report.training, "timings": report.timings})
+    write_json(out / "metrics.json", {"command": command, "settings": run_settings, "metrics": metrics,
+                                      "layers": layers(report), "training": report.training,
+                                      "timings": report.timings})
     return ["metrics.json", "adapters/"]
 
 
@@ -142,13 +147,15 @@ def write_samples(out, before, after, rows: list) -> None:
         metadata={"rows": json.dumps([str(r) for r in rows])}))
 
 
-def _render_diffusion(out: Path) -> list[str]:
+def _render_diffusion(out: Path, samples: bool) -> list[str]:
     from safetensors import safe_open
 
     run = read_json(out / "metrics.json")
-    with safe_open(str(out / SAMPLES), framework="pt") as f:
-        rows = json.loads(f.metadata()["rows"])
-        images = {key: f.get_tensor(key) for key in ("before", "after")}
+    images, rows = {}, []
+    if samples:  # none with --grid-samples 0
+        with safe_open(str(out / SAMPLES), framework="pt") as f:
+            rows = json.loads(f.metadata()["rows"])
+            images = {key: f.get_tensor(key) for key in ("before", "after")}
     figures = [f"samples_{key}.png" for key, value in images.items()
                if plots.image_grid(value, rows, out / f"samples_{key}.png", f"{key} SEMU (same seeds)")]
     metrics = run.get("metrics", {})
@@ -169,12 +176,23 @@ def _render_diffusion(out: Path) -> list[str]:
     return ["report.md", *figures]
 
 
-def render(out) -> list[str]:
+def _command(out: Path) -> Optional[str]:
+    try:
+        run = read_json(out / "metrics.json")
+    except ValueError:
+        return None
+    return run.get("command") if isinstance(run, dict) else None
+
+
+def render(out, samples: Optional[bool] = None) -> list[str]:
     """Write report.md and the figures in folder `out` from its metrics.json and run.json (a classification run) or
-    samples.safetensors (a diffusion run); returns the files."""
+    its metrics.json and samples.safetensors (a diffusion run); returns the files. samples: whether the diffusion
+    run wrote sample grids (None: whether the folder holds them; a run that wrote none says False, since an
+    earlier run's may still be there)."""
     out = Path(out)
-    if (out / SAMPLES).is_file() and (out / "metrics.json").is_file():
-        return _render_diffusion(out)
+    samples = (out / SAMPLES).is_file() if samples is None else samples
+    if (out / "metrics.json").is_file() and (samples or _command(out) in DIFFUSION_COMMANDS):
+        return _render_diffusion(out, samples)
     try:
         metrics = read_json(out / "metrics.json")
         run = read_json(out / "run.json")

@@ -36,7 +36,7 @@ from .._utils import default_device, eval_mode, model_device, split_batch
 from ..config import SEMUConfig
 from ..model import SEMUModel
 from ..report import SEMUReport
-from ..training import unlearn
+from ..training import check_unlearn_arguments, unlearn
 from .diffusion import (add_noise, base_model, check_epsilon_prediction, ddpm_config, guided_ddim, predict_noise,
                         sample_size)
 
@@ -87,9 +87,10 @@ def sd_config(preset: str = "xattn", gamma: float = 0.95, attention_gamma: Optio
     """SEMUConfig for SD: the preset's layers, per-channel conv ranks; attention_gamma (None: same as gamma, as the
     official SD scripts end up using) for the attention projections: DDPM's settings on the preset's layers, except
     that each attention projection is adapted as one matrix (SD's projections are nn.Linear in the official code
-    too, not the DDPM UNet's 1x1 convs)."""
+    too, not the DDPM UNet's 1x1 convs). A target_modules among the overrides replaces the preset's layers."""
     overrides.setdefault("attention_layout", "matrix")
-    return ddpm_config(gamma, attention_gamma, seed=seed, target_modules=sd_target_modules(preset), **overrides)
+    overrides.setdefault("target_modules", sd_target_modules(preset))
+    return ddpm_config(gamma, attention_gamma, seed=seed, **overrides)
 
 
 @torch.no_grad()
@@ -246,6 +247,8 @@ def _check_latents(name: str, latents, shape: tuple) -> None:
             or not latents.is_floating_point() or len(latents) == 0:
         raise ValueError(f"{name} must be a non-empty float tensor (N, {', '.join(map(str, shape))}) matching the "
                          f"UNet, got {getattr(latents, 'shape', type(latents).__name__)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{name} holds NaN or Inf")
 
 
 def _check_sd_inputs(unet, forget_prompts, anchor_prompts, retain_prompts, latents, retain_latents, retain_weight,
@@ -256,8 +259,7 @@ def _check_sd_inputs(unet, forget_prompts, anchor_prompts, retain_prompts, laten
     if not anchor_prompts:
         raise ValueError("anchor_prompts is empty: give at least one (\"\" is the unconditional anchor)")
     check_number("gradient_guidance", gradient_guidance, positive=False)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     weight = check_number("retain_weight", retain_weight, positive=False)
     if weight > 0 and not retain_prompts:
         raise ValueError(f"retain_weight={retain_weight!r} needs retain_prompts (the prompts of the data to keep)")
@@ -314,6 +316,10 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
         raise ValueError("give config or semu_options, not both (semu_options extend the config built from preset)")
     config = config if config is not None else sd_config(preset, gamma, attention_gamma, seed=seed,
                                                          **(semu_options or {}))
+    check_number("sample_guidance", sample_guidance, positive=False)
+    fixed = {"config": config, "loss_fn": None, "train_loss_fn": None, "optimizer": "adam", "lr": lr,
+             "epochs": epochs, "weight_decay": 0.0, "select_best": False, "progress": progress}
+    check_unlearn_arguments("unlearn_sd", fixed, unlearn_kwargs)
     index = _prompt_index("latent_prompt_index", latent_prompt_index,
                           num_latents if latents is None else len(latents), len(forget_prompts), "latents")
     if retain_prompts:
@@ -341,12 +347,10 @@ def unlearn_sd(unet: nn.Module, scheduler, text_encoder: nn.Module, tokenizer, f
     before_f, before_a = _sd_gaps(unet, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
     loader = DataLoader(TensorDataset(latents.float().cpu(), index), batch_size=batch_size, shuffle=shuffle,
                         generator=torch.Generator().manual_seed(seed) if shuffle else None)
-    semu_model, report = unlearn(
-        unet, loader, None, config,
-        loss_fn=sd_gradient_loss(scheduler, forget_embeds, uncond_embeds, guidance_scale=gradient_guidance,
-                                 seed=config.seed),
-        train_loss_fn=sd_forget_loss(scheduler, forget_embeds, anchor_embeds, **retain), optimizer="adam", lr=lr,
-        epochs=epochs, weight_decay=0.0, select_best=False, progress=progress, **unlearn_kwargs)
+    fixed.update(loss_fn=sd_gradient_loss(scheduler, forget_embeds, uncond_embeds, guidance_scale=gradient_guidance,
+                                          seed=config.seed),
+                 train_loss_fn=sd_forget_loss(scheduler, forget_embeds, anchor_embeds, **retain))
+    semu_model, report = unlearn(unet, loader, None, **fixed, **unlearn_kwargs)
     after_f, after_a = _sd_gaps(semu_model, scheduler, latents, forget_embeds, anchor_embeds, index, anchor, seed + 1)
     metrics = {"forget_anchor_gap_before": F.mse_loss(before_f, before_a).item(),
                "forget_anchor_gap_after": F.mse_loss(after_f, after_a).item(),
