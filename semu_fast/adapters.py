@@ -36,7 +36,7 @@ class SEMUAdapter(nn.Module):
         self.merged = False
         self.disabled = False
         self._original_weight: Optional[torch.Tensor] = None
-        self._merge_after_load = False
+        self._merge_after_load: Optional[str] = None  # "copy" or "assign": how a load into a merged adapter ran
         # A state dict holds the unmerged weight whether or not the adapter is merged (merging is a faster forward,
         # not another model), and loading one into a merged adapter merges the loaded weight and R.
         self._register_state_dict_hook(_unmerged_state_dict)
@@ -115,19 +115,22 @@ class SEMUAdapter(nn.Module):
 
 def _unmerged_state_dict(adapter: SEMUAdapter, state_dict: dict, prefix: str, local_metadata) -> None:
     key = prefix + "base_layer.weight"
-    if adapter.merged and key in state_dict:
-        state_dict[key] = adapter._original_weight
+    if adapter.merged and key in state_dict:  # in the weight's dtype (the kept copy keeps its own across a cast)
+        state_dict[key] = adapter._original_weight.to(adapter.base_layer.weight.dtype)
 
 
-def _unmerge_before_load(adapter: SEMUAdapter, *args) -> None:
+def _unmerge_before_load(adapter: SEMUAdapter, state_dict, prefix, local_metadata, *args) -> None:
     if adapter.merged:
         adapter.unmerge()
-        adapter._merge_after_load = True
+        adapter._merge_after_load = "assign" if local_metadata.get("assign_to_params_buffers") else "copy"
 
 
 def _merge_after_load(adapter: SEMUAdapter, incompatible_keys) -> None:
     if adapter._merge_after_load:
-        adapter._merge_after_load = False
+        if adapter._merge_after_load == "assign":  # the weight is now the caller's tensor: merge into a copy
+            weight = adapter.base_layer.weight
+            weight.data = weight.data.clone()
+        adapter._merge_after_load = None
         adapter.merge()
 
 

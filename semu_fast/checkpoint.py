@@ -7,6 +7,7 @@ norm_mode="train"). Resuming from it continues exactly where the last checkpoint
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -18,16 +19,20 @@ from torch.utils.data import ConcatDataset, Subset, TensorDataset
 from ._checks import check_positive_int
 from ._utils import atomic_write
 
-FORMAT = "semu_fast.training_state/2"  # /1 (semu_fast 0.1): no random state, fewer settings; not resumable
+FORMAT = "semu_fast.training_state/3"
+# what earlier formats lack for a resume to be exact: each is refused with the reason
+_EARLIER = {"semu_fast.training_state/1": "the random state an exact resume needs",
+            "semu_fast.training_state/2": "the digest of their data (a resume could not tell other data)"}
 STATE_NAME = "training_state.pt"
 ADAPTERS_NAME = "adapters"
 
 
 def data_identity(loader) -> str:
     """A digest of the data a loader reads, so that a resumed run refuses other data: exact for batches held in
-    memory (a list of tensors or dicts), TensorDatasets, Subsets (their indices), ConcatDatasets and Hugging Face
-    datasets (their own fingerprint); for any other dataset, its type and length only (reading samples could run
-    random transforms). A DataLoader's batch size is part of it, the order of its shuffle is not."""
+    memory (a list of tensors or dicts), list, TensorDataset, Subset (its indices), ConcatDataset and Hugging Face
+    datasets (their own fingerprint), and loaders that combine others through a `data_parts()` method; for any
+    other dataset, its type and length only (reading samples could run random transforms). A DataLoader's batch
+    size is part of it, the order of its shuffle is not."""
     digest = hashlib.sha256()
 
     def add(item) -> None:
@@ -38,7 +43,7 @@ def data_identity(loader) -> str:
         elif isinstance(item, np.ndarray):
             digest.update(f"array{item.dtype}{item.shape}".encode())
             digest.update(np.ascontiguousarray(item).tobytes())
-        elif isinstance(item, (str, int, float, bool, type(None))):
+        elif isinstance(item, (str, numbers.Number, np.generic, type(None))):
             digest.update(f"{type(item).__name__}:{item!r};".encode())
         elif isinstance(item, Mapping):
             for key in sorted(item, key=str):
@@ -63,6 +68,11 @@ def data_identity(loader) -> str:
             add(list(data.tensors))
         elif isinstance(data, ConcatDataset):
             for part in data.datasets:
+                dataset(part)
+        elif isinstance(data, (list, tuple)):  # a DataLoader over samples held in a list
+            add(data)
+        elif callable(getattr(data, "data_parts", None)):
+            for part in data.data_parts():
                 dataset(part)
         elif isinstance(getattr(data, "_fingerprint", None), str):  # datasets.Dataset
             add(data._fingerprint)
@@ -115,10 +125,10 @@ class Checkpoint:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a damaged file
             raise ValueError(f"{path} is corrupted or truncated ({err}); delete it to start afresh") from None
-        if isinstance(state, dict) and state.get("format") == "semu_fast.training_state/1":
-            raise ValueError(f"{path} was written by an earlier semu_fast, whose checkpoints lack the random state an "
-                             f"exact resume needs; start afresh with resume=False (the adapters there load with "
-                             f"sf.load_adapters)")
+        if isinstance(state, dict) and state.get("format") in _EARLIER:
+            raise ValueError(f"{path} was written by an earlier semu_fast, whose checkpoints lack "
+                             f"{_EARLIER[state['format']]}; start afresh with resume=False (the adapters there load "
+                             f"with sf.load_adapters)")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} checkpoint")
         differ = sorted(k for k, v in self.settings.items() if state["settings"].get(k) != v)

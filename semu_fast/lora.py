@@ -68,9 +68,10 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
     return factors
 
 
-def _pattern_key(keys, name: str) -> Optional[str]:
-    """peft's get_pattern_key: the first key that matches `name` as a dotted suffix (re.match, `(.*\\.)?(key)$`)."""
-    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), None)
+def _pattern_key(keys, name: str) -> str:
+    """peft's get_pattern_key: the first key that matches `name` as a dotted suffix (re.match, `(.*\\.)?(key)$`),
+    else `name` itself (peft then looks it up as it is)."""
+    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), name)
 
 
 def _config(semu_model: SEMUModel, ranks: dict[str, int], base_model_name_or_path, task_type) -> dict:
@@ -117,6 +118,11 @@ def _check_dtype(dtype) -> None:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
 
+def _check_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file: a LoRA is written as a folder (give a folder path)")
+
+
 def _save_factors(factors: dict, folder: Path, file_name: str, key_prefix: str) -> None:
     """<key_prefix><module>.lora_A.weight / .lora_B.weight in a safetensors file, written atomically."""
     tensors = {}
@@ -140,6 +146,7 @@ def export_lora(semu_model: SEMUModel, path, base_model_name_or_path: Optional[s
     config = _config(semu_model, {name: A.shape[0] for name, (A, _) in factors.items()}, base_model_name_or_path,
                      task_type)
     folder = Path(path)
+    _check_folder(folder)
     if serialization.saved_format(folder) in (serialization.FORMAT, serialization.OLD_FORMAT):
         raise ValueError(f"{folder / CONFIG_NAME} is a SEMU adapter folder's config (sf.save_adapters), which a "
                          f"LoRA's config would replace: export the LoRA into another folder")
@@ -156,6 +163,7 @@ def export_diffusers_lora(semu_model: SEMUModel, path, prefix: Optional[str] = "
     _check_dtype(dtype)
     if prefix is not None and (not isinstance(prefix, str) or not prefix or prefix.endswith(".")):
         raise ValueError(f"prefix must be a component name such as 'unet' (or None), got {prefix!r}")
+    _check_folder(Path(path))
     factors = lora_factors(semu_model, skip_conv, dtype)
     _save_factors(factors, Path(path), DIFFUSERS_WEIGHTS_NAME, f"{prefix}." if prefix else "")
     return {name: lora_A.shape[0] for name, (lora_A, _) in factors.items()}

@@ -72,7 +72,8 @@ class SEMUModel(nn.Module):
     @contextlib.contextmanager
     def merged(self):
         """The adapters merged into the weights inside the block (a faster forward, e.g. for sampling), the weights
-        given back bit for bit afterwards; adapters merged before the block stay merged."""
+        given back bit for bit afterwards; adapters merged before the block are merged again from the current R and
+        stay merged."""
         self._attached("merge the adapters")
         adapters = list(self.adapters.values())
         unmerged = [a for a in adapters if not a.merged]

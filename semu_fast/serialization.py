@@ -87,6 +87,8 @@ def _digest(values: torch.Tensor) -> str:
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Write the tensors and the JSON config into folder `path` (created if needed), atomically as a whole."""
     folder = Path(path)
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file: the adapters are saved as a folder (give a folder path)")
     previous = saved_format(folder)
     if previous not in (None, FORMAT, OLD_FORMAT):
         raise ValueError(f"{folder / CONFIG_NAME} exists and is not a SEMU adapter config (a peft LoRA folder?): save "

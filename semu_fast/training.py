@@ -275,8 +275,18 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
                          "train_loss_fn, draw the labels there")
 
 
+def _data_settings(forget_loader, retain_loader, group) -> dict:
+    """The digests of the data a checkpoint's run read (every rank's, each rank reading its own shard); hashing
+    what is in memory costs a pass over it, so only runs that checkpoint take them."""
+    digests = [data_identity(forget_loader), None if retain_loader is None else data_identity(retain_loader)]
+    if group is not None:
+        digests = [list(ranks) for ranks in zip(*distributed_setup.all_gather_objects(digests, group))]
+    return {"forget_data": digests[0], "retain_data": digests[1]}
+
+
 def _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
-                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps) -> None:
+                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps,
+                    checkpoint_every) -> None:
     if not isinstance(config, SEMUConfig):
         raise TypeError(f"config must be a SEMUConfig, got {type(config).__name__}")
     check_training_args(optimizer, lr, epochs, momentum, weight_decay)
@@ -287,6 +297,7 @@ def _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_
     _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn)
     check_number("max_grad_norm", max_grad_norm, optional=True)
     check_positive_int("max_steps", max_steps, optional=True)
+    check_positive_int("checkpoint_every", checkpoint_every, optional=True)
 
 
 def check_unlearn_arguments(workflow: str, fixed: dict, extra: dict) -> None:
@@ -298,7 +309,7 @@ def check_unlearn_arguments(workflow: str, fixed: dict, extra: dict) -> None:
         raise ValueError(f"{workflow} sets {', '.join(taken)} itself: leave them out of its extra sf.unlearn "
                          f"arguments")
     try:
-        bound = inspect.signature(unlearn).bind(None, None, **fixed, **extra)  # model and forget_loader come later
+        bound = inspect.signature(unlearn).bind(None, None, None, **fixed, **extra)  # the model and loaders: later
     except TypeError as err:
         raise TypeError(f"{workflow}'s extra sf.unlearn arguments: {err}") from None
     bound.apply_defaults()
@@ -362,7 +373,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     10 epochs, momentum 0.9, weight_decay 5e-4, which barely moves R there.
     select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
     (without retain data: the lowest forget accuracy). patience: stop early once the score has not reached the best
-    one + min_delta (min_delta 0: not beaten it) for this many epochs (classification only; None = run every epoch). progress: a tqdm bar.
+    one + min_delta (min_delta 0: not beaten it) for this many epochs (classification only; None = run every
+    epoch). progress: a tqdm bar.
     sf.presets.preset("official-classification") gives the official run's settings of all of these.
     on_epoch(epoch, semu_model) -> dict or None: called after each epoch; what it returns joins that epoch's history
     entry (e.g. accuracies on data the run does not train on); {"stop": True} in it ends training after that
@@ -377,7 +389,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     every step (every rank must yield the same number of batches) and accuracies count every rank's data."""
     config = config if config is not None else SEMUConfig()
     _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
-                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps)
+                    on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps,
+                    checkpoint_every)
     check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2)
@@ -394,9 +407,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         "min_delta": min_delta,
         "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
-        **run_identity, **({} if checkpoint_dir is None else {  # hashes what is in memory: only when it is used
-            "forget_data": data_identity(forget_loader),
-            "retain_data": None if retain_loader is None else data_identity(retain_loader)})})
+        **run_identity, **({} if checkpoint_dir is None else _data_settings(forget_loader, retain_loader, group))})
     saved = checkpoint.load() if resume else None
     undo, semu_model = _Undo(base), None
     try:

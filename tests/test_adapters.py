@@ -140,9 +140,15 @@ def test_unloading_inside_a_block_keeps_what_unload_gives(block):
     sm, original = _prepared()
     x = forget_batches(seed=7)[0][0]
     adapted = sm(x)
-    with getattr(sm, "merged")():
-        model = sm.merge_and_unload()
-    assert torch.allclose(model(x), adapted, atol=1e-5)
+    if block == "merged":
+        with sm.merged():
+            model = sm.merge_and_unload()
+        assert torch.allclose(model(x), adapted, atol=1e-5)
+    else:  # the block runs the original model: merging inside is refused, and the adapters stay
+        with pytest.raises(RuntimeError, match="cannot merge the adapters inside disable_adapters"):
+            with sm.disable_adapters():
+                sm.merge_and_unload()
+        assert torch.equal(sm(x), adapted) and sm.adapters
 
 
 def test_merging_again_writes_the_current_R():
@@ -187,6 +193,13 @@ def test_a_state_dict_holds_the_unmerged_weight_and_loads_into_a_merged_model():
     torch.testing.assert_close(twin.adapters["7"].base_layer.weight, twin.adapters["7"].delta_weight())
     twin.unmerge_adapters()
     assert twin.adapters["7"].base_layer.weight.abs().max() == 0
+    twin.merge_adapters()
+    kept = {key: value.clone() for key, value in state.items()}
+    twin.load_state_dict(state, assign=True)  # the caller's tensors become the weights: merged into a copy
+    assert all(torch.equal(state[key], value) for key, value in kept.items())
+    assert twin.adapters["7"].merged
+    sm.half()  # a merged model cast: its state dict holds the weights in their new dtype
+    assert all(value.dtype == torch.float16 for key, value in sm.state_dict().items() if "base_layer.weight" in key)
 
 
 def test_merge_and_unload_gives_a_plain_model_with_merged_weights():

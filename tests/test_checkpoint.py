@@ -1,4 +1,5 @@
 """sf.unlearn checkpoints: an interrupted run resumed from its folder ends exactly where an uninterrupted one does."""
+import numpy as np
 import pytest
 import torch
 
@@ -155,9 +156,10 @@ def test_resume_refuses_other_settings_and_damaged_files(tmp_path):
         _unlearn(tmp_path, train_loss_fn=lambda model, batch, generator: model(batch[0]).sum())
     state = tmp_path / "training_state.pt"
     saved = torch.load(state, weights_only=True)
-    torch.save({**saved, "format": "semu_fast.training_state/1"}, state)
-    with pytest.raises(ValueError, match="written by an earlier semu_fast, whose checkpoints lack the random state"):
-        _unlearn(tmp_path)
+    for earlier, lack in (("1", "the random state"), ("2", "the digest of their data")):
+        torch.save({**saved, "format": f"semu_fast.training_state/{earlier}"}, state)
+        with pytest.raises(ValueError, match=f"written by an earlier semu_fast, whose checkpoints lack {lack}"):
+            _unlearn(tmp_path)
     torch.save(saved, state)
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupted or truncated"):
@@ -191,6 +193,17 @@ def test_data_identity_reads_what_is_in_memory_and_not_the_shuffle():
     batches = [(torch.ones(2, 3, dtype=torch.bfloat16), torch.tensor([0, 1]))]
     assert data_identity(batches) != data_identity([(batches[0][0].half(), batches[0][1])])
     assert data_identity([{"ids": torch.tensor([1, 2])}]) != data_identity([{"ids": torch.tensor([1, 3])}])
+    assert data_identity(DataLoader([1, 2])) != data_identity(DataLoader([1, 3]))  # samples in a list
+    assert data_identity([(np.int64(1),)]) != data_identity([(np.int64(2),)])
+
+    class Pair:  # a loader made of two (as unlearn_ddpm's forget + remain batches)
+        def __init__(self, *parts):
+            self.parts = parts
+
+        def data_parts(self):
+            return self.parts
+
+    assert data_identity(Pair(batches, batches)) != data_identity(Pair(batches, batches[:0]))
 
     class Images(Dataset):  # samples are never read (their transforms may be random): type and length only
         def __init__(self, n):

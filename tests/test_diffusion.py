@@ -277,7 +277,8 @@ def test_forgetting_rates_for_other_forgotten_classes():
     correct = {0: 1, 1: 7, 2: 10}  # of 10 each
     assert D.forgetting_rates(correct, 10, 1) == {"forget_class_rate": 70.0, "other_accuracy": 55.0}
     assert D.forgetting_rates(correct, 10, [0, 2]) == {"forget_class_rate": 55.0, "other_accuracy": 70.0}
-    with pytest.raises(ValueError, match="forget_classes"):
+    assert D.forgetting_rates(correct, 10, np.int64(1)) == D.forgetting_rates(correct, 10, [1])
+    with pytest.raises(ValueError, match=r"forget_classes must be a class in \[0, 3\)"):
         D.forgetting_rates(correct, 10, 3)
 
 
@@ -532,6 +533,8 @@ def test_unlearn_sd_refuses_bad_training_arguments_before_sampling(sd_folder, mo
              ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be a finite positive number"),
              ({"max_grad_nrom": 1.0}, TypeError, "unexpected keyword argument 'max_grad_nrom'"),
              ({"loss_fn": lambda model, batch: 0}, ValueError, "unlearn_sd sets loss_fn itself"),
+             ({"retain_loader": [1]}, TypeError, "multiple values for argument 'retain_loader'"),
+             ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be an int >= 1 or None"),
              ({"sample_guidance": float("nan")}, ValueError, "sample_guidance must be a finite"),
              ({"latents": nan_latents}, ValueError, "latents holds NaN or Inf")]
     for kwargs, error, message in cases:

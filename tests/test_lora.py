@@ -157,6 +157,23 @@ def test_nested_names_that_end_like_another_layer_get_their_own_rank(tmp_path):
         torch.testing.assert_close(peft_model(x), sm.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_name_with_regex_characters_exports(tmp_path):
+    """peft reads rank_pattern keys as regular expressions and falls back to the plain name when none matches."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("in(0)", nn.Linear(6, 6))
+    model.add_module("act", nn.Tanh())
+    model.add_module("out", nn.Linear(6, 3))
+    base = copy.deepcopy(model)
+    x = torch.randn(8, 6)
+    sm = sf.prepare(model, [(x, torch.randint(0, 3, (8,)))], config=sf.SEMUConfig(gamma=0.99, svd="exact"))
+    _randomise_R(sm)
+    export_lora(sm, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), sm.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 def test_export_rejects_what_is_not_a_semu_model(tmp_path):
     with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
         export_lora(tiny_llama(), tmp_path)

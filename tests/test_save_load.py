@@ -124,6 +124,8 @@ def test_a_semu_folder_and_a_peft_lora_do_not_overwrite_each_other(tmp_path):
     with pytest.raises(ValueError, match="exists and is not a SEMU adapter config.*save the adapters into another"):
         sm.save_adapters(tmp_path / "lora")
     assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == lora
+    with pytest.raises(ValueError, match="is a file: a LoRA is written as a folder"):
+        export_lora(sm, tmp_path / "lora" / "adapter_config.json")
 
 
 def test_damaged_configs_and_wrong_paths_get_clear_errors(tmp_path):
@@ -140,6 +142,8 @@ def test_damaged_configs_and_wrong_paths_get_clear_errors(tmp_path):
         with pytest.raises(ValueError, match=match):
             sf.load_adapters(model, tmp_path)
         assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in model.modules())
+    with pytest.raises(ValueError, match="adapter_config.json is a file: the adapters are saved as a folder"):
+        sm.save_adapters(tmp_path / "adapter_config.json")
     sm.unload()
     with pytest.raises(RuntimeError, match="cannot unload: this SEMUModel was detached by unload"):
         sm.unload()

@@ -21,8 +21,19 @@ def _run_info(args, parser) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semu-fast", description="SEMU machine unlearning from the command line.")
+class _Parser(argparse.ArgumentParser):
+    """semu-fast's parser: parse_args also records the dests the command line set (args.given), which
+    --preset official keeps over the preset's values."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.given = _given(args)
+        return parsed
+
+
+def build_parser(record_given: bool = True) -> argparse.ArgumentParser:
+    parser = (_Parser if record_given else argparse.ArgumentParser)(
+        prog="semu-fast", description="SEMU machine unlearning from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
     classification.register(sub)
     llm.register(sub)
@@ -34,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _given(argv) -> set:
     """The dests the command line sets, whatever their values (a flag given with its default value overrides a
-    preset too): argv parsed again with every default suppressed."""
-    parser = build_parser()
+    preset too): argv parsed again with every default (the flags' and set_defaults') suppressed."""
+    parser = build_parser(record_given=False)
     parsers = [parser, *next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.values()]
     for each in parsers:
+        each._defaults.clear()
         for action in each._actions:
             action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
@@ -45,7 +57,6 @@ def _given(argv) -> set:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.given = _given(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     if quiet:  # also where the calling program set up logging already (basicConfig then does nothing)

@@ -168,6 +168,14 @@ def settings(args) -> dict:
             if key not in ("func", "quiet", "command", "parser", "given")}
 
 
+def named_paths(args) -> list:
+    """Every path the command line named but --out (the model, data, checkpoints, caches): a run never removes
+    them from its --out folder (results.record_run)."""
+    values = [v for key, value in vars(args).items() if key != "out"
+              for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return [v for v in values if isinstance(v, Path)]
+
+
 def finish_run(out: Path, files: list, summary=()) -> int:
     """Print the run's summary lines and what was written where; the command's exit status (0)."""
     for line in summary:

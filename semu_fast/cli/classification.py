@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .._utils import default_cache, default_device
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction,
-                      library_error, positive, preset_options, seed)
+                      library_error, named_paths, positive, preset_options, seed)
 
 
 def _methods(text: str) -> tuple:
@@ -107,7 +107,7 @@ def run_unlearn(args, parser) -> int:
     scenario.update(gamma=config.gamma, preset=args.preset, stop_at_test_accuracy=stop,
                     semu={**semu, "semu_config": config.to_dict()})
     files = results.write_classification(args.out, semu_model, report, result, scenario)
-    results.record_run(args.out, files)
+    results.record_run(args.out, files, named_paths(args))
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
 

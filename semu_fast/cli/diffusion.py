@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .._utils import default_cache, default_device
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
-                      library_error, non_negative, non_negative_int, positive, preset_options, require, settings,
-                      silence)
+                      library_error, named_paths, non_negative, non_negative_int, positive, preset_options,
+                      require, settings, silence)
 
 
 def register(subparsers) -> None:
@@ -193,7 +193,7 @@ def run_ddpm(args, parser) -> int:
                                                                         range(DIGITS_NUM_CLASSES)])
         files.append(results.SAMPLES)
     files += results.render(args.out, samples=bool(args.grid_samples))
-    results.record_run(args.out, files, [args.classifier, args.cache_dir])
+    results.record_run(args.out, files, [*named_paths(args), cache_dir])
     return finish_run(args.out, files, [
         f"{'samples labelled as their class (%)':36s} {'before':>8s} {'after':>8s}",
         f"{'forgotten class ' + str(args.forget_class):36s} {before['forget_class_rate']:8.1f} "
@@ -284,8 +284,7 @@ def run_sd(args, parser) -> int:
     if args.save_unet:
         semu_model.merge_and_unload().save_pretrained(args.out / "unet")
         files.append("unet/")
-    results.record_run(args.out, files, [*(args.model / name for name in SD.SD_SUBFOLDERS), args.images,
-                                         args.retain_images])
+    results.record_run(args.out, files, [*named_paths(args), *(args.model / name for name in SD.SD_SUBFOLDERS)])
     return finish_run(args.out, files, [
         f"forget-vs-anchor prediction gap (MSE): {metrics['forget_anchor_gap_before']:.4g} -> "
         f"{metrics['forget_anchor_gap_after']:.4g}; anchor drift {metrics['anchor_drift']:.4g}",

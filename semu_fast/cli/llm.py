@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 from .._utils import default_device
-from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, non_negative,
-                      positive, require, settings, silence)
+from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, named_paths,
+                      non_negative, positive, require, settings, silence)
 
 log = logging.getLogger("semu_fast")
 
@@ -342,8 +342,7 @@ def run(args, parser) -> int:
     if args.lora:
         export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
-    results.record_run(args.out, files, [args.model, args.reference_model, args.forget_file, args.retain_file,
-                                         args.holdout_file])
+    results.record_run(args.out, files, named_paths(args))
     rows = [("forget ppl", "forget_ppl_before", "forget_ppl_after")]
     if retain is not None:
         rows.append(("retain ppl", "retain_ppl_before", "retain_ppl_after"))

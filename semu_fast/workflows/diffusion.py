@@ -138,9 +138,11 @@ def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True, reducti
     check_choice("reduction", reduction, REDUCTIONS)
     generator = torch.Generator().manual_seed(seed)
 
+    allowed = None if forget_classes is None else torch.tensor(list(forget_classes))
+
     def loss_fn(model, batch):
-        if forget_classes is not None:
-            _check_forget_labels(split_batch(batch, "the DDPM gradient pass")[1], list(forget_classes))
+        if allowed is not None:
+            _check_forget_labels(split_batch(batch, "the DDPM gradient pass")[1], allowed)
         return eps_mse_loss(model, scheduler, batch, generator, antithetic, reduction=reduction,
                             guidance=guidance, null_class=null_class)
 
@@ -174,11 +176,16 @@ def class_list(name: str, classes, num_classes: int) -> list[int]:
     return found
 
 
-def _check_forget_labels(labels: torch.Tensor, forget_classes: list) -> None:
-    strays = labels[~torch.isin(labels, torch.tensor(forget_classes, device=labels.device))]
+def _check_forget_labels(labels: torch.Tensor, forget_classes: torch.Tensor) -> None:
+    """Labels outside forget_classes (a CPU tensor) are refused; labels already on an accelerator are not checked
+    (it would cost a device sync every step)."""
+    if labels.device != forget_classes.device:
+        return
+    strays = labels[~torch.isin(labels, forget_classes)]
     if len(strays):
         raise ValueError(f"a forget batch holds labels {sorted(set(strays.tolist()))[:5]} outside the forgotten "
-                         f"class(es) {forget_classes}: forget_loader must yield samples of those classes only")
+                         f"class(es) {forget_classes.tolist()}: forget_loader must yield samples of those classes "
+                         f"only")
 
 
 def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_classes: int, *,
@@ -198,11 +205,13 @@ def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_c
     check_number("alpha", alpha, positive=False)
     dropout = {"cond_dropout": cond_dropout, "null_class": null_class}
 
+    allowed = torch.tensor(forget_classes)
+
     def loss_fn(model, batch, generator):
         x0, labels = split_batch(batch, "the DDPM forget loss")
+        _check_forget_labels(labels, allowed)  # before moving them: no device sync
         device = model_device(model)
         x0, labels = x0.to(device), labels.to(device)
-        _check_forget_labels(labels, forget_classes)
         x_t, _, t = add_noise(scheduler, x0, generator, antithetic)
         other = (_other_classes(labels, forget_classes, num_classes, generator).to(device) if target == "random"
                  else (labels + 1) % num_classes)
@@ -228,6 +237,10 @@ class _WithRemain:
 
     def __len__(self):
         return len(self.forget)
+
+    def data_parts(self) -> tuple:
+        """The loaders combined (a checkpoint's data digest reads them)."""
+        return self.forget, self.remain
 
     def _next_remain(self):
         for _ in range(2):
@@ -536,10 +549,8 @@ def forgetting_rates(correct_per_class: dict, samples_per_class: int,
                      forget_classes: Union[int, Sequence[int]]) -> dict:
     """classifier_metrics' forget_class_rate and other_accuracy (percent) from correct samples per class (equal
     samples per class), so one sampling of a model serves every choice of forgotten classes."""
-    forget_classes = {forget_classes} if isinstance(forget_classes, int) else set(forget_classes)
-    if not forget_classes <= set(correct_per_class):
-        raise ValueError(f"forget_classes: expected classes among {sorted(correct_per_class)}, got "
-                         f"{sorted(forget_classes)}")
+    forget_classes = set(class_list("forget_classes", forget_classes, len(correct_per_class)))
+
     def percent(classes):  # exact counts (a float32 mean makes 5 of 50 read 10.0000001%)
         return 100.0 * sum(correct_per_class[c] for c in classes) / max(samples_per_class * len(classes), 1)
 

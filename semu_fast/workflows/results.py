@@ -215,7 +215,7 @@ def write_classification(out, semu_model, report, result: dict, scenario: dict) 
     write_json(out / "metrics.json", result["metrics"])
     write_json(out / "run.json", {"scenario": scenario, "history": result["history"],
                                   "semu_report": report.to_dict()})
-    return ["metrics.json", "run.json", *render(out), "adapters/"]
+    return ["metrics.json", "run.json", *render(out, samples=False), "adapters/"]  # not an earlier run's samples
 
 
 MANIFEST = ".semu_fast_files.json"

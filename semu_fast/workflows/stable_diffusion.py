@@ -372,8 +372,9 @@ SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")  # wha
 def load_sd(path, device: Optional[str] = None, *, with_vae: bool = False):
     """(unet, text_encoder, tokenizer, scheduler) from a local Stable-Diffusion-style folder with unet/,
     text_encoder/ and tokenizer/ subfolders (scheduler/ optional: its betas are used in a DDPMScheduler, with
-    clip_sample False unless its config sets it; without it, SD 1.x's scaled-linear 0.00085..0.012 over 1000 steps). with_vae: a fifth entry, the AutoencoderKL of vae/ (eval,
-    frozen), or None when the folder has no vae/. Nothing is downloaded; float32."""
+    clip_sample False unless its config sets it; without it, SD 1.x's scaled-linear 0.00085..0.012 over 1000
+    steps). with_vae: a fifth entry, the AutoencoderKL of vae/ (eval, frozen), or None when the folder has no vae/.
+    Nothing is downloaded; float32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
