@@ -104,10 +104,10 @@ class SEMUAdapter(nn.Module):
             self._original_weight = self._original_weight.to(self.base_layer.weight.device)
         return module
 
-    def forward(self, x):
+    def forward(self, input):  # the name nn.Linear's and nn.Conv2d's forwards give it (layer(input=x) works)
         if self.merged or self.disabled:
-            return self.base_layer(x)
-        return self.adapted_forward(x)
+            return self.base_layer(input)
+        return self.adapted_forward(input)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, merged={self.merged}, disabled={self.disabled}"

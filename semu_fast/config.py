@@ -43,8 +43,8 @@ class SEMUConfig:
         match a selected layer).
     svd: "auto" (the path a cost model measured on this device picks: randomized, Gram or exact; conv batches take
         the gram_svd kernel), "exact", "gram", "randomized" (see sf.ops.truncated_svd).
-    norm_mode: "eval" keeps norm layers' running statistics untouched (and dropout in the mode the model was left
-        in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
+    norm_mode: "eval" keeps norm layers' running statistics untouched (norm layers in eval mode, every other module
+        in the mode the model was left in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
         statistics on the forget data, as the official classification code does; "eval_all" puts the whole model
         in eval mode, dropout off too, as the official DDPM/SD gradient passes (model.eval()) do.
     train_norm_mode: the same choice while R trains; None (the default) means norm_mode. The official runs train R

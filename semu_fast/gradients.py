@@ -18,25 +18,25 @@ LossFn = Callable[[nn.Module, object], torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
 
 
 def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
     """model.train() as the official classification code does for norm_mode == "train"; model.eval() for
     "eval_all" (the official DDPM/SD gradient passes and every official training phase); for "eval" (the default)
-    norm layers stay in eval mode and dropout layers in the mode the user left them, so an eval-mode model gives the
-    same gradients (and ranks) on every run."""
+    norm layers go to eval mode and every other module keeps the mode the user left it in (so an eval-mode model
+    gives the same gradients and ranks on every run: no dropout, stochastic depth or attention dropout turns on),
+    except that a layer with transformers' gradient checkpointing on is marked training (that alone, not its
+    children), which checkpointing needs to run."""
     if norm_mode == "eval_all":
         model.eval()
-        return
-    dropout = {m: m.training for m in model.modules() if isinstance(m, DROPOUT_TYPES)}
-    model.train()
-    if norm_mode == "eval":
+    elif norm_mode == "train":
+        model.train()
+    else:
         for module in model.modules():
             if isinstance(module, NORM_TYPES):
                 module.eval()
-        for module, mode in dropout.items():
-            module.train(mode)
+            elif getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
 
 
 class _ModelState:
@@ -69,11 +69,11 @@ class GradientSums(dict):
 class _StreamedLinear(torch.autograd.Function):
     """F.linear whose backward adds the weight gradient dy^T x straight into a float32 accumulator (one GEMM with
     float32 output, sf.ops.accumulate_matmul_) instead of forming it in the weight's dtype and adding that: half the
-    memory traffic, and no rounding of each batch's gradient to bf16. The weight needs no grad; `token` (an empty
-    tensor that requires grad) keeps the layer on the backward path."""
+    memory traffic, and no rounding of each batch's gradient to bf16. It gives autograd no weight gradient (a
+    post-accumulate-grad hook adds those of the weight's other uses)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, token, acc):
+    def forward(ctx, x, weight, bias, acc):
         ctx.save_for_backward(x, weight)
         ctx.acc = acc
         return F.linear(x, weight, bias)
@@ -86,7 +86,7 @@ class _StreamedLinear(torch.autograd.Function):
         if a.dtype != b.dtype:  # autocast: dy in the autocast dtype, x as it came
             a, b = a.float(), b.float()
         ops.accumulate_matmul_(ctx.acc, a, b)
-        return dx, None, None, None, None
+        return dx, None, None, None
 
 
 def _streamable(module: nn.Module, shared: set) -> bool:
@@ -131,20 +131,20 @@ class _Pass:
         for param in self.model.parameters():
             param.requires_grad_(False)
             param.grad = None
-        token = torch.empty(0, requires_grad=True)
         for name, layer in self.layers.items():
             if name in self.rows:
                 self.hooks.append(layer.register_forward_pre_hook(self._row_counter(name)))
             acc = self.accumulators[name]
             if name in self.streamed:
                 self.patched.append(layer)
-                layer.forward = (lambda x, layer=layer, acc=acc:
-                                 _StreamedLinear.apply(x, layer.weight, layer.bias, token, acc))
-                continue
+                layer.forward = (lambda input, layer=layer, acc=acc:  # nn.Linear's argument name
+                                 _StreamedLinear.apply(input, layer.weight, layer.bias, acc))
             layer.weight.requires_grad_(True)
-        hooked: dict[int, list] = {}  # a weight that two selected layers share: one hook feeds both accumulators
+        # A weight that two selected layers share: one hook feeds both accumulators. A streamed layer's weight gets
+        # autograd gradients only from uses outside its module (a tied decoder's F.linear): its hook adds those.
+        hooked: dict[int, list] = {}
         for name, weight in self.weights.items():
-            if name not in self.direct and name not in self.clipped and name not in self.streamed:
+            if name not in self.direct and name not in self.clipped:
                 hooked.setdefault(id(weight), [weight]).append(self.accumulators[name])
         for weight, *accs in hooked.values():
             self.hooks.append(weight.register_post_accumulate_grad_hook(self._hook(accs)))
@@ -164,6 +164,8 @@ class _Pass:
             acc.add_(grad) if distributed.is_sharded(acc) else ops.accumulate_([acc], [grad])
 
         def hook(param):
+            if param.grad is None:  # a streamed layer's own use: its gradient went to the accumulator already
+                return
             for acc in accs:
                 add(acc, param.grad)
             param.grad = None
@@ -174,8 +176,9 @@ class _Pass:
             unique = {id(w): w for w in self.weights.values()}.values()  # a shared weight counts once in the norm
             grads = [w.grad for w in unique if w.grad is not None]
             first = grads[0].device if grads else torch.device("cpu")  # a model may span several devices
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(first)
-                                                         for g in grads])) if grads else torch.zeros(())
+            norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).to(first)
+                     for g in grads]  # float32 at least, float64 for float64 weights
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if grads else torch.zeros(())
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             for grad in grads:
                 grad.mul_(scale.to(grad.device, grad.dtype))

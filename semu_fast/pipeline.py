@@ -56,19 +56,40 @@ def _accumulator_groups(layers: dict, budget: Optional[int]) -> list[dict]:
 
 
 class _Rewind:
-    """The model's buffers (norm statistics move under norm_mode="train") and torch's random state (dropout) as they
-    were before the first of several forget passes, put back before each later one and after a failed one. (A loss
-    function that keeps its own generator, as the diffusion losses do, still draws afresh in every pass.)"""
+    """The model's buffers (norm statistics move under norm_mode="train"), torch's random state (dropout) and the
+    forget loader's shuffling generators as they were before the first of several forget passes, put back before
+    each later one and after a failed one. (A loss function that keeps its own generator, as the diffusion losses
+    do, still draws afresh in every pass.)"""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loader):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.rng = torch_rng_state()
+        self.shufflers = [(g, g.get_state()) for g in loader_generators(loader)]
 
     def __call__(self) -> None:
+        self.restore_buffers()
+        set_torch_rng_state(self.rng)
+        for generator, state in self.shufflers:
+            generator.set_state(state)
+
+    def restore_buffers(self) -> None:
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
-        set_torch_rng_state(self.rng)
+
+
+def loader_generators(*loaders) -> list:
+    """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
+    found = {}
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found[id(generator)] = generator
+    return list(found.values())
+
+
 
 
 def check_loader(name: str, loader, passes: int = 1) -> None:
@@ -159,7 +180,9 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
                                min_rank=config.min_rank, rank_hint=None if batched else rows or None)
     U, S, Vh = result
     total = float(result.total_energy.sum())
-    captured = float(result.captured_energy.sum()) / total if total > 0 else 1.0
+    # conv_rank="max": every channel's adapter spans the k_max directions kept, not only its own k
+    kept = S.double().square().sum() if kind == "conv2d" and config.conv_rank == "max" else result.captured_energy.sum()
+    captured = float(kept) / total if total > 0 else 1.0
     spectrum = S.double().square().sum(0).sqrt() if batched else S.double()
     return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if batched else None,
             "singular_values": spectrum.tolist(), "total_energy": total, "kind": kind}
@@ -230,8 +253,9 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
               if group is not None else dict.fromkeys(layers, 0))
     mine = {n for n in layers if owners[n] == (group.rank if group is not None else 0)}
     timings, factors = {}, {}
-    # norm_mode="train" moves the norm statistics: a pass that fails (a bad batch, NaN) must leave them as they were
-    rewind = _Rewind(model) if len(parts) > 1 or config.norm_mode == "train" else None
+    # Only norm_mode="train" may move buffers (the norm statistics), and a pass that fails (a bad batch, NaN) leaves
+    # them as they were; other modules' buffers (spectral norm's power iteration in a train-mode model) stay.
+    rewind = _Rewind(model, forget_loader)
     try:
         for i, part in enumerate(parts):  # one forget pass per group of layers whose float32 gradients fit the budget
             if i:
@@ -245,9 +269,10 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
                 factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns,
                                                   grads.rows.get(n)) if n in mine else None for n in part})
     except BaseException:
-        if rewind is not None:
-            rewind()
+        rewind()
         raise
+    if config.norm_mode != "train":
+        rewind.restore_buffers()
     with _phase("svd", timings, device):
         if group is not None:
             factors = distributed_setup.broadcast_factors(factors, owners, group, device)

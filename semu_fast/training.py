@@ -24,7 +24,7 @@ from .layers import select_layers
 from .losses import LABEL_RULES, mixed_batch_loss, random_label_loss_for, true_label_loss
 from .metrics import accuracy
 from .model import SEMUModel, load_adapters
-from .pipeline import check_loader, prepare
+from .pipeline import check_loader, loader_generators, prepare
 from .report import SEMUReport
 from .serialization import fingerprint
 
@@ -117,7 +117,7 @@ class _Trainer:
         self.params = semu_model.trainable_parameters()
         self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
-        self.shufflers = _loader_generators(*loaders)
+        self.shufflers = loader_generators(*loaders)
         self.max_steps = max_steps
         self.run = {"epoch": 0, "step": 0, "steps_before": 0, "losses": [], "history": [], "best_score": None,
                     "best_epoch": None, "best_state": None}
@@ -251,18 +251,6 @@ def _callable_name(fn) -> Optional[str]:
     if fn is None:
         return None
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-
-
-def _loader_generators(*loaders) -> list:
-    """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
-    found = {}
-    for loader in loaders:
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-            generator = getattr(owner, "generator", None)
-            if isinstance(generator, torch.Generator):
-                found[id(generator)] = generator
-    return list(found.values())
 
 
 def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_fn) -> None:

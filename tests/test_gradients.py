@@ -279,3 +279,77 @@ def test_rows_count_each_linears_inputs_and_bound_its_gradient_rank(dtype):
                 assert torch.nn.functional.cosine_similarity(sums[name].flatten(), expected.flatten(), 0) > 0.9
             else:
                 assert torch.allclose(sums[name], expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_an_eval_model_keeps_every_module_s_mode_so_the_pass_is_deterministic():
+    """Modules that read self.training for randomness without being nn.Dropout (nn.MultiheadAttention's dropout
+    here) stay in the eval mode the user left them in; a layer with gradient checkpointing on is marked training."""
+    from semu_fast.gradients import set_norm_mode
+
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+            self.norm = torch.nn.LayerNorm(8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.attn(x, x, x)[0]).mean(1))
+
+    model = Block().eval()
+    batches = [(torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))]
+    layers = {"head": model.head, "attn.out_proj": model.attn.out_proj}
+    first = accumulate_gradients(model, batches, layers)
+    second = accumulate_gradients(model, batches, layers)
+    assert all(torch.equal(first[n], second[n]) for n in layers)
+    assert not any(m.training for m in model.modules())
+    model.attn.gradient_checkpointing = True  # as transformers marks a checkpointed layer
+    set_norm_mode(model, "eval")
+    assert model.attn.training and not model.attn.out_proj.training and not model.head.training
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_streamed_weight_used_outside_its_module_sums_that_use_too(dtype):
+    """A half-precision Linear whose weight a tied decoder also uses through F.linear: the streamed gradient of the
+    module's own use plus autograd's of the other, against float64 autograd."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(6, 4)
+    x, y = torch.randn(5, 6), torch.randn(5, 6)
+
+    def loss_fn(m, batch):
+        z = torch.tanh(m(batch[0]))
+        return (F.linear(z.to(m.weight.dtype), m.weight.t()).float() - batch[1]).square().sum()
+
+    expected = copy.deepcopy(enc).double()
+    loss_fn(expected, (x.double(), y.double())).backward()
+    half = copy.deepcopy(enc).to(dtype)
+    got = accumulate_gradients(half, [(x.to(dtype), y)], {"": half}, loss_fn)[""]
+    scale = expected.weight.grad.abs().max().item()
+    torch.testing.assert_close(got.double(), expected.weight.grad, rtol=0, atol=0.02 * scale)
+
+
+def test_grad_clip_on_a_float64_model():
+    model = small_cnn().double()
+    got = accumulate_gradients(model, [(x.double(), y) for x, y in forget_batches()], _weights(model), grad_clip=0.1)
+    assert all(acc.dtype == torch.float32 and torch.isfinite(acc).all() for acc in got.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_linear_called_with_its_input_keyword(dtype):
+    import semu_fast as sf
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    batches = [(torch.randn(8, 6).to(dtype), torch.randint(0, 3, (8,)))]
+    sm = sf.prepare(Net().to(dtype), batches, loss_fn=lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]))
+    assert sm.adapters and sm(batches[0][0]).shape == (8, 3)

@@ -456,3 +456,66 @@ def test_checking_a_loader_draws_nothing_from_its_sampler():
     assert torch.equal(generator.get_state(), state)  # a seeded shuffle stays the one the user seeded
     with pytest.raises(ValueError, match="one-shot iterator"):
         check_loader("forget_loader", iter(loader), passes=2)
+
+
+def test_split_passes_replay_a_loader_s_own_shuffle_and_dropout():
+    """Each pass of a budgeted prepare sees the batches (and dropout masks) the one pass would: the loader's
+    shuffling generator is put back with torch's random state."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Dropout(0.3), nn.Tanh(), nn.Linear(20, 16), nn.Tanh(),
+                          nn.Linear(16, 5)).train()
+    data = TensorDataset(torch.randn(24, 12), torch.randint(0, 5, (24,)))
+
+    def run(budget):
+        torch.manual_seed(1)
+        loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2))
+        return sf.prepare(copy.deepcopy(model), loader, config=sf.SEMUConfig(gamma=0.9, max_accumulator_bytes=budget))
+
+    one, split = run(None), run(20 * 16 * 4)
+    assert split.report.gradient_passes == 3
+    for name, adapter in one.adapters.items():
+        torch.testing.assert_close(adapter.U.abs(), split.adapters[name].U.abs(), rtol=0, atol=1e-5)
+
+
+def test_prepare_under_autocast_takes_its_svds_in_float32():
+    model, batches = small_cnn(), forget_batches()
+    plain = sf.prepare(copy.deepcopy(model), batches, config=sf.SEMUConfig(gamma=0.999, svd="gram"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sf.prepare(copy.deepcopy(model), batches, config=sf.SEMUConfig(gamma=0.999, svd="gram"))
+    assert [layer.k for layer in mixed.report.layers] == [layer.k for layer in plain.report.layers]
+    for adapter in mixed.adapters.values():
+        U = adapter.U.reshape(-1, *adapter.U.shape[-2:]) if adapter.U.dim() == 3 else adapter.U[None]
+        gram = U.transpose(-1, -2) @ U
+        eye = torch.diag_embed((U.square().sum(-2) > 0).float())  # gram_svd's zero columns past a channel's rank
+        assert (gram - eye).abs().max() < 1e-4
+
+
+def test_prepare_leaves_other_modules_buffers_alone():
+    """A spectral-normed layer (skipped by SEMU) in a train-mode model: its power iteration may not move its
+    buffers during the pass; only norm_mode="train" moves buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)),
+                          nn.Tanh(), nn.Linear(8, 3)).train()
+    before = snapshot(model)
+    sm = sf.prepare(model, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))])
+    assert_same_state(sm.unload(), before)
+
+
+def test_conv_max_reports_the_variance_its_adapters_span():
+    """conv_rank="max": every channel's adapter spans k_max directions, so captured_variance counts all of them."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    batches = [(torch.randn(6, 3, 6, 6), torch.randint(0, 3, (6,)))]
+    twin = copy.deepcopy(conv)
+    G = sf.gradients.accumulate_gradients(twin, batches, {"0": twin[0]})["0"].double()
+    sm = sf.prepare(conv, batches, config=sf.SEMUConfig(gamma=0.8, conv_rank="max", target_modules=["^0$"]))
+    adapter, layer = sm.adapters["0"], sm.report.layers[0]
+    assert len(set(layer.ranks)) > 1, layer.ranks  # channels of different k: the case at hand
+    W = conv[0].weight.detach().double()
+    G = G - (G * W).sum() / W.square().sum() * W  # the projection prepare applied
+    mats = G.permute(1, 0, 2, 3).flatten(2)  # (in, out, kh*kw)
+    U, Vh = adapter.U.double(), adapter.Vh.double()
+    inside = (U.transpose(-1, -2) @ mats @ Vh.transpose(-1, -2)).square().sum()
+    assert layer.captured_variance == pytest.approx(float(inside / mats.square().sum()), rel=1e-4)

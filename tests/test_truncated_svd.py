@@ -446,3 +446,19 @@ def test_calibration_is_measured_once_and_kept_per_device(tmp_path, monkeypatch)
     monkeypatch.setattr(svd_plan, "_COSTS", {})
     monkeypatch.setattr(svd_plan, "measure", lambda device: pytest.fail("measured again instead of reading the file"))
     assert svd_plan.costs(torch.device("cpu")) == measured
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "auto"])
+def test_truncated_svd_ignores_the_caller_s_autocast(method):
+    """Under autocast the range finder's and the Gram route's products would run in bfloat16: the op computes in
+    float32 whatever the caller's autocast says."""
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(300, 40, generator=gen) @ torch.randn(40, 200, generator=gen)
+    plain = sf.ops.truncated_svd(G, 0.999, method=method, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sf.ops.truncated_svd(G, 0.999, method=method, generator=torch.Generator().manual_seed(1))
+    assert mixed.U.dtype == mixed.S.dtype == mixed.Vh.dtype == torch.float32
+    assert mixed.U.shape == plain.U.shape
+    torch.testing.assert_close(mixed.S, plain.S)
+    k = mixed.U.shape[-1]
+    assert (mixed.U.T @ mixed.U - torch.eye(k)).abs().max() < 1e-4

@@ -297,7 +297,8 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
         check_positive_int("rank_hint", rank_hint, optional=True)
         if G.dim() != 2:
             raise ValueError(f"rank_hint applies to a 2-D G, got shape {tuple(G.shape)}")
-    with annotate("semu_fast.truncated_svd"):
+    # Under the caller's autocast the range finder's and the Gram route's products would run in half precision.
+    with annotate("semu_fast.truncated_svd"), torch.autocast(G.device.type, enabled=False):
         return _truncated_svd(G.to(compute_dtype(G.dtype)), gamma, rank_rule, min_rank, method, generator,
                               rank_hint)
 
