@@ -188,6 +188,21 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
             "singular_values": spectrum.tolist(), "total_energy": total, "kind": kind}
 
 
+def _complete_columns(U: torch.Tensor) -> torch.Tensor:
+    """conv_rank="max": every channel's adapter spans k_max directions, as an exact SVD's null-space columns make it
+    do (the official code's); the Gram route returns zero U columns past a channel's rank instead (a dead channel's
+    R would not train, though the report counts it): those get an orthonormal completion of the channel's others."""
+    zero = U.square().sum(-2) == 0  # (channels, k)
+    if not zero.any():
+        return U
+    U = U.clone()
+    for channel in zero.any(-1).nonzero().flatten().tolist():
+        keep = ~zero[channel]
+        complement = torch.linalg.qr(U[channel][:, keep].double(), mode="complete").Q[:, int(keep.sum()):]
+        U[channel][:, zero[channel]] = complement[:, :int(zero[channel].sum())].to(U.dtype)
+    return U
+
+
 def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     """(adapter or None, LayerReport) for one layer from its factors."""
     U, Vh, ranks, captured = factors["U"], factors["Vh"], factors["ranks"], factors["captured"]
@@ -203,7 +218,8 @@ def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
                              **spectrum)
         return None, report
     if kind == "conv2d":
-        adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
+        per_channel = config.conv_rank == "per_channel"
+        adapter = SEMUConv2d(layer, U if per_channel else _complete_columns(U), Vh, ranks if per_channel else None)
     elif kind == "column_linear":
         adapter = SEMUColumnLinear(layer, U, Vh, ranks)
     else:

@@ -519,3 +519,19 @@ def test_conv_max_reports_the_variance_its_adapters_span():
     U, Vh = adapter.U.double(), adapter.Vh.double()
     inside = (U.transpose(-1, -2) @ mats @ Vh.transpose(-1, -2)).square().sum()
     assert layer.captured_variance == pytest.approx(float(inside / mats.square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_conv_max_gives_every_channel_k_max_orthonormal_directions(svd):
+    """conv_rank="max" (the official rule): a channel of lower rank, even a dead one, trains in k_max directions, as
+    the official SVD's null-space columns let it; the Gram route's zero columns are completed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(6, 3, 8, 8)
+    x[:, 2] = 0  # input channel 2 carries nothing: its gradient is zero
+    sm = sf.prepare(model, [(x, torch.randint(0, 4, (6,)))], config=sf.SEMUConfig(
+        gamma=0.9, svd=svd, conv_rank="max", target_modules=["^0$"], projection="none"))
+    U, layer = sm.adapters["0"].U.double(), sm.report.layers[0]
+    assert layer.ranks[2] == 0 and max(layer.ranks) == U.shape[-1] > min(layer.ranks)
+    torch.testing.assert_close(U.transpose(-1, -2) @ U, torch.eye(U.shape[-1], dtype=torch.float64).expand(3, -1, -1),
+                               rtol=0, atol=1e-5)
