@@ -51,15 +51,16 @@ def split_batch(batch, what: str = "loss_fn=None"):
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
-    """The models in eval mode inside the block, each given back its own training flag afterwards (also on error)."""
-    flags = [m.training for m in models]
+    """The models in eval mode inside the block, each of their modules given back its own training flag afterwards
+    (also on error; model.train(flag) would set one flag for all of them)."""
+    flags = {module: module.training for m in models for module in m.modules()}
     try:
         for m in models:
             m.eval()
         yield
     finally:
-        for m, flag in zip(models, flags):
-            m.train(flag)
+        for module, flag in flags.items():
+            module.training = flag
 
 
 def atomic_write(path, write) -> None:

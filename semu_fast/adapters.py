@@ -104,10 +104,13 @@ class SEMUAdapter(nn.Module):
             self._original_weight = self._original_weight.to(self.base_layer.weight.device)
         return module
 
-    def forward(self, input):  # the name nn.Linear's and nn.Conv2d's forwards give it (layer(input=x) works)
+    def forward(self, *args, **kwargs):  # the input by position or by the base layer's own name (input=, x=)
         if self.merged or self.disabled:
-            return self.base_layer(input)
-        return self.adapted_forward(input)
+            return self.base_layer(*args, **kwargs)
+        if len(args) + len(kwargs) != 1:
+            raise TypeError(f"{type(self).__name__} takes one input, got {len(args)} positional and keyword "
+                            f"argument(s) {sorted(kwargs)}")
+        return self.adapted_forward(*args, *kwargs.values())
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, merged={self.merged}, disabled={self.disabled}"

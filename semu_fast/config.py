@@ -44,9 +44,11 @@ class SEMUConfig:
     svd: "auto" (the path a cost model measured on this device picks: randomized, Gram or exact; conv batches take
         the gram_svd kernel), "exact", "gram", "randomized" (see sf.ops.truncated_svd).
     norm_mode: "eval" keeps norm layers' running statistics untouched (norm layers in eval mode, every other module
-        in the mode the model was left in) in the gradient pass and in training; "train" puts the whole model in train mode, updating the
-        statistics on the forget data, as the official classification code does; "eval_all" puts the whole model
-        in eval mode, dropout off too, as the official DDPM/SD gradient passes (model.eval()) do.
+        in the mode the model was left in, except RNN layers and layers with transformers' gradient checkpointing
+        on, which need training mode: see gradients.set_norm_mode) in the gradient pass and in training; "train"
+        puts the whole model in train mode, updating the statistics on the forget data, as the official
+        classification code does; "eval_all" puts the whole model in eval mode, dropout off too, as the official
+        DDPM/SD gradient passes (model.eval()) do.
     train_norm_mode: the same choice while R trains; None (the default) means norm_mode. The official runs train R
         with the whole model in eval mode (train_norm_mode="eval_all"); the classification run takes its gradients
         in train mode (norm_mode="train").

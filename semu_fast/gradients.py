@@ -25,8 +25,9 @@ def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
     "eval_all" (the official DDPM/SD gradient passes and every official training phase); for "eval" (the default)
     norm layers go to eval mode and every other module keeps the mode the user left it in (so an eval-mode model
     gives the same gradients and ranks on every run: no dropout, stochastic depth or attention dropout turns on),
-    except that a layer with transformers' gradient checkpointing on is marked training (that alone, not its
-    children), which checkpointing needs to run."""
+    except two kinds of module marked training (that module alone, not its children), which need it: a layer with
+    transformers' gradient checkpointing on (checkpointing runs only in training; dropout that layer applies
+    itself runs too) and RNN layers (cuDNN's RNN backward runs only in training; their inter-layer dropout too)."""
     if norm_mode == "eval_all":
         model.eval()
     elif norm_mode == "train":
@@ -35,7 +36,7 @@ def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
         for module in model.modules():
             if isinstance(module, NORM_TYPES):
                 module.eval()
-            elif getattr(module, "gradient_checkpointing", False) is True:
+            elif isinstance(module, nn.RNNBase) or getattr(module, "gradient_checkpointing", False) is True:
                 module.training = True
 
 

@@ -18,7 +18,7 @@ from ._profile import annotate
 from ._utils import set_torch_rng_state, torch_rng_state
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
-from .gradients import LossFn, accumulate_gradients
+from .gradients import NORM_TYPES, LossFn, accumulate_gradients
 from .layers import describe_names, is_conv1d, select_layers, skipped_layers
 from .model import SEMUModel
 from .ops.svd import conv_gradient_matrices
@@ -58,11 +58,12 @@ def _accumulator_groups(layers: dict, budget: Optional[int]) -> list[dict]:
 class _Rewind:
     """The model's buffers (norm statistics move under norm_mode="train"), torch's random state (dropout) and the
     forget loader's shuffling generators as they were before the first of several forget passes, put back before
-    each later one and after a failed one. (A loss function that keeps its own generator, as the diffusion losses
-    do, still draws afresh in every pass.)"""
+    each later one and after a failed one; with norm_mode other than "train", the buffers also after a pass that
+    succeeded (a train-mode spectral norm's power iteration moves its own). (A loss function that keeps its own
+    generator, as the diffusion losses do, still draws afresh in every pass.)"""
 
-    def __init__(self, model: nn.Module, loader):
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    def __init__(self, model: nn.Module, loader, buffers: bool = True):
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
         self.rng = torch_rng_state()
         self.shufflers = [(g, g.get_state()) for g in loader_generators(loader)]
 
@@ -75,7 +76,8 @@ class _Rewind:
     def restore_buffers(self) -> None:
         with torch.no_grad():
             for buffer, saved in self.buffers:
-                buffer.copy_(saved)
+                if not torch.equal(buffer, saved):  # (an expanded buffer cannot be written, nor needs to be)
+                    buffer.copy_(saved)
 
 
 def loader_generators(*loaders) -> list:
@@ -164,6 +166,23 @@ def _layer_kind(layer: nn.Module, per_column: bool) -> str:
     return "conv1d" if is_conv1d(layer) else "column_linear" if per_column else "linear"
 
 
+def _complete_columns(U: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """conv_rank="max": every channel's adapter spans k_max directions, as an exact SVD's null-space columns make it
+    do (the official code's); the Gram route returns zero U columns past a channel's rank instead (a dead channel's
+    R would not train, though the report counts it). Those channels' zero columns become Gaussian ones, and one
+    batched QR makes them orthonormal to the channel's others (which it keeps, up to the sign it restores)."""
+    zero = U.square().sum(-2) == 0  # (channels, k); a channel's zero columns trail its nonzero ones
+    channels = zero.any(-1).nonzero().flatten()
+    if len(channels) == 0:
+        return U
+    part = U[channels]
+    noise = torch.randn(part.shape, generator=generator, device=U.device, dtype=U.dtype)
+    Q, R = torch.linalg.qr(torch.where(zero[channels][:, None, :], noise, part))
+    U = U.clone()
+    U[channels] = Q * torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)[:, None, :]
+    return U
+
+
 def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUConfig, per_column: bool,
                    rows: Optional[int] = None) -> dict:
     """Truncated SVD of one layer's projected gradient G: U, Vh, k, per-channel ranks and captured variance. rows:
@@ -179,6 +198,8 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator,
                                min_rank=config.min_rank, rank_hint=None if batched else rows or None)
     U, S, Vh = result
+    if kind == "conv2d" and config.conv_rank == "max":
+        U = _complete_columns(U, generator)
     total = float(result.total_energy.sum())
     # conv_rank="max": every channel's adapter spans the k_max directions kept, not only its own k
     kept = S.double().square().sum() if kind == "conv2d" and config.conv_rank == "max" else result.captured_energy.sum()
@@ -186,21 +207,6 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     spectrum = S.double().square().sum(0).sqrt() if batched else S.double()
     return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if batched else None,
             "singular_values": spectrum.tolist(), "total_energy": total, "kind": kind}
-
-
-def _complete_columns(U: torch.Tensor) -> torch.Tensor:
-    """conv_rank="max": every channel's adapter spans k_max directions, as an exact SVD's null-space columns make it
-    do (the official code's); the Gram route returns zero U columns past a channel's rank instead (a dead channel's
-    R would not train, though the report counts it): those get an orthonormal completion of the channel's others."""
-    zero = U.square().sum(-2) == 0  # (channels, k)
-    if not zero.any():
-        return U
-    U = U.clone()
-    for channel in zero.any(-1).nonzero().flatten().tolist():
-        keep = ~zero[channel]
-        complement = torch.linalg.qr(U[channel][:, keep].double(), mode="complete").Q[:, int(keep.sum()):]
-        U[channel][:, zero[channel]] = complement[:, :int(zero[channel].sum())].to(U.dtype)
-    return U
 
 
 def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
@@ -218,8 +224,7 @@ def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
                              **spectrum)
         return None, report
     if kind == "conv2d":
-        per_channel = config.conv_rank == "per_channel"
-        adapter = SEMUConv2d(layer, U if per_channel else _complete_columns(U), Vh, ranks if per_channel else None)
+        adapter = SEMUConv2d(layer, U, Vh, ranks if config.conv_rank == "per_channel" else None)
     elif kind == "column_linear":
         adapter = SEMUColumnLinear(layer, U, Vh, ranks)
     else:
@@ -236,7 +241,8 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
 
     loss_fn(model, batch) -> scalar; None means cross-entropy on (inputs, targets) batches. Base weights are never
     written; every check runs before the model is changed, and a pass that fails puts back the norm statistics
-    (norm_mode="train") and random state it moved. Returns a SEMUModel whose .report lists per layer the
+    (norm_mode="train") and random state it moved; with another norm_mode no buffer moves (those a train-mode
+    module moved are put back after the pass). Returns a SEMUModel whose .report lists per layer the
     shape, rank k, captured variance and trainable parameters, the totals and the time of each phase. With
     config.max_accumulator_bytes the layers are split into groups whose float32 gradients fit that budget, and the
     forget data is passed once per group (the model stays unchanged until every group's factors exist).
@@ -270,8 +276,11 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
     mine = {n for n in layers if owners[n] == (group.rank if group is not None else 0)}
     timings, factors = {}, {}
     # Only norm_mode="train" may move buffers (the norm statistics), and a pass that fails (a bad batch, NaN) leaves
-    # them as they were; other modules' buffers (spectral norm's power iteration in a train-mode model) stay.
-    rewind = _Rewind(model, forget_loader)
+    # them as they were; other modules' buffers (spectral norm's power iteration in a train-mode model) stay. Only
+    # a module in training mode moves buffers: an eval-mode model needs no copy of them.
+    moving = config.norm_mode == "train" or len(parts) > 1 or (config.norm_mode == "eval" and any(
+        m.training for m in model.modules() if not isinstance(m, NORM_TYPES)))
+    rewind = _Rewind(model, forget_loader, buffers=moving)
     try:
         for i, part in enumerate(parts):  # one forget pass per group of layers whose float32 gradients fit the budget
             if i:

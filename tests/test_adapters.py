@@ -202,6 +202,28 @@ def test_a_state_dict_holds_the_unmerged_weight_and_loads_into_a_merged_model():
     assert all(value.dtype == torch.float16 for key, value in sm.state_dict().items() if "base_layer.weight" in key)
 
 
+def test_an_adapter_takes_its_input_by_the_base_layer_s_keyword():
+    sm, _ = _prepared()
+    x = forget_batches(seed=7)[0][0]
+    h = torch.randn(4, 24)
+    linear, conv = sm.adapters["7"], sm.adapters["0"]
+    assert torch.equal(linear(input=h), linear(h)) and torch.equal(conv(input=x), conv(x))
+    with pytest.raises(TypeError, match="takes one input"):
+        linear(h, h)
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    from semu_fast.adapters import SEMUConv1D
+
+    layer = Conv1D(5, 3)  # transformers' forward(self, x)
+    adapter = SEMUConv1D(layer, torch.randn(5, 2), torch.randn(2, 3))
+    with torch.no_grad():
+        adapter.R.normal_()
+    z = torch.randn(4, 3)
+    assert torch.equal(adapter(x=z), adapter(z))
+    adapter.disabled = True
+    assert torch.equal(adapter(x=z), layer(z))
+
+
 def test_merge_and_unload_gives_a_plain_model_with_merged_weights():
     sm, original = _prepared()
     x = forget_batches(seed=7)[0][0]

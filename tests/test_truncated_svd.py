@@ -448,7 +448,7 @@ def test_calibration_is_measured_once_and_kept_per_device(tmp_path, monkeypatch)
     assert svd_plan.costs(torch.device("cpu")) == measured
 
 
-@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "auto"])
+@pytest.mark.parametrize("method", ["gram", "randomized"])  # the paths with products autocast would take
 def test_truncated_svd_ignores_the_caller_s_autocast(method):
     """Under autocast the range finder's and the Gram route's products would run in bfloat16: the op computes in
     float32 whatever the caller's autocast says."""
