@@ -261,6 +261,10 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
     if (label_rule != "uniform_other" or label_classes is not None) and train_loss_fn is not None:
         raise ValueError("label_rule and label_classes apply to the built-in random-label loss: with a "
                          "train_loss_fn, draw the labels there")
+    if patience is not None and train_loss_fn is not None:
+        raise ValueError("patience stops on the classification score, which epochs get only with the built-in "
+                         "random-label loss (train_loss_fn=None): with a train_loss_fn, stop through on_epoch "
+                         "(return {'stop': True})")
 
 
 def _data_settings(forget_loader, retain_loader, group) -> dict:
@@ -359,10 +363,11 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     optimizer "adam" or "sgd" (with momentum); the defaults (Adam, lr 5e-3, 15 epochs) forget on the bundled digits
     task over 3 seeds x 10 classes (benchmarks/RESULTS.md); the official classification run used SGD, lr 1e-5,
     10 epochs, momentum 0.9, weight_decay 5e-4, which barely moves R there.
-    select_best (classification only): keep the R of the epoch with the best (100 - forget acc + retain acc) / 2
-    (without retain data: the lowest forget accuracy). patience: stop early once the score has not reached the best
-    one + min_delta (min_delta 0: not beaten it) for this many epochs (classification only; None = run every
-    epoch). progress: a tqdm bar.
+    select_best (classification only: with a train_loss_fn epochs are not scored, and the last R is kept): keep the R
+    of the epoch with the best (100 - forget acc + retain acc) / 2 (without retain data: the lowest forget
+    accuracy). patience: stop early once the score has not reached the best one + min_delta (min_delta 0: not
+    beaten it) for this many epochs (classification only: refused with a train_loss_fn; None = run every epoch).
+    progress: a tqdm bar.
     sf.presets.preset("official-classification") gives the official run's settings of all of these.
     on_epoch(epoch, semu_model) -> dict or None: called after each epoch; what it returns joins that epoch's history
     entry (e.g. accuracies on data the run does not train on); {"stop": True} in it ends training after that

@@ -521,3 +521,83 @@ def test_record_run_keeps_what_this_run_read(tmp_path):
     (out / "data.jsonl").write_text("{}")
     assert results.record_run(out, [], [out / "unet" / "config.json", out / "data.jsonl"]) == []
     assert (out / "unet").is_dir() and (out / "data.jsonl").exists()
+
+
+def _unlearn_folder(tmp_path, scenario):
+    folder = tmp_path / "run"
+    (folder / "adapters").mkdir(parents=True)
+    results.write_json(folder / "run.json", {"scenario": scenario, "history": {}, "semu_report": {}})
+    return folder / "adapters"
+
+
+def test_eval_draws_the_split_of_the_run_that_made_the_adapters(monkeypatch, tmp_path):
+    """Adapters of an `unlearn --preset official` run are measured on SalUn's split, not ours."""
+    from semu_fast.cli import main
+
+    class Drawn(Exception):
+        pass
+
+    def split(name):
+        def draw(*args, **kwargs):
+            raise Drawn(name)
+        return draw
+
+    monkeypatch.setattr(C, "salun_split", split("official"))
+    monkeypatch.setattr(C, "forget_split", split("ours"))
+    for preset, flags in (("official", ["--seed", "2"]), ("ours", [])):
+        adapters = _unlearn_folder(tmp_path / preset, {"dataset": "digits", "preset": preset, "forget_class": 0,
+                                                       "num_forget": None, "seed": int(flags[-1]) if flags else 0})
+        with pytest.raises(Drawn) as drawn:
+            main(["eval", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--adapters", str(adapters), *flags])
+        assert drawn.value.args == (preset,)
+
+
+def test_a_bad_retrain_checkpoint_is_refused_before_anything_trains(monkeypatch, tmp_path, capsys):
+    from semu_fast.cli import main
+
+    monkeypatch.setattr(C, "run", lambda *a, **k: pytest.fail("trained before reading --retrain-checkpoint"))
+    bad = tmp_path / "bad.pt"
+    torch.save({"weight": torch.ones(2)}, bad)
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--retrain-checkpoint", str(bad),
+              "--out", str(tmp_path / "out")])
+    assert "argument --retrain-checkpoint: checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_torchvision_models_with_auxiliary_heads_return_plain_logits(arch):
+    model = models.build_model(arch, 3).train()
+    size = 75 if arch == "inception_v3" else 32
+    assert isinstance(model(torch.randn(2, 3, size, size)), torch.Tensor)
+
+
+def test_seconds_leave_out_the_accuracies_recorded_for_the_plot(monkeypatch):
+    """A clock that moves only while the per-epoch hook measures accuracy: a method's seconds must not see it."""
+    task = C.load_task("digits", seed=0)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), 0, None, 0.0, 0)
+    clock, real = [0.0], C.accuracy
+
+    def accuracy(*args, **kwargs):  # only the per-epoch hook reads it
+        clock[0] += 10.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "accuracy", accuracy)
+    monkeypatch.setattr(C.time, "perf_counter", lambda: clock[0])
+    torch.manual_seed(0)
+    _, _, result = C.run(task, models.digits_cnn(), split, config=sf.SEMUConfig(gamma=0.9),
+                         semu_settings={"epochs": 2, "select_best": False}, methods=("ga",),
+                         baseline_settings={"ga": {"epochs": 1}}, progress=False)
+    assert clock[0] == 60.0  # 2 + 1 epochs, 2 accuracies each
+    assert result["metrics"]["semu"]["seconds"] == 0.0 and result["metrics"]["ga"]["seconds"] == 0.0
+
+
+def test_report_refuses_json_of_the_wrong_shape(tmp_path):
+    results.write_json(tmp_path / "metrics.json", {})
+    results.write_json(tmp_path / "run.json", [])
+    with pytest.raises(ValueError, match="must each hold a JSON object"):
+        results.render(tmp_path)
+
+
+def test_cifar100_error_names_its_own_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python/"):
+        C.load_task("cifar100", tmp_path)

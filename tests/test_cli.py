@@ -50,10 +50,13 @@ def test_main_job_runs_end_to_end_and_writes_the_report(tmp_path):
     other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
                     "--seed", "1")
     assert other.returncode == 2 and "made for another scenario" in other.stderr  # run.json sits next to them
-    assert "pass --seed 0 (here 1)" in other.stderr
+    assert "give --seed 0 (here 1)" in other.stderr
     wrong_class = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
                           "--forget-class", "3")
-    assert wrong_class.returncode == 2 and "pass --forget-class 0 (here 3)" in wrong_class.stderr
+    assert wrong_class.returncode == 2 and "give --forget-class 0 (here 3)" in wrong_class.stderr
+    other_split = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", folder / "adapters",
+                          "--preset", "official", "--seed", "0")
+    assert other_split.returncode == 2 and "argument --seed: the official split" in other_split.stderr
     shutil.copytree(folder / "adapters", tmp_path / "moved")  # without run.json: the base weights tell
     other = run_cli("eval", "--quiet", "--cache-dir", tmp_path / "cache", "--adapters", tmp_path / "moved",
                     "--seed", "1")
@@ -99,6 +102,9 @@ def test_unlearn_with_retain_data_random_forgetting_and_an_image_folder(tmp_path
     (("unlearn", "--stop-at-test-accuracy", "--baselines", "none", "--no-retrain"),
      "stop_at_test_accuracy is for random forgetting"),
     (("unlearn", "--retrain-checkpoint", "/nonexistent.pt"), "argument --retrain-checkpoint: /nonexistent.pt is not"),
+    (("unlearn", "--retrain-checkpoint", __file__, "--no-retrain"), "which --no-retrain leaves out"),
+    (("unlearn", "--data", "/tmp"), "argument --data: the bundled digits task reads neither"),
+    (("eval", "--image-size", "64"), "argument --image-size: the bundled digits task reads neither"),
     (("eval", "--adapters", "/dev/null"), "argument --adapters: /dev/null is not a folder"),
     (("eval", "--json", "/nonexistent/m.json"), "argument --json: the folder /nonexistent does not exist"),
     (("report", "/dev/null"), "argument folder: /dev/null is not a folder"),

@@ -208,3 +208,9 @@ def test_max_steps_ends_the_run_mid_epoch_after_exactly_that_many_steps():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_steps"):
             sf.unlearn(small_cnn(), forget_batches(), max_steps=bad, progress=False)
+
+
+def test_patience_needs_the_built_in_loss():
+    with pytest.raises(ValueError, match="patience stops on the classification score"):
+        sf.unlearn(small_cnn(), forget_batches(), patience=2, progress=False,
+                   train_loss_fn=lambda model, batch, generator: model(batch[0]).sum())

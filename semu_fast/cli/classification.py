@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 from .._utils import default_cache, default_device
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction,
@@ -30,6 +31,9 @@ def _scenario(args, parser):
     from ..workflows import classification as C
 
     args.device = args.device or default_device()  # the original, SEMU, the baselines and Retrain all run there
+    if args.dataset == "digits" and (args.data is not None or args.image_size != 32):
+        parser.error(f"argument {'--data' if args.data is not None else '--image-size'}: the bundled digits task "
+                     f"reads neither --data nor --image-size; give --dataset cifar10, cifar100 or imagefolder")
     try:
         task = C.load_task(args.dataset, args.data, args.seed, args.image_size)
     except (ValueError, FileNotFoundError) as err:
@@ -56,7 +60,8 @@ def _scenario(args, parser):
         library_error(parser, err)
     source = Path(args.checkpoint).resolve() if args.checkpoint else C.cached_model_path(
         task, args.arch, args.seed, args.train_epochs, cache_dir)
-    scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "forget_class": forget_class,
+    scenario = {"dataset": task.name, "arch": args.arch or task.default_arch, "preset": "official" if official
+                else "ours", "forget_class": forget_class,
                 "num_forget": args.num_forget, "forget_samples": len(split.forget),
                 "retain_fraction": getattr(args, "retain_fraction", 0.0), "seed": args.seed, "device": args.device,
                 "original_model": str(source), "original_sha256": C.state_digest(model)[:16]}
@@ -77,13 +82,19 @@ def run_unlearn(args, parser) -> int:
     torch.manual_seed(args.seed)
     if args.retrain_checkpoint is not None and not args.retrain_checkpoint.is_file():
         parser.error(f"argument --retrain-checkpoint: {args.retrain_checkpoint} is not a file")
+    if args.retrain_checkpoint is not None and args.retrain is False:
+        parser.error("argument --retrain-checkpoint: it is the Retrain model, which --no-retrain leaves out; give "
+                     "one of the two")
     task, model, split, scenario = _scenario(args, parser)
     retrain = args.retrain if args.retrain is not None else task.name == "digits"
     retrain_fn = None
-    if args.retrain_checkpoint is not None:
-        retrain_fn = lambda: C.load_checkpoint(C.build_model(scenario["arch"], task.num_classes,  # noqa: E731
-                                                             task.in_channels, task.name).to(args.device),
-                                               args.retrain_checkpoint)
+    if args.retrain_checkpoint is not None:  # read now: a bad file must not wait until every method has trained
+        try:
+            retrained = C.load_checkpoint(C.build_model(scenario["arch"], task.num_classes, task.in_channels,
+                                                        task.name).to(args.device), args.retrain_checkpoint)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"argument --retrain-checkpoint: {err}")
+        retrain_fn = lambda: retrained  # noqa: E731
     elif retrain:
         retrain_fn = lambda: C.train_model(task, scenario["arch"], split.retain, args.seed,  # noqa: E731
                                            args.train_epochs, not args.quiet, "Retrain", args.device)
@@ -111,23 +122,31 @@ def run_unlearn(args, parser) -> int:
     return finish_run(args.out, files, [results.format_table(result["metrics"])])
 
 
-def _check_same_scenario(run_file: Path, scenario: dict, parser) -> None:
-    """Adapters inside a semu-fast unlearn folder come with its run.json: evaluating them on another scenario (another
-    forgotten class, seed or dataset) would report its metrics as theirs."""
+def _saved_scenario(adapters: Optional[Path]) -> dict:
+    """The scenario of the semu-fast unlearn run whose folder holds `adapters` (its run.json), or {}."""
     from ..workflows import results
 
-    if not run_file.is_file():
-        return
+    run_file = adapters.parent / "run.json" if adapters is not None else None
+    if run_file is None or not run_file.is_file():
+        return {}
     try:
-        saved = results.read_json(run_file).get("scenario", {})
-    except (OSError, ValueError, AttributeError):
-        return
-    flags = {"dataset": "--dataset", "forget_class": "--forget-class", "num_forget": "--num-forget", "seed": "--seed"}
-    differ = [f"{flags[key]} {saved[key]} (here {scenario[key]})" for key in flags
+        saved = results.read_json(run_file)
+    except (OSError, ValueError):
+        return {}
+    scenario = saved.get("scenario") if isinstance(saved, dict) else None
+    return scenario if isinstance(scenario, dict) else {}
+
+
+def _check_same_scenario(saved: dict, scenario: dict, parser) -> None:
+    """Adapters inside a semu-fast unlearn folder come with its run.json: evaluating them on another scenario (another
+    forgotten class, split, seed or dataset) would report its metrics as theirs."""
+    flags = {"dataset": "--dataset", "preset": "--preset", "forget_class": "--forget-class",
+             "num_forget": "--num-forget", "seed": "--seed"}
+    differ = [f"{flags[key]} {saved[key]} (here {scenario[key]})" if saved[key] is not None else
+              f"no {flags[key]} (here {scenario[key]})" for key in flags
               if key in saved and saved[key] != scenario.get(key)]
     if differ:
-        parser.error(f"argument --adapters: they were made for another scenario ({run_file}): pass "
-                     f"{', '.join(differ)}")
+        parser.error(f"argument --adapters: they were made for another scenario: give {', '.join(differ)}")
 
 
 def run_eval(args, parser) -> int:
@@ -140,10 +159,15 @@ def run_eval(args, parser) -> int:
         parser.error(f"argument --adapters: {args.adapters} is not a folder (give the folder save_adapters wrote)")
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"argument --json: the folder {args.json.parent} does not exist")
+    saved = _saved_scenario(args.adapters)
+    if args.preset is None:  # the split of the run that made the adapters
+        args.preset = saved.get("preset", "ours") if saved.get("preset") in ("ours", "official") else "ours"
+    if args.preset == "official" and args.seed < 1:
+        parser.error(f"argument --seed: the official split is drawn with seed - 1, so it needs a seed >= 1, got "
+                     f"{args.seed}")
     task, model, split, scenario = _scenario(args, parser)
     loaders = C.make_loaders(task, split, args.seed)
-    if args.adapters is not None:
-        _check_same_scenario(args.adapters.parent / "run.json", scenario, parser)
+    _check_same_scenario(saved, scenario, parser)
     table = {"original": metrics.evaluate(model, loaders.forget_eval, loaders.retain_eval, loaders.test_eval)}
     if args.adapters is not None:
         try:
@@ -232,6 +256,9 @@ def register(sub) -> None:
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     ev.add_argument("--seed", type=seed, default=0, help="seeds the split and the models trained here (use the one "
                     "the adapters were made with)")
+    ev.add_argument("--preset", choices=("ours", "official"), default=None,
+                    help="the split: official draws SalUn's, as unlearn --preset official (default: that of the run "
+                    "whose folder holds --adapters, else ours)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     ev.set_defaults(func=run_eval, parser=ev)
 

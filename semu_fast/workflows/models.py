@@ -62,7 +62,9 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, dataset: str 
                          f"'digits-cnn')")
     if arch == "resnet18-cifar":
         return resnet18_cifar(num_classes, *((CIFAR100_MEAN, CIFAR100_STD) if dataset == "cifar100" else ()))
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    # GoogLeNet and Inception v3 return their auxiliary logits too in train mode: unlearning reads plain logits
+    aux = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **aux)
 
 
 def load_checkpoint(model: nn.Module, path) -> nn.Module:

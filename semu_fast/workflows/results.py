@@ -200,6 +200,9 @@ def render(out, samples: Optional[bool] = None) -> list[str]:
         raise FileNotFoundError(f"{str(out)!r} is not a results folder of semu-fast unlearn, unlearn-ddpm or "
                                 f"unlearn-sd: {err.filename} is missing (unlearn-llm writes its report.md as it "
                                 f"runs)") from None
+    if not isinstance(metrics, dict) or not isinstance(run, dict):
+        raise ValueError(f"{str(out)!r}: its metrics.json and run.json must each hold a JSON object, as semu-fast "
+                         f"unlearn writes them")
     figures = [name for name, draw in FIGURES.items() if draw(run, out / name)]
     text = _report_md(metrics, run, figures)
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
