@@ -93,9 +93,9 @@ def load_task(dataset: str = "digits", data: Optional[Path] = None, seed: int = 
                                   ((True, transforms.ToTensor()), (False, transforms.ToTensor()), (True, augment)))
     except RuntimeError as err:
         reason = str(err).replace(" You can use download=True to download it", "")  # nothing is downloaded here
+        folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
         raise FileNotFoundError(f"--data {str(data)!r}: no {dataset} there ({reason}); put the python version of "
-                                f"the dataset ({'cifar-10-batches-py' if dataset == 'cifar10' else 'cifar-100-python'}/) "
-                                f"in that folder") from None
+                                f"the dataset ({folder}/) in that folder") from None
     return Task(dataset, train, test, 10 if dataset == "cifar10" else 100, 3, "resnet18-cifar",
                 augmented_train_set=augmented, source=str(data.resolve()))
 
