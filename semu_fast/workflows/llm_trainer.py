@@ -218,10 +218,10 @@ def semu_trainer_class():
         args.seed). forget_loss: an llm_losses FORGET_LOSSES name, make_loss(...), a callable (model, batch,
         generator) -> scalar (generator: a CPU torch.Generator), or "auto" (the default: idkdpo when the forget
         examples carry "alternate" answers, else npo); retain_loss: a RETAIN_LOSSES name, make_retain_loss(...) or
-        a callable; None: the forget objective's own retain term, else NLL. save_merged: save_model writes the model with W + U R Vh merged in
-        (save_pretrained; from_pretrained loads a plain model) instead of the adapter folder. prepare_batch_size:
-        batch size of the gradient pass (default args.per_device_train_batch_size). Everything else goes to
-        transformers.Trainer."""
+        a callable; None: the forget objective's own retain term, else NLL. save_merged: save_model writes the
+        model with W + U R Vh merged in (save_pretrained; from_pretrained loads a plain model) instead of the adapter
+        folder. prepare_batch_size: batch size of the gradient pass (default args.per_device_train_batch_size).
+        Everything else goes to transformers.Trainer."""
 
         def __init__(self, model: Optional[nn.Module] = None, args=None, *, train_dataset=None, retain_dataset=None,
                      semu_config: Optional[SEMUConfig] = None, forget_loss=DEFAULTS.forget_loss, retain_loss=None,
