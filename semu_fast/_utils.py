@@ -49,6 +49,11 @@ def split_batch(batch, what: str = "loss_fn=None"):
     return batch[0], batch[1]
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The exact bytes of a tensor's values (on the CPU, in its dtype, in row-major order): what a digest hashes."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
     """The models in eval mode inside the block, each of their modules given back its own training flag afterwards

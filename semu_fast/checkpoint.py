@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from ._checks import check_positive_int
-from ._utils import atomic_write
+from ._utils import atomic_write, tensor_bytes
 
 FORMAT = "semu_fast.training_state/3"
 # what earlier formats lack for a resume to be exact: each is refused with the reason
@@ -37,9 +37,8 @@ def data_identity(loader) -> str:
 
     def add(item) -> None:
         if isinstance(item, torch.Tensor):
-            flat = item.detach().cpu().contiguous().reshape(-1)
             digest.update(f"tensor{item.dtype}{tuple(item.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            digest.update(tensor_bytes(item))
         elif isinstance(item, np.ndarray):
             digest.update(f"array{item.dtype}{item.shape}".encode())
             digest.update(np.ascontiguousarray(item).tobytes())
@@ -83,7 +82,7 @@ def data_identity(loader) -> str:
                 size = None
             add(f"{type(data).__module__}.{type(data).__qualname__}:{size}")
 
-    add(loader) if isinstance(loader, (list, tuple)) else dataset(loader)
+    dataset(loader)
     return digest.hexdigest()
 
 

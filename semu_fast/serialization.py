@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from ._utils import atomic_write
+from ._utils import atomic_write, tensor_bytes
 from .distributed import is_sharded
 
 FORMAT = "semu_fast.adapters/2"
@@ -81,7 +81,7 @@ def _identity(weight: torch.Tensor) -> dict:
 
 
 def _digest(values: torch.Tensor) -> str:
-    return hashlib.sha256(values.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor_bytes(values)).hexdigest()
 
 
 def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .. import metrics
+from .._utils import tensor_bytes
 from ..config import SEMUConfig
 from ..metrics import accuracy
 from ..model import SEMUModel
@@ -263,9 +264,8 @@ def state_digest(model: nn.Module) -> str:
     since one trained here differs with the machine and thread count."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
