@@ -18,8 +18,6 @@ LossFn = Callable[[nn.Module, object], torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-
-
 def set_norm_mode(model: nn.Module, norm_mode: str) -> None:
     """model.train() as the official classification code does for norm_mode == "train"; model.eval() for
     "eval_all" (the official DDPM/SD gradient passes and every official training phase); for "eval" (the default)

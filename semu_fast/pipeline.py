@@ -92,8 +92,6 @@ def loader_generators(*loaders) -> list:
     return list(found.values())
 
 
-
-
 def check_loader(name: str, loader, passes: int = 1) -> None:
     """A loader of batches that can be read `passes` times: not None, iterable, not empty when its length is known,
     and not a one-shot iterator when read more than once."""
@@ -198,11 +196,11 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
     result = ops.truncated_svd(matrices, gamma, config.rank_rule, method=method, generator=generator,
                                min_rank=config.min_rank, rank_hint=None if batched else rows or None)
     U, S, Vh = result
-    if kind == "conv2d" and config.conv_rank == "max":
+    spans_k_max = kind == "conv2d" and config.conv_rank == "max"  # every channel's adapter: k_max directions
+    if spans_k_max:
         U = _complete_columns(U, generator)
     total = float(result.total_energy.sum())
-    # conv_rank="max": every channel's adapter spans the k_max directions kept, not only its own k
-    kept = S.double().square().sum() if kind == "conv2d" and config.conv_rank == "max" else result.captured_energy.sum()
+    kept = S.double().square().sum() if spans_k_max else result.captured_energy.sum()
     captured = float(kept) / total if total > 0 else 1.0
     spectrum = S.double().square().sum(0).sqrt() if batched else S.double()
     return {"U": U, "Vh": Vh, "captured": captured, "ranks": result.ranks.tolist() if batched else None,

@@ -161,7 +161,7 @@ def run_eval(args, parser) -> int:
         parser.error(f"argument --json: the folder {args.json.parent} does not exist")
     saved = _saved_scenario(args.adapters)
     if args.preset is None:  # the split of the run that made the adapters
-        args.preset = saved.get("preset", "ours") if saved.get("preset") in ("ours", "official") else "ours"
+        args.preset = saved.get("preset") if saved.get("preset") in ("ours", "official") else "ours"
     if args.preset == "official" and args.seed < 1:
         parser.error(f"argument --seed: the official split is drawn with seed - 1, so it needs a seed >= 1, got "
                      f"{args.seed}")

@@ -137,7 +137,6 @@ def diffusion_loss(scheduler, *, seed: int = 0, antithetic: bool = True, reducti
     other labels."""
     check_choice("reduction", reduction, REDUCTIONS)
     generator = torch.Generator().manual_seed(seed)
-
     allowed = None if forget_classes is None else torch.tensor(list(forget_classes))
 
     def loss_fn(model, batch):
@@ -204,7 +203,6 @@ def ddpm_forget_loss(scheduler, forget_classes: Union[int, Sequence[int]], num_c
     forget_classes = class_list("forget_classes", forget_classes, num_classes)
     check_number("alpha", alpha, positive=False)
     dropout = {"cond_dropout": cond_dropout, "null_class": null_class}
-
     allowed = torch.tensor(forget_classes)
 
     def loss_fn(model, batch, generator):
@@ -318,7 +316,6 @@ def unlearn_ddpm(unet: nn.Module, scheduler, forget_loader: Iterable, forget_cla
         raise ValueError(f"num_classes={num_classes} exceeds the UNet's class embedding (num_class_embeds="
                          f"{embeds})")
     forget = class_list("forget_class", forget_class, num_classes)
-    check_number("alpha", alpha, positive=False)
     if config is not None and semu_options:
         raise ValueError("give config or semu_options, not both (semu_options extend the config built from gamma)")
     config = config if config is not None else ddpm_config(gamma, attention_gamma, seed=seed,

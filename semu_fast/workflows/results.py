@@ -147,10 +147,10 @@ def write_samples(out, before, after, rows: list) -> None:
         metadata={"rows": json.dumps([str(r) for r in rows])}))
 
 
-def _render_diffusion(out: Path, samples: bool) -> list[str]:
+def _render_diffusion(out: Path, run: dict, samples: bool) -> list[str]:
+    """report.md (and the sample grids) of a diffusion run from its metrics.json's contents, `run`."""
     from safetensors import safe_open
 
-    run = read_json(out / "metrics.json")
     images, rows = {}, []
     if samples:  # none with --grid-samples 0
         with safe_open(str(out / SAMPLES), framework="pt") as f:
@@ -176,14 +176,6 @@ def _render_diffusion(out: Path, samples: bool) -> list[str]:
     return ["report.md", *figures]
 
 
-def _command(out: Path) -> Optional[str]:
-    try:
-        run = read_json(out / "metrics.json")
-    except ValueError:
-        return None
-    return run.get("command") if isinstance(run, dict) else None
-
-
 def render(out, samples: Optional[bool] = None) -> list[str]:
     """Write report.md and the figures in folder `out` from its metrics.json and run.json (a classification run) or
     its metrics.json and samples.safetensors (a diffusion run); returns the files. samples: whether the diffusion
@@ -191,10 +183,10 @@ def render(out, samples: Optional[bool] = None) -> list[str]:
     earlier run's may still be there)."""
     out = Path(out)
     samples = (out / SAMPLES).is_file() if samples is None else samples
-    if (out / "metrics.json").is_file() and (samples or _command(out) in DIFFUSION_COMMANDS):
-        return _render_diffusion(out, samples)
     try:
         metrics = read_json(out / "metrics.json")
+        if samples or (isinstance(metrics, dict) and metrics.get("command") in DIFFUSION_COMMANDS):
+            return _render_diffusion(out, metrics, samples)
         run = read_json(out / "run.json")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{str(out)!r} is not a results folder of semu-fast unlearn, unlearn-ddpm or "
