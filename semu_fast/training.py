@@ -71,6 +71,9 @@ def _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn,
     check_choice("retain_mode", retain_mode, RETAIN_MODES)
     if retain_mode != "interleave" and retain_loader is None:
         raise ValueError(f"retain_mode={retain_mode!r} needs a retain_loader")
+    if retain_mode == "score" and retain_loss_fn is not None:
+        raise ValueError("retain_mode='score' never trains on retain batches (it only scores epochs by accuracy): "
+                         "leave retain_loss_fn None, or use retain_mode='interleave' to train on it")
     if retain_mode != "mixed":
         return
     for name, loader in (("forget_loader", forget_loader), ("retain_loader", retain_loader)):

@@ -208,16 +208,24 @@ def test_mixed_retain_mode_trains_on_shuffled_mixed_batches():
 def test_score_mode_scores_on_retain_data_without_training_on_it():
     forget = DataLoader(_data(12, 1), batch_size=6)
     retain = DataLoader(_data(20, 2), batch_size=5)
-    calls = {"retain": 0}
+    trained_on = []
 
-    def retain_loss(model, batch, generator):
-        calls["retain"] += 1
-        return losses.true_label_loss(model, batch, generator)
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
 
-    _, report = sf.unlearn(small_cnn(), forget, retain, epochs=2, retain_mode="score", retain_loss_fn=retain_loss,
-                           progress=False)
-    assert calls["retain"] == 0
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                trained_on.append(x.shape[0])
+            return self.net(x)
+
+    _, report = sf.unlearn(Spy(), forget, retain, epochs=2, retain_mode="score", progress=False)
+    assert trained_on and 5 not in trained_on  # forget batches of 6 only: retain batches (5) are scored, not trained
     assert all("retain_acc" in entry for entry in report.training["history"])
+    with pytest.raises(ValueError, match="retain_mode='score' never trains on retain batches"):
+        sf.unlearn(small_cnn(), forget, retain, retain_mode="score", retain_loss_fn=losses.true_label_loss,
+                   progress=False)
 
 
 def test_min_delta_and_label_rule_are_checked():
