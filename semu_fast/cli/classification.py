@@ -212,7 +212,8 @@ def _data_flags() -> argparse.ArgumentParser:
     g.add_argument("--arch", default=None, help="digits-cnn, resnet18-cifar (SalUn's) or a torchvision model name; "
                    "default: digits-cnn for digits, resnet18-cifar otherwise")
     g.add_argument("--checkpoint", type=Path, default=None,
-                   help="the trained model: a state dict or a SalUn checkpoint (.pth.tar with 'state_dict')")
+                   help="the trained model: a state dict or a SalUn checkpoint (.pth.tar with 'state_dict'); on digits "
+                   "the train/test split is drawn from --seed, so give the seed it was trained with")
     g.add_argument("--train-epochs", type=positive(int), default=None,
                    help="train the original (and Retrain) here for this many epochs when there is no checkpoint")
     g.add_argument("--cache-dir", type=Path, default=None,
