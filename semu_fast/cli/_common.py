@@ -58,9 +58,13 @@ def seed(text: str) -> int:
 
 
 def device(text: str) -> str:
-    """A torch device that exists here ("cpu", "cuda", "cuda:1")."""
+    """A torch device that exists here ("cpu", "cuda", "cuda:1"); "auto" (the default) is CUDA when there is one."""
     import torch
 
+    from .._utils import default_device
+
+    if text == "auto":  # argparse converts the default when --device is not given: torch is imported only then
+        return default_device()
     try:
         dev = torch.device(text)
     except RuntimeError:
@@ -124,7 +128,8 @@ def preset_options(name: str, args, flags: dict, dests: Optional[dict] = None, *
 
 
 def add_device_flag(group) -> None:
-    group.add_argument("--device", type=device, default=None, help="e.g. cuda or cpu (default: cuda when available)")
+    group.add_argument("--device", type=device, default="auto", help="e.g. cuda or cpu (default auto: cuda when "
+                       "available)")
 
 
 def library_error(parser, err: Exception) -> None:

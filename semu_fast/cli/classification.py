@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from .._utils import default_cache, default_device
+from .._utils import default_cache
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, fraction,
                       library_error, named_paths, positive, preset_options, seed)
 
@@ -30,7 +30,6 @@ def _scenario(args, parser):
     flag."""
     from ..workflows import classification as C
 
-    args.device = args.device or default_device()  # the original, SEMU, the baselines and Retrain all run there
     if args.dataset == "digits" and (args.data is not None or args.image_size != 32):
         parser.error(f"argument {'--data' if args.data is not None else '--image-size'}: the bundled digits task "
                      f"reads neither --data nor --image-size; give --dataset cifar10, cifar100 or imagefolder")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._utils import default_cache, default_device
+from .._utils import default_cache
 from ._common import (add_device_flag, add_preset_flag, add_run_flags, add_training_flags, finish_run, gamma,
                       library_error, named_paths, non_negative, non_negative_int, positive, preset_options,
                       require, settings, silence)
@@ -145,7 +145,7 @@ def run_ddpm(args, parser) -> int:
     if not 0 <= args.forget_class < DIGITS_NUM_CLASSES:
         parser.error(f"argument --forget-class: must be in [0, {DIGITS_NUM_CLASSES}), got {args.forget_class}")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache()
-    device = args.device = args.device or default_device()  # recorded in run.json as used
+    device = args.device
     if args.classifier is not None:
         try:
             classifier = load_checkpoint(digits_cnn(), args.classifier)
@@ -236,7 +236,6 @@ def run_sd(args, parser) -> int:
     if retain_prompts and retain_weight == 0:
         parser.error("argument --retain-weight: 0 would ignore --retain-prompt; give a weight > 0 (the official "
                      "--retrain uses 0.1)")
-    args.device = args.device or default_device()  # recorded in run.json as used
     try:
         unet, text_encoder, tokenizer, scheduler, vae = SD.load_sd(args.model, args.device, with_vae=True)
     except (OSError, ValueError) as err:

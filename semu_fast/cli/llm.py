@@ -18,7 +18,6 @@ import json
 import logging
 from pathlib import Path
 
-from .._utils import default_device
 from ._common import (add_device_flag, add_run_flags, add_training_flags, finish_run, library_error, named_paths,
                       non_negative, positive, require, settings, silence)
 
@@ -288,7 +287,7 @@ def run(args, parser) -> int:
         require(parser, *(module for module, used in needed.items() if used), what="--eval")
     if args.max_new_tokens is None:  # recorded in run.json as used
         args.max_new_tokens = llm_eval.GENERATION_DEFAULTS[framing][1]
-    device = args.device = args.device or default_device()  # recorded in run.json as used
+    device = args.device
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     loaded = {}
     for flag, folder in folders.items():
