@@ -166,8 +166,8 @@ def test_a_flag_given_with_its_default_value_still_overrides_the_official_preset
 def test_device_defaults_to_cuda_when_there_is_one_and_takes_auto(command):
     from semu_fast.cli import build_parser
 
-    required = {"unlearn-llm": ["--model", "m", "--forget-texts", "f"], "unlearn-sd": ["--model", "m", "--forget-prompt",
-                                                                               "cat"]}.get(command, [])
+    required = {"unlearn-llm": ["--model", "m", "--forget-texts", "f"],
+                "unlearn-sd": ["--model", "m", "--forget-prompt", "cat"]}.get(command, [])
     here = "cuda" if torch.cuda.is_available() else "cpu"
     assert build_parser().parse_args([command, *required]).device == here
     assert build_parser().parse_args([command, *required, "--device", "auto"]).device == here
