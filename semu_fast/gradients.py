@@ -88,6 +88,11 @@ class _StreamedLinear(torch.autograd.Function):
         return dx, None, None, None
 
 
+def _refuse_zero_grad(*args, **kwargs):
+    raise RuntimeError("zero_grad() was called during the gradient pass: it would erase the forget gradients summed "
+                       "so far; loss_fn must only compute the loss (prepare handles the gradients)")
+
+
 def _streamable(module: nn.Module, shared: set) -> bool:
     """A plain nn.Linear (its class's forward, not one set on the instance by a hook library or the user) with a
     half-precision, unsharded weight that no other module uses (a shared weight's gradient sums every use: the
@@ -123,6 +128,7 @@ class _Pass:
             torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in self.weights.items()}
         self.state = _ModelState(model)
         self.hooks, self.patched = [], []
+        self.guarded = [m for m in model.modules() if "zero_grad" not in m.__dict__]
         self.rows = {n: 0.0 for n, layer in layers.items() if n not in self.sharded and id(layer.weight) not in shared
                      and (isinstance(layer, nn.Linear) or is_conv1d(layer))}
 
@@ -130,6 +136,8 @@ class _Pass:
         for param in self.model.parameters():
             param.requires_grad_(False)
             param.grad = None
+        for module in self.guarded:  # zero_grad(set_to_none=False) would erase float32 sums unseen
+            module.zero_grad = _refuse_zero_grad
         for name, layer in self.layers.items():
             if name in self.rows:
                 self.hooks.append(layer.register_forward_pre_hook(self._row_counter(name)))
@@ -199,6 +207,8 @@ class _Pass:
             hook.remove()
         for layer in self.patched:
             del layer.forward  # only layers without an instance-level forward are streamed
+        for module in self.guarded:
+            module.__dict__.pop("zero_grad", None)
         self.state.restore()
 
     def sums(self) -> dict[str, torch.Tensor]:

@@ -359,3 +359,28 @@ def test_a_linear_called_with_its_input_keyword(dtype):
     batches = [(torch.randn(8, 6).to(dtype), torch.randint(0, 3, (8,)))]
     sm = sf.prepare(Net().to(dtype), batches, loss_fn=lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]))
     assert sm.adapters and sm(batches[0][0]).shape == (8, 3)
+
+
+@pytest.mark.parametrize("erase", ["zero_grad_in_place", "zero_grad", "submodule_zero_grad", "grad_to_none"])
+def test_a_loss_fn_that_erases_gradients_is_refused_and_the_model_kept(erase):
+    """A loss_fn copied from a training loop that zeroes gradients would erase the float32 layers' earlier batches,
+    which sum in their own .grad: zero_grad(set_to_none=False) silently so, before the guard."""
+    model, batches = small_cnn(), forget_batches()
+    saved = snapshot(model)
+
+    def loss_fn(m, batch):
+        if erase == "grad_to_none":
+            for p in m.parameters():
+                p.grad = None
+        else:
+            target = next(m.children()) if erase == "submodule_zero_grad" else m
+            target.zero_grad(set_to_none=erase != "zero_grad_in_place")
+        x, y = batch
+        return F.cross_entropy(m(x), y)
+
+    match = "was replaced during the pass" if erase == "grad_to_none" else "zero_grad\\(\\) was called during"
+    with pytest.raises(RuntimeError, match=match):
+        accumulate_gradients(model, batches, _weights(model), loss_fn=loss_fn)
+    assert_same_state(model, saved)
+    assert all("zero_grad" not in m.__dict__ for m in model.modules())  # the guard is gone again
+    model.zero_grad()
