@@ -90,6 +90,19 @@ def _is_adapter_factor(name: str) -> bool:
     return name.endswith((".U", ".Vh"))
 
 
+def model_buffers(semu_model) -> dict:
+    """The model's buffers (norm statistics) as a checkpoint keeps them: on the CPU, without the adapters' U, Vh."""
+    return {n: b.detach().cpu() for n, b in semu_model.named_buffers() if not _is_adapter_factor(n)}
+
+
+def buffers_digest(buffers: dict) -> str:
+    digest = hashlib.sha256()
+    for name, value in buffers.items():
+        digest.update(name.encode())
+        digest.update(tensor_bytes(value))
+    return digest.hexdigest()
+
+
 class Checkpoint:
     """Where and how often sf.unlearn saves. folder None: disabled. every: steps between saves (None: at the end
     of each epoch only). settings: the training arguments a resumed run must share."""
@@ -156,7 +169,7 @@ class Checkpoint:
             "format": FORMAT, "settings": self.settings, "run": run,
             "R": {name: a.R.detach().cpu() for name, a in semu_model.adapters.items()},
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rng": rng,
-            "buffers": {n: b.detach().cpu() for n, b in semu_model.named_buffers() if not _is_adapter_factor(n)},
+            "buffers": model_buffers(semu_model),
         }
         atomic_write(self.folder / STATE_NAME, lambda tmp: torch.save(state, tmp))
 

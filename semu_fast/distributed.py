@@ -41,12 +41,40 @@ def resolve(distributed: Optional[bool], process_group=None) -> Optional[Group]:
     if distributed and not initialised:
         raise RuntimeError("distributed=True needs torch.distributed initialised (torch.distributed."
                            "init_process_group, or torchrun) before prepare/unlearn")
+    if process_group is not None and (distributed is False or not initialised):
+        raise ValueError("process_group was given, but " + ("distributed=False runs in one process: leave it out"
+                         if distributed is False else "torch.distributed is not initialised"))
     if distributed is False or not initialised:
         return None
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:  # what dist.new_group gives ranks outside it
+        raise ValueError("process_group does not hold this process: call prepare/unlearn only on its ranks")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (dist.new_group), got "
+                        f"{type(process_group).__name__}")
     size = dist.get_world_size(process_group)
     if distributed is None and size == 1:
         return None
     return Group(process_group, dist.get_rank(process_group), size)
+
+
+class RankFailed(RuntimeError):
+    """Raised on every rank whose own part succeeded when another rank's failed (that one raises its own error), so
+    that no rank waits forever in a later collective for a rank that has left."""
+
+
+def all_reduce_outcome_(tensors: list[torch.Tensor], group: Group, failure: Optional[Exception], where: str,
+                        device: torch.device, counts=()) -> list[int]:
+    """all_reduce_sum_(tensors) carrying each rank's outcome in the same collective: `failure` (this rank's
+    exception, or None) and `counts` (small ints), summed over the ranks and returned. A failure anywhere raises on
+    every rank: its own error where it happened, RankFailed (naming `where`) elsewhere."""
+    status = torch.tensor([float(failure is not None), *map(float, counts)], device=device)
+    all_reduce_sum_([*tensors, status], group)
+    failed, *sums = (round(v) for v in status.tolist())
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RankFailed(f"{failed} other rank(s) of {group.size} failed {where}; their own errors say why")
+    return sums
 
 
 def unwrap(model: nn.Module) -> nn.Module:

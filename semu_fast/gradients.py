@@ -222,6 +222,19 @@ class _Pass:
         return self.accumulators
 
 
+def _check_even_shards(loader, group: distributed.Group) -> None:
+    """FSDP2 reduce-scatters every batch's gradient: a rank with fewer batches would leave the others waiting."""
+    try:
+        mine = len(loader)
+    except TypeError:  # a stream: its length is unknown before it is read
+        mine = None
+    counts = distributed.all_gather_objects(mine, group)
+    if None not in counts and len(set(counts)) > 1:
+        raise ValueError(f"an FSDP2-sharded model reduces every batch's gradient across the ranks, so every rank must "
+                         f"pass the same number of forget batches; the ranks hold {counts} (a DistributedSampler "
+                         f"gives each rank the same number)")
+
+
 def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
                          group: Optional[distributed.Group] = None,
@@ -234,11 +247,14 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
     existing gradients are restored afterwards, also on error. grad_clip: clip each batch's gradient (total norm over
     the layers) to this before it joins the sums, as the official DDPM/SD gradient pass does. With a distributed
     group, each rank passes its shard and the sums are all-reduced (bucketed) so every rank returns the whole forget
-    set's gradients. Raises ValueError for an empty loader, TypeError for a loss that is not a scalar tensor,
-    FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
+    set's gradients (a rank may hold no batch, but not all of them; a rank's error is raised on every rank, as
+    distributed.RankFailed on the others). Raises ValueError for an empty loader, TypeError for a loss that is not a
+    scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
     grad_pass = _Pass(model, layers, grad_clip)
-    batches = 0
+    if grad_pass.sharded and group is not None:
+        _check_even_shards(loader, group)
+    batches, failure = 0, None
     try:
         grad_pass.install()
         set_norm_mode(model, norm_mode)
@@ -251,6 +267,10 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
             loss.reshape(()).backward()
             batches += 1
             grad_pass.after_batch()
+    except Exception as err:
+        if group is None or grad_pass.sharded:  # FSDP2's own per-batch collectives cannot carry it
+            raise
+        failure = err  # raised on every rank by the sums' all-reduce
     finally:
         grad_pass.remove()
     accumulators = grad_pass.sums()
@@ -258,8 +278,8 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
     if group is not None:  # a rank may hold no batch (without FSDP); only the whole forget set must
         count = torch.tensor([float(batches)] + list(rows.values()),
                              device=next(iter(accumulators.values())).device, dtype=torch.float64)
-        distributed.all_reduce_sum_([acc for name, acc in accumulators.items() if name not in grad_pass.sharded]
-                                    + [count], group)
+        distributed.all_reduce_outcome_([acc for name, acc in accumulators.items() if name not in grad_pass.sharded]
+                                        + [count], group, failure, "in the gradient pass", count.device)
         batches = int(count[0].item())
         rows = dict(zip(rows, count[1:].tolist()))
     if batches == 0:

@@ -80,21 +80,36 @@ class _Rewind:
                     buffer.copy_(saved)
 
 
+def _loader_parts(loader) -> list:
+    """A DataLoader, its sampler and its batch sampler's sampler (what may hold a shuffle's state)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return [loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)]
+
+
 def loader_generators(*loaders) -> list:
     """The torch.Generators that shuffle these DataLoaders (the loader's own and its sampler's), each once."""
     found = {}
-    for loader in loaders:
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-            generator = getattr(owner, "generator", None)
-            if isinstance(generator, torch.Generator):
-                found[id(generator)] = generator
+    for owner in (part for loader in loaders for part in _loader_parts(loader)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found[id(generator)] = generator
     return list(found.values())
 
 
-def check_loader(name: str, loader, passes: int = 1) -> None:
-    """A loader of batches that can be read `passes` times: not None, iterable, not empty when its length is known,
-    and not a one-shot iterator when read more than once."""
+def set_sampler_epoch(loaders, epoch: int) -> None:
+    """set_epoch(epoch) on the loaders' samplers that have it (a DistributedSampler shuffles alike every epoch
+    without it), as a training loop calls it."""
+    samplers = {id(part): part for loader in loaders if loader is not None
+                for part in [*_loader_parts(loader)[1:], getattr(loader, "batch_sampler", None)]
+                if callable(getattr(part, "set_epoch", None))}
+    for sampler in samplers.values():
+        sampler.set_epoch(epoch)
+
+
+def check_loader(name: str, loader, passes: int = 1, empty: bool = False) -> None:
+    """A loader of batches that can be read `passes` times: not None, iterable, not empty when its length is known
+    (unless `empty`: a rank's shard, which the ranks' sums check together), and not a one-shot iterator when read
+    more than once."""
     if loader is None or isinstance(loader, (torch.Tensor, str, bytes, dict)) or not isinstance(loader, Iterable):
         raise TypeError(f"{name} must be an iterable of batches (a list or a DataLoader), got "
                         f"{type(loader).__name__}")
@@ -102,10 +117,10 @@ def check_loader(name: str, loader, passes: int = 1) -> None:
         raise ValueError(f"{name} is a one-shot iterator, but it is read {passes} or more times (the gradient pass, "
                          f"then every epoch); pass a list or a DataLoader")
     try:
-        empty = len(loader) == 0
+        is_empty = len(loader) == 0
     except TypeError:  # no length: a generator, or a DataLoader over an IterableDataset (a stream)
-        empty = False
-    if empty:
+        is_empty = False
+    if is_empty and not empty:
         raise ValueError(f"{name} is empty: give at least one batch")
 
 
@@ -267,7 +282,7 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
         raise ValueError(f"grad_clip clips each batch's gradient over every layer at once, but max_accumulator_bytes="
                          f"{config.max_accumulator_bytes} splits the layers into {len(parts)} passes: raise the "
                          f"budget or leave grad_clip None")
-    check_loader("forget_loader", forget_loader, passes=len(parts))
+    check_loader("forget_loader", forget_loader, passes=len(parts), empty=group is not None)
     # Each layer's SVD runs on one rank (all on this one without torch.distributed); only those are projected.
     owners = (distributed_setup.assign_owners({n: tuple(m.weight.shape) for n, m in layers.items()}, group.size)
               if group is not None else dict.fromkeys(layers, 0))
@@ -286,11 +301,19 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
             with _phase("gradients", timings, device):
                 grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group,
                                              config.grad_clip)
-            with _phase("projection", timings, device):
-                _project(grads, part, [n for n in part if n in mine], config.projection)
-            with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
-                factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns,
-                                                  grads.rows.get(n)) if n in mine else None for n in part})
+            failure = None
+            try:
+                with _phase("projection", timings, device):
+                    _project(grads, part, [n for n in part if n in mine], config.projection)
+                with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
+                    factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns,
+                                                      grads.rows.get(n)) if n in mine else None for n in part})
+            except Exception as err:
+                if group is None:
+                    raise
+                failure = err  # an owner's SVD (out of memory, say): raised on every rank, none left waiting
+            if group is not None:
+                distributed_setup.all_reduce_outcome_([], group, failure, "in the projection or SVD phase", device)
     except BaseException:
         rewind()
         raise

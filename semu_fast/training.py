@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 from . import distributed as distributed_setup
 from ._checks import check_callable, check_choice, check_number, check_positive_int
 from ._utils import set_torch_rng_state, torch_rng_state
-from .checkpoint import Checkpoint, data_identity
+from .checkpoint import Checkpoint, buffers_digest, data_identity, model_buffers
 from .config import SEMUConfig
 from .gradients import LossFn, set_norm_mode
 from .layers import select_layers
 from .losses import LABEL_RULES, mixed_batch_loss, random_label_loss_for, true_label_loss
 from .metrics import accuracy
 from .model import SEMUModel, load_adapters
-from .pipeline import check_loader, loader_generators, prepare
+from .pipeline import check_loader, loader_generators, prepare, set_sampler_epoch
 from .report import SEMUReport
 from .serialization import fingerprint
 
@@ -101,13 +101,6 @@ def _make_optimizer(params, optimizer: str, lr: float, momentum: float, weight_d
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def _average_gradients(params: list[torch.Tensor], group: distributed_setup.Group) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    distributed_setup.all_reduce_sum_(grads, group)
-    for g in grads:
-        g.div_(group.size)
-
-
 class _Trainer:
     """One unlearn run's training state and its steps: the optimizer, the random stream, the run record that
     checkpoints save (epoch, step within it, per-step losses, history, the best R so far)."""
@@ -138,6 +131,14 @@ class _Trainer:
                           f"dropout and shuffles continue from this process's own state")
             ranks = [None] * size
         self.resumed_rng = ranks[rank]
+        own = ranks[rank] or {}
+        if "generator" in own:  # this rank's label stream (the state's top level holds rank 0's)
+            self.generator.set_state(own["generator"])
+        if "buffers" in own:  # this rank's norm statistics (the state's top level holds rank 0's)
+            with torch.no_grad():
+                buffers = dict(self.model.named_buffers())
+                for name, value in own["buffers"].items():
+                    buffers[name].copy_(value)
 
     def begin_epoch(self) -> None:
         """Before the epoch's batches are drawn (a DataLoader draws its shuffle from its generator, or from torch's
@@ -166,8 +167,17 @@ class _Trainer:
     def _save(self) -> None:
         rng = {**torch_rng_state(), "shufflers": [g.get_state() for g in self.shufflers],
                "epoch_start": self.epoch_start}
-        # each rank has its own dropout stream and data shard: rank 0 writes them all
-        ranks = distributed_setup.all_gather_objects(rng, self.group) if self.group is not None else [rng]
+        if self.group is None:
+            self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": [rng]})
+            return
+        # each rank has its own dropout stream, label stream and data shard: rank 0 writes them all, and each rank's
+        # norm statistics where they differ (norm_mode="train" moves them by each rank's shard)
+        buffers = model_buffers(self.model)
+        rng.update(generator=self.generator.get_state(), buffers_sha256=buffers_digest(buffers))
+        ranks = distributed_setup.all_gather_objects(rng, self.group)
+        if len({entry["buffers_sha256"] for entry in ranks}) > 1:
+            for entry, own in zip(ranks, distributed_setup.all_gather_objects(buffers, self.group)):
+                entry["buffers"] = own
         self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
 
     def train_epoch(self, batches) -> None:
@@ -176,9 +186,35 @@ class _Trainer:
         if any(adapter.merged for adapter in self.model.adapters.values()):
             raise RuntimeError("R cannot train while the adapters are merged into the weights (the forward then "
                                "skips R); call unmerge_adapters() first")
-        for step, (kind, batch) in enumerate(batches):
-            if self.steps_left(step) == 0:  # the run's last step is done: the epoch ends here
+        steps = enumerate(batches)
+        while True:
+            failure = None
+            try:
+                taken = self._backward(steps)
+            except Exception as err:
+                if self.group is None:
+                    raise
+                taken, failure = None, err  # raised on every rank by the gradients' all-reduce
+            if self.group is not None:
+                self._average_gradients(taken is not None, failure)
+            if taken is None:
                 break
+            step, value = taken
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.opt.step()
+            run["losses"].append(value)
+            run["step"] = step + 1
+            if self.checkpoint.due(run["step"]):
+                self._save()
+        self._restore_torch_rng()  # resumed after the epoch's last step: every step was skipped
+
+    def _backward(self, steps) -> Optional[tuple[int, float]]:
+        """The epoch's next step up to R's gradients: (step, loss); None when the epoch has no step left."""
+        run = self.run
+        for step, (kind, batch) in steps:
+            if self.steps_left(step) == 0:  # the run's last step is done: the epoch ends here
+                return None
             if step < run["step"]:  # done before the checkpoint this run resumes from
                 continue
             self._restore_torch_rng()  # resumed mid-epoch: the random state of the step it stopped at
@@ -192,16 +228,24 @@ class _Trainer:
                                          f"lower lr, or check the loss function and the batch")
             self.opt.zero_grad(set_to_none=True)
             loss.reshape(()).backward()
-            if self.group is not None:
-                _average_gradients(self.params, self.group)
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.opt.step()
-            run["losses"].append(value)
-            run["step"] = step + 1
-            if self.checkpoint.due(run["step"]):
-                self._save()
-        self._restore_torch_rng()  # resumed after the epoch's last step: every step was skipped
+            return step, value
+        return None
+
+    def _average_gradients(self, present: bool, failure: Optional[Exception]) -> None:
+        """R's gradients averaged over the ranks, in one all-reduce that also carries whether each rank has this
+        step (an epoch ends on every rank with a call without one) and whether its step failed: ranks whose loaders
+        give different numbers of batches, or a rank's error, stop every rank with that error instead of leaving
+        the others waiting (or pairing different steps)."""
+        grads = [p.grad if present and p.grad is not None else torch.zeros_like(p) for p in self.params]
+        held = [present and p.grad is not None for p in self.params]  # an R no rank's loss reached keeps no grad
+        where = f"at epoch {self.run['epoch'] + 1}, step {self.run['step'] + 1}"
+        present_ranks, *with_grad = distributed_setup.all_reduce_outcome_(
+            grads, self.group, failure, where, self.params[0].device, counts=(present, *held))
+        if present_ranks not in (0, self.group.size):
+            raise ValueError(f"{present_ranks} of {self.group.size} ranks have a batch {where}: every rank's loaders "
+                             f"must give the same number of batches each epoch (a DistributedSampler does)")
+        for param, grad, count in zip(self.params, grads, with_grad):
+            param.grad = grad.div_(self.group.size) if count else None
 
     def steps_left(self, step: Optional[int] = None) -> Optional[int]:
         """Steps the run may still take before step `step` of this epoch (None: after the epoch's last step);
@@ -270,13 +314,44 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
                          "(return {'stop': True})")
 
 
-def _data_settings(forget_loader, retain_loader, group) -> dict:
+def _data_settings(forget_loader, retain_loader, group, checkpointing: bool, resume: bool) -> dict:
     """The digests of the data a checkpoint's run read (every rank's, each rank reading its own shard); hashing
-    what is in memory costs a pass over it, so only runs that checkpoint take them."""
-    digests = [data_identity(forget_loader), None if retain_loader is None else data_identity(retain_loader)]
+    what is in memory costs a pass over it, so only runs that checkpoint take them. With a group, every rank must
+    checkpoint (and resume) alike: rank 0 writes the one folder they share."""
+    digests = [data_identity(forget_loader), None if retain_loader is None else data_identity(retain_loader)] \
+        if checkpointing else None
     if group is not None:
-        digests = [list(ranks) for ranks in zip(*distributed_setup.all_gather_objects(digests, group))]
-    return {"forget_data": digests[0], "retain_data": digests[1]}
+        views = distributed_setup.all_gather_objects((checkpointing, resume, digests), group)
+        if len({(on, again) for on, again, _ in views}) > 1:
+            raise ValueError(f"every rank must pass a checkpoint_dir (the one folder they share) or none, and the same "
+                             f"resume; the ranks pass (checkpoint_dir given, resume) = "
+                             f"{[(on, again) for on, again, _ in views]}")
+        digests = [list(ranks) for ranks in zip(*(d for _, _, d in views))] if checkpointing else None
+    return {} if digests is None else {"forget_data": digests[0], "retain_data": digests[1]}
+
+
+def _saved_state(checkpoint: Checkpoint, resume: bool, group) -> Optional[dict]:
+    """The checkpoint to resume from (None: start afresh); with a group, every rank must find the same one (a
+    folder per rank, or one only some ranks see, would make some ranks skip prepare while others run it)."""
+    saved, failure = None, None
+    try:
+        saved = checkpoint.load() if resume else None
+    except Exception as err:
+        if group is None:
+            raise
+        failure = err
+    if group is None:
+        return saved
+    point = None if saved is None else (saved["run"]["epoch"], saved["run"]["step"])
+    views = distributed_setup.all_gather_objects((failure is not None, point), group)
+    if failure is not None:
+        raise failure
+    if any(failed for failed, _ in views):
+        raise distributed_setup.RankFailed("another rank failed to read the checkpoint; its own error says why")
+    if len({p for _, p in views}) > 1:
+        raise ValueError(f"the ranks found different checkpoints in checkpoint_dir ((epoch, step) or None per rank: "
+                         f"{[p for _, p in views]}): it must be one folder every rank sees (rank 0 writes it)")
+    return saved
 
 
 def _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
@@ -387,10 +462,11 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     _check_settings(config, optimizer, lr, epochs, momentum, weight_decay, loss_fn, train_loss_fn, retain_loss_fn,
                     on_epoch, patience, min_delta, label_rule, label_classes, max_grad_norm, max_steps,
                     checkpoint_every)
-    check_loader("forget_loader", forget_loader, passes=2)  # read by prepare and by every epoch
-    if retain_loader is not None:
-        check_loader("retain_loader", retain_loader, passes=2)
     group = distributed_setup.resolve(distributed, process_group)
+    # read by prepare and by every epoch; a rank's shard may be empty in prepare (training then refuses it on all)
+    check_loader("forget_loader", forget_loader, passes=2, empty=group is not None)
+    if retain_loader is not None:
+        check_loader("retain_loader", retain_loader, passes=2, empty=group is not None)
     _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn, retain_loss_fn, group)
     base = distributed_setup.unwrap(model)
     layers = select_layers(base, config)
@@ -403,8 +479,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         "min_delta": min_delta,
         "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
-        **run_identity, **({} if checkpoint_dir is None else _data_settings(forget_loader, retain_loader, group))})
-    saved = checkpoint.load() if resume else None
+        **run_identity, **_data_settings(forget_loader, retain_loader, group, checkpoint_dir is not None, resume)})
+    saved = _saved_state(checkpoint, resume, group)
     undo, semu_model = _Undo(base), None
     try:
         if saved is not None:
@@ -437,7 +513,9 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         report.training = {"note": note}
         return
     opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
+    # each rank draws its own random labels (rank 0 those of one process)
+    generator = torch.Generator().manual_seed(config.seed if group is None or group.rank == 0
+                                              else (config.seed * 1_000_003 + group.rank) % 2 ** 63)
     losses = {"forget": train_loss_fn or random_label_loss_for(label_rule, label_classes),
               "retain": retain_loss_fn or true_label_loss,
               "mixed": functools.partial(mixed_batch_loss, rule=label_rule, label_classes=label_classes)}
@@ -453,6 +531,7 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         if trainer.run["step"] == 0 and trainer.steps_left() == 0 or trainer.run.get("stopped"):
             break  # max_steps reached at an epoch's end, or a resumed run that had stopped early
         set_norm_mode(semu_model, config.train_norm_mode or config.norm_mode)
+        set_sampler_epoch((forget_loader, retain_loader), epoch)
         trainer.begin_epoch()
         if retain_mode == "mixed":
             trainer.train_epoch(mixed_batches(forget_loader, retain_loader, config.seed, epoch))
@@ -464,11 +543,19 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         entry = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
         if classify:
             entry.update(trainer.score_epoch(epoch + 1, forget_loader, retain_loader, select_best))
-        stop = False
-        if on_epoch is not None:
-            extra = dict(on_epoch(epoch + 1, semu_model) or {})
-            stop = bool(extra.pop("stop", False))
-            entry.update(extra)
+        stop, failure = False, None
+        try:
+            if on_epoch is not None:
+                extra = dict(on_epoch(epoch + 1, semu_model) or {})
+                stop = bool(extra.pop("stop", False))
+                entry.update(extra)
+        except Exception as err:
+            if group is None:
+                raise
+            failure = err
+        if group is not None:  # one rank's on_epoch error or stop ends every rank's run
+            stop = bool(distributed_setup.all_reduce_outcome_([], group, failure, f"in on_epoch after epoch "
+                                                              f"{epoch + 1}", params[0].device, counts=(stop,))[0])
         best = trainer.run["best_epoch"]
         stop = stop or (patience is not None and best is not None and epoch + 1 - best >= patience)
         trainer.end_epoch(entry, stop)

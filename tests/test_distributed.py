@@ -111,9 +111,154 @@ def test_training_R_on_two_ranks_keeps_them_in_sync(tmp_path):
     assert any(R.abs().sum() > 0 for R in r0["R"].values())
 
 
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def _failing_loss(rank, fail_rank, at_call, error):
+    """Cross-entropy that raises `error` on rank fail_rank at its call number at_call."""
+    calls = []
+
+    def loss_fn(model, batch, *generator):
+        calls.append(1)
+        if rank == fail_rank and len(calls) == at_call:
+            raise error
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+    return loss_fn
+
+
+def _scenario(rank, name, out_dir):
+    """One rank's part of a scenario in which the ranks disagree; returns what the rank got (raising is recorded)."""
+    data = forget_batches(n=56, batch=8)  # 7 batches
+    shard = data[rank::WORLD]  # 4 and 3 batches
+    even = data[:6][rank::WORLD]
+    train = dict(epochs=2, progress=False, select_best=False)
+    if name == "prepare_loss_error":  # rank 1's third batch fails
+        sf.prepare(_mlp(), shard, loss_fn=_failing_loss(rank, 1, 3, ValueError("bad batch")))
+    elif name == "prepare_svd_error":
+        import semu_fast.pipeline as pipeline
+
+        if rank == 1:
+            pipeline._layer_factors = lambda *args: (_ for _ in ()).throw(MemoryError("out of memory"))
+        sf.prepare(_mlp(), even)
+    elif name == "prepare_empty_shard":  # rank 0 holds nothing: the sums are rank 1's batches
+        sm = sf.prepare(_mlp(), [] if rank == 0 else data, config=sf.SEMUConfig(**CONFIG))
+        return _factors(sm)
+    elif name == "train_uneven":
+        sf.unlearn(_mlp(), shard, **train)
+    elif name == "train_nan":  # rank 0's loss is NaN at its second training step
+        def nan_loss(model, batch, generator):
+            loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+            nan_loss.calls += 1
+            return loss * float("nan") if rank == 0 and nan_loss.calls == 2 else loss
+        nan_loss.calls = 0
+        sf.unlearn(_mlp(), even, train_loss_fn=nan_loss, **train)
+    elif name == "on_epoch_stop":  # rank 1 alone asks to stop after epoch 1: both stop there, in sync
+        sm, report = sf.unlearn(_mlp(), even, on_epoch=lambda e, m: {"stop": rank == 1}, epochs=3, progress=False)
+        return {"epochs": report.training["epochs"], "R": {n: a.R.detach().clone() for n, a in sm.adapters.items()}}
+    elif name == "on_epoch_error":
+        def on_epoch(epoch, model):
+            if rank == 0:
+                raise KeyError("no such metric")
+        sf.unlearn(_mlp(), even, on_epoch=on_epoch, **train)
+    elif name == "checkpoint_on_one_rank":
+        sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, "ckpt") if rank == 0 else None, **train)
+    elif name == "checkpoint_per_rank":  # a folder per rank: only rank 0's holds a checkpoint to resume
+        for _ in range(2):
+            sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, f"ckpt{rank}"), **train)
+    elif name == "labels":  # the random labels each rank draws
+        drawn = []
+
+        def record(model, batch, generator):
+            drawn.append(torch.randint(0, 1000, (3,), generator=generator))
+            return nn.functional.cross_entropy(model(batch[0]), batch[1])
+        sf.unlearn(_mlp(), even, train_loss_fn=record, **train)
+        return torch.stack(drawn)
+    elif name == "process_group_list":
+        sf.prepare(_mlp(), even, process_group=[0, 1])
+    elif name == "process_group_without_this_rank":
+        only_rank0 = dist.new_group([0])
+        sm = sf.prepare(_mlp(), even, process_group=only_rank0)  # a group of one on rank 0: one process
+        return len(sm.adapters)
+    return "ok"
+
+
+def _scenario_worker(rank, init_file, out_dir, name):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        try:
+            result = {"ok": _scenario(rank, name, out_dir)}
+        except Exception as err:
+            result = {"error": (type(err).__name__, str(err))}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def _run_scenario(tmp_path, name, timeout=150):
+    """Each rank's outcome; a rank still running after `timeout` seconds (waiting for another) fails the test."""
+    import time
+
+    ctx = mp.start_processes(_scenario_worker, args=(str(tmp_path / "init"), str(tmp_path), name), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{name}: a rank was still waiting after {timeout} s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name, failing, own_error", [
+    ("prepare_loss_error", 1, ("ValueError", "bad batch")),
+    ("prepare_svd_error", 1, ("MemoryError", "out of memory")),
+    ("train_nan", 0, ("FloatingPointError", "loss is nan")),
+    ("on_epoch_error", 0, ("KeyError", "no such metric")),
+])
+def test_one_rank_s_error_stops_every_rank_instead_of_leaving_it_waiting(tmp_path, name, failing, own_error):
+    results = _run_scenario(tmp_path, name)
+    kind, message = results[failing]["error"]
+    assert kind == own_error[0] and own_error[1] in message, results
+    other = results[1 - failing]["error"]
+    assert other[0] == "RankFailed" and "1 other rank(s) of 2 failed" in other[1], results
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("train_uneven", ("ValueError", "1 of 2 ranks have a batch at epoch 1, step 4")),
+    ("checkpoint_on_one_rank", ("ValueError", "every rank must pass a checkpoint_dir")),
+    ("checkpoint_per_rank", ("ValueError", "the ranks found different checkpoints")),
+    ("process_group_list", ("TypeError", "process_group must be a torch.distributed ProcessGroup")),
+])
+def test_ranks_that_disagree_are_refused_on_every_rank(tmp_path, name, expected):
+    for result in _run_scenario(tmp_path, name):
+        assert result.get("error", ("none", ""))[0] == expected[0] and expected[1] in result["error"][1], result
+
+
+def test_ranks_agree_on_stopping_and_an_empty_shard_or_a_group_without_the_rank_are_handled(tmp_path):
+    for name in ("on_epoch_stop", "prepare_empty_shard", "process_group_without_this_rank", "labels"):
+        (tmp_path / name).mkdir()
+    stop = _run_scenario(tmp_path / "on_epoch_stop", "on_epoch_stop")
+    assert stop[0]["ok"]["epochs"] == stop[1]["ok"]["epochs"] == 1
+    assert all(torch.equal(R, stop[1]["ok"]["R"][n]) for n, R in stop[0]["ok"]["R"].items())
+    empty = _run_scenario(tmp_path / "prepare_empty_shard", "prepare_empty_shard")
+    single = _factors(sf.prepare(_mlp(), forget_batches(n=56, batch=8), config=sf.SEMUConfig(**CONFIG)))
+    for name, (U, Vh, _) in single.items():
+        for rank in range(WORLD):
+            torch.testing.assert_close(empty[rank]["ok"][name][0].abs(), U.abs(), atol=1e-4, rtol=0)
+    group = _run_scenario(tmp_path / "process_group_without_this_rank", "process_group_without_this_rank")
+    assert group[0] == {"ok": 2}  # rank 0 ran alone
+    assert group[1]["error"][0] == "ValueError" and "does not hold this process" in group[1]["error"][1]
+    labels = _run_scenario(tmp_path / "labels", "labels")
+    assert not torch.equal(labels[0]["ok"], labels[1]["ok"])  # each rank its own random labels
+
+
 def _resume_worker(rank, init_file, out_dir):
-    """Each rank with its own dropout stream and its own seeded shuffle: killed runs resumed from their checkpoints
-    end where the uninterrupted run does, on every rank."""
+    """Each rank with its own dropout stream, its own seeded shuffle and its own norm statistics: killed runs resumed
+    from their checkpoints end where the uninterrupted run does (R and the statistics), on every rank."""
     from torch.utils.data import TensorDataset
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -123,13 +268,17 @@ def _resume_worker(rank, init_file, out_dir):
 
     def run(folder, budget=None):
         torch.manual_seed(5)
-        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
         torch.manual_seed(100 + rank)  # each rank's dropout masks differ
         loader = KillingLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(rank),
-                         budget=budget)
+                               budget=budget)
+        # norm_mode="train": each rank's norm statistics follow its own shard
         sm, _ = sf.unlearn(model, loader, epochs=3, progress=False, select_best=False, distributed=True,
-                           checkpoint_dir=os.path.join(out_dir, folder), checkpoint_every=1)
-        return {name: a.R.detach().clone() for name, a in sm.adapters.items()}, loader.drawn
+                           checkpoint_dir=os.path.join(out_dir, folder), checkpoint_every=1,
+                           config=sf.SEMUConfig(norm_mode="train"))
+        state = {name: a.R.detach().clone() for name, a in sm.adapters.items()}
+        state.update({name: b.clone() for name, b in sm.named_buffers() if "running" in name})
+        return state, loader.drawn
 
     def no_prepare(*args, **kwargs):
         raise AssertionError("a resumed run ran prepare")
@@ -149,7 +298,7 @@ def _resume_worker(rank, init_file, out_dir):
                 got, drawn = run(str(budget))
             finally:
                 training.prepare = prepare
-            exact[budget] = (all(torch.equal(got[name], R) for name, R in expected.items()), drawn)
+            exact[budget] = (all(torch.equal(got[name], value) for name, value in expected.items()), drawn)
         torch.save(exact, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -187,6 +336,10 @@ def test_distributed_true_without_a_process_group_is_refused():
         sf.prepare(small_cnn(), forget_batches(), distributed=True)
     with pytest.raises(TypeError, match="distributed must be True, False or None"):
         sf.prepare(small_cnn(), forget_batches(), distributed="yes")
+    with pytest.raises(ValueError, match="process_group was given, but torch.distributed is not initialised"):
+        sf.prepare(small_cnn(), forget_batches(), process_group=object())
+    with pytest.raises(ValueError, match="process_group was given, but distributed=False runs in one process"):
+        sf.unlearn(small_cnn(), forget_batches(), distributed=False, process_group=object(), progress=False)
 
 
 def test_training_R_under_fsdp2_matches_plain_data_parallel(tmp_path):
@@ -246,3 +399,17 @@ def test_fsdp2_own_unit_layers_tensor_parallel_weights_and_merging_are_refused(t
     assert "2 are fully_shard units of their own" in messages["own unit"]
     assert "tensor-parallel DTensor parameters" in messages["dtensor"]
     assert "cannot merge into an FSDP-sharded weight" in messages["merge"] and not messages["merged"]
+
+
+def test_each_epoch_sets_the_distributed_sampler_s_epoch():
+    """A DistributedSampler shuffles by (seed, epoch): without set_epoch every epoch would read one order."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    x, y = torch.cat([b[0] for b in forget_batches()]), torch.cat([b[1] for b in forget_batches()])
+    sampler = DistributedSampler(TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=4)
+    epochs = []
+    set_epoch = sampler.set_epoch
+    sampler.set_epoch = lambda epoch: epochs.append(epoch) or set_epoch(epoch)
+    sf.unlearn(small_cnn(), DataLoader(TensorDataset(x, y), batch_size=16, sampler=sampler), epochs=3,
+               progress=False, select_best=False)
+    assert epochs == [0, 1, 2]
