@@ -3,9 +3,11 @@ full layers; CPU: one layer at half size), all weights in one call and one weigh
 path); plus the peak memory of a whole gradient pass: streamed accumulation (sf.prepare's) against the official
 clone-and-sum.
 
-Anchors: the plain PyTorch loop of semu_fast.ops.reference (acc.add_(g.float())), torch._foreach_add_ and the
-official clone-and-sum. Reports ms, GB/s (bytes the op must move: read the gradient, read and write the float32
-accumulator) and, on a GPU of known bandwidth, the share of its peak."""
+Anchors, interleaved with ours in one run after a check that every one gives the reference's values: the best
+composed PyTorch versions (a loop of acc.add_(g) and torch._foreach_add_(accs, grads), both adding a bf16/fp16
+gradient into the float32 accumulator without a float32 copy), the loop of semu_fast.ops.reference (which makes one:
+acc.add_(g.float())) and the official clone-and-sum. Reports ms, GB/s (bytes the op must move: read the gradient,
+read and write the float32 accumulator) and, on a GPU of known bandwidth, the share of its peak."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
-from common import Table, backend, device_name, parser as make_parser, timeit  # noqa: E402
+from common import Table, alternate, backend, check_close, device_name, parser as make_parser  # noqa: E402
 from semu_fast.ops import reference  # noqa: E402
 
 # (out, in) of one Llama-7B decoder layer: q, k, v, o, gate, up, down.
@@ -53,10 +55,18 @@ def bench_ops(shapes, device, dtype, repeats, table):
 
     runs = {f"accumulate_ ({backend('accumulate_', device)}), one call": lambda: sf.ops.accumulate_(accs, grads),
             "accumulate_, one call per weight": lambda: [sf.ops.accumulate_([a], [g]) for a, g in zip(accs, grads)],
-            "torch loop (reference)": lambda: reference.accumulate_(accs, grads),
-            "torch._foreach_add_": lambda: torch._foreach_add_(accs, [g.float() for g in grads]),
+            "torch loop acc.add_(g)": lambda: [a.add_(g) for a, g in zip(accs, grads)],
+            "torch._foreach_add_(accs, grads)": lambda: torch._foreach_add_(accs, grads),
+            "torch loop with a float32 copy (reference)": lambda: reference.accumulate_(accs, grads),
             "official clone-and-sum": clone_and_sum}
-    times = {name: timeit(fn, device, repeats) for name, fn in runs.items()}
+    start = [torch.randn(s, device=device) for s in shapes]
+    for name, fn in runs.items():  # each adds the gradients once to the same start: the reference's sums
+        for a, s in zip(accs, start):
+            a.copy_(s)
+        fn()
+        for a, s, g in zip(accs, start, grads):
+            check_close(name, a, s.double() + g.double(), atol=1e-5, rtol=1e-6)
+    times = alternate(runs, device, repeats)
     ours = times[next(iter(runs))]
     for name, t in times.items():
         row = {"op": name, "ms": t * 1e3, "GB/s": moved / t / 1e9, "time vs ours": t / ours}

@@ -39,7 +39,28 @@ def backend(op: str, device: torch.device) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"CPU {_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def check_close(what: str, got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    """Values before timing: a benchmark of a wrong result stops here, with a non-zero exit."""
+    got, expected = got.double().cpu(), expected.double().cpu()
+    error = float((got - expected).abs().max()) if got.numel() else 0.0
+    bound = atol + rtol * float(expected.abs().max()) if expected.numel() else atol
+    if got.shape != expected.shape or not error <= bound:  # NaN fails too
+        sys.exit(f"{what}: wrong values (shape {tuple(got.shape)} vs {tuple(expected.shape)}, max error {error:.3g} "
+                 f"> {bound:.3g}); nothing timed")
 
 
 def sync(device: torch.device) -> None:
@@ -78,28 +99,38 @@ def _cell(value) -> str:
 
 
 class Table:
-    """Rows of one measurement, printed as each is added (a run cut short keeps what it printed) and, on close,
-    merged into the --json file under the script's name."""
+    """Rows of one measurement, printed and merged into the --json file (under the script's name) as each is added:
+    a run cut short (a step's timeout kills it) keeps every row it measured."""
 
     def __init__(self, title: str, json_path=None):
         self.title, self.json_path, self.rows = title, json_path, []
+        self.index = None  # this table's place in the JSON file's list, once written
 
     def add(self, row: dict) -> dict:
         if not self.rows:
             print(f"\n## {self.title}\n" + " | ".join(row), flush=True)
         self.rows.append(row)
         print(" | ".join(_cell(v) for v in row.values()), flush=True)
+        self._write()
         return row
 
-    def close(self) -> None:
+    def _write(self) -> None:
         if not self.json_path:
             return
         path = Path(self.json_path)
         data = json.loads(path.read_text()) if path.exists() else {"tables": []}
-        data["tables"].append({"benchmark": Path(sys.argv[0]).stem, "title": self.title, "rows": self.rows})
+        entry = {"benchmark": Path(sys.argv[0]).stem, "title": self.title, "rows": self.rows}
+        if self.index is None:
+            self.index = len(data["tables"])
+            data["tables"].append(entry)
+        else:
+            data["tables"][self.index] = entry
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
+
+    def close(self) -> None:
+        """Every row is written as it is added: nothing is left to do (kept for the `with` form)."""
 
     def __enter__(self):
         return self
