@@ -37,6 +37,7 @@ def main(argv=None):
     if args.quick:
         args.shapes = "300x260"
     table = Table(f"truncated_svd on {device_name(device)} (linalg.svd once per shape)", args.json)
+    broken = []
     for shape in args.shapes.split(","):
         m, n = map(int, shape.split("x"))
         G = gradient_like(m, n, device)
@@ -53,12 +54,16 @@ def main(argv=None):
             k = S.shape[-1]
             captured = float((U.T @ G).double().square().sum() / total)
             lead = min(k, k_exact)
-            table.add({"shape": shape, "gamma": gamma, "k exact": k_exact, "k": k,
+            row = table.add({"shape": shape, "gamma": gamma, "k exact": k_exact, "k": k,
                        "captured": captured, "S rel err (max)": float(((S[:lead] - S_ex[:lead]) / S_ex[:lead]).abs().max()),
                        "ms": t_ours * 1e3, "x faster than linalg.svd": t_full / t_ours,
                        "time vs svd_lowrank(told k)": t_ours / t_lowrank,
                        "contract ok": captured >= gamma - 1e-6 and k <= k_exact + max(2, 0.02 * k_exact)})
-    table.close()
+            if not row["contract ok"]:
+                broken.append(f"{shape} gamma {gamma}")
+    if broken:  # the rows stay printed and written; the run fails
+        sys.exit(f"truncated_svd broke its contract (captured >= gamma, k within max(2, 2%) of exact) on "
+                 f"{', '.join(broken)}")
 
 
 if __name__ == "__main__":

@@ -54,13 +54,15 @@ def _cpu_model() -> str:
 
 
 def check_close(what: str, got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
-    """Values before timing: a benchmark of a wrong result stops here, with a non-zero exit."""
-    got, expected = got.double().cpu(), expected.double().cpu()
+    """Values before timing: a benchmark of a wrong result stops here, with a non-zero exit (compared on the
+    tensors' device, in float64)."""
+    if got.shape != expected.shape:
+        sys.exit(f"{what}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}; nothing timed")
+    got, expected = got.double(), expected.to(got.device, torch.float64)
     error = float((got - expected).abs().max()) if got.numel() else 0.0
     bound = atol + rtol * float(expected.abs().max()) if expected.numel() else atol
-    if got.shape != expected.shape or not error <= bound:  # NaN fails too
-        sys.exit(f"{what}: wrong values (shape {tuple(got.shape)} vs {tuple(expected.shape)}, max error {error:.3g} "
-                 f"> {bound:.3g}); nothing timed")
+    if not error <= bound:  # NaN fails too
+        sys.exit(f"{what}: wrong values (max error {error:.3g} > {bound:.3g}); nothing timed")
 
 
 def sync(device: torch.device) -> None:
