@@ -39,7 +39,8 @@ GRAM_MAX_GAMMA = 0.999
 RANDOMIZED_MAX_GAMMA = 0.9999
 ENERGY_SAFE = (1e-30, 1e30)  # ||G||_F^2 outside: G is scaled first (_in_safe_range)
 # The hinted path (truncated_svd's rank_hint): basis columns beyond the hint, and how small the energy left outside
-# the basis must be against the last kept direction's for the rank to stand (then it is the exact rank, or one more).
+# the basis must be against the last kept direction's for the first sketch to stand (the rank is then the exact one
+# or one more).
 HINT_OVERSAMPLING, HINT_RESIDUAL = 16, 0.1
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
@@ -244,9 +245,12 @@ def _hinted(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_ran
             rank_hint: int) -> Optional[TruncatedSVD]:
     """Truncated SVD of a 2-D G whose rank is about rank_hint at most (a Linear's gradient summed over T input rows
     has rank <= T; the projection adds a small full-rank part): one sketch of rank_hint + HINT_OVERSAMPLING columns,
-    two wide products in all. The energy outside the basis is known exactly (||G||_F^2 - ||Q^T G||_F^2); the result
-    stands only when it is too small to move the rank by more than one (HINT_RESIDUAL of the last kept direction's
-    energy), else after one power iteration, else None (the hint was wrong: the caller's other paths run)."""
+    two wide products in all. The energy outside the basis is known exactly (||G||_F^2 - ||Q^T G||_F^2 = m). The
+    sketch stands when m is too small to move the rank by more than one (HINT_RESIDUAL of the last kept direction's
+    energy); else one power iteration follows, whose result stands by that test or by a bound: the basis's leading
+    energies are at most G's and at least G's minus m, so its rank k is at least the exact one, and the exact one at
+    least the basis's rank at gamma - m / ||G||_F^2; within max(1, 1%) of k, k stands (the captured variance reaches
+    gamma by construction). Else None (the hint was wrong: the caller's other paths run)."""
     transpose = G.shape[0] > G.shape[1]  # the basis in the smaller dimension
     A = G.T if transpose else G
     p, q = A.shape
@@ -263,6 +267,11 @@ def _hinted(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_ran
             return _from_basis(Q, Ub, S, Vh, k, total, transpose)
         if missing > (1 - gamma) * total:  # the basis misses more than the rank rule leaves out: hint too small
             return None
+        if iteration and k < width:  # a flat tail (many directions share m): the rank bound decides
+            lowest = rank_from_partial_spectrum(S, total, gamma - max(missing, 0.0) / total, rank_rule,
+                                                complete=True, min_rank=min_rank)
+            if k - lowest <= max(1, k // 100):
+                return _from_basis(Q, Ub, S, Vh, k, total, transpose)
     return None
 
 
