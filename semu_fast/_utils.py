@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -69,9 +72,10 @@ def eval_mode(*models: nn.Module):
 
 
 def atomic_write(path, write) -> None:
-    """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half of one."""
+    """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half of one. The
+    temporary, ".<name>.<random>.<pid>@<host>.tmp", names its writer (see is_stale_temporary)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{_owner()}.tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -80,6 +84,63 @@ def atomic_write(path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+STALE_TEMPORARY_S = 3600  # a temporary this old is a killed writer's: no save of a folder takes an hour
+_OWNER = re.compile(r"\.(\d+)@([^@]+)\.tmp\Z")  # how atomic_write's temporaries end: .<pid>@<host>.tmp
+
+
+def _host() -> str:
+    """This machine's name in file-name-safe characters."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def _owner() -> str:
+    """This process as atomic_write's temporaries name it: pid@host."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def is_stale_temporary(path) -> bool:
+    """Whether no writer can still own the temporary file `path` (one atomic_write left): its writer, a process of
+    this machine, is gone, or (another machine's, or a temporary that names no writer) it was last written
+    STALE_TEMPORARY_S or more ago. A younger one may be another process's save in flight, which removing would break
+    (its rename fails). A file already gone is not stale."""
+    path = Path(path)
+    owner = _OWNER.search(path.name)
+    if owner and owner[2] == _host() and os.name == "posix":  # (Windows' os.kill would end the process)
+        try:
+            os.kill(int(owner[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except (OSError, OverflowError):  # another user's process (it exists), or no valid pid
+            pass
+    try:
+        return time.time() - path.stat().st_mtime >= STALE_TEMPORARY_S
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder, shared: bool = False):
+    """Hold a lock on `folder` (flock on the folder itself: no lock file, and the OS drops a killed process's lock)
+    for the block: exclusive, so that writers of one folder (ranks, threads) take turns, or (shared) for readers,
+    who then see no writer's half-done work. Where the folder cannot be locked (Windows, a network file system
+    without flock), the block runs unlocked."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:

@@ -7,9 +7,12 @@ adapters-<digest>.safetensors ("<layer>.R", ".U", ".Vh"). U and Vh are saved bec
 gradients and cannot be rebuilt from the base weights.
 
 Saving is atomic for the folder as a whole: the new weights file gets a new name, then the config that names it
-replaces the old config in one rename (the commit), then the files of older saves and stray temporaries go. A save
-killed at any point leaves a folder that loads as the old set or the new one, never a mix. Loading checks the
-digest, that the tensors are exactly the config's layers, and that every value is finite."""
+replaces the old config in one rename (the commit), then the files of older saves go, and the temporaries of killed
+saves: at once where their process (of this machine) is gone, else an hour later (a younger one may be another
+machine's save in flight). A save killed at any point leaves a folder that loads as the old set or the new one, never
+a mix. Saves into one folder at once (every rank of a run) take turns and loads wait for them, through a lock on the
+folder where the file system has one. Loading checks the digest, that the tensors are exactly the config's layers,
+and that every value is finite."""
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from ._utils import atomic_write, tensor_bytes
+from ._utils import atomic_write, folder_lock, is_stale_temporary, tensor_bytes
 from .distributed import is_sharded
 
 FORMAT = "semu_fast.adapters/2"
@@ -97,13 +100,17 @@ def write_folder(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
     weights_name = f"adapters-{digest[:16]}.safetensors"
-    atomic_write(folder / weights_name, lambda tmp: Path(tmp).write_bytes(data))
     text = json.dumps({"format": FORMAT, "weights_file": weights_name, "weights_sha256": digest, **config}, indent=2)
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))  # the commit
-    for stale in folder.iterdir():  # older saves' weights, and temporaries a killed save left; nothing else
-        if (_WEIGHTS.fullmatch(stale.name) and stale.name != weights_name) or _TEMPORARY.fullmatch(stale.name) \
-                or (stale.name == OLD_WEIGHTS_NAME and previous == OLD_FORMAT):
-            stale.unlink(missing_ok=True)
+    # Saves into one folder at once (every rank at the end of a script) take turns: else one's cleanup removes the
+    # weights another has written and is about to commit, and that config names a missing file.
+    with folder_lock(folder):
+        atomic_write(folder / weights_name, lambda tmp: Path(tmp).write_bytes(data))  # removes its temporary on error
+        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))  # the commit
+        for stale in folder.iterdir():  # older saves' weights, and temporaries a killed save left; nothing else
+            if (_WEIGHTS.fullmatch(stale.name) and stale.name != weights_name) \
+                    or (_TEMPORARY.fullmatch(stale.name) and is_stale_temporary(stale)) \
+                    or (stale.name == OLD_WEIGHTS_NAME and previous == OLD_FORMAT):
+                stale.unlink(missing_ok=True)
 
 
 def saved_format(folder: Path) -> Optional[str]:
@@ -121,12 +128,13 @@ def saved_format(folder: Path) -> Optional[str]:
 def read_folder(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter folder; errors name the file and what is wrong with it."""
     folder = Path(path)
-    config = _read_config(folder)
-    weights = folder / config.get("weights_file", OLD_WEIGHTS_NAME)
-    try:
-        data = weights.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"no {weights.name} in {folder} (named by its {CONFIG_NAME})") from None
+    with folder_lock(folder, shared=True):  # a save in flight would remove the weights the config read names
+        config = _read_config(folder)
+        weights = folder / config.get("weights_file", OLD_WEIGHTS_NAME)
+        try:
+            data = weights.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"no {weights.name} in {folder} (named by its {CONFIG_NAME})") from None
     if config["format"] == FORMAT and hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
         raise ValueError(f"{weights} does not match the SHA-256 its {CONFIG_NAME} records: the file is corrupted")
     try:

@@ -1,9 +1,16 @@
+import copy
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 
 import semu_fast as sf
+from semu_fast._utils import _owner
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -99,13 +106,60 @@ def test_missing_folder_is_reported(tmp_path):
 def test_saving_removes_only_what_earlier_saves_wrote(tmp_path):
     for name in (".notes.tmp", "adapters.safetensors", "readme.md", ".adapter_config.json.x.tmp.bak"):
         (tmp_path / name).write_text("the user's")
-    (tmp_path / ".adapter_config.json.abc123.tmp").write_text("left by a killed save")
+    killed = tmp_path / ".adapter_config.json.abc123.tmp"
+    killed.write_text("left by a killed save")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = _owner().split("@", 1)[1]
+    (tmp_path / f".adapter_config.json.k1ll3d.{ended.pid}@{host}.tmp").write_text("its writer is gone")
+    in_flight = [tmp_path / ".adapters-0123456789abcdef.safetensors.def456.tmp",  # names no writer: an hour's grace
+                 tmp_path / f".adapter_config.json.l1v3.{_owner()}.tmp",  # its writer (this process) runs
+                 tmp_path / f".adapter_config.json.3l53.{ended.pid}@other-{host}.tmp"]  # another machine's
+    for path in in_flight:
+        path.write_text("another save, being written now")
     _trained().save_adapters(tmp_path)
     _trained().save_adapters(tmp_path)  # the first save's weights file goes
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".notes.tmp", "adapters.safetensors", "readme.md", ".adapter_config.json.x.tmp.bak", "adapter_config.json",
-         config["weights_file"]])
+         config["weights_file"]] + [p.name for p in in_flight])
+
+
+def test_saves_into_one_folder_at_once_all_succeed_and_leave_a_loadable_folder(tmp_path):
+    """Every rank saving at the end of a script: a save must neither remove another's temporary (its rename then
+    fails) nor the weights another is about to commit (its config then names a missing file)."""
+    sms = [_trained() for _ in range(4)]
+    for i, sm in enumerate(sms):  # different adapters: each save writes its own weights file
+        with torch.no_grad():
+            next(iter(sm.adapters.values())).R.add_(i)
+    expected = {json.dumps(_r_of(sm)) for sm in sms}
+    base = small_cnn().eval()  # copied in the threads: small_cnn() seeds the global generator, which they share
+    errors, start = [], threading.Barrier(len(sms))
+
+    def save_and_load(sm):
+        start.wait()
+        for _ in range(15):
+            try:
+                sm.save_adapters(tmp_path)
+                assert json.dumps(_r_of(sf.load_adapters(copy.deepcopy(base), tmp_path))) in expected
+            except Exception as err:  # noqa: BLE001 (collected, reported below)
+                errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=save_and_load, args=(sm,)) for sm in sms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter_config.json", config["weights_file"]])
+    assert json.dumps(_r_of(sf.load_adapters(small_cnn().eval(), tmp_path))) in expected
+
+
+def _r_of(sm) -> dict:
+    return {name: adapter.R.tolist() for name, adapter in sm.adapters.items()}
 
 
 def test_a_semu_folder_and_a_peft_lora_do_not_overwrite_each_other(tmp_path):
