@@ -70,12 +70,19 @@ def fingerprint(weight: torch.Tensor) -> dict:
 
 
 def matches_fingerprint(weight: torch.Tensor, saved: dict) -> bool:
-    """Whether `weight` is the one `saved` (a fingerprint) was taken of; a fingerprint of the first scheme
-    ("sample_sha256": at most 4096 evenly spaced elements, a single column of a 4096-wide square weight) is checked
-    by that scheme."""
-    if "sample_sha256" in saved and not is_sharded(weight):
+    """Whether `weight` is the one `saved` (a fingerprint) was taken of, judged on what both record: a fingerprint
+    without a content hash (an FSDP2-sharded weight's: shape and dtype only) and an FSDP2-sharded weight (hashing it
+    would gather it) are compared on shape and dtype alone, so adapters saved from an FSDP2 run load onto the
+    unsharded model and the other way round. A fingerprint of the first scheme ("sample_sha256": at most 4096 evenly
+    spaced elements, a single column of a 4096-wide square weight) is checked by that scheme."""
+    if not isinstance(saved, dict):  # a damaged config
+        return False
+    identity = _identity(weight)
+    if set(saved) == set(identity) or is_sharded(weight):
+        return {key: saved.get(key) for key in identity} == identity
+    if "sample_sha256" in saved:
         flat = weight.detach().reshape(-1)
-        return {**_identity(weight), "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])} == saved
+        return {**identity, "sample_sha256": _digest(flat[::max(1, flat.numel() // 4096)])} == saved
     return fingerprint(weight) == saved
 
 

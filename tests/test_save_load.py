@@ -238,3 +238,60 @@ def test_adapters_for_two_layers_do_not_load_onto_one_tied_weight(tmp_path):
         load_official(tied, official)
     assert_same_state(tied, before)
     assert not any(isinstance(m, sf.adapters.SEMUAdapter) for m in tied.modules())
+
+
+def test_a_fingerprint_without_content_hash_is_checked_on_its_shape_and_dtype(tmp_path):
+    # what an FSDP2 save records (the sharded weight is not gathered to be hashed): the plain model it came from must
+    # accept the adapters, a model of another dtype must not
+    sm = _trained()
+    sm.save_adapters(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for info in config["layers"].values():
+        info["base_fingerprint"] = {k: info["base_fingerprint"][k] for k in ("shape", "dtype")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = sf.load_adapters(small_cnn().eval(), tmp_path)
+    assert loaded.adapters.keys() == sm.adapters.keys()
+    with pytest.raises(sf.BaseMismatchError, match="holds other weights"):
+        sf.load_adapters(small_cnn(dtype=torch.float64).eval(), tmp_path)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5)),
+                               torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+def _fsdp2_worker(rank, folder):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded():
+        model, mesh = _mlp(), init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=1)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
+    results = {}
+    sf.prepare(sharded(), data).save_adapters(f"{folder}/fsdp2")
+    sf.prepare(_mlp(), data).save_adapters(f"{folder}/plain")
+    for what, model, source in [("fsdp2 to plain", _mlp(), "fsdp2"), ("plain to fsdp2", sharded(), "plain")]:
+        try:
+            results[what] = sorted(sf.load_adapters(model, f"{folder}/{source}").adapters)
+        except Exception as err:  # noqa: BLE001 (reported by the test)
+            results[what] = f"{type(err).__name__}: {err}"
+    torch.save(results, f"{folder}/results.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # skip the interpreter's teardown, which can abort a gloo worker after its work is saved
+
+
+def test_adapters_saved_from_fsdp2_load_onto_the_plain_model_and_back(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp2_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    results = torch.load(tmp_path / "results.pt")
+    assert results == {"fsdp2 to plain": ["0.0", "0.2", "2"], "plain to fsdp2": ["0.0", "0.2", "2"]}
