@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn as nn
 
 
@@ -35,6 +36,14 @@ def default_cache() -> Path:
     """Where semu_fast keeps what it trains or measures once (models, the SVD cost calibration): $SEMU_FAST_CACHE,
     else ~/.cache/semu_fast."""
     return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
+
+
+def process_count() -> int:
+    """How many processes torch.distributed's default group holds (1 when it is not initialised): also a group the
+    user initialised without torchrun (mp.spawn, a notebook), whose processes no environment variable announces."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
 
 
 def model_device(model: nn.Module) -> torch.device:

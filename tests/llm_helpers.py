@@ -17,6 +17,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def two_process_group(tmp_path):
+    """A torch.distributed group initialised by hand (as mp.spawn or a notebook does: no torchrun environment) that
+    says it holds two processes; it holds this one only, so the code under test fails rather than hangs where it
+    would run a collective."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dist, "get_world_size", lambda group=None: 2)
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
 def tiny_llama(seed=0):
     """LlamaForCausalLM, hidden 64, 2 layers, vocab 94, float32, eval mode, seeded random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM

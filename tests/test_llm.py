@@ -18,7 +18,7 @@ from semu_fast.layers import select_layers  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import id_batches, random_texts, save_tiny_llm, tiny_llama, tiny_tokenizer  # noqa: E402
-from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
+from llm_helpers import one_thread, two_process_group  # noqa: E402,F401 (autouse; a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,19 @@ def test_unlearn_llm_raises_forget_perplexity_and_changes_only_R(loaded):
     base = sm.unload()
     assert_same_state(base, before)
     assert llm.mean_nll(base, forget) == metrics["forget_nll_before"]
+
+
+def test_unlearn_llm_under_several_processes_is_refused_before_any_work(loaded, two_process_group):
+    # sf.unlearn would go data-parallel, while the epoch count, keep-best and metrics stay per rank: ranks would end
+    # with different R or hang
+    model, tokenizer = loaded
+    forget, retain = _data(tokenizer)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="unlearn_llm runs in one process, and torch.distributed is initialised "
+                                           "with 2 processes.*sf.unlearn on a DataLoader with a DistributedSampler"):
+        llm.unlearn_llm(model, forget, retain, epochs=2, progress=False)
+    assert_same_state(model, before)
+    assert not any(isinstance(m, SEMUAdapter) for m in model.modules())
 
 
 def test_random_forget_loss_with_retain_training_is_reproducible(loaded, llm_folder):

@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .._utils import eval_mode, model_device
+from .._utils import eval_mode, model_device, process_count
 from ..config import SEMUConfig
 from ..layers import select_layers
 from ..model import SEMUModel, base_model
@@ -414,9 +414,19 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     metrics: forget_nll/ppl_before/after (and retain_* with retain_batches, eval_* with eval_batches; over labelled
     tokens, so the answers of question/answer batches), best_epoch (with select_best; 0: R = 0 was kept),
     trainable_params, trainable_share (%), epochs (the passes run). The model is changed in place only by
-    installing adapters: semu_model.unload() gives it back bit for bit."""
+    installing adapters: semu_model.unload() gives it back bit for bit.
+
+    It runs in one process: under a torch.distributed group of several processes it is refused (use sf.unlearn with
+    a DistributedSampler, whose gradient pass and training of R run data-parallel)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    processes = process_count()
+    if processes > 1:  # sf.unlearn would go data-parallel, but the epochs, the keep-best and the metrics are per rank
+        raise RuntimeError(f"unlearn_llm runs in one process, and torch.distributed is initialised with {processes} "
+                           f"processes: its epoch count, best-epoch selection and metrics would be each rank's own, "
+                           f"so the ranks would end with different R or hang. For several processes use sf.unlearn on "
+                           f"a DataLoader with a DistributedSampler over the forget set (loss_fn=llm_losses.nll_loss, "
+                           f"train_loss_fn=llm_losses.make_loss(...)); else call unlearn_llm without a process group")
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     eval_batches = _check_batches("eval_batches", eval_batches, required=False)
