@@ -18,7 +18,7 @@ from semu_fast.workflows import llm  # noqa: E402
 from semu_fast.workflows.llm_trainer import SEMUTrainer, collate, semu_trainer_class, unbatch  # noqa: E402
 from helpers import assert_same_state, snapshot  # noqa: E402
 from llm_helpers import random_texts, tiny_llama, tiny_tokenizer  # noqa: E402
-from llm_helpers import one_thread  # noqa: E402,F401 (autouse: one torch thread per module)
+from llm_helpers import one_thread, two_process_group  # noqa: E402,F401 (autouse; a fixture)
 
 
 def _args(tmp_path, **overrides):
@@ -213,6 +213,22 @@ def test_bad_arguments_name_the_parameter(tmp_path, change, match):
     kwargs = {"model": model, "args": _args(tmp_path), "train_dataset": forget, **change}
     with pytest.raises(ValueError, match=match):
         SEMUTrainer(**kwargs)
+    assert_same_state(model, before)
+
+
+def test_a_process_group_initialised_without_torchrun_is_refused_before_the_gradient_pass(tmp_path,
+                                                                                          two_process_group):
+    # args.world_size stays 1 without torchrun's environment: prepare would sum the gradients over the ranks, then R
+    # would train on each rank unsynchronised
+    _, forget, _ = _data()
+    model = tiny_llama()
+    before = snapshot(model)
+    trainer = SEMUTrainer(model, _args(tmp_path), train_dataset=forget)
+    assert trainer.args.world_size == 1
+    with pytest.raises(RuntimeError, match="SEMUTrainer trains in one process, and torch.distributed is initialised "
+                                           "with 2 processes.*use sf.unlearn"):
+        trainer.train()
+    assert trainer.semu_model is None
     assert_same_state(model, before)
 
 

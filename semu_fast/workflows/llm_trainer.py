@@ -32,10 +32,11 @@ RMU take their reference from its disabled adapters; objectives given by name or
 cache_bytes=0, because the Trainer's batches are new dicts at every step). Gradient accumulation divides each
 step's loss by the number of accumulation steps, as for a per-batch mean.
 
-Not supported, each refused with an error: several processes or GPUs (DDP, DeepSpeed, FSDP, DataParallel: use
-sf.unlearn's torch.distributed mode), an optimizer created before train() (it would hold the base weights; give
-optimizer_cls_and_kwargs, or subclass create_optimizer), model_init, compute_loss_func, resuming from a Trainer
-checkpoint and load_best_model_at_end (checkpoints hold adapters, not model weights).
+Not supported, each refused with an error: several processes or GPUs (DDP, DeepSpeed, FSDP, DataParallel, a
+torch.distributed group initialised by hand: use sf.unlearn's torch.distributed mode), an optimizer created before
+train() (it would hold the base weights; give optimizer_cls_and_kwargs, or subclass create_optimizer), model_init,
+compute_loss_func, resuming from a Trainer checkpoint and load_best_model_at_end (checkpoints hold adapters, not
+model weights).
 
 transformers is imported only when SEMUTrainer is first used (semu_trainer_class()), so importing this module, and
 semu_fast, works without it.
@@ -52,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_positive_int
+from .._utils import process_count
 from ..config import SEMUConfig
 from ..layers import select_layers
 from ..pipeline import prepare
@@ -294,6 +296,14 @@ def semu_trainer_class():
                 raise ValueError("args: SEMUTrainer trains in one process on one device (no DDP, DataParallel, "
                                  "DeepSpeed or FSDP); for several processes use sf.unlearn, whose gradient pass and "
                                  "training of R run under torch.distributed")
+            # A group the user initialised (mp.spawn, a notebook) sets no environment variable, so args.world_size
+            # stays 1: prepare would then sum the gradients over the ranks and R train on each unsynchronised.
+            processes = process_count()
+            if processes > 1:
+                raise RuntimeError(f"SEMUTrainer trains in one process, and torch.distributed is initialised with "
+                                   f"{processes} processes: the gradient pass would run across them and R train on "
+                                   f"each rank apart; for several processes use sf.unlearn, whose gradient pass and "
+                                   f"training of R run under torch.distributed")
 
         def prepare_semu(self):
             """sf.prepare on train_dataset (once; train() calls it): installs the adapters in self.model and returns
