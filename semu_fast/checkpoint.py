@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from ._checks import check_positive_int
-from ._utils import atomic_write, tensor_bytes
+from ._utils import atomic_write, is_stale_temporary, tensor_bytes
 
 FORMAT = "semu_fast.training_state/3"
 # what earlier formats lack for a resume to be exact: each is refused with the reason
@@ -164,7 +164,8 @@ class Checkpoint:
         if group is not None and group.rank != 0:  # every rank holds the same R
             return
         for stale in self.folder.glob(f".{STATE_NAME}.*.tmp"):  # left by a save that was killed
-            stale.unlink(missing_ok=True)
+            if is_stale_temporary(stale):  # (not another run's save in flight)
+                stale.unlink(missing_ok=True)
         state = {
             "format": FORMAT, "settings": self.settings, "run": run,
             "R": {name: a.R.detach().cpu() for name, a in semu_model.adapters.items()},

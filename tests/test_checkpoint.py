@@ -224,3 +224,22 @@ def test_checkpoint_arguments_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
         _unlearn(None, checkpoint_every=3)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_save_removes_a_killed_save_s_temporary_but_not_another_run_s_in_flight(tmp_path):
+    """Two runs sharing a checkpoint_dir (or a killed one): only temporaries no live writer can own go."""
+    import subprocess
+    import sys
+
+    from semu_fast._utils import _owner
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = _owner().split("@", 1)[1]
+    tmp_path.mkdir(exist_ok=True)
+    killed = tmp_path / f".training_state.pt.k1ll3d.{ended.pid}@{host}.tmp"
+    in_flight = tmp_path / f".training_state.pt.l1v3.{_owner()}.tmp"
+    for path in (killed, in_flight):
+        path.write_text("a save's temporary")
+    _unlearn(tmp_path, epochs=1)
+    assert not killed.exists() and in_flight.exists()

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .._utils import default_cache, default_device
+from .._utils import atomic_write, default_cache, default_device
 
 log = logging.getLogger("semu_fast")
 
@@ -113,9 +113,7 @@ def calibrate(device=None, persist: bool = True) -> Costs:
             saved = json.loads(path.read_text()) if path.exists() else {}
             saved[key] = asdict(costs)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(saved, indent=2))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
         except (OSError, ValueError) as err:  # a read-only home or a damaged file: keep the costs in memory only
             log.warning("could not keep the SVD cost calibration in %s (%s)", path, err)
     return costs
