@@ -112,6 +112,20 @@ def _read_overlap(reads_name: str, read: int, name: str, written: int) -> ValueE
                       f"memory with one written ({reads_name}[i] may only be {name}[i] itself)")
 
 
+def check_apart(name: str, written: torch.Tensor, **reads: torch.Tensor) -> None:
+    """No tensor an op reads may share any byte with the one it writes (an op whose every output element reads many
+    input elements, as a matrix product, has no in-place exception)."""
+    if torch.compiler.is_compiling() or not written.numel():
+        return
+    start_w, end_w = _bytes(written)
+    for read_name, read in reads.items():
+        if read.numel():
+            start_r, end_r = _bytes(read)
+            if start_w < end_r and start_r < end_w:
+                raise ValueError(f"{read_name} shares memory with {name}, which the op writes while reading "
+                                 f"{read_name}; pass a copy ({read_name}.clone())")
+
+
 def check_disjoint(name: str, tensors: Sequence[torch.Tensor], reads_name: str = "",
                    reads: Sequence[torch.Tensor] = ()) -> None:
     """No two contiguous tensors that an op writes may overlap in memory: the writes would race on a GPU (and add

@@ -240,3 +240,54 @@ def test_accumulate_tensor_longer_than_one_chunk_table_bit_exact(gen):
     expected, expected_small = acc + grad.float(), small_acc + small_grad
     torch.ops.semu_fast.accumulate_([small_acc, acc], [small_grad, grad])
     assert torch.equal(acc, expected) and torch.equal(small_acc, expected_small)
+
+
+# --- accumulate_matmul_: acc += a @ b, products summed in float32 (the streamed Linear's weight gradient) ----------
+
+MATMUL_TOL = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (17, 33, 9), (64, 300, 48), (5, 0, 7)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_matmul_equals_the_float64_product(gen, dtype, m, k, n, strided, device):
+    """bf16/fp16 inputs: their products are exact in float32, so the only error is float32 summation (relative to
+    the sum of |products|); float64 inputs are summed in float32 too (the accumulator's dtype)."""
+    acc = torch.randn(m, n, generator=gen)
+    a = (torch.randn(k, m, generator=gen).T if strided else torch.randn(m, k, generator=gen)).to(dtype)
+    b = (torch.randn(n, k, generator=gen).T if strided else torch.randn(k, n, generator=gen)).to(dtype)
+    acc, a, b = acc.to(device), a.to(device), b.to(device)
+    want = acc.double() + a.double() @ b.double()
+    scale = 1 + a.double().abs() @ b.double().abs()
+    sf.ops.accumulate_matmul_(acc, a, b)
+    assert acc.dtype == torch.float32 and not torch.isnan(acc).any()
+    assert ((acc.double() - want).abs() / scale).max() <= MATMUL_TOL[dtype] * max(1, k) ** 0.5
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: (torch.zeros(3, 4, dtype=torch.float64), torch.ones(3, 2), torch.ones(2, 4)), TypeError,
+     "acc must be a contiguous float32 tensor"),
+    (lambda: (torch.zeros(4, 3).T, torch.ones(3, 2), torch.ones(2, 4)), TypeError, "non-contiguous"),
+    (lambda: (torch.zeros(3, 4), torch.ones(3, 2), torch.ones(3, 4)), ValueError, "needs acc \\(m, n\\)"),
+    (lambda: (torch.zeros(3, 4), torch.ones(3, 2), torch.ones(2, 4, dtype=torch.bfloat16)), TypeError,
+     "a and b must share a dtype"),
+])
+def test_accumulate_matmul_rejects_bad_input_before_writing(make, error, match):
+    acc, a, b = make()
+    before = acc.clone()
+    with pytest.raises(error, match=match):
+        sf.ops.accumulate_matmul_(acc, a, b)
+    assert torch.equal(acc, before)
+
+
+@pytest.mark.parametrize("alias", ["a is acc", "b is acc", "a views acc"])
+def test_accumulate_matmul_refuses_inputs_that_share_memory_with_acc(gen, alias):
+    """acc += acc @ acc would read rows already written: a wrong result, silently."""
+    acc = torch.randn(8, 8, generator=gen)
+    before = acc.clone()
+    a, b = {"a is acc": (acc, torch.ones(8, 8)), "b is acc": (torch.ones(8, 8), acc),
+            "a views acc": (acc[:, :4], torch.ones(4, 8))}[alias]
+    with pytest.raises(ValueError, match="shares memory with acc"):
+        sf.ops.accumulate_matmul_(acc, a, b)
+    assert torch.equal(acc, before)

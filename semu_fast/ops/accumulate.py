@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_disjoint, check_same_device, check_tensor, check_tensor_lists
+from .._checks import check_apart, check_disjoint, check_same_device, check_tensor, check_tensor_lists
 from . import _registry, reference
 from ._library import Kernel
 from .._profile import annotate
@@ -49,6 +49,7 @@ def _check_matmul(acc, a, b):
     if a.dtype != b.dtype:
         raise TypeError(f"accumulate_matmul_: a and b must share a dtype, got {a.dtype} and {b.dtype}")
     check_same_device(acc=acc, a=a, b=b)
+    check_apart("acc", acc, a=a, b=b)
     return acc, a, b
 
 
@@ -105,7 +106,8 @@ def accumulate_(accumulators, grads) -> None:
 def accumulate_matmul_(acc, a, b) -> None:
     """acc += a @ b with the products summed in float32.
 
-    acc: (m, n) float32, contiguous; a: (m, k), b: (k, n), one float dtype, any strides. A Linear's weight gradient
+    acc: (m, n) float32, contiguous; a: (m, k), b: (k, n), one float dtype, any strides, sharing no memory with acc.
+    A Linear's weight gradient
     over a batch is accumulate_matmul_(acc, dy.T, x) with dy (tokens, out) and x (tokens, in)."""
     acc, a, b = _check_matmul(acc, a, b)
     with annotate("semu_fast.accumulate_matmul_"):
