@@ -14,6 +14,7 @@ inside a larger unit (shard the blocks, not the Linear itself). Merging into sha
 (FullyShardedDataParallel) and other DTensor parameters (tensor parallelism) are refused."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,10 +83,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     model inside nn.DataParallel or torch.compile's wrapper (so layer names carry no "module." / "_orig_mod."
     prefix and the adapters load on the plain model); an FSDP2 model as it is; FSDP1 and other sharded (DTensor)
     models are refused with what they need."""
+    # torch.compile's wrapper exists only once torch._dynamo is imported (importing it here took 1.8 s)
+    dynamo = sys.modules.get("torch._dynamo")
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        elif dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
             model = model._orig_mod
         else:
             break
@@ -99,6 +102,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _sharding(model: nn.Module) -> tuple:
     """(holds FSDP1 wrappers, holds FSDP2 units, has DTensor parameters)."""
+    if not any(name in sys.modules for name in ("torch.distributed.fsdp", "torch.distributed.tensor")):
+        return False, False, False  # no sharded model exists before these are imported (they import sympy: ~1 s)
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
@@ -112,6 +117,8 @@ def _sharding(model: nn.Module) -> tuple:
 
 def is_sharded(tensor) -> bool:
     """True for a DTensor (an FSDP2-sharded weight or gradient)."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor exists before it is imported
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
@@ -122,6 +129,8 @@ def is_sharded(tensor) -> bool:
 def check_fsdp_units(layers: dict) -> None:
     """A targeted layer must not be an FSDP2 unit of its own: the adapter reads its weight directly, so the unit's
     own unshard hook would never run."""
+    if "torch.distributed.fsdp" not in sys.modules:  # no FSDP2 unit exists before it is imported
+        return
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover

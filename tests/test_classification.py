@@ -376,6 +376,23 @@ def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp
     assert "semu" in results.format_table(table)
 
 
+def test_a_method_s_row_does_not_depend_on_the_methods_run_before_it():
+    """The baselines once read the forget loader's shuffle where SEMU's epochs had left it: RL's row changed with
+    SEMU's epoch count and with GA running first."""
+    task = toy_task()
+    model = trained_small_cnn(task)
+    split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=None,
+                           num_forget=30)
+
+    def rl_row(methods, semu_epochs):
+        out = C.run(task, model, split, config=sf.SEMUConfig(gamma=0.9), methods=methods,
+                    semu_settings={"optimizer": "adam", "lr": 1e-2, "epochs": semu_epochs},
+                    baseline_settings={m: {"epochs": 2} for m in methods}, progress=False)[2]
+        return {k: v for k, v in out["metrics"]["rl"].items() if k != "seconds"}
+
+    assert rl_row(("rl",), 1) == rl_row(("ga", "rl"), 3)
+
+
 def test_random_forgetting_stops_at_the_test_accuracy():
     task = toy_task()
     model = trained_small_cnn(task)

@@ -3,6 +3,7 @@ model (a checkpoint, or trained here and cached), the forget/retain/test split, 
 side by side with SalUn's metrics."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -321,6 +322,16 @@ def _epoch_hook(loaders: Loaders, stop_below: Optional[float] = None):
     return hook
 
 
+@contextlib.contextmanager
+def _same_random_start(seed: int):
+    """torch's random state (CPU and every GPU) seeded for the block and put back after it: each method starts from
+    the same state (augmentation, dropout), whatever the methods before it drew."""
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_settings: Optional[dict] = None,
         methods=("ft", "ga", "rl"), baseline_settings: Optional[dict] = None,
         retrain: Optional[Callable[[], nn.Module]] = None, seed: int = 0, augment: bool = False,
@@ -329,7 +340,8 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
     SalUn's metrics. retrain: a callable returning the Retrain model (trained here or loaded); with it every method
     gets its "avg_gap". Returns (SEMUModel, SEMUReport, metrics) with metrics = {"metrics": {method: {UA, RA, TA,
     MIA, trainable_share, seconds}}, "history": {method: per-epoch list}} (seconds: each method's own, without the
-    per-epoch accuracies recorded for the history); FT is skipped without retain data.
+    per-epoch accuracies recorded for the history); FT is skipped without retain data. Each method reads freshly
+    seeded loaders from the same random state, so its result does not depend on which methods ran before it.
     semu_settings: sf.unlearn's keyword arguments (e.g. from sf.preset); with retain_mode "score" or "mixed" SEMU
     reads the whole retain set, as the official runs do. augment: see make_loaders. stop_at_test_accuracy: SEMU stops
     after the first epoch whose forget accuracy is at or below the original model's test accuracy (TA), the level
@@ -350,9 +362,11 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
     results["original"] = {**evaluate(model), "trainable_share": 0.0, "seconds": 0.0}
     stop_below = results["original"]["TA"] if stop_at_test_accuracy else None
     hook = _epoch_hook(loaders, stop_below)
-    start = time.perf_counter()
-    semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, semu_retain, config=config,
-                                 progress=progress, on_epoch=hook, **semu_settings)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # torch's first optimizer imports torch._dynamo (~1 s):
+    start = time.perf_counter()                           # paid here, not by the first method timed
+    with _same_random_start(seed):
+        semu_model, report = unlearn(copy.deepcopy(model), loaders.forget, semu_retain, config=config,
+                                     progress=progress, on_epoch=hook, **semu_settings)
     seconds = time.perf_counter() - start - hook.seconds
     results["semu"] = {**evaluate(semu_model), "trainable_share": report.trainable_share, "seconds": seconds}
     history["semu"] = report.training.get("history", [])
@@ -361,10 +375,12 @@ def run(task: Task, model: nn.Module, split: Split, *, config: SEMUConfig, semu_
         if method == "ft" and loaders.retain_subset is None:
             log.warning("FT skipped: it fine-tunes on retain data and the retain fraction is 0")
             continue
+        fresh = make_loaders(task, split, seed, augment=augment)  # shuffles as SEMU's did, not where it left them
         candidate, hook = copy.deepcopy(model), _epoch_hook(loaders)
         start = time.perf_counter()
-        history[method] = baselines.METHODS[method](candidate, loaders.forget, loaders.retain_subset, seed=seed,
-                                                    on_epoch=hook, progress=progress, **settings)
+        with _same_random_start(seed):
+            history[method] = baselines.METHODS[method](candidate, fresh.forget, fresh.retain_subset, seed=seed,
+                                                        on_epoch=hook, progress=progress, **settings)
         seconds = time.perf_counter() - start - hook.seconds
         results[method] = {**evaluate(candidate), "trainable_share": 100.0, "seconds": seconds}
     if retrain is not None:
