@@ -172,3 +172,17 @@ def test_device_defaults_to_cuda_when_there_is_one_and_takes_auto(command):
     assert build_parser().parse_args([command, *required]).device == here
     assert build_parser().parse_args([command, *required, "--device", "auto"]).device == here
     assert build_parser().parse_args([command, *required, "--device", "cpu"]).device == "cpu"
+
+
+def test_recorded_settings_leave_out_flags_the_official_preset_overrode():
+    """report.md's Settings line once said alpha = 1.0 for an --preset official DDPM run that used alpha 0."""
+    from semu_fast.cli import build_parser
+    from semu_fast.cli._common import preset_options, settings
+
+    args = build_parser().parse_args(["unlearn-ddpm", "--preset", "official", "--gamma", "0.9"])
+    flags = {"alpha": args.alpha, "gamma": args.gamma, "lr": args.lr, "steps": args.steps}
+    options = preset_options("official-ddpm", args, flags, seed=args.seed)
+    recorded = settings(args, options, flags)
+    assert options["alpha"] == 0.0 and "alpha" not in recorded and "steps" not in recorded  # the preset's values
+    assert recorded["gamma"] == 0.9 == options["gamma"]  # given on the command line: used, and recorded
+    assert settings(args)["alpha"] == 1.0  # without the options: every flag as parsed

@@ -700,6 +700,8 @@ def test_cli_unlearn_sd(sd_folder, tmp_path, capsys):
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "![samples_before.png](samples_before.png)" in report and "forget_anchor_gap_after" in report
+    assert "SEMU settings as run: preset = xattn, gamma = 0.95, attention_gamma = 1.0" in report
+    assert result["settings"]["retain_weight"] == 0.0  # as run: no retain prompt, no retain loss
     with pytest.raises(SystemExit):
         cli(["unlearn-sd", "--model", str(tmp_path), "--forget-prompt", "cat", "--out", str(out), "--quiet"])
 

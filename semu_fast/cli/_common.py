@@ -167,10 +167,15 @@ def silence(*libraries: str) -> None:
         hf_logging.disable_progress_bar()
 
 
-def settings(args) -> dict:
-    """The parsed flags, JSON-ready (paths as strings)."""
+def settings(args, options: Optional[dict] = None, flags: Optional[dict] = None,
+             dests: Optional[dict] = None) -> dict:
+    """The parsed flags, JSON-ready (paths as strings), without those whose value the run did not use: a flag of
+    `flags` ({parameter: value}, dests as in preset_options) whose parameter the run's `options` set otherwise (a
+    preset's value; the run's semu_settings record what it used)."""
+    dests = dests or {}
+    unused = {dests.get(k, k) for k, v in (flags or {}).items() if options is not None and options.get(k, v) != v}
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-            if key not in ("func", "quiet", "command", "parser", "given")}
+            if key not in ("func", "quiet", "command", "parser", "given", *unused)}
 
 
 def named_paths(args) -> list:

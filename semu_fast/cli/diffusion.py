@@ -187,7 +187,7 @@ def run_ddpm(args, parser) -> int:
                "per_class_accuracy_before": before["per_class_accuracy"],
                "per_class_accuracy_after": after["per_class_accuracy"],
                **trained, "total_params": report.total_params, "semu_settings": options}
-    files = results.write_run(args.out, semu_model, report, metrics, settings(args), "unlearn-ddpm")
+    files = results.write_run(args.out, semu_model, report, metrics, settings(args, options, flags), "unlearn-ddpm")
     if args.grid_samples:
         results.write_samples(args.out, grid_before, grid(semu_model), [f"class {c}" for c in
                                                                         range(DIGITS_NUM_CLASSES)])
@@ -247,9 +247,9 @@ def run_sd(args, parser) -> int:
     flags = {"preset": args.layers, "gamma": args.gamma, "attention_gamma": args.attention_gamma, "lr": args.lr,
              "epochs": args.epochs, "batch_size": args.batch_size, "gradient_guidance": args.guidance,
              "sample_guidance": args.guidance, "num_latents": args.num_latents, "sample_steps": args.sample_steps}
+    dests = {"preset": "layers", "gradient_guidance": "guidance", "sample_guidance": "guidance"}
     if args.preset == "official":
-        options = preset_options("official-sd", args, flags, {"preset": "layers", "gradient_guidance": "guidance",
-                                                                "sample_guidance": "guidance"}, seed=args.seed)
+        options = preset_options("official-sd", args, flags, dests, seed=args.seed)
     else:
         options = {**flags, "seed": args.seed}
     grid_prompts = list(dict.fromkeys([*args.forget_prompt, *anchors, *retain_prompts]))
@@ -267,8 +267,9 @@ def run_sd(args, parser) -> int:
     except ValueError as err:
         library_error(parser, err)
     metrics["semu_settings"] = {**options, "retain_weight": retain_weight}
-    files = results.write_run(args.out, semu_model, report, metrics, {**settings(args), "anchor_prompt": anchors},
-                              "unlearn-sd")
+    files = results.write_run(args.out, semu_model, report, metrics,
+                              {**settings(args, options, flags, dests), "anchor_prompt": anchors,
+                               "retain_weight": retain_weight}, "unlearn-sd")
     if args.grid_samples:
         grid_after = grid(semu_model)
         results.write_samples(args.out, sd_images.latents_to_images(grid_before, vae, grid_before),

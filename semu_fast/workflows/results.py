@@ -162,6 +162,8 @@ def _render_diffusion(out: Path, run: dict, samples: bool) -> list[str]:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = ["# SEMU diffusion unlearning report", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in run.get("settings", {}).items()), "",
+             *(["SEMU settings as run: " + ", ".join(f"{k} = {v}" for k, v in metrics["semu_settings"].items()), ""]
+               if metrics.get("semu_settings") else []),
              "| metric | value |", "|---|---|",
              *(f"| {k} | {v if isinstance(v, int) else f'{v:.4g}'} |" for k, v in scalars.items()), ""]
     split = metrics.get("trainable_split")
