@@ -38,7 +38,7 @@ class SEMUConfig:
     rank_rule: "at_least" (smallest k reaching gamma) or "official" (largest k not above gamma, at least 1).
     conv_rank: "max" (one k per conv layer, the max over input channels) or "per_channel".
     target_modules / exclude_modules: regular expressions searched in module names (re.search); None = every
-        Linear and Conv2d.
+        Linear and Conv2d (and transformers' Conv1D).
     gamma_overrides: {pattern: gamma}; the first pattern found in a layer's name sets its gamma (each pattern must
         match a selected layer).
     svd: "auto" (the path a cost model measured on this device picks: randomized, Gram or exact; conv batches take

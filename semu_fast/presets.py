@@ -34,7 +34,8 @@ class Preset:
 
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
                        "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes",
-                       "retain_mode", "max_grad_norm", "progress", "on_epoch", "checkpoint_dir", "checkpoint_every",
+                       "retain_mode", "max_grad_norm", "max_steps", "progress", "on_epoch", "checkpoint_dir",
+                       "checkpoint_every",
                        "resume", "distributed", "process_group")
 
 PRESETS = {

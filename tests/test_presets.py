@@ -671,3 +671,9 @@ def test_official_sd_preset_routes_overrides_to_unlearn_sd():
     assert kwargs["shuffle"] is False and kwargs["gradient_guidance"] == 7.5 and kwargs["batch_size"] == 8
     with pytest.raises(ValueError, match="retain_prompts is neither a SEMUConfig field nor a parameter"):
         sf.preset("official-sd", retain_prompts=["a dog"])  # data, not a setting: passed to unlearn_sd itself
+
+
+def test_a_preset_takes_max_steps_as_an_override():
+    """Overrides may name any parameter of the target function: max_steps was missing from sf.unlearn's list."""
+    for name in ("official-classification", "official-sd"):
+        assert sf.preset(name, max_steps=5)["max_steps"] == 5

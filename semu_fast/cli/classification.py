@@ -216,7 +216,7 @@ def _data_flags() -> argparse.ArgumentParser:
     g.add_argument("--train-epochs", type=positive(int), default=None,
                    help="train the original (and Retrain) here for this many epochs when there is no checkpoint")
     g.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"where models trained here are cached (default {default_cache()})")
+                   help="where models trained here are cached (default $SEMU_FAST_CACHE or ~/.cache/semu_fast)")
     add_device_flag(g)
     g = p.add_argument_group("scenario (as SalUn)")
     g.add_argument("--forget-class", type=int, default=None, metavar="C",
