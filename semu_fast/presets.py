@@ -82,8 +82,8 @@ PRESETS = {
                 "epochs": 5, "batch_size": 8, "shuffle": False},
         accepts=("preset", "gamma", "attention_gamma", "gradient_guidance", "lr", "epochs", "batch_size", "shuffle",
                  "seed", "progress", "num_latents", "sample_steps", "sample_guidance", "retain_weight",
-                 "max_grad_norm", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every", "resume",
-                 "distributed", "process_group"),
+                 "max_grad_norm", "max_steps", "patience", "on_epoch", "checkpoint_dir", "checkpoint_every",
+                 "resume", "distributed", "process_group"),
         source="SD/train-scripts/svd_unlearning_diffusers.py (Adam, lr 1e-5, batch 8, 5 epochs of len(loader) "
                "steps, c_guidance 7.5, gamma 0.95 for attention too, --retrain alpha 0.1, pseudo prompt (c + 1) "
                "mod 10), generate_svd_diffusers.py (guided gradient pass in eval mode, summed over the unshuffled "
