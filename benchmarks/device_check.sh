@@ -6,7 +6,7 @@
 # memcheck and racecheck, the 7B prepare headline, the other benchmarks.
 # BUDGET (seconds; default 480 on a GPU, 200 with DEVICE=cpu) bounds the whole run: every step's timeout is capped by
 # what is left, and steps that no longer fit are reported as skipped. A failed build or a missing CUDA kernel stops
-# the run. At most 5 files under $OUT: device_check.log (the verdicts first, then every step's output), tests.txt,
+# the run. Five files under $OUT: device_check.log (the verdicts first, then every step's output), tests.txt,
 # junit.xml, bench.json (every benchmark's tables) and RESULTS_gpu.md (the same tables, ready for RESULTS.md).
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}

@@ -1,5 +1,5 @@
 """benchmarks/device_check.sh's control flow, run here on the CPU (DEVICE=cpu), so that the first run on a lent GPU
-machine is not also the script's first run: it finishes inside its budget, writes at most 6 files, puts the
+machine is not also the script's first run: it finishes inside its budget, writes its five files, puts the
 verdicts first, and fills bench.json and RESULTS_gpu.md."""
 import json
 import os
