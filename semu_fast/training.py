@@ -314,6 +314,24 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
                          "(return {'stop': True})")
 
 
+def _check_even_batches(forget_loader, retain_loader, group) -> None:
+    """Before prepare: every rank trains on the same number of batches each epoch (R's gradients are averaged step by
+    step), checked where the loaders have a length (the steps' own check catches the others, after prepare)."""
+    def length(loader):
+        try:
+            return None if loader is None else len(loader)
+        except TypeError:
+            return None
+
+    counts = distributed_setup.all_gather_objects((length(forget_loader), length(retain_loader)), group)
+    for i, name in enumerate(("forget_loader", "retain_loader")):
+        known = [c[i] for c in counts if c[i] is not None]
+        if len(set(known)) > 1:
+            raise ValueError(f"every rank must train on the same number of batches each epoch (R's gradients are "
+                             f"averaged step by step); the ranks' {name}s hold {[c[i] for c in counts]} batches (a "
+                             f"DistributedSampler gives each rank the same number)")
+
+
 def _data_settings(forget_loader, retain_loader, group, checkpointing: bool, resume: bool) -> dict:
     """The digests of the data a checkpoint's run read (every rank's, each rank reading its own shard); hashing
     what is in memory costs a pass over it, so only runs that checkpoint take them. With a group, every rank must
@@ -468,6 +486,8 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2, empty=group is not None)
     _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn, retain_loss_fn, group)
+    if group is not None:
+        _check_even_batches(forget_loader, retain_loader if retain_mode == "interleave" else None, group)
     base = distributed_setup.unwrap(model)
     layers = select_layers(base, config)
     run_identity = {"semu_config": config.to_dict(),

@@ -116,6 +116,16 @@ def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
+class _Stream:
+    """Batches that can be read again but have no length (as a DataLoader over an IterableDataset)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def _failing_loss(rank, fail_rank, at_call, error):
     """Cross-entropy that raises `error` on rank fail_rank at its call number at_call."""
     calls = []
@@ -145,8 +155,10 @@ def _scenario(rank, name, out_dir):
     elif name == "prepare_empty_shard":  # rank 0 holds nothing: the sums are rank 1's batches
         sm = sf.prepare(_mlp(), [] if rank == 0 else data, config=sf.SEMUConfig(**CONFIG))
         return _factors(sm)
-    elif name == "train_uneven":
+    elif name == "train_uneven":  # refused before prepare: the loaders have a length
         sf.unlearn(_mlp(), shard, **train)
+    elif name == "train_uneven_stream":  # no length: the first step one rank lacks stops both
+        sf.unlearn(_mlp(), _Stream(shard), **train)
     elif name == "train_nan":  # rank 0's loss is NaN at its second training step
         def nan_loss(model, batch, generator):
             loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
@@ -228,7 +240,8 @@ def test_one_rank_s_error_stops_every_rank_instead_of_leaving_it_waiting(tmp_pat
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("train_uneven", ("ValueError", "1 of 2 ranks have a batch at epoch 1, step 4")),
+    ("train_uneven", ("ValueError", "the ranks' forget_loaders hold [4, 3] batches")),
+    ("train_uneven_stream", ("ValueError", "1 of 2 ranks have a batch at epoch 1, step 4")),
     ("checkpoint_on_one_rank", ("ValueError", "every rank must pass a checkpoint_dir")),
     ("checkpoint_per_rank", ("ValueError", "the ranks found different checkpoints")),
     ("process_group_list", ("TypeError", "process_group must be a torch.distributed ProcessGroup")),
