@@ -43,8 +43,9 @@ def _worker(rank, world, init_file, args, out_file, backend):
     torch.set_num_threads(1)
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     try:
-        times = [_svd_seconds(_model(args.layers, args.width).to(device), _batches(args.width, args.tokens, rank, world),
-                              args.svd) for _ in range(args.repeats)]
+        shard = _batches(args.width, args.tokens, rank, world)
+        times = [_svd_seconds(_model(args.layers, args.width).to(device), shard, args.svd)
+                 for _ in range(args.repeats)]
         t = torch.tensor([sorted(times)[len(times) // 2]], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rank == 0:

@@ -468,7 +468,8 @@ def _official_ddpm_run(unet, sched, forget, num_classes, null, seed, epochs, gam
     for x0, c in forget:
         x_t, noise, t = noisy(x0, g)
         unet.zero_grad()
-        out = (1 + w) * unet(x_t, t, class_labels=c).sample - w * unet(x_t, t, class_labels=torch.full_like(c, null)).sample
+        unconditional = unet(x_t, t, class_labels=torch.full_like(c, null)).sample
+        out = (1 + w) * unet(x_t, t, class_labels=c).sample - w * unconditional
         (noise - out).square().sum(dim=(1, 2, 3)).mean().backward()
         torch.nn.utils.clip_grad_norm_(weights, 1.0)
         for n, m in layers.items():

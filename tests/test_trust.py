@@ -334,7 +334,7 @@ def test_a_gamma_override_that_matches_nothing_is_an_error():
         sf.prepare(small_cnn(), forget_batches(), config=sf.SEMUConfig(gamma_overrides={"no_such_layer": 0.5}))
 
 
-# --- the first experience -----------------------------------------------------------------------------------------------
+# --- the first experience ---------------------------------------------------------------------------------------------
 
 def test_adapters_expose_the_base_layers_attributes():
     model = small_cnn()
@@ -378,7 +378,7 @@ def test_run_folder_files_follow_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
-# --- clear errors from the command line, before any work ----------------------------------------------------------------
+# --- clear errors from the command line, before any work --------------------------------------------------------------
 
 def _cli_error(argv, capsys) -> str:
     from semu_fast.cli import main
