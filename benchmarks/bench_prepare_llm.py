@@ -104,7 +104,7 @@ def compare_svd(model, data, targets, gamma, device, table):
     for name, layer in targets.items():
         first.setdefault(tuple(layer.weight.shape), name)
     grads = accumulate_gradients(model, data, {n: targets[n] for n in first.values()}, llm.nll_loss)
-    for shape, name in first.items():
+    for i, (shape, name) in enumerate(first.items()):
         G = grads[name]
         sf.ops.project_perpendicular_([G], [targets[name].weight.detach()])
         runs = {"ours": {"method": "auto", "rank_hint": grads.rows.get(name)}, "no hint": {"method": "auto"},
@@ -112,7 +112,7 @@ def compare_svd(model, data, targets, gamma, device, table):
         small = G[:300, :260].contiguous()  # each path's solvers warmed up (handles, workspaces) before any clock
         for kw in runs.values():
             sf.ops.truncated_svd(small, gamma, **{k: v for k, v in kw.items() if k != "rank_hint"})
-        order = list(runs)[len(first) % len(runs):] + list(runs)[:len(first) % len(runs)]  # no path always first
+        order = list(runs)[i % len(runs):] + list(runs)[:i % len(runs)]  # no path always first
         seconds = {r: timeit(lambda kw=runs[r]: sf.ops.truncated_svd(G, gamma, **kw), device, 1, warmup=0)
                    for r in order}
         ks = {r: sf.ops.truncated_svd(G, gamma, **runs[r]).S.shape[-1] for r in ("ours", "no hint", "exact")}

@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed
@@ -44,6 +45,14 @@ def process_count() -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
     return torch.distributed.get_world_size()
+
+
+def length_or_none(loader) -> Optional[int]:
+    """len(loader), or None for a loader without one (a generator, a DataLoader over an IterableDataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._utils import length_or_none
+
 BUCKET_BYTES = 256 * 2 ** 20
 
 
@@ -83,7 +85,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     model inside nn.DataParallel or torch.compile's wrapper (so layer names carry no "module." / "_orig_mod."
     prefix and the adapters load on the plain model); an FSDP2 model as it is; FSDP1 and other sharded (DTensor)
     models are refused with what they need."""
-    # torch.compile's wrapper exists only once torch._dynamo is imported (importing it here took 1.8 s)
+    # torch.compile's wrapper exists only once torch._dynamo is imported (importing it here would cost seconds)
     dynamo = sys.modules.get("torch._dynamo")
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -188,6 +190,17 @@ def assign_owners(shapes: dict[str, tuple], size: int) -> dict[str, int]:
         owners[name] = rank
         load[rank] += svd_cost(shapes[name])
     return owners
+
+
+def check_same_lengths(loaders: dict, group: Group, why: str) -> None:
+    """Every rank's loaders ({name: loader}) hold the same number of batches, where they have a length; `why` the
+    ranks must (a ValueError on every rank otherwise)."""
+    counts = all_gather_objects([length_or_none(loader) for loader in loaders.values()], group)
+    for i, name in enumerate(loaders):
+        known = [c[i] for c in counts if c[i] is not None]
+        if len(set(known)) > 1:
+            raise ValueError(f"{why}, so every rank must pass the same number of batches; the ranks' {name}s hold "
+                             f"{[c[i] for c in counts]} (a DistributedSampler gives each rank the same number)")
 
 
 def all_gather_objects(obj, group: Group) -> list:

@@ -128,7 +128,8 @@ class _Pass:
             torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in self.weights.items()}
         self.state = _ModelState(model)
         self.hooks, self.patched = [], []
-        self.guarded = [m for m in model.modules() if "zero_grad" not in m.__dict__]
+        # zero_grad() from loss_fn would erase the float32 layers' sums, which live in their own .grad
+        self.guarded = [m for m in model.modules() if "zero_grad" not in m.__dict__] if self.direct else []
         self.rows = {n: 0.0 for n, layer in layers.items() if n not in self.sharded and id(layer.weight) not in shared
                      and (isinstance(layer, nn.Linear) or is_conv1d(layer))}
 
@@ -136,7 +137,7 @@ class _Pass:
         for param in self.model.parameters():
             param.requires_grad_(False)
             param.grad = None
-        for module in self.guarded:  # zero_grad(set_to_none=False) would erase float32 sums unseen
+        for module in self.guarded:
             module.zero_grad = _refuse_zero_grad
         for name, layer in self.layers.items():
             if name in self.rows:
@@ -222,19 +223,6 @@ class _Pass:
         return self.accumulators
 
 
-def _check_even_shards(loader, group: distributed.Group) -> None:
-    """FSDP2 reduce-scatters every batch's gradient: a rank with fewer batches would leave the others waiting."""
-    try:
-        mine = len(loader)
-    except TypeError:  # a stream: its length is unknown before it is read
-        mine = None
-    counts = distributed.all_gather_objects(mine, group)
-    if None not in counts and len(set(counts)) > 1:
-        raise ValueError(f"an FSDP2-sharded model reduces every batch's gradient across the ranks, so every rank must "
-                         f"pass the same number of forget batches; the ranks hold {counts} (a DistributedSampler "
-                         f"gives each rank the same number)")
-
-
 def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
                          group: Optional[distributed.Group] = None,
@@ -252,8 +240,9 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
     scalar tensor, FloatingPointError (naming the layer) for NaN or Inf in a summed gradient."""
     loss_fn = loss_fn or cross_entropy_loss
     grad_pass = _Pass(model, layers, grad_clip)
-    if grad_pass.sharded and group is not None:
-        _check_even_shards(loader, group)
+    if grad_pass.sharded and group is not None:  # a rank with fewer batches would leave the others waiting
+        distributed.check_same_lengths({"forget_loader": loader}, group, "an FSDP2-sharded model reduces every "
+                                        "batch's gradient across the ranks")
     batches, failure = 0, None
     try:
         grad_pass.install()

@@ -32,14 +32,20 @@ def accuracy(model: nn.Module, loader: Iterable, group: Optional[distributed.Gro
     distributed group, over the union of every rank's loader."""
     device = model_device(model)
     correct = total = 0
+    failure = None
     with eval_mode(model):
-        for batch in loader:
-            inputs, targets = split_batch(batch, "accuracy")
-            correct += (model(inputs.to(device)).argmax(-1) == targets.to(device)).sum().item()
-            total += targets.numel()
+        try:
+            for batch in loader:
+                inputs, targets = split_batch(batch, "accuracy")
+                correct += (model(inputs.to(device)).argmax(-1) == targets.to(device)).sum().item()
+                total += targets.numel()
+        except Exception as err:
+            if group is None:
+                raise
+            failure = err  # raised on every rank by the counts' all-reduce
     if group is not None:
-        counts = torch.tensor([float(correct), float(total)], device=device)
-        distributed.all_reduce_sum_([counts], group)
+        counts = torch.tensor([float(correct), float(total)], device=device, dtype=torch.float64)
+        distributed.all_reduce_outcome_([counts], group, failure, "computing an accuracy", device)
         correct, total = counts.tolist()
     return 100.0 * correct / max(total, 1)
 

@@ -15,7 +15,7 @@ from . import distributed as distributed_setup
 from . import ops
 from ._checks import check_callable
 from ._profile import annotate
-from ._utils import set_torch_rng_state, torch_rng_state
+from ._utils import length_or_none, set_torch_rng_state, torch_rng_state
 from .adapters import SEMUAdapter, SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .gradients import NORM_TYPES, LossFn, accumulate_gradients
@@ -116,11 +116,7 @@ def check_loader(name: str, loader, passes: int = 1, empty: bool = False) -> Non
     if passes > 1 and isinstance(loader, Iterator):  # not iter(loader): that would draw from a DataLoader's sampler
         raise ValueError(f"{name} is a one-shot iterator, but it is read {passes} or more times (the gradient pass, "
                          f"then every epoch); pass a list or a DataLoader")
-    try:
-        is_empty = len(loader) == 0
-    except TypeError:  # no length: a generator, or a DataLoader over an IterableDataset (a stream)
-        is_empty = False
-    if is_empty and not empty:
+    if length_or_none(loader) == 0 and not empty:
         raise ValueError(f"{name} is empty: give at least one batch")
 
 

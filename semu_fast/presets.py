@@ -35,8 +35,7 @@ class Preset:
 _UNLEARN_PARAMETERS = ("loss_fn", "train_loss_fn", "retain_loss_fn", "optimizer", "lr", "epochs", "momentum",
                        "weight_decay", "select_best", "patience", "min_delta", "label_rule", "label_classes",
                        "retain_mode", "max_grad_norm", "max_steps", "progress", "on_epoch", "checkpoint_dir",
-                       "checkpoint_every",
-                       "resume", "distributed", "process_group")
+                       "checkpoint_every", "resume", "distributed", "process_group")
 
 PRESETS = {
     # Classification/main_forget.py --unlearn own_SVD, with the README's example flags (ResNet-18, CIFAR).

@@ -113,6 +113,7 @@ class _Trainer:
         self.params = semu_model.trainable_parameters()
         self.losses, self.min_delta, self.max_grad_norm = losses, float(min_delta), max_grad_norm
         self.checkpoint, self.group = checkpoint, group
+        self.sharded = any(distributed_setup.is_sharded(p) for p in semu_model.parameters())  # FSDP2
         self.shufflers = loader_generators(*loaders)
         self.max_steps = max_steps
         self.run = {"epoch": 0, "step": 0, "steps_before": 0, "losses": [], "history": [], "best_score": None,
@@ -178,7 +179,13 @@ class _Trainer:
         if len({entry["buffers_sha256"] for entry in ranks}) > 1:
             for entry, own in zip(ranks, distributed_setup.all_gather_objects(buffers, self.group)):
                 entry["buffers"] = own
-        self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
+        failure = None
+        try:  # rank 0 writes: a failed write (a full disk) stops every rank
+            self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
+        except Exception as err:
+            failure = err
+        distributed_setup.all_reduce_outcome_([], self.group, failure, "writing the checkpoint",
+                                              self.params[0].device)
 
     def train_epoch(self, batches) -> None:
         """One pass over (kind, batch) pairs; kind names the loss ("forget", "retain" or "mixed")."""
@@ -224,6 +231,8 @@ class _Trainer:
                                 f"(epoch {run['epoch'] + 1}, step {step + 1})")
             value = loss.item()
             if not math.isfinite(value):
+                if self.sharded:  # FSDP2's backward holds collectives the other ranks wait in: run it, on zero
+                    (torch.nan_to_num(loss) * 0).reshape(()).backward()
                 raise FloatingPointError(f"the {kind} loss is {value} at epoch {run['epoch'] + 1}, step {step + 1}; "
                                          f"lower lr, or check the loss function and the batch")
             self.opt.zero_grad(set_to_none=True)
@@ -314,38 +323,36 @@ def _check_stopping(patience, min_delta, label_rule, label_classes, train_loss_f
                          "(return {'stop': True})")
 
 
-def _check_even_batches(forget_loader, retain_loader, group) -> None:
-    """Before prepare: every rank trains on the same number of batches each epoch (R's gradients are averaged step by
-    step), checked where the loaders have a length (the steps' own check catches the others, after prepare)."""
-    def length(loader):
-        try:
-            return None if loader is None else len(loader)
-        except TypeError:
-            return None
-
-    counts = distributed_setup.all_gather_objects((length(forget_loader), length(retain_loader)), group)
-    for i, name in enumerate(("forget_loader", "retain_loader")):
-        known = [c[i] for c in counts if c[i] is not None]
-        if len(set(known)) > 1:
-            raise ValueError(f"every rank must train on the same number of batches each epoch (R's gradients are "
-                             f"averaged step by step); the ranks' {name}s hold {[c[i] for c in counts]} batches (a "
-                             f"DistributedSampler gives each rank the same number)")
-
-
-def _data_settings(forget_loader, retain_loader, group, checkpointing: bool, resume: bool) -> dict:
+def _data_settings(forget_loader, retain_loader, group, checkpointing: bool, agreed: dict) -> dict:
     """The digests of the data a checkpoint's run read (every rank's, each rank reading its own shard); hashing
     what is in memory costs a pass over it, so only runs that checkpoint take them. With a group, every rank must
-    checkpoint (and resume) alike: rank 0 writes the one folder they share."""
+    run with the same `agreed` settings (training, epochs, checkpointing: rank 0 writes the one folder they share),
+    or the ranks would step, save and stop at different points while the others wait for them."""
     digests = [data_identity(forget_loader), None if retain_loader is None else data_identity(retain_loader)] \
         if checkpointing else None
     if group is not None:
-        views = distributed_setup.all_gather_objects((checkpointing, resume, digests), group)
-        if len({(on, again) for on, again, _ in views}) > 1:
-            raise ValueError(f"every rank must pass a checkpoint_dir (the one folder they share) or none, and the same "
-                             f"resume; the ranks pass (checkpoint_dir given, resume) = "
-                             f"{[(on, again) for on, again, _ in views]}")
-        digests = [list(ranks) for ranks in zip(*(d for _, _, d in views))] if checkpointing else None
+        views = distributed_setup.all_gather_objects((agreed, digests), group)
+        differ = sorted(key for key in agreed if len({repr(view.get(key)) for view, _ in views}) > 1)
+        if differ or any(set(view) != set(agreed) for view, _ in views):
+            raise ValueError(f"every rank must call unlearn with the same settings (and a checkpoint_dir they all "
+                             f"share, or none); the ranks differ in {', '.join(differ) or 'their arguments'}: "
+                             + "; ".join(f"{key} = {[view.get(key) for view, _ in views]}" for key in differ[:4]))
+        digests = [list(ranks) for ranks in zip(*(d for _, d in views))] if checkpointing else None
     return {} if digests is None else {"forget_data": digests[0], "retain_data": digests[1]}
+
+
+def _save_adapters(checkpoint: Checkpoint, semu_model: SEMUModel, group) -> None:
+    """The checkpoint's adapters after prepare (rank 0 writes them: a failed write stops every rank)."""
+    failure = None
+    try:
+        checkpoint.save_adapters(semu_model, group)
+    except Exception as err:
+        if group is None:
+            raise
+        failure = err
+    if group is not None:
+        device = next(semu_model.parameters()).device
+        distributed_setup.all_reduce_outcome_([], group, failure, "writing the checkpoint's adapters", device)
 
 
 def _saved_state(checkpoint: Checkpoint, resume: bool, group) -> Optional[dict]:
@@ -486,20 +493,27 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
     if retain_loader is not None:
         check_loader("retain_loader", retain_loader, passes=2, empty=group is not None)
     _check_retain_mode(retain_mode, retain_loader, forget_loader, train_loss_fn, retain_loss_fn, group)
-    if group is not None:
-        _check_even_batches(forget_loader, retain_loader if retain_mode == "interleave" else None, group)
+    if group is not None:  # before prepare; streams are checked step by step (_Trainer._average_gradients)
+        trained = {"forget_loader": forget_loader, "retain_loader": retain_loader if retain_mode == "interleave"
+                   else None}
+        distributed_setup.check_same_lengths({k: v for k, v in trained.items() if v is not None}, group,
+                                             "R's gradients are averaged over the ranks step by step")
     base = distributed_setup.unwrap(model)
     layers = select_layers(base, config)
     run_identity = {"semu_config": config.to_dict(),
                     "layers": {name: fingerprint(layer.weight) for name, layer in layers.items()}}
-    checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
+    settings = {
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": config.seed,
         "label_rule": label_rule, "label_classes": label_classes, "retain_mode": retain_mode,
         "max_grad_norm": max_grad_norm, "max_steps": max_steps, "select_best": select_best, "patience": patience,
         "min_delta": min_delta,
         "loss_fn": _callable_name(loss_fn),
         "train_loss_fn": _callable_name(train_loss_fn), "retain_loss_fn": _callable_name(retain_loss_fn),
-        **run_identity, **_data_settings(forget_loader, retain_loader, group, checkpoint_dir is not None, resume)})
+        **run_identity}
+    agreed = {**settings, "epochs": epochs, "checkpoint_dir given": checkpoint_dir is not None,
+              "checkpoint_every": checkpoint_every, "resume": resume}
+    checkpoint = Checkpoint(checkpoint_dir, checkpoint_every, {
+        **settings, **_data_settings(forget_loader, retain_loader, group, checkpoint_dir is not None, agreed)})
     saved = _saved_state(checkpoint, resume, group)
     undo, semu_model = _Undo(base), None
     try:
@@ -508,7 +522,7 @@ def unlearn(model: nn.Module, forget_loader: Iterable, retain_loader: Optional[I
         else:
             semu_model = prepare(model, forget_loader, loss_fn=loss_fn, config=config, distributed=distributed,
                                  process_group=process_group)
-            checkpoint.save_adapters(semu_model, group)
+            _save_adapters(checkpoint, semu_model, group)
         _train(semu_model, saved, forget_loader, retain_loader, checkpoint, group, config,
                train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn, optimizer=optimizer, lr=lr,
                epochs=epochs, momentum=momentum, weight_decay=weight_decay, select_best=select_best,

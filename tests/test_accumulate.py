@@ -291,3 +291,9 @@ def test_accumulate_matmul_refuses_inputs_that_share_memory_with_acc(gen, alias)
     with pytest.raises(ValueError, match="shares memory with acc"):
         sf.ops.accumulate_matmul_(acc, a, b)
     assert torch.equal(acc, before)
+
+
+def test_accumulate_matmul_on_meta_tensors_checks_no_memory():
+    """Meta tensors have no memory (every data_ptr() is 0): they must not read as sharing it."""
+    acc = torch.empty(4, 3, device="meta")
+    sf.ops.accumulate_matmul_(acc, torch.empty(4, 5, device="meta"), torch.empty(5, 3, device="meta"))

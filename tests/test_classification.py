@@ -377,8 +377,8 @@ def test_run_compares_methods_without_touching_the_model_and_writes_a_report(tmp
 
 
 def test_a_method_s_row_does_not_depend_on_the_methods_run_before_it():
-    """The baselines once read the forget loader's shuffle where SEMU's epochs had left it: RL's row changed with
-    SEMU's epoch count and with GA running first."""
+    """Each method reads its own freshly shuffled loaders from the same random start: RL's row is the same alone
+    and after GA, whatever SEMU's epoch count."""
     task = toy_task()
     model = trained_small_cnn(task)
     split = C.forget_split(C.targets_of(task.train_set), C.targets_of(task.test_set), forget_class=None,

@@ -175,7 +175,8 @@ def test_device_defaults_to_cuda_when_there_is_one_and_takes_auto(command):
 
 
 def test_recorded_settings_leave_out_flags_the_official_preset_overrode():
-    """report.md's Settings line once said alpha = 1.0 for an --preset official DDPM run that used alpha 0."""
+    """A run's recorded settings (and report.md's Settings line) hold the values it ran with: a flag the official
+    preset overrode (alpha, the preset's 0 over the flag's default 1) is left out, the run's semu_settings say it."""
     from semu_fast.cli import build_parser
     from semu_fast.cli._common import preset_options, settings
 

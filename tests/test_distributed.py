@@ -166,6 +166,16 @@ def _scenario(rank, name, out_dir):
             return loss * float("nan") if rank == 0 and nan_loss.calls == 2 else loss
         nan_loss.calls = 0
         sf.unlearn(_mlp(), even, train_loss_fn=nan_loss, **train)
+    elif name == "fsdp2_train_nan":  # FSDP2's backward holds collectives: the failing rank must still take part
+        model = _model()
+        _fully_shard(model)
+
+        def nan_loss_fsdp(model, batch, generator):
+            loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+            nan_loss_fsdp.calls += 1
+            return loss * float("nan") if rank == 0 and nan_loss_fsdp.calls == 2 else loss
+        nan_loss_fsdp.calls = 0
+        sf.unlearn(model, _batches()[rank::WORLD], train_loss_fn=nan_loss_fsdp, **train)
     elif name == "on_epoch_stop":  # rank 1 alone asks to stop after epoch 1: both stop there, in sync
         sm, report = sf.unlearn(_mlp(), even, on_epoch=lambda e, m: {"stop": rank == 1}, epochs=3, progress=False)
         return {"epochs": report.training["epochs"], "R": {n: a.R.detach().clone() for n, a in sm.adapters.items()}}
@@ -176,6 +186,20 @@ def _scenario(rank, name, out_dir):
         sf.unlearn(_mlp(), even, on_epoch=on_epoch, **train)
     elif name == "checkpoint_on_one_rank":
         sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, "ckpt") if rank == 0 else None, **train)
+    elif name == "checkpoint_every_on_one_rank":
+        sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, "ckpt"), checkpoint_every=1 if rank == 0
+                   else None, **train)
+    elif name == "epochs_differ":
+        sf.unlearn(_mlp(), even, **{**train, "epochs": 2 + rank})
+    elif name == "score_error":  # rank 1's retain data fails while an epoch is scored (retain_mode="score")
+        retain = [b if rank == 0 or i else (b[0][:, :1], b[1]) for i, b in enumerate(even)]
+        sf.unlearn(_mlp(), even, retain, retain_mode="score", **train)
+    elif name == "checkpoint_write_error":  # rank 0 cannot write the training state (a full disk, say)
+        import semu_fast.checkpoint as checkpoint
+
+        if rank == 0:
+            checkpoint.atomic_write = lambda path, write: (_ for _ in ()).throw(OSError(28, "No space left"))
+        sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, "ckpt"), **train)
     elif name == "checkpoint_per_rank":  # a folder per rank: only rank 0's holds a checkpoint to resume
         for _ in range(2):
             sf.unlearn(_mlp(), even, checkpoint_dir=os.path.join(out_dir, f"ckpt{rank}"), **train)
@@ -229,7 +253,10 @@ def _run_scenario(tmp_path, name, timeout=150):
     ("prepare_loss_error", 1, ("ValueError", "bad batch")),
     ("prepare_svd_error", 1, ("MemoryError", "out of memory")),
     ("train_nan", 0, ("FloatingPointError", "loss is nan")),
+    ("fsdp2_train_nan", 0, ("FloatingPointError", "loss is nan")),
     ("on_epoch_error", 0, ("KeyError", "no such metric")),
+    ("score_error", 1, ("ValueError", "must agree on in")),
+    ("checkpoint_write_error", 0, ("OSError", "No space left")),
 ])
 def test_one_rank_s_error_stops_every_rank_instead_of_leaving_it_waiting(tmp_path, name, failing, own_error):
     results = _run_scenario(tmp_path, name)
@@ -240,9 +267,11 @@ def test_one_rank_s_error_stops_every_rank_instead_of_leaving_it_waiting(tmp_pat
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("train_uneven", ("ValueError", "the ranks' forget_loaders hold [4, 3] batches")),
+    ("train_uneven", ("ValueError", "the ranks' forget_loaders hold [4, 3]")),
     ("train_uneven_stream", ("ValueError", "1 of 2 ranks have a batch at epoch 1, step 4")),
-    ("checkpoint_on_one_rank", ("ValueError", "every rank must pass a checkpoint_dir")),
+    ("checkpoint_on_one_rank", ("ValueError", "the ranks differ in checkpoint_dir given")),
+    ("checkpoint_every_on_one_rank", ("ValueError", "the ranks differ in checkpoint_every")),
+    ("epochs_differ", ("ValueError", "the ranks differ in epochs: epochs = [2, 3]")),
     ("checkpoint_per_rank", ("ValueError", "the ranks found different checkpoints")),
     ("process_group_list", ("TypeError", "process_group must be a torch.distributed ProcessGroup")),
 ])

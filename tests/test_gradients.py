@@ -364,7 +364,7 @@ def test_a_linear_called_with_its_input_keyword(dtype):
 @pytest.mark.parametrize("erase", ["zero_grad_in_place", "zero_grad", "submodule_zero_grad", "grad_to_none"])
 def test_a_loss_fn_that_erases_gradients_is_refused_and_the_model_kept(erase):
     """A loss_fn copied from a training loop that zeroes gradients would erase the float32 layers' earlier batches,
-    which sum in their own .grad: zero_grad(set_to_none=False) silently so, before the guard."""
+    which sum in their own .grad (zero_grad(set_to_none=False) without a trace): it is refused, the model kept."""
     model, batches = small_cnn(), forget_batches()
     saved = snapshot(model)
 
@@ -384,3 +384,21 @@ def test_a_loss_fn_that_erases_gradients_is_refused_and_the_model_kept(erase):
     assert_same_state(model, saved)
     assert all("zero_grad" not in m.__dict__ for m in model.modules())  # the guard is gone again
     model.zero_grad()
+
+
+def test_zero_grad_in_loss_fn_is_harmless_and_allowed_without_float32_layers():
+    """Half-precision Linears stream their sums outside .grad: zero_grad() erases nothing there and is allowed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).bfloat16()
+    layers = {"0": model[0], "2": model[2]}
+    batches = [(torch.randn(4, 6).bfloat16(), torch.randint(0, 3, (4,))) for _ in range(3)]
+
+    def loss_fn(m, batch, zero=True):
+        if zero:
+            m.zero_grad(set_to_none=False)
+        return F.cross_entropy(m(batch[0]).float(), batch[1])
+
+    with_zero = accumulate_gradients(model, batches, layers, loss_fn=loss_fn)
+    plain = accumulate_gradients(model, batches, layers, loss_fn=lambda m, b: loss_fn(m, b, zero=False))
+    for name in layers:
+        assert torch.equal(with_zero[name], plain[name])

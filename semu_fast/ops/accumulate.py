@@ -107,8 +107,8 @@ def accumulate_matmul_(acc, a, b) -> None:
     """acc += a @ b with the products summed in float32.
 
     acc: (m, n) float32, contiguous; a: (m, k), b: (k, n), one float dtype, any strides, sharing no memory with acc.
-    A Linear's weight gradient
-    over a batch is accumulate_matmul_(acc, dy.T, x) with dy (tokens, out) and x (tokens, in)."""
+    A Linear's weight gradient over a batch is accumulate_matmul_(acc, dy.T, x) with dy (tokens, out) and x (tokens,
+    in)."""
     acc, a, b = _check_matmul(acc, a, b)
     with annotate("semu_fast.accumulate_matmul_"):
         torch.ops.semu_fast.accumulate_matmul_(acc, a, b)

@@ -39,8 +39,8 @@ GRAM_MAX_GAMMA = 0.999
 RANDOMIZED_MAX_GAMMA = 0.9999
 ENERGY_SAFE = (1e-30, 1e30)  # ||G||_F^2 outside: G is scaled first (_in_safe_range)
 # The hinted path (truncated_svd's rank_hint): basis columns beyond the hint, and how small the energy left outside
-# the basis must be against the last kept direction's for the first sketch to stand (the rank is then the exact one
-# or one more).
+# the basis must be against the last kept direction's for a sketch to stand on it (the rank is then the exact one or
+# one more); after the power iteration a rank bound may accept it too (within max(1, 1%) of exact: see _hinted).
 HINT_OVERSAMPLING, HINT_RESIDUAL = 16, 0.1
 GRAM_SVD_MAX_N = 64  # csrc/gram_svd.h: kGramSvdMaxN
 GRAM_SVD_REL_TOL = 1e-7  # csrc/gram_svd.h: kGramSvdRelTol
@@ -249,8 +249,9 @@ def _hinted(G: torch.Tensor, total: float, gamma: float, rank_rule: str, min_ran
     sketch stands when m is too small to move the rank by more than one (HINT_RESIDUAL of the last kept direction's
     energy); else one power iteration follows, whose result stands by that test or by a bound: the basis's leading
     energies are at most G's and at least G's minus m, so its rank k is at least the exact one, and the exact one at
-    least the basis's rank at gamma - m / ||G||_F^2; within max(1, 1%) of k, k stands (the captured variance reaches
-    gamma by construction). Else None (the hint was wrong: the caller's other paths run)."""
+    least the basis's rank at gamma - m / ||G||_F^2; within max(1, 1%) of k, k stands (with rank_rule "at_least" the
+    captured variance reaches gamma by construction). Else None (the hint was wrong: the caller's other paths
+    run)."""
     transpose = G.shape[0] > G.shape[1]  # the basis in the smaller dimension
     A = G.T if transpose else G
     p, q = A.shape
