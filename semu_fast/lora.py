@@ -59,9 +59,10 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
         for name, adapter in adapters.items():
             if not isinstance(adapter, SEMULinear):
                 continue
-            # U R in float32, the same product SEMU's own delta_weight and merge start from.
-            lora_B = (adapter.U.float() @ adapter.R.float()).to("cpu", dtype).contiguous()
-            lora_A = adapter.Vh.float().to("cpu", dtype).contiguous()
+            # U R in float32 (float64 for a float64 model), the product SEMU's own delta_weight and merge start from.
+            compute = torch.promote_types(torch.float32, adapter.R.dtype)
+            lora_B = (adapter.U.to(compute) @ adapter.R.to(compute)).to("cpu", dtype).contiguous()
+            lora_A = adapter.Vh.to(compute).to("cpu", dtype).contiguous()
             factors[name] = (lora_A, lora_B)
     if not factors:
         raise ValueError("semu_model has no Linear adapter to export as LoRA")

@@ -209,17 +209,22 @@ def _check_layer(model: nn.Module, name: str, info: dict, tensors: dict, check_b
     return found, layer
 
 
+def check_plain_model(model: nn.Module) -> None:
+    """Adapters load onto the original model: not a SEMUModel, nor a model that already holds adapters."""
+    if isinstance(model, SEMUModel):
+        raise TypeError("model is a SEMUModel: load the adapters onto the original model (semu_model.unload() gives "
+                        "it back)")
+    if any(isinstance(m, SEMUAdapter) for m in model.modules()):
+        raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
+
+
 def load_adapters(model: nn.Module, path, *, check_base: bool = True) -> SEMUModel:
     """Install the adapters saved in folder `path` on `model` (the original model, without adapters).
 
     Everything is checked before the model is changed: the files intact (the weights' SHA-256), every layer present
     with the same type and shape, every value finite, and (check_base) each base weight the one the adapters were
     made for. R, U and Vh come back exactly as saved."""
-    if isinstance(model, SEMUModel):
-        raise TypeError("model is a SEMUModel: load the adapters onto the original model (semu_model.unload() gives "
-                        "it back)")
-    if any(isinstance(m, SEMUAdapter) for m in model.modules()):
-        raise ValueError("model already holds SEMU adapters; call unload() or merge_and_unload() first")
+    check_plain_model(model)
     config, tensors = serialization.read_folder(path)
     layers = {name: _check_layer(model, name, info, tensors, check_base) for name, info in config["layers"].items()}
     check_shared_weights(model, dict(layers.values()), remedy="load the adapters onto a model whose weights are "

@@ -21,25 +21,74 @@ import torch.nn as nn
 from .adapters import SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .layers import check_shared_weights
-from .model import SEMUModel
+from .model import SEMUModel, check_plain_model
 from .report import LayerReport, SEMUReport
 
 _PARTS = ("weight", "a", "u", "vh")
 
 
-def _read_state(state: Union[dict, str, Path]) -> dict:
+def _read_state(state: Union[dict, list, str, Path]) -> dict:
+    """The model state of an official checkpoint: a state dict, {"state_dict": ...} (classification), the DDPM
+    semu_unlearn file's list [state dict, optimizer, step, (ema)], or a path to any of them."""
     if isinstance(state, (str, Path)):
+        if Path(state).is_dir():
+            raise ValueError(f"state: {state} is a folder; official checkpoints are files (.pth, .pth.tar). A SEMU "
+                             f"adapter folder loads with sf.load_adapters, a peft LoRA folder with peft")
         state = torch.load(state, map_location="cpu", weights_only=True)
+    if isinstance(state, (list, tuple)) and state and isinstance(state[0], dict):
+        state = state[0]  # the official DDPM's [model state, optimizer state, step, (ema state)]
     if not isinstance(state, dict):
-        raise ValueError(f"state must be a state dict, a checkpoint dict or a path to one, got {type(state).__name__}")
+        raise ValueError(f"state must be a state dict, a checkpoint dict, the official DDPM's checkpoint list or a "
+                         f"path to one, got {type(state).__name__}")
     state = state.get("state_dict", state)
+    if not isinstance(state, dict):
+        raise ValueError(f"state['state_dict'] must be a state dict, got {type(state).__name__}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _official_layers(state: dict) -> list[str]:
-    """Names of the layers the checkpoint holds SEMU factors for (every key of _PARTS present)."""
-    names = [key[:-len(".a")] for key in state if key.endswith(".a")]
-    return [name for name in names if all(f"{name}.{part}" in state for part in _PARTS)]
+    """Names of the layers the checkpoint holds SEMU factors for: two of .a, .u, .vh (one alone may be another
+    module's parameter of that name), and then all of _PARTS."""
+    parts = {}
+    for key in state:
+        name, _, part = key.rpartition(".")
+        if name and part in ("a", "u", "vh"):
+            parts[name] = parts.get(name, 0) + 1
+    names = [name for name, count in parts.items() if count >= 2]
+    for name in names:
+        missing = [f"{name}.{part}" for part in _PARTS if f"{name}.{part}" not in state]
+        if missing:
+            raise ValueError(f"the checkpoint holds part of official layer {name!r} but not {', '.join(missing)} "
+                             f"(an official layer has {', '.join(_PARTS)})")
+    return names
+
+
+def _check_shapes(name: str, layer: nn.Module, state: dict) -> None:
+    """Each official factor's shape for this layer: Linear R (q, q), u (out, q), vh (q, in); Conv2d R (in, q, q), u
+    (in, out, q), vh (in, q, kh*kw); bias (out,); n_imp_comps within [0, q], one per input channel for a conv."""
+    R, U, Vh = (state[f"{name}.{p}"] for p in ("weight", "u", "vh"))
+    out, cin = layer.weight.shape[:2]
+    q = R.shape[-1] if R.dim() else 0
+    if isinstance(layer, nn.Conv2d):
+        area = layer.weight.shape[2] * layer.weight.shape[3]
+        expected = {"weight": (cin, q, q), "u": (cin, out, q), "vh": (cin, q, area)}
+    else:
+        expected = {"weight": (q, q), "u": (out, q), "vh": (q, cin)}
+    if layer.bias is not None and f"{name}.bias" in state:
+        expected["bias"] = (out,)
+    for part, shape in expected.items():
+        got = tuple(state[f"{name}.{part}"].shape)
+        if got != shape:
+            raise ValueError(f"{name}.{part} has shape {got}; layer {name!r} ({type(layer).__name__} "
+                             f"{tuple(layer.weight.shape)}) needs {shape}")
+    counts = state.get(f"{name}.n_imp_comps")
+    if counts is not None:
+        counts = torch.as_tensor(counts).reshape(-1)
+        if isinstance(layer, nn.Linear) and counts.numel() != 1:
+            raise ValueError(f"{name}.n_imp_comps has {counts.numel()} entries; a Linear keeps one rank")
+        if counts.numel() and not (0 <= int(counts.min()) and int(counts.max()) <= q):
+            raise ValueError(f"{name}.n_imp_comps must be within [0, {q}] (the factors' width), got "
+                             f"{counts.tolist()}")
 
 
 def _ranks(state: dict, name: str, layer: nn.Module, R: torch.Tensor) -> tuple[int, Optional[list]]:
@@ -73,7 +122,10 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
     be a Linear or Conv2d of `model` with the checkpoint's weight `a`; with load_base=True the checkpoint's `a` and
     bias are copied into `model` first (the only case where `model` changes besides the adapters). Layers with
     k = 0 get no adapter. config: the SEMUConfig to record (default: the official projection and rank rule).
-    Everything is checked before `model` is touched."""
+    Everything is checked before `model` is touched. official -> ours -> official keeps the outputs but not every
+    key: layers with k = 0 get no adapter (official_state_dict then writes them as plain layers), U, Vh and R are
+    cut to k, and n_imp_comps is written only where the ranks differ per input channel."""
+    check_plain_model(model)
     state = _read_state(state)
     names = _official_layers(state)
     if not names:
@@ -91,6 +143,7 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
         if a.shape != layer.weight.shape:
             raise ValueError(f"layer {name!r} has weight shape {tuple(layer.weight.shape)}, the checkpoint's is "
                              f"{tuple(a.shape)}")
+        _check_shapes(name, layer, state)
         if not load_base and not torch.equal(a.to(layer.weight), layer.weight.detach()):
             raise ValueError(f"layer {name!r} holds other weights than the checkpoint's `a`: pass the model it was "
                              f"made from, or load_base=True to take the checkpoint's weights")
@@ -107,11 +160,6 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
                                                           else "per_channel")
     adapters, entries = {}, []
     for name, layer, a, R, U, Vh, k, ranks in plan:
-        if load_base:
-            with torch.no_grad():
-                layer.weight.copy_(a)
-                if layer.bias is not None and f"{name}.bias" in state:
-                    layer.bias.copy_(state[f"{name}.bias"])
         conv = isinstance(layer, nn.Conv2d)
         if k > 0:
             adapter = SEMUConv2d(layer, U, Vh, ranks) if conv else SEMULinear(layer, U, Vh)
@@ -122,6 +170,12 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
                                    gamma=config.gamma_for(name), k=k, captured_variance=float("nan"),
                                    trainable_params=adapters[name].trainable_params() if k > 0 else 0, ranks=ranks,
                                    note="imported from an official SEMU checkpoint"))
+    if load_base:  # last: every check passed and every adapter is built
+        with torch.no_grad():
+            for name, layer, a, *_ in plan:
+                layer.weight.copy_(a)
+                if layer.bias is not None and f"{name}.bias" in state:
+                    layer.bias.copy_(state[f"{name}.bias"])
     report = SEMUReport(layers=entries, total_params=sum(p.numel() for p in model.parameters()))
     return SEMUModel(model, adapters, config, report)
 
@@ -129,6 +183,9 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
 def official_state_dict(semu_model: SEMUModel) -> dict:
     """The model's state dict in the official layout: each adapted layer as `weight` (R), `a`, `u`, `vh`, `bias`,
     plus `n_imp_comps` where ranks differ per input channel (the DDPM/SD form); every other entry as the model's."""
+    if not isinstance(semu_model, SEMUModel):
+        raise TypeError(f"semu_model must be a SEMUModel (what sf.prepare, sf.unlearn or load_official return), got "
+                        f"{type(semu_model).__name__}")
     semu_model._attached("export to the official layout")
     state = {}
     adapters = semu_model.adapters

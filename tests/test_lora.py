@@ -211,3 +211,21 @@ def test_diffusers_loads_the_export_into_a_unet_and_reproduces_semu(tmp_path, pr
     with pytest.raises(ValueError, match="prefix must be a component name"):
         export_diffusers_lora(sm, tmp_path / "bad", prefix="unet.")
     assert not (tmp_path / "bad").exists()
+
+
+def test_lora_factors_of_a_float64_model_keep_float64_precision():
+    """lora_B @ lora_A equals U R Vh to float64 rounding when the model and the export are float64."""
+    import semu_fast as sf
+    from semu_fast.lora import lora_factors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4)).double()
+    batches = [(torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(3)]
+    sm = sf.prepare(model, batches)
+    with torch.no_grad():
+        for adapter in sm.adapters.values():
+            adapter.R.copy_(torch.randn_like(adapter.R))
+    for name, (A, B) in lora_factors(sm, dtype=torch.float64).items():
+        adapter = sm.adapters[name]
+        want = adapter.U.double() @ adapter.R.double() @ adapter.Vh.double()
+        assert (B @ A - want.cpu()).abs().max() < 1e-12

@@ -137,3 +137,39 @@ def test_bad_checkpoints_are_refused_before_the_model_changes():
         load_official(model, [1, 2])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not any(p.requires_grad is False for p in model.parameters())
+
+
+def test_damaged_or_misshapen_official_checkpoints_are_refused_by_key_before_the_model_changes(tmp_path):
+    """A layer missing a factor, a factor of the wrong shape, ranks beyond the factors, a folder, the DDPM's list
+    form, a SEMUModel: each gets an error naming what was expected, and load_base copies nothing first."""
+    import semu_fast as sf
+    from semu_fast.official import load_official, official_state_dict
+    from helpers import assert_same_state, forget_batches, small_cnn, snapshot
+
+    sm = sf.prepare(small_cnn(), forget_batches())
+    good = official_state_dict(sm)
+    name = next(n for n in sm.adapters if sm.adapters[n].kind == "linear")
+    conv = next(n for n in sm.adapters if sm.adapters[n].kind == "conv2d")
+    model = small_cnn()
+    saved = snapshot(model)
+    cases = {
+        "missing": ({k: v for k, v in good.items() if k != f"{name}.u"}, f"not {name}.u"),
+        "u shape": ({**good, f"{name}.u": good[f"{name}.u"][:-1]}, f"{name}.u has shape"),
+        "vh shape": ({**good, f"{conv}.vh": good[f"{conv}.vh"][..., :-1]}, f"{conv}.vh has shape"),
+        "bias shape": ({**good, f"{name}.bias": good[f"{name}.bias"][:-1]}, f"{name}.bias has shape"),
+        "ranks": ({**good, f"{name}.n_imp_comps": torch.tensor([99])}, f"{name}.n_imp_comps must be within"),
+    }
+    for case, (state, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            load_official(model, state, load_base=True)
+        assert_same_state(model, saved)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_official(model, tmp_path)
+    with pytest.raises(ValueError, match="state\\['state_dict'\\] must be a state dict"):
+        load_official(model, {"state_dict": [1]})
+    torch.save([good, {"optimizer": 1}, 10], tmp_path / "ckpt.pth")  # the official DDPM's checkpoint list
+    loaded = load_official(model, tmp_path / "ckpt.pth")
+    with pytest.raises(TypeError, match="model is a SEMUModel"):
+        load_official(loaded, good)
+    with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
+        official_state_dict(small_cnn())
