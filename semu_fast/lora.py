@@ -59,8 +59,8 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
         for name, adapter in adapters.items():
             if not isinstance(adapter, SEMULinear):
                 continue
-            # U R in float32 (float64 for a float64 model), the product SEMU's own delta_weight and merge start from.
-            compute = torch.promote_types(torch.float32, adapter.R.dtype)
+            # U R in float32, the product SEMU's own delta_weight and merge start from (in float64 when exported so)
+            compute = torch.promote_types(torch.promote_types(torch.float32, adapter.R.dtype), dtype)
             lora_B = (adapter.U.to(compute) @ adapter.R.to(compute)).to("cpu", dtype).contiguous()
             lora_A = adapter.Vh.to(compute).to("cpu", dtype).contiguous()
             factors[name] = (lora_A, lora_B)

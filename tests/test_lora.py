@@ -213,8 +213,8 @@ def test_diffusers_loads_the_export_into_a_unet_and_reproduces_semu(tmp_path, pr
     assert not (tmp_path / "bad").exists()
 
 
-def test_lora_factors_of_a_float64_model_keep_float64_precision():
-    """lora_B @ lora_A equals U R Vh to float64 rounding when the model and the export are float64."""
+def test_lora_factors_exported_in_float64_keep_float64_precision():
+    """lora_B @ lora_A equals U R Vh to float64 rounding when the export is float64."""
     import semu_fast as sf
     from semu_fast.lora import lora_factors
 
