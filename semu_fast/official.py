@@ -167,7 +167,7 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
                 adapter.R.copy_(R)
             adapters[name] = adapter
         entries.append(LayerReport(name=name, kind="conv2d" if conv else "linear", shape=tuple(a.shape),
-                                   gamma=config.gamma_for(name), k=k, captured_variance=float("nan"),
+                                   gamma=config.gamma_for(name), k=k, captured_variance=None,
                                    trainable_params=adapters[name].trainable_params() if k > 0 else 0, ranks=ranks,
                                    note="imported from an official SEMU checkpoint"))
     if load_base:  # last: every check passed and every adapter is built

@@ -13,7 +13,8 @@ class LayerReport:
     shape: tuple
     gamma: float
     k: int                         # size of R (conv, per column: the max over input channels); 0 = no adapter
-    captured_variance: float       # share of ||G_perp||^2 inside the kept subspace(s); 1.0 for a zero gradient
+    captured_variance: Optional[float]  # share of ||G_perp||^2 inside the kept subspace(s); 1.0 for a zero gradient;
+    #                                    None where unknown (adapters imported from an official checkpoint)
     trainable_params: int
     ranks: Optional[list] = None   # conv, per column: each input channel's (column's) own k
     note: str = ""                 # e.g. why no adapter was installed
@@ -74,7 +75,7 @@ class SEMUReport:
         rows = [f"{'layer':32s} {'kind':13s} {'shape':22s} {'gamma':>5s} {'k':>5s} {'captured':>8s} {'trainable':>10s}"]
         for layer in self.layers:
             rows.append(f"{layer.name[:32]:32s} {layer.kind:13s} {str(tuple(layer.shape)):22s} {layer.gamma:5.2f} "
-                        f"{layer.k:5d} {layer.captured_variance:8.4f} {layer.trainable_params:10d}"
+                        f"{layer.k:5d} {format_share(layer.captured_variance):>8s} {layer.trainable_params:10d}"
                         + (f"  ({layer.note})" if layer.note else ""))
         rows.append(f"trainable: {self.trainable_params} of {self.total_params} parameters "
                     f"({self.trainable_share:.3f}%)")
@@ -85,3 +86,8 @@ class SEMUReport:
         if self.timings:
             rows.append("timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))
         return "\n".join(rows)
+
+
+def format_share(value: Optional[float]) -> str:
+    """A captured-variance share for a table: 4 decimals, or "n/a" where it is unknown."""
+    return "n/a" if value is None else f"{value:.4f}"

@@ -173,3 +173,20 @@ def test_damaged_or_misshapen_official_checkpoints_are_refused_by_key_before_the
         load_official(loaded, good)
     with pytest.raises(TypeError, match="semu_model must be a SEMUModel"):
         official_state_dict(small_cnn())
+
+
+def test_an_imported_report_is_strict_json_and_says_its_captured_variance_is_unknown(tmp_path):
+    """Imported adapters have no gradient to measure: captured variance None (was NaN, which strict JSON refuses)."""
+    import json
+
+    import semu_fast as sf
+    from helpers import forget_batches
+
+    loaded = load_official(small_cnn(), official_state_dict(sf.prepare(small_cnn(), forget_batches())))
+    assert all(layer.captured_variance is None for layer in loaded.report.layers)
+    json.dumps(loaded.report.to_dict(), allow_nan=False)
+    assert "n/a" in str(loaded.report)
+    loaded.save_adapters(tmp_path / "adapters")
+    json.loads((tmp_path / "adapters" / "adapter_config.json").read_text(),
+               parse_constant=lambda name: pytest.fail(f"{name} in adapter_config.json"))
+    assert sf.load_adapters(small_cnn(), tmp_path / "adapters").report.layers[0].captured_variance is None

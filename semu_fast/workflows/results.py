@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .._utils import atomic_write
+from ..report import format_share
 from . import plots
 
 log = logging.getLogger("semu_fast")
@@ -116,7 +117,7 @@ def layers_table(entries: list) -> list[str]:
     """The markdown table of SEMU's layers (dicts as `layers` writes them), one row per layer."""
     lines = ["| layer | kind | shape | gamma | k | captured variance | trainable |", "|---|---|---|---|---|---|---|"]
     return lines + [f"| {e['name']} | {e.get('kind', '')} | {tuple(e['shape'])} | {e['gamma']:g} | {e['k']} | "
-                    f"{e['captured_variance']:.4f} | {e['trainable_params']} |" for e in entries]
+                    f"{format_share(e['captured_variance'])} | {e['trainable_params']} |" for e in entries]
 
 
 DIFFUSION_COMMANDS = ("unlearn-ddpm", "unlearn-sd")  # their folders render with _render_diffusion
