@@ -65,6 +65,17 @@ class RankFailed(RuntimeError):
     that no rank waits forever in a later collective for a rank that has left."""
 
 
+def attempt(fn, group: Optional[Group]) -> tuple:
+    """(fn(), None). With a group, an exception of fn comes back as (None, error) instead of being raised: the next
+    all_reduce_outcome_ raises it on every rank (raised here, the other ranks would wait there for this one)."""
+    try:
+        return fn(), None
+    except Exception as err:
+        if group is None:
+            raise
+        return None, err
+
+
 def all_reduce_outcome_(tensors: list[torch.Tensor], group: Group, failure: Optional[Exception], where: str,
                         device: torch.device, counts=()) -> list[int]:
     """all_reduce_sum_(tensors) carrying each rank's outcome in the same collective: `failure` (this rank's

@@ -179,11 +179,9 @@ class _Trainer:
         if len({entry["buffers_sha256"] for entry in ranks}) > 1:
             for entry, own in zip(ranks, distributed_setup.all_gather_objects(buffers, self.group)):
                 entry["buffers"] = own
-        failure = None
-        try:  # rank 0 writes: a failed write (a full disk) stops every rank
-            self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group, {"ranks": ranks})
-        except Exception as err:
-            failure = err
+        _, failure = distributed_setup.attempt(  # rank 0 writes: a failed write (a full disk) stops every rank
+            lambda: self.checkpoint.save(self.run, self.model, self.opt, self.generator, self.group,
+                                         {"ranks": ranks}), self.group)
         distributed_setup.all_reduce_outcome_([], self.group, failure, "writing the checkpoint",
                                               self.params[0].device)
 
@@ -195,13 +193,7 @@ class _Trainer:
                                "skips R); call unmerge_adapters() first")
         steps = enumerate(batches)
         while True:
-            failure = None
-            try:
-                taken = self._backward(steps)
-            except Exception as err:
-                if self.group is None:
-                    raise
-                taken, failure = None, err  # raised on every rank by the gradients' all-reduce
+            taken, failure = distributed_setup.attempt(lambda: self._backward(steps), self.group)
             if self.group is not None:
                 self._average_gradients(taken is not None, failure)
             if taken is None:
@@ -343,13 +335,7 @@ def _data_settings(forget_loader, retain_loader, group, checkpointing: bool, agr
 
 def _save_adapters(checkpoint: Checkpoint, semu_model: SEMUModel, group) -> None:
     """The checkpoint's adapters after prepare (rank 0 writes them: a failed write stops every rank)."""
-    failure = None
-    try:
-        checkpoint.save_adapters(semu_model, group)
-    except Exception as err:
-        if group is None:
-            raise
-        failure = err
+    _, failure = distributed_setup.attempt(lambda: checkpoint.save_adapters(semu_model, group), group)
     if group is not None:
         device = next(semu_model.parameters()).device
         distributed_setup.all_reduce_outcome_([], group, failure, "writing the checkpoint's adapters", device)
@@ -358,13 +344,7 @@ def _save_adapters(checkpoint: Checkpoint, semu_model: SEMUModel, group) -> None
 def _saved_state(checkpoint: Checkpoint, resume: bool, group) -> Optional[dict]:
     """The checkpoint to resume from (None: start afresh); with a group, every rank must find the same one (a
     folder per rank, or one only some ranks see, would make some ranks skip prepare while others run it)."""
-    saved, failure = None, None
-    try:
-        saved = checkpoint.load() if resume else None
-    except Exception as err:
-        if group is None:
-            raise
-        failure = err
+    saved, failure = distributed_setup.attempt(lambda: checkpoint.load() if resume else None, group)
     if group is None:
         return saved
     point = None if saved is None else (saved["run"]["epoch"], saved["run"]["step"])
@@ -577,16 +557,10 @@ def _train(semu_model: SEMUModel, saved, forget_loader, retain_loader, checkpoin
         entry = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
         if classify:
             entry.update(trainer.score_epoch(epoch + 1, forget_loader, retain_loader, select_best))
-        stop, failure = False, None
-        try:
-            if on_epoch is not None:
-                extra = dict(on_epoch(epoch + 1, semu_model) or {})
-                stop = bool(extra.pop("stop", False))
-                entry.update(extra)
-        except Exception as err:
-            if group is None:
-                raise
-            failure = err
+        extra, failure = distributed_setup.attempt(lambda: dict(on_epoch(epoch + 1, semu_model) or {})
+                                                   if on_epoch is not None else {}, group)
+        stop = bool((extra or {}).pop("stop", False))
+        entry.update(extra or {})
         if group is not None:  # one rank's on_epoch error or stop ends every rank's run
             stop = bool(distributed_setup.all_reduce_outcome_([], group, failure, f"in on_epoch after epoch "
                                                               f"{epoch + 1}", params[0].device, counts=(stop,))[0])
