@@ -39,14 +39,6 @@ def default_cache() -> Path:
     return Path(os.environ.get("SEMU_FAST_CACHE", Path.home() / ".cache" / "semu_fast"))
 
 
-def process_count() -> int:
-    """How many processes torch.distributed's default group holds (1 when it is not initialised): also a group the
-    user initialised without torchrun (mp.spawn, a notebook), whose processes no environment variable announces."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 1
-    return torch.distributed.get_world_size()
-
-
 def length_or_none(loader) -> Optional[int]:
     """len(loader), or None for a loader without one (a generator, a DataLoader over an IterableDataset)."""
     try:

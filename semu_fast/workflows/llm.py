@@ -42,8 +42,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .._utils import eval_mode, model_device, process_count
+from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
+from ..distributed import resolve as resolve_group
 from ..layers import select_layers
 from ..model import SEMUModel, base_model
 from ..report import SEMUReport
@@ -420,9 +421,9 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     a DistributedSampler, whose gradient pass and training of R run data-parallel)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
-    processes = process_count()
-    if processes > 1:  # sf.unlearn would go data-parallel, but the epochs, the keep-best and the metrics are per rank
-        raise RuntimeError(f"unlearn_llm runs in one process, and torch.distributed is initialised with {processes} "
+    group = resolve_group(None)
+    if group is not None:  # sf.unlearn would go data-parallel, but the epochs, the keep-best and the metrics are per rank
+        raise RuntimeError(f"unlearn_llm runs in one process, and torch.distributed is initialised with {group.size} "
                            f"processes: its epoch count, best-epoch selection and metrics would be each rank's own, "
                            f"so the ranks would end with different R or hang. For several processes use sf.unlearn on "
                            f"a DataLoader with a DistributedSampler over the forget set (loss_fn=llm_losses.nll_loss, "

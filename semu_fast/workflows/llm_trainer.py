@@ -53,8 +53,8 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_positive_int
-from .._utils import process_count
 from ..config import SEMUConfig
+from ..distributed import resolve as resolve_group
 from ..layers import select_layers
 from ..pipeline import prepare
 from .llm import DEFAULTS, check_objectives_fit, llm_config, resolve_objectives
@@ -298,10 +298,10 @@ def semu_trainer_class():
                                  "training of R run under torch.distributed")
             # A group the user initialised (mp.spawn, a notebook) sets no environment variable, so args.world_size
             # stays 1: prepare would then sum the gradients over the ranks and R train on each unsynchronised.
-            processes = process_count()
-            if processes > 1:
+            group = resolve_group(None)
+            if group is not None:
                 raise RuntimeError(f"SEMUTrainer trains in one process, and torch.distributed is initialised with "
-                                   f"{processes} processes: the gradient pass would run across them and R train on "
+                                   f"{group.size} processes: the gradient pass would run across them and R train on "
                                    f"each rank apart; for several processes use sf.unlearn, whose gradient pass and "
                                    f"training of R run under torch.distributed")
 
