@@ -218,6 +218,16 @@ def _layer_factors(name: str, layer: nn.Module, G: torch.Tensor, config: SEMUCon
             "singular_values": spectrum.tolist(), "total_energy": total, "kind": kind}
 
 
+def _project_and_factor(grads, layers: dict, mine: set, columns: set, config: SEMUConfig, timings: dict) -> dict:
+    """The factors of each layer in `layers` this rank owns (None for the others) from its accumulated gradient."""
+    device = layers[next(iter(layers))].weight.device
+    with _phase("projection", timings, device):
+        _project(grads, layers, [n for n in layers if n in mine], config.projection)
+    with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
+        return {n: _layer_factors(n, layers[n], grads.pop(n), config, n in columns, grads.rows.get(n))
+                if n in mine else None for n in layers}
+
+
 def _install(name: str, layer: nn.Module, factors: dict, config: SEMUConfig):
     """(adapter or None, LayerReport) for one layer from its factors."""
     U, Vh, ranks, captured = factors["U"], factors["Vh"], factors["ranks"], factors["captured"]
@@ -297,17 +307,10 @@ def prepare(model: nn.Module, forget_loader: Iterable, loss_fn: Optional[LossFn]
             with _phase("gradients", timings, device):
                 grads = accumulate_gradients(model, forget_loader, part, loss_fn, config.norm_mode, group,
                                              config.grad_clip)
-            failure = None
-            try:
-                with _phase("projection", timings, device):
-                    _project(grads, part, [n for n in part if n in mine], config.projection)
-                with _phase("svd", timings, device):  # each gradient is freed as soon as its factors exist
-                    factors.update({n: _layer_factors(n, part[n], grads.pop(n), config, n in columns,
-                                                      grads.rows.get(n)) if n in mine else None for n in part})
-            except Exception as err:
-                if group is None:
-                    raise
-                failure = err  # an owner's SVD (out of memory, say): raised on every rank, none left waiting
+            # an owner's failure (out of memory in its SVD, say) is raised on every rank, none left waiting
+            part_factors, failure = distributed_setup.attempt(
+                lambda: _project_and_factor(grads, part, mine, columns, config, timings), group)
+            factors.update(part_factors or {})
             if group is not None:
                 distributed_setup.all_reduce_outcome_([], group, failure, "in the projection or SVD phase", device)
     except BaseException:
