@@ -484,3 +484,19 @@ def test_truncated_svd_ignores_the_caller_s_autocast(method):
     torch.testing.assert_close(mixed.S, plain.S)
     k = mixed.U.shape[-1]
     assert (mixed.U.T @ mixed.U - torch.eye(k)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("S, rule, expected", [
+    ([3.3, 2.5, 1.6, 1.4, 1.3], "official", 5),  # every ratio is <= 1: all five directions
+    ([8.6, 7.7, 4.9, 1.3, 0.3, 0, 0, 0, 0, 0], "at_least", 5),  # 100% is reached at the rank, not at q
+])
+@pytest.mark.parametrize("batched", [False, True], ids=["2d", "batch"])
+def test_gamma_one_gives_the_exact_rank_whatever_the_rounding_of_the_total(S, rule, expected, batched):
+    """With sum(S^2) as the total, the last ratio cumsum/sum came out 1 + 2e-16 (official: k = 4 of 5) and the ratio
+    at a rank-5 G's rank 1 - 1e-16 (at_least: k = 10, every zero direction kept). The expected ranks are exact
+    arithmetic's; the reference shared the formula, so comparing against it could not see this."""
+    S = torch.tensor(S, dtype=torch.float64)
+    assert int(select_rank(S, 1.0, rule)) == expected
+    assert int(reference.select_rank(S, 1.0, rule)) == expected
+    G = torch.diag(S)[None] if batched else torch.diag(S)  # the batch takes gram_svd, the 2-D G the exact SVD
+    assert torch.as_tensor(sf.ops.truncated_svd(G, 1.0, rule).ranks).flatten().tolist() == [expected]

@@ -32,10 +32,11 @@ def project_perpendicular(grads: list[torch.Tensor], weights: list[torch.Tensor]
 
 
 def explained_variance(S: torch.Tensor) -> torch.Tensor:
-    """cumsum(S^2) / sum(S^2) along the last dim, in float64 (0 where the spectrum is all zero)."""
-    energy = S.double().square()
-    total = energy.sum(-1, keepdim=True)
-    return energy.cumsum(-1) / torch.where(total > 0, total, 1.0)
+    """cumsum(S^2) / sum(S^2) along the last dim, in float64 (0 where the spectrum is all zero). The total is the
+    cumulative sum's last entry, so the ratios end at exactly 1 (a separate sum rounds differently: 1 + 2e-16)."""
+    cumulative = S.double().square().cumsum(-1)
+    total = cumulative[..., -1:] if S.shape[-1] else cumulative.sum(-1, keepdim=True)
+    return cumulative / torch.where(total > 0, total, 1.0)
 
 
 def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least") -> torch.Tensor:

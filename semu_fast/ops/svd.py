@@ -127,15 +127,24 @@ def oversampling(k: int) -> int:
     return 10 + k // 10
 
 
+def _explained_variance(S: torch.Tensor) -> torch.Tensor:
+    """cumsum(S^2) / ||S||^2 in float64, the total being the cumulative sum's last entry: then the last ratio (and
+    every one after the last nonzero value) is exactly 1. With sum(S^2) as the total, its rounding differs from the
+    cumulative sum's, so the last ratio came out 1 + 2e-16 (the "official" rule at gamma = 1 dropped the last
+    direction) or the ratio at a rank-deficient G's rank 1 - 1e-16 (the "at_least" rule at gamma = 1 kept every
+    zero direction too)."""
+    cumulative = S.double().square().cumsum(-1)
+    total = cumulative[..., -1:] if S.shape[-1] else cumulative.sum(-1, keepdim=True)
+    return cumulative / torch.where(total > 0, total, 1.0)
+
+
 def select_rank(S: torch.Tensor, gamma: float, rank_rule: str = "at_least", min_rank: int = 1) -> torch.Tensor:
     """k for each spectrum in S (..., q), sorted descending; returns a long tensor of shape S.shape[:-1].
 
     "at_least": the smallest k whose explained variance reaches gamma (at least 1 by construction). "official": the
     largest k whose explained variance stays <= gamma (the official searchsorted(side="right")), at least min_rank.
     All-zero spectra give k = 0."""
-    energy = S.double().square()
-    total = energy.sum(-1, keepdim=True)
-    ratios = energy.cumsum(-1) / torch.where(total > 0, total, 1.0)
+    ratios = _explained_variance(S)
     if rank_rule == "at_least":
         # ratios never decrease, so the count below gamma is the index of the first one that reaches it.
         k = ((ratios < gamma).sum(-1) + 1).clamp(max=S.shape[-1])
