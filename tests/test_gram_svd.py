@@ -159,3 +159,22 @@ def test_gram_svd_of_low_precision_input_matches_its_float32_svd(gen, device):
     U, S, Vh = torch.ops.semu_fast.gram_svd(G)
     assert S.dtype == torch.float32
     _check_against_float64_svd(G.float().cpu(), U.cpu(), S.cpu(), Vh.cpu())
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-33])
+def test_tiny_float32_matrices_get_finite_orthonormal_u(gen, scale):
+    """1 / sigma overflowed float32 once sigma fell below ~3e-39 (denormal entries, or a graded spectrum under tiny
+    entries): U came out NaN next to finite S, and truncated_svd passed it on for a conv batch whose other channels
+    kept the whole batch's energy in range (no rescaling)."""
+    q1 = torch.linalg.qr(torch.randn(30, 9, generator=gen, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.logspace(0, -6.5, 9, dtype=torch.float64)  # every value above the 1e-7 cut-off
+    G = torch.stack([torch.randn(30, 9, generator=gen, dtype=torch.float64),
+                     (q1 * spectrum) @ q2.T * scale]).float()
+    U, S, Vh = sf.ops.gram_svd(G)
+    assert torch.isfinite(U).all() and (S[1] > 0).all()
+    kept = U[1].double()  # the columns of sigma >= 1e-4 sigma_max are orthonormal to float32 accuracy
+    lead = int((S[1] >= 1e-4 * S[1, 0]).sum())
+    assert torch.allclose(kept[:, :lead].T @ kept[:, :lead], torch.eye(lead, dtype=torch.float64), atol=1e-3)
+    result = sf.ops.truncated_svd(G, 0.99)
+    assert torch.isfinite(result.U).all()

@@ -80,25 +80,31 @@ void gram_svd_one(const in_t* __restrict__ g, int64_t m, int n_runtime, out_t* _
   }
   int src[kGramSvdMaxN];  // src[k]: the eigenpair in descending position k
   for (int i = 0; i < n; ++i) src[descending_rank(eig, i, n)] = i;
-  // W = V diag(sign / sigma): U = G W. Zero columns where sigma is cut off, and for k >= q (not stored).
+  // W = V diag(sign / sigma): U = G W. Zero columns where sigma is cut off, and for k >= q (not stored). Both
+  // factors are scaled by the largest sigma, U = (G / sigma_max) (V diag(sign sigma_max / sigma)), so that W's
+  // entries stay within 1e7 (the cut-off) in the output dtype: a float32 G whose sigma fall below ~3e-39 had
+  // 1 / sigma overflow float32, and U came out Inf/NaN next to finite S.
+  const double top = q > 0 ? singular_value(eig[src[0]], eig[src[0]]) : 0.0;
+  const double unit = top > 0 && top - top == 0.0 ? top : 1.0;
   double* w = ws.w.data();
   out_t wo[(N > 0 ? N : kGramSvdMaxN) * (N > 0 ? N : kGramSvdMaxN)];
   for (int k = 0; k < n; ++k) {
     const double* v = a + src[k] * n;
     const double sigma = k < q ? singular_value(eig[src[k]], eig[src[0]]) : 0.0;
     const double sign = pivot_sign(v, 1, n);
-    const double scale = sigma > 0 ? sign / sigma : 0.0;
+    const double scale = sigma > 0 ? sign * (unit / sigma) : 0.0;
     for (int j = 0; j < n; ++j) w[j * n + k] = scale * v[j];
     if (k >= q) continue;
     S[k] = static_cast<out_t>(sigma);
     for (int j = 0; j < n; ++j) Vh[k * n + j] = static_cast<out_t>(sign * v[j]);
   }
   for (int j = 0; j < n * n; ++j) wo[j] = static_cast<out_t>(w[j]);
-  // U in the output precision: float32 halves the work, and its n-term sums are as exact as float32 output is.
+  const double inverse_unit = 1.0 / unit;
+  // U in the output precision: float32 halves the work.
   for (int64_t r = 0; r < m; ++r) {
     out_t out[N > 0 ? N : kGramSvdMaxN] = {};
     for (int j = 0; j < n; ++j) {
-      const out_t x = static_cast<out_t>(g[r * n + j]);
+      const out_t x = static_cast<out_t>(static_cast<double>(g[r * n + j]) * inverse_unit);
       for (int k = 0; k < n; ++k) out[k] += x * wo[j * n + k];
     }
     for (int k = 0; k < q; ++k) U[r * q + k] = out[k];
