@@ -65,6 +65,12 @@ class SEMUAdapter(nn.Module):
         return int(sum(k * k for k in self.ranks))
 
     @torch.no_grad()
+    def nonfinite_factors(self) -> list[str]:
+        """The names of the factors (R, U, Vh) holding NaN or Inf: what merging, saving or exporting would carry
+        into the weights or a file."""
+        return [part for part in ("R", "U", "Vh") if not torch.isfinite(getattr(self, part)).all()]
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Write A + dW into the base weight (in its dtype), keeping A to unmerge exactly. Merging a merged adapter
         writes A + dW again, from the current R (it may have changed since)."""
@@ -75,6 +81,10 @@ class SEMUAdapter(nn.Module):
         if distributed.is_sharded(weight):
             raise RuntimeError("cannot merge into an FSDP-sharded weight: keep the adapters unmerged (they train and "
                                "run as they are), or gather a full state dict into an unsharded model and merge there")
+        bad = self.nonfinite_factors()
+        if bad:
+            raise FloatingPointError(f"cannot merge: the adapter's {', '.join(bad)} hold NaN or Inf, which would be "
+                                     f"written into the base weight")
         original = self._original_weight if self.merged else weight.detach().clone()
         weight.copy_(self.merged_weight(original))
         self._original_weight, self.merged = original, True

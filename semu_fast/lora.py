@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from . import serialization
 from ._utils import atomic_write
 from .adapters import SEMUColumnLinear, SEMUConv1D, SEMUConv2d, SEMULinear
-from .model import SEMUModel
+from .model import SEMUModel, check_finite_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,6 +48,7 @@ def lora_factors(semu_model: SEMUModel, skip_conv: bool = False,
         raise TypeError(f"semu_model must be a SEMUModel, got {type(semu_model).__name__}")
     semu_model._attached("export the adapters as LoRA")
     adapters = semu_model.adapters
+    check_finite_adapters(adapters, "export the adapters as LoRA")
     conv = [name for name, a in adapters.items() if isinstance(a, (SEMUConv2d, SEMUColumnLinear))]
     if conv and not skip_conv:
         raise ValueError(f"conv and per-column adapters have no LoRA form (their delta has one R per input channel, "

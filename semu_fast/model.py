@@ -18,6 +18,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def check_finite_adapters(adapters: dict, action: str) -> None:
+    """Refuse, before anything is written, adapters whose R, U or Vh hold NaN or Inf (R trained by a loop that
+    diverged, say): merging would write them into the base weights, saving would replace a good adapter folder with
+    one that load_adapters refuses."""
+    bad = {name: parts for name, adapter in adapters.items() if (parts := adapter.nonfinite_factors())}
+    if bad:
+        where = "; ".join(f"{name}: {', '.join(parts)}" for name, parts in list(bad.items())[:6])
+        raise FloatingPointError(f"cannot {action}: NaN or Inf in the adapters of {len(bad)} layer(s) ({where}); "
+                                 f"nothing was written")
+
+
 class BaseMismatchError(ValueError):
     """Saved adapters meet other base weights than the ones they were made for (load_adapters, check_base)."""
 
@@ -60,7 +71,9 @@ class SEMUModel(nn.Module):
     def merge_adapters(self) -> None:
         """Write W + U R Vh into every adapted weight (reversible with unmerge_adapters)."""
         self._attached("merge_adapters")
-        for adapter in self.adapters.values():
+        adapters = self.adapters
+        check_finite_adapters(adapters, "merge the adapters")  # all or nothing
+        for adapter in adapters.values():
             adapter.merge()
 
     def unmerge_adapters(self) -> None:
@@ -75,6 +88,7 @@ class SEMUModel(nn.Module):
         given back bit for bit afterwards; adapters merged before the block are merged again from the current R and
         stay merged."""
         self._attached("merge the adapters")
+        check_finite_adapters(self.adapters, "merge the adapters")
         adapters = list(self.adapters.values())
         unmerged = [a for a in adapters if not a.merged]
         try:
@@ -124,6 +138,7 @@ class SEMUModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The original model with W + U R Vh written into each adapted layer: a plain model, permanently changed."""
         self._attached("merge_and_unload")
+        check_finite_adapters(self.adapters, "merge_and_unload")
         adapters = list(self.adapters.values())
         was_merged = [a.merged for a in adapters]
         try:
@@ -151,6 +166,7 @@ def base_model(model: nn.Module) -> nn.Module:
 def save_adapters(semu_model: SEMUModel, path) -> None:
     """Write semu_model's adapters (R, U, Vh, ranks), its SEMUConfig and its report to the folder `path`."""
     semu_model._attached("save_adapters")
+    check_finite_adapters(semu_model.adapters, "save the adapters")  # an earlier save in `path` stays as it was
     tensors, layers = {}, {}
     for name, adapter in semu_model.adapters.items():
         for part in ("R", "U", "Vh"):

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .adapters import SEMUConv2d, SEMULinear
 from .config import SEMUConfig
 from .layers import check_shared_weights
-from .model import SEMUModel, check_plain_model
+from .model import SEMUModel, check_finite_adapters, check_plain_model
 from .report import LayerReport, SEMUReport
 
 _PARTS = ("weight", "a", "u", "vh")
@@ -189,6 +189,7 @@ def official_state_dict(semu_model: SEMUModel) -> dict:
     semu_model._attached("export to the official layout")
     state = {}
     adapters = semu_model.adapters
+    check_finite_adapters(adapters, "export to the official layout")
     prefixes = {f"{name}.": adapter for name, adapter in adapters.items()}
     for key, value in semu_model.model.state_dict().items():
         if not any(key.startswith(prefix) for prefix in prefixes):

@@ -427,3 +427,31 @@ def test_plots_log_nothing_and_tell_every_layer_apart(tmp_path, caplog):
         assert plots.trainable_share(run, tmp_path / "t.png") and plots.spectra(run, tmp_path / "s.png")
     assert not [r for r in caplog.records if "categorical units" in r.getMessage()]
     assert len(set(map(str, plots._colors(plots._pyplot(), 14)))) == 14
+
+
+def test_nan_in_r_is_refused_before_a_merge_save_or_export_writes_anything(tmp_path):
+    """R that a custom training loop drove to NaN: merging would write NaN into the base weights (for good with
+    merge_and_unload), and saving would replace a good adapter folder with one that load_adapters refuses."""
+    from semu_fast import lora, official
+
+    model = small_cnn()
+    state = snapshot(model)
+    semu_model = sf.prepare(model, forget_batches())
+    semu_model.save_adapters(tmp_path / "adapters")
+    good = {p.name: p.read_bytes() for p in (tmp_path / "adapters").iterdir()}
+    with torch.no_grad():
+        semu_model.model[9].R[0, 0] = float("nan")
+    for call in (semu_model.merge_adapters, semu_model.merge_and_unload,
+                 lambda: semu_model.merged().__enter__(),
+                 lambda: semu_model.save_adapters(tmp_path / "adapters"),
+                 lambda: lora.export_lora(semu_model, tmp_path / "lora"),
+                 lambda: official.official_state_dict(semu_model)):
+        with pytest.raises(FloatingPointError, match=r"NaN or Inf in the adapters of 1 layer\(s\) \(9: R\)"):
+            call()
+    assert not any(a.merged for a in semu_model.adapters.values()) and semu_model._detached_by is None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapters").iterdir()} == good
+    assert not (tmp_path / "lora").exists()
+    with pytest.raises(FloatingPointError, match="adapter's R hold NaN"):
+        semu_model.model[9].merge()  # the adapter on its own too
+    assert_same_state(semu_model.unload(), state)  # the base weights as they came
+    sf.load_adapters(model, tmp_path / "adapters")  # the earlier save is intact
