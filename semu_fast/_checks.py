@@ -63,6 +63,20 @@ def check_tensor(name: str, value, dims: Optional[Sequence[int]] = None, floatin
     return value
 
 
+def check_not_requiring_grad(name: str, written) -> None:
+    """An op that writes tensors in place and has no autograd formula must not write one that autograd tracks (a
+    leaf that requires grad, or a tensor in a graph): its gradient would silently leave the write out. written: the
+    tensor, or a list of them (named name[i])."""
+    if not torch.is_grad_enabled():
+        return
+    named = [(name, written)] if isinstance(written, torch.Tensor) else \
+        [(f"{name}[{i}]", t) for i, t in enumerate(written)]
+    for label, t in named:
+        if t.requires_grad:
+            raise ValueError(f"{label} requires grad, but the op writes it in place outside autograd (no gradient "
+                             f"flows through the write); pass a tensor that does not require grad (.detach())")
+
+
 def check_same_device(**tensors) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

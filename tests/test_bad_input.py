@@ -129,3 +129,32 @@ def test_numpy_scalars_are_numbers():
     np = pytest.importorskip("numpy")
     assert sf.SEMUConfig(gamma=np.float32(0.5)).gamma == 0.5
     assert isinstance(sf.SEMUConfig(gamma=np.float64(0.9)).gamma, float)
+
+
+@pytest.mark.parametrize("op", ["accumulate_", "project_perpendicular_", "accumulate_matmul_"])
+def test_in_place_ops_never_silently_change_what_autograd_tracks(op):
+    """The in-place ops have no autograd formula: writing a tensor autograd tracks is refused by name, and writing one
+    that a graph saved moves its version counter, so that the backward is refused instead of using the new values
+    (the C++ kernels, registered for the CPU/CUDA keys alone, left the counter as it was: x.grad came out 12, not 8)."""
+    def call(t):
+        if op == "accumulate_":
+            sf.ops.accumulate_([t], [torch.ones(3)])
+        elif op == "project_perpendicular_":
+            sf.ops.project_perpendicular_([t], [torch.tensor([1.0, 0.0, 0.0])])
+        else:
+            sf.ops.accumulate_matmul_(t.view(3, 1), torch.ones(3, 1), torch.ones(1, 1))
+
+    name = {"accumulate_": r"accumulators\[0\]", "project_perpendicular_": r"grads\[0\]"}.get(op, "acc")
+    for tracked in (torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True) * 2):
+        with pytest.raises(ValueError, match=f"^{name} requires grad, but the op writes it in place"):
+            call(tracked)
+    x = torch.ones(3, requires_grad=True)
+    w = torch.full((3,), 2.0)  # no grad of its own, but saved for x's
+    loss = (x * w).sum()
+    version = w._version
+    call(w)
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.no_grad():  # outside grad mode nothing is tracked: any tensor may be written
+        call(torch.zeros(3, requires_grad=True))

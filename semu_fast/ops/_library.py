@@ -86,6 +86,27 @@ def _choose(op: str, kernel: Kernel, device: str) -> None:
     _registry.record(op, device, chosen, {b: r for b, r in reasons.items() if r and b != chosen})
 
 
+def _register_version_bump(op: str) -> None:
+    """An ADInplaceOrView kernel for an op that writes some of its arguments in place (Tensor(a!) in its schema):
+    after the op, each written tensor's version counter moves, as a native in-place op's does, so that autograd
+    refuses a backward through a tensor it saved and the op changed since. (A C++ or CUDA kernel registered for the
+    CPU or CUDA key alone leaves the counter as it was: that backward then ran silently on the changed values.)"""
+    overload = getattr(torch.ops.semu_fast, op).default
+    written = [i for i, arg in enumerate(overload._schema.arguments)
+               if arg.alias_info is not None and arg.alias_info.is_write]
+    if not written:
+        return
+
+    def bump_versions(keyset, *args):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out = overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+        for i in written:
+            torch.autograd.graph.increment_version(args[i])
+        return out
+
+    _lib.impl(op, bump_versions, "ADInplaceOrView", with_keyset=True)
+
+
 def register(kernels: dict[str, Kernel]) -> None:
     """Define (where csrc/ops.cpp does not), fake and back every op of one module's table."""
     for op, kernel in kernels.items():
@@ -97,5 +118,6 @@ def register(kernels: dict[str, Kernel]) -> None:
         if not kernel.cpp or _registry.extension()[0] is None:
             _lib.define(kernel.schema)
         torch.library.register_fake(f"semu_fast::{op}", kernel.fake, lib=_lib)
+        _register_version_bump(op)
         for device in PREFERENCE:
             _choose(op, kernel, device)

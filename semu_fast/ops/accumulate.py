@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_apart, check_disjoint, check_same_device, check_tensor, check_tensor_lists
+from .._checks import (check_apart, check_disjoint, check_not_requiring_grad, check_same_device, check_tensor,
+                       check_tensor_lists)
 from . import _registry, reference
 from ._library import Kernel
 from .._profile import annotate
@@ -19,6 +20,7 @@ SCHEMA = "accumulate_(Tensor(a!)[] accumulators, Tensor[] grads) -> ()"
 
 def _check(accumulators, grads):
     accumulators, grads = check_tensor_lists("accumulators", accumulators, "grads", grads)
+    check_not_requiring_grad("accumulators", accumulators)
     for i, acc in enumerate(accumulators):
         if acc.dtype != torch.float32:
             raise TypeError(f"accumulate_: accumulators[{i}] must be float32, got {acc.dtype}")
@@ -49,6 +51,7 @@ def _check_matmul(acc, a, b):
     if a.dtype != b.dtype:
         raise TypeError(f"accumulate_matmul_: a and b must share a dtype, got {a.dtype} and {b.dtype}")
     check_same_device(acc=acc, a=a, b=b)
+    check_not_requiring_grad("acc", acc)
     check_apart("acc", acc, a=a, b=b)
     return acc, a, b
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_disjoint, check_tensor_lists
+from .._checks import check_choice, check_disjoint, check_not_requiring_grad, check_tensor_lists
 from . import reference
 from ._library import Kernel
 from .._profile import annotate
@@ -19,6 +19,7 @@ SCHEMA = "project_perpendicular_(Tensor(a!)[] grads, Tensor[] weights, str proje
 def _check(grads, weights, mode):
     check_choice("mode", mode, PROJECTIONS)
     grads, weights = check_tensor_lists("grads", grads, "weights", weights)
+    check_not_requiring_grad("grads", grads)
     for i, g in enumerate(grads):
         if g.dtype != torch.float32 or not g.is_contiguous():
             raise TypeError(f"project_perpendicular_: grads[{i}] must be a contiguous float32 tensor (an "
