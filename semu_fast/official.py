@@ -147,7 +147,10 @@ def load_official(model: nn.Module, state, *, config: Optional[SEMUConfig] = Non
         if not load_base and not torch.equal(a.to(layer.weight), layer.weight.detach()):
             raise ValueError(f"layer {name!r} holds other weights than the checkpoint's `a`: pass the model it was "
                              f"made from, or load_base=True to take the checkpoint's weights")
-        for part, tensor in (("weight", R), ("u", U), ("vh", Vh)):
+        parts = [("weight", R), ("u", U), ("vh", Vh), ("a", a)]
+        if load_base and layer.bias is not None and f"{name}.bias" in state:  # copied into the model too
+            parts.append(("bias", state[f"{name}.bias"]))
+        for part, tensor in parts:
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise ValueError(f"{name}.{part} must be a finite float tensor")
         k, ranks = _ranks(state, name, layer, R)

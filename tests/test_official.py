@@ -140,8 +140,9 @@ def test_bad_checkpoints_are_refused_before_the_model_changes():
 
 
 def test_damaged_or_misshapen_official_checkpoints_are_refused_by_key_before_the_model_changes(tmp_path):
-    """A layer missing a factor, a factor of the wrong shape, ranks beyond the factors, a folder, the DDPM's list
-    form, a SEMUModel: each gets an error naming what was expected, and load_base copies nothing first."""
+    """A layer missing a factor, a factor of the wrong shape, ranks beyond the factors, NaN or integers in the
+    weights load_base would copy, a folder, the DDPM's list form, a SEMUModel: each gets an error naming what was
+    expected, and load_base copies nothing first."""
     import semu_fast as sf
     from semu_fast.official import load_official, official_state_dict
     from helpers import assert_same_state, forget_batches, small_cnn, snapshot
@@ -158,6 +159,12 @@ def test_damaged_or_misshapen_official_checkpoints_are_refused_by_key_before_the
         "vh shape": ({**good, f"{conv}.vh": good[f"{conv}.vh"][..., :-1]}, f"{conv}.vh has shape"),
         "bias shape": ({**good, f"{name}.bias": good[f"{name}.bias"][:-1]}, f"{name}.bias has shape"),
         "ranks": ({**good, f"{name}.n_imp_comps": torch.tensor([99])}, f"{name}.n_imp_comps must be within"),
+        # load_base copies `a` and the bias into the model: NaN there would become the model's weights
+        "NaN a": ({**good, f"{name}.a": good[f"{name}.a"].index_fill(0, torch.tensor([0]), float("nan"))},
+                  f"{name}.a must be a finite float tensor"),
+        "Inf bias": ({**good, f"{conv}.bias": torch.full_like(good[f"{conv}.bias"], float("inf"))},
+                     f"{conv}.bias must be a finite float tensor"),
+        "integer a": ({**good, f"{name}.a": good[f"{name}.a"].long()}, f"{name}.a must be a finite float tensor"),
     }
     for case, (state, match) in cases.items():
         with pytest.raises(ValueError, match=match):
