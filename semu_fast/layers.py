@@ -148,8 +148,11 @@ def check_shared_weights(model: nn.Module, chosen: dict, remedy: Optional[str] =
     do instead; default: exclude one of them). A weight shared with a module SEMU does not adapt (an LM head tied
     to the embeddings) is fine until merged: warn."""
     owners = parameter_owners(model)
+    names: dict[int, set] = {}  # a layer's names: one module registered under several is one layer, one adapter
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), set()).add(module_name)
     for name, layer in chosen.items():
-        sharing = [o for o in owners.get(id(layer.weight), []) if o != name]
+        sharing = [o for o in owners.get(id(layer.weight), []) if o != name and o not in names[id(layer)]]
         adapted = [o for o in sharing if o in chosen]
         if adapted:
             pattern = f"^{re.escape(adapted[0])}$"

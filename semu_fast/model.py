@@ -18,6 +18,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def replace_everywhere(model: nn.Module, swaps: dict[nn.Module, nn.Module]) -> None:
+    """Put swaps[old] in place of each `old` under every name it is reachable by in `model` (one module may be
+    registered under several, an alias such as self.out = self.proj, and named_modules() lists the first only): a
+    forward through any of them reaches the new module."""
+    names = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name and m in swaps]
+    for name, old in names:
+        replace_module(model, name, swaps[old])
+
+
 def check_finite_adapters(adapters: dict, action: str) -> None:
     """Refuse, before anything is written, adapters whose R, U or Vh hold NaN or Inf (R trained by a loop that
     diverged, say): merging would write them into the base weights, saving would replace a good adapter folder with
@@ -49,8 +58,8 @@ class SEMUModel(nn.Module):
         self._detached_by = None
         for param in model.parameters():
             param.requires_grad_(False)
-        for name, adapter in adapters.items():
-            replace_module(model, name, adapter)
+        # under every name of each layer: a forward through any of them uses the adapter
+        replace_everywhere(model, {adapter.base_layer: adapter for adapter in adapters.values()})
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -122,8 +131,7 @@ class SEMUModel(nn.Module):
                     adapter.merge()
 
     def _remove_adapters(self, by: str) -> nn.Module:
-        for name, adapter in self.adapters.items():
-            replace_module(self.model, name, adapter.base_layer)
+        replace_everywhere(self.model, {adapter: adapter.base_layer for adapter in self.adapters.values()})
         for param, flag in self._saved_requires_grad:
             param.requires_grad_(flag)
         self._detached_by = by

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import semu_fast as sf
+import semu_fast.adapters  # noqa: F401  (sf.adapters)
 from helpers import assert_same_state, forget_batches, small_cnn, snapshot
 
 
@@ -455,3 +456,40 @@ def test_nan_in_r_is_refused_before_a_merge_save_or_export_writes_anything(tmp_p
         semu_model.model[9].merge()  # the adapter on its own too
     assert_same_state(semu_model.unload(), state)  # the base weights as they came
     sf.load_adapters(model, tmp_path / "adapters")  # the earlier save is intact
+
+
+def test_a_layer_registered_under_two_names_is_adapted_under_both(tmp_path):
+    """One module reachable as `proj` and `out` (an alias): the adapter replaced it under the first name only, so a
+    forward through the alias bypassed the adapter (merged and unmerged outputs differed; a model whose forward
+    used only the alias trained nothing), and a warning called the alias a tied weight."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(6, 6)
+            self.out = self.proj  # the name forward uses for its second call
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.head(self.out(torch.relu(self.proj(x))))
+
+    model = Aliased()
+    state = snapshot(model)
+    batches = [(torch.randn(5, 6), torch.randint(0, 4, (5,))) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "shared with" warning: an alias is the same layer, not a tied weight
+        semu_model = sf.prepare(model, batches, config=sf.SEMUConfig(gamma=0.99))
+    assert model.proj is model.out and isinstance(model.out, sf.adapters.SEMULinear)
+    with torch.no_grad():
+        model.proj.R.normal_()
+    x = torch.randn(3, 6)
+    unmerged = semu_model(x)
+    with semu_model.merged():
+        torch.testing.assert_close(semu_model(x), unmerged)
+    semu_model.save_adapters(tmp_path / "adapters")
+    plain = semu_model.unload()
+    assert plain.proj is plain.out and type(plain.out) is nn.Linear
+    assert_same_state(plain, state)
+    loaded = sf.load_adapters(plain, tmp_path / "adapters")
+    assert plain.out is plain.proj and isinstance(plain.out, sf.adapters.SEMULinear)
+    torch.testing.assert_close(loaded(x), unmerged)
