@@ -109,7 +109,7 @@ class SEMUConfig:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         check_positive_int("max_accumulator_bytes", self.max_accumulator_bytes, optional=True)
         set_(self, "per_column_modules", _check_patterns("per_column_modules", self.per_column_modules))
-        check_min_rank(self.min_rank)
+        set_(self, "min_rank", check_min_rank(self.min_rank))
         if self.min_rank == 0 and self.rank_rule != "official":
             raise ValueError(f"min_rank=0 changes nothing with rank_rule={self.rank_rule!r} (it gives every non-zero "
                              f"gradient k >= 1); use rank_rule='official' for the official DDPM/SD ranks without a "

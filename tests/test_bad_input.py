@@ -158,3 +158,18 @@ def test_in_place_ops_never_silently_change_what_autograd_tracks(op):
         loss.backward()
     with torch.no_grad():  # outside grad mode nothing is tracked: any tensor may be written
         call(torch.zeros(3, requires_grad=True))
+
+
+def test_min_rank_is_an_int_0_or_1_and_kept_as_a_python_int(tmp_path):
+    """min_rank=np.int64(1) passed `in (0, 1)` and was kept as given: the config then made save_adapters fail after
+    the whole gradient pass (np.int64 is not JSON); min_rank=1.0 passed too and made the ranks floats."""
+    np = pytest.importorskip("numpy")
+    config = sf.SEMUConfig(min_rank=np.int64(1), rank_rule="official", conv_rank="per_channel")
+    assert type(config.min_rank) is int
+    sf.prepare(small_cnn(), forget_batches(), config=config).save_adapters(tmp_path / "adapters")
+    for bad in (1.0, 0.0, True, "1"):
+        with pytest.raises(ValueError, match="min_rank must be 0 or 1"):
+            sf.SEMUConfig(min_rank=bad, rank_rule="official")
+        with pytest.raises(ValueError, match="min_rank must be 0 or 1"):
+            sf.ops.truncated_svd(torch.randn(3, 4, 5), 0.5, "official", min_rank=bad)
+    assert sf.ops.truncated_svd(torch.randn(3, 4, 5), 0.5, "official", min_rank=np.int64(1)).ranks.dtype == torch.long

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -308,7 +309,7 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)
     check_choice("method", method, METHODS)
-    check_min_rank(min_rank)
+    min_rank = check_min_rank(min_rank)
     _check_matrix(G)
     if method == "randomized" and G.dim() != 2:
         raise ValueError(f"method='randomized' needs a 2-D G, got shape {tuple(G.shape)}")
@@ -322,9 +323,12 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
                               rank_hint)
 
 
-def check_min_rank(min_rank) -> None:
-    if isinstance(min_rank, bool) or min_rank not in MIN_RANKS:
-        raise ValueError(f"min_rank must be 0 or 1, got {min_rank!r}")
+def check_min_rank(min_rank) -> int:
+    """0 or 1 as a Python int (numpy's integers included; 1.0 and True are refused: a float or a numpy scalar kept
+    as given made the ranks floats, and the config unwritable as JSON when the adapters were saved)."""
+    if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Integral) or min_rank not in MIN_RANKS:
+        raise ValueError(f"min_rank must be 0 or 1 (an int), got {min_rank!r}")
+    return int(min_rank)
 
 
 def _gram_ok(shape, gamma: float) -> bool:
