@@ -815,3 +815,12 @@ def test_an_rmu_layer_the_model_lacks_is_refused_before_the_gradient_pass(llm_fo
     with pytest.raises(SystemExit):
         _cli([*base[:9], "--retain-loss-arg", "layer=1"])  # without --retain-loss
     assert "argument --retain-loss-arg: needs --retain-loss" in capsys.readouterr().err
+
+
+def test_qa_split_warns_when_some_records_lack_the_truth_ratio_fields():
+    """One record without paraphrased_answer silently dropped the truth ratio and forget quality of the whole split."""
+    full = {"question": "q a", "answer": "b", "paraphrased_answer": "c", "perturbed_answer": ["d", "e"]}
+    with pytest.warns(UserWarning, match="1 of 2 records lack"):
+        split = llm.qa_split([full, {"question": "q f", "answer": "g"}])
+    assert "paraphrased_answers" not in split
+    assert "paraphrased_answers" in llm.qa_split([full, full])

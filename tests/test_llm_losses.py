@@ -301,3 +301,27 @@ def test_bad_models_and_batches_give_clear_errors(batches):
     unlabelled = {**forget[0], "labels": torch.full_like(forget[0]["labels"], -100)}
     with pytest.raises(ValueError, match="no labelled position"):
         L.make_loss("npo")(sm, unlabelled, GEN)
+
+
+def test_left_padded_rows_score_the_same_tokens_as_right_padded_ones():
+    """In a left-padded batch the first real token of a padded row is the target of a pad position; it was scored
+    (an extra, meaningless target per row). Targets predicted from a masked position are now ignored, so the token
+    count matches the right-padded batch and a rotary model (positions relative) gives the same NLL."""
+    model = tiny_llama()
+    tokenizer = tiny_tokenizer()
+    texts = random_texts(4, seed=3)
+    right = llm_data.make_batches(tokenizer, texts, 16, 4)[0]
+    rows = [r[m.bool()] for r, m in zip(right["input_ids"], right["attention_mask"])]
+    width = right["input_ids"].shape[1]
+    left_ids = torch.full_like(right["input_ids"], tokenizer.pad_token_id)
+    left_mask = torch.zeros_like(right["attention_mask"])
+    for i, r in enumerate(rows):
+        left_ids[i, width - len(r):] = r
+        left_mask[i, width - len(r):] = 1
+    left = {"input_ids": left_ids, "attention_mask": left_mask,
+            "labels": left_ids.masked_fill(left_mask == 0, -100)}
+    with torch.no_grad():
+        total_r, count_r = L._nll_sum(model, right)
+        total_l, count_l = L._nll_sum(model, left)
+    assert count_l == count_r
+    assert math.isclose(float(total_l), float(total_r), rel_tol=1e-4)

@@ -312,3 +312,14 @@ def test_the_default_forget_loss_follows_the_data(tmp_path):
         trainer = SEMUTrainer(tiny_llama(), _args(tmp_path), train_dataset=forget, retain_dataset=retain,
                               processing_class=tokenizer)
         assert trainer.forget_objective.name == expected
+
+
+def test_unbatch_keeps_the_tokens_of_left_padded_rows():
+    """A left-padded batch (a tokenizer whose padding_side is "left", transformers' default for Llama) gave its pad
+    tokens as the example and dropped the end of the text."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7], [1, 1, 8]]), "attention_mask": torch.tensor([[1, 1, 1], [0, 0, 1]]),
+             "labels": torch.tensor([[5, 6, 7], [-100, -100, 8]])}
+    examples = unbatch([batch])
+    assert examples[1]["input_ids"].tolist() == [8] and examples[1]["labels"].tolist() == [8]
+    with pytest.raises(ValueError, match="zeros between ones"):
+        unbatch([{"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 0, 1]])}])

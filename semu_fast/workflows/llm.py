@@ -511,7 +511,12 @@ def qa_split(records, options: bool = False) -> dict:
     if kind == "text":
         return {"questions": [""] * len(records), "answers": [r["text"] for r in records]}
     split = {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records]}
-    truth_ratio = not options and all("paraphrased_answer" in r and "perturbed_answer" in r for r in records)
+    has_both = [("paraphrased_answer" in r and "perturbed_answer" in r) for r in records]
+    truth_ratio = not options and all(has_both)
+    if not options and any(has_both) and not truth_ratio:
+        warnings.warn(f"{has_both.count(False)} of {len(records)} records lack 'paraphrased_answer' or "
+                      f"'perturbed_answer' (record {has_both.index(False)} first), so the truth ratio (and forget "
+                      f"quality) is left out for all of them")
     if truth_ratio:
         split["paraphrased_answers"] = [r["paraphrased_answer"] for r in records]
     if options or truth_ratio:

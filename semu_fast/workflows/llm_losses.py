@@ -88,10 +88,17 @@ def _labels(batch: Batch, input_ids: torch.Tensor, mask) -> torch.Tensor:
 
 
 def _logits_and_targets(model: nn.Module, batch: Batch):
-    """Float32 logits of positions 0..T-2, (B, T-1, V), and their targets (labels shifted left), (B, T-1)."""
+    """Float32 logits of positions 0..T-2, (B, T-1, V), and their targets (labels shifted left), (B, T-1).
+
+    A target whose predicting position is padding (attention_mask 0) is ignored (-100): in a left-padded batch the
+    first real token of a row would otherwise be scored as predicted from a pad token. Right-padded batches (as
+    llm_data makes them) are unchanged: their padded positions carry no label."""
     input_ids, mask = _inputs(model, batch)
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    return logits[:, :-1].float(), _labels(batch, input_ids, mask)[:, 1:]
+    targets = _labels(batch, input_ids, mask)[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
+    return logits[:, :-1].float(), targets
 
 
 def _nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:

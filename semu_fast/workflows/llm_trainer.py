@@ -115,8 +115,9 @@ def collate(examples: Sequence[Mapping], pad_id: int = 0) -> Batch:
 
 def unbatch(batches: Sequence[Batch]) -> list[dict]:
     """The examples of llm_data batches (make_batches, make_qa_batches, make_record_batches), in order: dicts of
-    1-D int64 tensors "input_ids" and "labels" without the right padding (and "alternate", likewise, when the batches
-    carry it). collate(unbatch(batches)[i:j]) gives back batches of the same rows."""
+    1-D int64 tensors "input_ids" and "labels" without the padding: the tokens attention_mask keeps, so left-padded
+    batches work too (and "alternate", likewise, when the batches carry it). collate(unbatch(batches)[i:j]) gives
+    back batches of the same rows (right-padded)."""
     if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or not batches:
         raise ValueError(f"batches must be a non-empty list of batches (dicts from llm_data), got "
                          f"{type(batches).__name__}")
@@ -133,10 +134,16 @@ def unbatch(batches: Sequence[Batch]) -> list[dict]:
         if alternate is not None and len(alternate) != ids.shape[0]:
             raise ValueError(f"batches[{b}]['alternate'] holds {len(alternate)} rows, the batch {ids.shape[0]}")
         for row in range(ids.shape[0]):
-            length = int(mask[row].sum()) if mask is not None else ids.shape[1]
-            example = {"input_ids": ids[row, :length].clone()}
+            # the row's tokens: those its attention_mask keeps (right or left padding alike); a mask with a gap
+            # between kept tokens is not padding, and is refused rather than cut
+            keep = mask[row].bool() if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool)
+            kept = torch.nonzero(keep).flatten()
+            if kept.numel() and int(kept[-1] - kept[0]) + 1 != kept.numel():
+                raise ValueError(f"batches[{b}] row {row}: its attention_mask has zeros between ones; give padded "
+                                 f"batches (padding on one side only)")
+            example = {"input_ids": ids[row][keep].clone()}
             if labels is not None:
-                example["labels"] = labels[row, :length].clone()
+                example["labels"] = labels[row][keep].clone()
             if alternate is not None:
                 example["alternate"] = alternate[row]
             examples.append(example)
