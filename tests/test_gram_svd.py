@@ -76,6 +76,21 @@ def test_gram_svd_torch_fallback_agrees(gen):
     _check_against_float64_svd(G, *svd._gram_svd_torch(G))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_backend_gives_the_same_signs(gen, device):
+    """The sign convention (each Vh row's largest-magnitude entry positive) is the kernels' and the fallback's, so
+    SEMU_FAST_IMPL=torch gives the same adapters, not sign-flipped ones."""
+    G = _batch(gen, 6, 20, 9).to(device)  # with a zero and a rank-one channel: their null directions are arbitrary
+    U, S, Vh = sf.ops.gram_svd(G)
+    U_t, S_t, Vh_t = svd._gram_svd_torch(G)
+    resolved = S > 0
+    assert resolved.sum() == 4 * 9 + 1
+    pivots = Vh_t.gather(-1, Vh_t.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert (pivots[resolved] > 0).all()
+    assert torch.allclose(Vh_t[resolved], Vh[resolved], atol=1e-5)
+    assert torch.allclose(U_t, U, atol=1e-4) and torch.allclose(S_t, S, rtol=1e-5)
+
+
 @pytest.mark.parametrize("G", [torch.randn(3, 4), torch.randn(2, 5, 65), torch.ones(2, 3, 3, dtype=torch.int32),
                                torch.randn(2, 0, 3), torch.randn(2, 3, 3).to(torch.float8_e5m2)])
 def test_gram_svd_rejects_bad_input(G):

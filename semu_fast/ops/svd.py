@@ -79,6 +79,9 @@ def _gram_svd_torch(G):
     lam, V = torch.linalg.eigh(G64.mT @ G64)
     q = min(G.shape[1], G.shape[2])
     lam, V = lam.flip(-1)[..., :q], V.flip(-1)[..., :q]  # descending
+    # the kernels' sign: each V column's largest-magnitude entry (the first on ties) positive
+    pivots = V.gather(-2, V.abs().argmax(-2, keepdim=True))
+    V = V * torch.where(pivots < 0, -1.0, 1.0)
     sigma = lam.clamp(min=0).sqrt()
     keep = sigma > GRAM_SVD_REL_TOL * sigma[..., :1]
     sigma = sigma * keep
