@@ -193,3 +193,20 @@ def test_tiny_float32_matrices_get_finite_orthonormal_u(gen, scale):
     assert torch.allclose(kept[:, :lead].T @ kept[:, :lead], torch.eye(lead, dtype=torch.float64), atol=1e-3)
     result = sf.ops.truncated_svd(G, 0.99)
     assert torch.isfinite(result.U).all()
+
+
+@pytest.mark.parametrize("rule", ["at_least", "official"])
+def test_conv_batches_past_the_gram_gamma_take_the_exact_svd(rule):
+    """gram_svd cuts singular values below GRAM_SVD_REL_TOL of the largest: past GRAM_MAX_GAMMA, where the kept tail
+    reaches them, "auto" takes the exact SVD for a batch as it does for a matrix (a float64 batch with spectrum
+    exp(-3 i) kept 6 of 10 directions at gamma 1 instead of 10), and "gram" is refused."""
+    S = torch.exp(-3.0 * torch.arange(10, dtype=torch.float64))
+    Q = torch.linalg.qr(torch.randn(3, 20, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    G = Q * S  # three 20 x 10 matrices with singular values S
+    exact = sf.ops.truncated_svd(G, 1.0, rule, method="exact").ranks
+    assert (exact > 6).all()  # float64 resolves energies down to 1e-16 of the total: 7 directions, or all 10
+    assert torch.equal(sf.ops.truncated_svd(G, 1.0, rule).ranks, exact)
+    with pytest.raises(ValueError, match="method='gram' resolves gamma <= 0.999"):
+        sf.ops.truncated_svd(G, 0.9995, rule, method="gram")
+    assert torch.equal(sf.ops.truncated_svd(G, 0.99, rule).ranks, sf.ops.truncated_svd(G, 0.99, rule,
+                                                                                       method="exact").ranks)

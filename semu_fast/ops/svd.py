@@ -299,7 +299,7 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     method: "exact" (torch.linalg.svd); "gram" (2-D: the eigendecomposition of the smaller Gram matrix, for gamma <=
     GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel, other batches exact); "randomized" (adaptive range
     finder, 2-D only, gamma <= RANDOMIZED_MAX_GAMMA; exact on flat spectra or past that gamma); "auto": batches with
-    n <= 64 take gram_svd, other batches exact; a 2-D G with min(m, n) >= 256 takes the randomized path with its
+    n <= 64 take gram_svd up to GRAM_MAX_GAMMA, other batches exact; a 2-D G with min(m, n) >= 256 takes the randomized path with its
     basis capped where it would cost more than the cheaper of gram and exact, then that one (costs measured on this
     device, semu_fast.ops.svd_plan); a smaller one the exact SVD. generator seeds the randomized path (same seed,
     same device, same calibration: same result). min_rank: the "official" rule's floor, 1 or 0 (the official DDPM/SD
@@ -404,7 +404,11 @@ def _truncated_svd(G, gamma, rank_rule, min_rank, method, generator, rank_hint=N
 
 def _truncated_svd_of_safe(G, total, gamma, rank_rule, min_rank, method, generator, rank_hint) -> TruncatedSVD:
     if G.dim() == 3:  # a batch: the gram_svd kernel where its n fits (and the matrices are not empty), else exact
-        if method in ("auto", "gram") and 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1:
+        fits = 1 <= G.shape[-1] <= GRAM_SVD_MAX_N and G.shape[1] >= 1
+        if method == "gram" and fits and gamma > GRAM_MAX_GAMMA:
+            raise ValueError(f"method='gram' resolves gamma <= {GRAM_MAX_GAMMA} only, got {gamma}")
+        # Past GRAM_MAX_GAMMA the kept tail reaches the kernel's cut-off (GRAM_SVD_REL_TOL), as on the 2-D path
+        if method in ("auto", "gram") and fits and gamma <= GRAM_MAX_GAMMA:
             return _truncate(*_gram_svd_checked(G), gamma, rank_rule, min_rank)
         return _truncate(*torch.linalg.svd(G, full_matrices=False), gamma, rank_rule, min_rank)
     result = None
