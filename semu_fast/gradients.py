@@ -3,6 +3,7 @@ into float32 accumulators as backward produces them (no per-batch clones), with 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Optional
 
@@ -223,6 +224,17 @@ class _Pass:
         return self.accumulators
 
 
+def _check_losses(nonfinite: int, batches: int) -> None:
+    """A NaN loss whose gradient is finite (a mean over no targets: every label ignored, say -100 everywhere) adds
+    nothing to the sums: on every batch, no layer would get an adapter and nothing would say why."""
+    if nonfinite == batches:
+        raise ValueError(f"the forget loss was NaN or Inf on all {batches} batches, so the gradients say nothing "
+                         f"about the forget data (are all targets ignored, e.g. every label -100?)")
+    if nonfinite:
+        warnings.warn(f"the forget loss was NaN or Inf on {nonfinite} of {batches} batches (targets all ignored?); "
+                      f"their gradients were finite and joined the sums", stacklevel=3)
+
+
 def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, nn.Module],
                          loss_fn: Optional[LossFn] = None, norm_mode: str = "eval",
                          group: Optional[distributed.Group] = None,
@@ -244,6 +256,7 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
         distributed.check_same_lengths({"forget_loader": loader}, group, "an FSDP2-sharded model reduces every "
                                         "batch's gradient across the ranks")
     batches, failure = 0, None
+    nonfinite = None  # batches whose loss was NaN or Inf, counted on the device (no synchronisation per batch)
     try:
         grad_pass.install()
         set_norm_mode(model, norm_mode)
@@ -254,6 +267,8 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
             if not loss.requires_grad:
                 raise ValueError("the loss does not depend on any selected layer's weight (no gradient flows)")
             loss.reshape(()).backward()
+            bad = ~torch.isfinite(loss.detach().reshape(()))
+            nonfinite = bad.double() if nonfinite is None else nonfinite + bad
             batches += 1
             grad_pass.after_batch()
     except Exception as err:
@@ -264,17 +279,19 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, layers: dict[str, n
         grad_pass.remove()
     accumulators = grad_pass.sums()
     rows = grad_pass.rows
+    nonfinite = float(nonfinite) if nonfinite is not None else 0.0
     if group is not None:  # a rank may hold no batch (without FSDP); only the whole forget set must
-        count = torch.tensor([float(batches)] + list(rows.values()),
+        count = torch.tensor([float(batches), nonfinite] + list(rows.values()),
                              device=next(iter(accumulators.values())).device, dtype=torch.float64)
         distributed.all_reduce_outcome_([acc for name, acc in accumulators.items() if name not in grad_pass.sharded]
                                         + [count], group, failure, "in the gradient pass", count.device)
-        batches = int(count[0].item())
-        rows = dict(zip(rows, count[1:].tolist()))
+        batches, nonfinite = int(count[0].item()), float(count[1].item())
+        rows = dict(zip(rows, count[2:].tolist()))
     if batches == 0:
         raise ValueError("forget_loader yielded no batches; SEMU needs forget data to compute gradients")
     for name, acc in accumulators.items():
         # A norm is a fast test (NaN and Inf reach it); only when it overflows is each element checked.
         if not torch.isfinite(torch.linalg.vector_norm(acc)) and not torch.isfinite(acc).all():
             raise FloatingPointError(f"the summed forget gradient of layer {name!r} holds NaN or Inf")
+    _check_losses(int(nonfinite), batches)
     return GradientSums(accumulators, {n: int(r) for n, r in rows.items() if math.isfinite(r)})

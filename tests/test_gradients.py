@@ -120,6 +120,23 @@ def test_nan_gradient_names_the_layer():
         accumulate_gradients(model, forget_batches(), _weights(model))
 
 
+def test_a_loss_that_is_nan_on_every_batch_is_refused_and_on_some_is_reported():
+    """Cross-entropy over targets that are all ignored (-100, as in a fully masked LLM batch) is NaN with a zero
+    gradient: on every batch the sums would be zero, every layer left without an adapter and nothing said why."""
+    import semu_fast as sf
+
+    model = small_cnn()
+    before = snapshot(model)
+    masked = [(x, torch.full_like(y, -100)) for x, y in forget_batches()]
+    with pytest.raises(ValueError, match="NaN or Inf on all 3 batches.*-100"):
+        sf.prepare(model, masked)
+    assert_same_state(model, before)
+    with pytest.warns(UserWarning, match="NaN or Inf on 1 of 4 batches"):
+        grads = accumulate_gradients(model, forget_batches() + masked[:1], _weights(model))
+    assert all(torch.equal(grads[n], g) for n, g in accumulate_gradients(model, forget_batches(),
+                                                                         _weights(model)).items())
+
+
 def _mlp(dtype):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 40), torch.nn.Tanh(),
