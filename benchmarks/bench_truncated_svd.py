@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import semu_fast as sf  # noqa: E402
 from common import Table, device_name, parser as make_parser, timeit  # noqa: E402
+from semu_fast.ops import svd_plan  # noqa: E402
 from semu_fast.ops.svd import select_rank  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.quick:
         args.shapes = "300x260"
+    svd_plan.costs(device)  # the cached SVD cost calibration, or measured now: before any clock starts
     table = Table(f"truncated_svd on {device_name(device)} (linalg.svd once per shape)", args.json)
     broken = []
     for shape in args.shapes.split(","):

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -101,14 +101,26 @@ def _cache_file() -> Path:
 _COSTS: dict[str, Costs] = {}
 
 
+# Two measurements whose constants differ by more than this factor were disturbed by other work on the machine.
+UNSTEADY = 2.0
+
+
 def calibrate(device=None, persist: bool = True) -> Costs:
     """Measure the SVD cost model's constants on `device` (default: CUDA when present, else the CPU), use them from
-    now on, and (persist) keep them in $SEMU_FAST_CACHE/svd_costs.json for later processes."""
+    now on, and (persist) keep them in $SEMU_FAST_CACHE/svd_costs.json for later processes. It measures twice: when
+    the two disagree by more than UNSTEADY (a busy machine: on 2 shared cores one constant moved 28x), the faster
+    of each is used in this process only and nothing is kept, so that one busy moment does not set every later
+    process's plans (a 4096 x 11008 SVD planned from such costs ran 9x slower)."""
     device = torch.device(device if device is not None else default_device())
-    costs = measure(device)
+    first, second = measure(device), measure(device)
+    costs = Costs(*(min(a, b) for a, b in zip(astuple(first), astuple(second))))
+    spread = max(max(a, b) / max(min(a, b), 1e-300) for a, b in zip(astuple(first), astuple(second)))
     key = _device_key(device)
     _COSTS[key] = costs
-    if persist:
+    if spread > UNSTEADY:
+        log.warning("the SVD cost calibration on %s was unsteady (two measurements %.1fx apart: other work on the "
+                    "machine?): it serves this process only; sf.calibrate() on an idle machine keeps one", key, spread)
+    elif persist:
         path = _cache_file()
         try:
             saved = json.loads(path.read_text()) if path.exists() else {}
