@@ -152,3 +152,14 @@ def test_bad_qa_arguments_name_the_parameter(tmp_path):
         batches = llm_data.make_qa_batches(tokenizer, [long_question, {"question": "w1", "answer": "w2 w3"}],
                                            max_length=8)
     assert len(batches) == 1 and batches[0]["input_ids"].shape == (1, 8)  # the answer's end cut, not the prompt
+
+
+@pytest.mark.parametrize("key", ["labels", "attention_mask"])
+def test_check_batch_refuses_labels_or_mask_not_shaped_as_input_ids_naming_key_and_shapes(key):
+    ids = torch.randint(4, 90, (4, 16))
+    llm_data.check_batch({"input_ids": ids, key: torch.ones_like(ids)})  # the same shape passes
+    with pytest.raises(ValueError, match=rf"batch\['{key}'\] must be a tensor shaped as batch\['input_ids'\] "
+                                         rf"\(4, 16\), got \(4, 17\)"):
+        llm_data.check_batch({"input_ids": ids, key: torch.ones(4, 17, dtype=torch.long)})
+    with pytest.raises(ValueError, match=rf"batch\['{key}'\] must be a tensor .* got list"):
+        llm_data.check_batch({"input_ids": ids, key: ids.tolist()})

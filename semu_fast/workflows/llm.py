@@ -181,7 +181,7 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
     for i, batch in enumerate(batches):
         try:
             check_batch(batch)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{name}[{i}]: {err}") from None
     return batches
 

@@ -77,11 +77,19 @@ def context_length(model) -> Optional[int]:
 
 
 def check_batch(batch) -> None:
-    """TypeError unless `batch` is a dict with a (B, T) input_ids tensor."""
+    """TypeError unless `batch` is a dict with a (B, T) input_ids tensor; ValueError unless its labels and
+    attention_mask, when present, are tensors of input_ids' shape (a mismatch would fail deep in the loss, as
+    torch's "Expected input batch_size ... to match target batch_size ...")."""
     if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor) \
             or batch["input_ids"].dim() != 2:
         raise TypeError(f"an LLM batch must be a dict with a (B, T) input_ids tensor (see make_batches), got "
                         f"{type(batch).__name__}")
+    shape = tuple(batch["input_ids"].shape)
+    for key in ("labels", "attention_mask"):
+        value = batch.get(key)
+        if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"batch[{key!r}] must be a tensor shaped as batch['input_ids'] {shape}, got {got}")
 
 
 def _record_kind(record, where: str) -> str:

@@ -47,7 +47,7 @@ import torch.nn as nn
 from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import base_model
-from .llm_data import IGNORE_INDEX, check_texts, context_length, encode_qa
+from .llm_data import IGNORE_INDEX, check_batch, check_texts, context_length, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
@@ -84,13 +84,10 @@ def _check_batches(batches) -> list:
     if not batches:
         raise ValueError("batches is empty: give at least one batch")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor) \
-                or batch["input_ids"].dim() != 2:
-            raise ValueError(f"batches[{i}] must be a dict with a (B, T) input_ids tensor, got {type(batch).__name__}")
-        labels = batch.get("labels")
-        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != batch["input_ids"].shape):
-            raise ValueError(f"batches[{i}]['labels'] must be a tensor shaped as input_ids (-100 on the prompt and "
-                             f"padding), got {getattr(labels, 'shape', type(labels).__name__)}")
+        try:
+            check_batch(batch)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"batches[{i}]: {err}") from None
     return batches
 
 

@@ -260,7 +260,7 @@ def _alternate(batch: Batch, owner: str) -> Batch:
                          f"the forget batches with llm_data.make_qa_batches(..., alternate=True)")
     try:
         check_batch(alternate)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{owner}: batch['alternate']: {err}") from None
     return alternate
 

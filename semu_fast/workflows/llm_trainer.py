@@ -125,7 +125,7 @@ def unbatch(batches: Sequence[Batch]) -> list[dict]:
     for b, batch in enumerate(batches):
         try:
             check_batch(batch)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"batches[{b}]: {err}") from None
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
