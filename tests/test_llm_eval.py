@@ -142,14 +142,21 @@ def test_exact_memorization_and_extraction_strength_of_a_model_that_predicts_the
     ((0,), 0.75, 0.75),       # given the first answer token, greedy gives the other 3
     ((1,), 0.75, 0.5),        # 2 tokens needed
     ((0, 2), 0.5, 0.25),
-    ((3,), 0.75, 0.0),        # the last token is never reproduced: nothing is extracted
-    ((0, 1, 2, 3), 0.0, 0.0),  # an unknown answer
+    ((3,), 0.75, 0.25),       # the last token is missed: open-unlearning's k stops at n - 1 = 3, so 1 - 3/4
+    ((0, 1, 2, 3), 0.0, 0.25),  # an unknown answer: the same 1/n
 ])
 def test_extraction_strength_is_one_minus_the_shortest_prefix_share(missed_tokens, em, es):
     batch = _masked_batch([6], [2], 10, seed=9)
     stats = ev.answer_statistics(PeekModel(10, misses=[1 + j for j in missed_tokens]), [batch])
     assert stats["exact_memorization"].item() == pytest.approx(em)
     assert stats["extraction_strength"].item() == pytest.approx(es)
+
+
+def test_extraction_strength_of_a_missed_one_token_answer_is_one_as_open_unlearning_counts_it():
+    # open-unlearning's loop over k in range(n) ends at k = 0 when n = 1, whatever the prediction: 1 - 0/1
+    batch = _masked_batch([3], [2], 10, seed=9)
+    stats = ev.answer_statistics(PeekModel(10, misses=[1]), [batch])
+    assert stats["exact_memorization"].item() == 0.0 and stats["extraction_strength"].item() == 1.0
 
 
 # ---- truth ratio, forget quality, utility --------------------------------------------------------------------------
@@ -310,7 +317,7 @@ def test_exclude_last_keeps_the_last_token_in_the_loss_but_not_in_the_token_wise
     model = PeekModel(vocab, misses=[4])  # misses only the last scored token (predicted at t = 4)
     plain = ev.answer_statistics(model, [batch], k=1.0)
     skip = ev.answer_statistics(model, [batch], k=1.0, exclude_last=True)
-    assert plain["exact_memorization"].item() == pytest.approx(0.75) and plain["extraction_strength"].item() == 0.0
+    assert plain["exact_memorization"].item() == pytest.approx(0.75) and plain["extraction_strength"].item() == 0.25
     assert skip["exact_memorization"].item() == 1.0 and skip["extraction_strength"].item() == 1.0
     torch.testing.assert_close(skip["nll"], plain["nll"])  # the EOS stays in the answer loss
     assert skip["mia_min_k"].item() < plain["mia_min_k"].item()  # its (low) log-prob left Min-K

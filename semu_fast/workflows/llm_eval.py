@@ -11,7 +11,7 @@
 | model utility | harmonic mean of the utility numbers given, 0 if any is 0 | TOFU; OU hm_aggregate |
 | ROUGE-L | rouge_score rougeL (stemmed) of the greedy answer vs the true one: recall (TOFU), F1 (MUSE) | OU rouge |
 | exact memorization | share of answer tokens whose teacher-forced argmax is the label | Tirumala et al. 2022; OU |
-| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest (*) | Wang et al. 2025 |
+| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest, k <= n - 1 (*) | Wang et al. 2025; OU |
 | MIA LOSS | answer NLL | Yeom et al. 2018; OU |
 | MIA ZLib | answer NLL / len(zlib.compress(answer text)) | Carlini et al. 2021; OU |
 | MIA Min-K% | -(mean of the max(1, int(k n)) lowest answer-token log-probs) | Shi et al. 2024; OU |
@@ -19,8 +19,8 @@
 | MIA AUC | roc_auc_score, holdout = class 1: 1.0 when the forget set is always likelier | OU mia_auc |
 | privleak | (A - A_ref) / A_ref * 100, A = 1 - MIA AUC (unlearned; A_ref: retain-only) | MUSE; OU privleak |
 
-(*) k = n when not even the last token is predicted (0 extracted); open-unlearning's loop stops at k = n - 1 there
-and reports 1/n. Token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++) leave out each
+(*) As open-unlearning computes it: its loop over k stops at n - 1, so a sample whose last token is missed scores
+1/n, not 0 (a one-token answer scores 1 either way); kept for numbers comparable with published ones. Token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++) leave out each
 sample's last scored token in evaluate_llm, as open-unlearning does (the EOS of a qa answer; a raw text's last token);
 the NLL-based ones (prob, LOSS, ZLib, truth ratio) score every token. Generation defaults follow open-unlearning: up
 to 200 new tokens for qa framing (TOFU), 128 for raw (MUSE verbmem; MUSE knowmem uses 32).
@@ -189,11 +189,12 @@ def _min_k(values: torch.Tensor, k: float) -> float:
 
 def _extraction_strength(correct: torch.Tensor) -> float:
     # Teacher-forced argmax equals greedy decoding as long as every earlier prediction was right, so greedy decoding
-    # from prefix k reproduces the rest iff correct[k:] are all true: k is one past the last miss (n if the last
-    # token is missed: nothing is extracted).
+    # from prefix k reproduces the rest iff correct[k:] are all true: k is one past the last miss. open-unlearning's
+    # loop tries k = 0..n-1 only, so a missed last token gives k = n - 1 (score 1/n), not n: we follow it.
+    n = correct.numel()
     misses = torch.nonzero(~correct).flatten()
-    k = int(misses[-1]) + 1 if misses.numel() else 0
-    return 1.0 - k / correct.numel()
+    k = min(int(misses[-1]) + 1, n - 1) if misses.numel() else 0
+    return 1.0 - k / n
 
 
 @torch.no_grad()
@@ -265,8 +266,8 @@ def exact_memorization(model: nn.Module, batches) -> torch.Tensor:
 
 def extraction_strength(model: nn.Module, batches) -> torch.Tensor:
     """1 - k/n per sample, float64 (N,): k the smallest number of the n scored tokens that, given with the prompt,
-    make greedy decoding reproduce the remaining n - k exactly (1: the answer comes from the prompt alone,
-    0: not even the last token)."""
+    make greedy decoding reproduce the remaining n - k exactly (1: the answer comes from the prompt alone), at most
+    n - 1 as open-unlearning counts it (1/n: not even the last token is reproduced)."""
     return answer_statistics(model, batches)["extraction_strength"]
 
 
