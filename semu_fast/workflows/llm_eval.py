@@ -11,7 +11,7 @@
 | model utility | harmonic mean of the utility numbers given, 0 if any is 0 | TOFU; OU hm_aggregate |
 | ROUGE-L | rouge_score rougeL (stemmed) of the greedy answer vs the true one: recall (TOFU), F1 (MUSE) | OU rouge |
 | exact memorization | share of answer tokens whose teacher-forced argmax is the label | Tirumala et al. 2022; OU |
-| extraction strength | 1 - k/n, k the fewest answer tokens after which greedy gives the rest, k <= n - 1 (*) | Wang et al. 2025; OU |
+| extraction strength | 1 - k/n, k (<= n - 1) the fewest answer tokens greedy needs for the rest (*) | Wang+ 2025; OU |
 | MIA LOSS | answer NLL | Yeom et al. 2018; OU |
 | MIA ZLib | answer NLL / len(zlib.compress(answer text)) | Carlini et al. 2021; OU |
 | MIA Min-K% | -(mean of the max(1, int(k n)) lowest answer-token log-probs) | Shi et al. 2024; OU |
@@ -20,9 +20,10 @@
 | privleak | (A - A_ref) / A_ref * 100, A = 1 - MIA AUC (unlearned; A_ref: retain-only) | MUSE; OU privleak |
 
 (*) As open-unlearning computes it: its loop over k stops at n - 1, so a sample whose last token is missed scores
-1/n, not 0 (a one-token answer scores 1 either way); kept for numbers comparable with published ones. Token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++) leave out each
-sample's last scored token in evaluate_llm, as open-unlearning does (the EOS of a qa answer; a raw text's last token);
-the NLL-based ones (prob, LOSS, ZLib, truth ratio) score every token. Generation defaults follow open-unlearning: up
+1/n, not 0 (a one-token answer scores 1 either way); kept for numbers comparable with published ones.
+Token-wise statistics (exact memorization, extraction strength, Min-K%, Min-K%++) leave out each sample's last
+scored token in evaluate_llm, as open-unlearning does (the EOS of a qa answer; a raw text's last token); the
+NLL-based ones (prob, LOSS, ZLib, truth ratio) score every token. Generation defaults follow open-unlearning: up
 to 200 new tokens for qa framing (TOFU), 128 for raw (MUSE verbmem; MUSE knowmem uses 32).
 
 Every MIA score is signed as a loss: higher means "less likely a member". Per-sample functions take batches as
