@@ -348,6 +348,31 @@ def test_generation_stops_at_the_model_s_context(tiny):
     assert 0 < len(tok(answer, add_special_tokens=False)["input_ids"]) <= 64 - prompt + 1
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_evaluate_llm_refuses_sequences_past_the_model_s_context_naming_split_and_max_length(tiny, arch):
+    """GPT-2 failed with a bare IndexError in its position embedding, Llama scored them silently."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from llm_helpers import VOCAB
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(VOCAB), n_positions=16))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, vocab_size=len(VOCAB), max_position_embeddings=16))
+    long_answer = " ".join(f"w{i}" for i in range(30))
+    forget = {"questions": ["w1 w2", "w3"], "answers": ["w4", long_answer]}
+    with pytest.raises(ValueError, match=r"forget\['answers'\] hold sequences of \d+ tokens, more than the model's 16 "
+                                         r"positions \(config.max_position_embeddings\): give max_length <= 16"):
+        ev.evaluate_llm(model.eval(), tok, forget, generate=False)
+    assert ev.evaluate_llm(model, tok, forget, generate=False, max_length=16)["forget_answer_prob"] > 0
+    with pytest.raises(ValueError, match=r"questions \(framed, plus one new token\) hold sequences of \d+ tokens, "
+                                         r"more than the model's 16 positions"):
+        ev.generate_answers(model, tok, [long_answer], max_new_tokens=2)
+
+
 def test_evaluate_llm_smoke_on_tiny_llama(tiny):
     pytest.importorskip("scipy")
     pytest.importorskip("sklearn")

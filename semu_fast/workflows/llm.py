@@ -46,12 +46,12 @@ from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
 from ..distributed import resolve as resolve_group
 from ..layers import select_layers
-from ..model import SEMUModel, base_model
+from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
 from . import results
-from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, context_length, load_records,  # noqa: F401
-                       make_batches, make_qa_batches, make_record_batches, save_records)
+from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, check_context, context_length,  # noqa: F401
+                       load_records, make_batches, make_qa_batches, make_record_batches, save_records)
 from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, RetainKL, RetainNLL, _logits_and_targets,  # noqa: F401
                          _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss, random_token_loss,
                          retain_nll_loss, sequence_nll)
@@ -431,13 +431,9 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     forget_batches = _check_batches("forget_batches", forget_batches, required=True)
     retain_batches = _check_batches("retain_batches", retain_batches, required=False)
     eval_batches = _check_batches("eval_batches", eval_batches, required=False)
-    context = context_length(base_model(model))
     for name, batches in (("forget_batches", forget_batches), ("retain_batches", retain_batches),
                           ("eval_batches", eval_batches)):
-        longest = max((b["input_ids"].shape[1] for b in batches or ()), default=0)
-        if context is not None and longest > context:  # the position embedding would fail on them
-            raise ValueError(f"{name} hold sequences of {longest} tokens, more than the model's {context} positions "
-                             f"(config.max_position_embeddings): tokenize with max_length <= {context}")
+        check_context(model, max((b["input_ids"].shape[1] for b in batches or ()), default=0), name)
     config = llm_config(model, target_modules, gamma, seed)
     select_layers(model, config)  # fails (or warns of tied weights) now, not after the perplexities
     train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,

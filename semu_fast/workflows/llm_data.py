@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_positive_int
+from ..model import base_model
 
 # the label of a position that is not learned (prompt, padding), as transformers and F.cross_entropy use
 IGNORE_INDEX = -100
@@ -74,6 +75,17 @@ def context_length(model) -> Optional[int]:
     answers to); None when the config names none (rotary models without a limit, say)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+
+
+def check_context(model, positions: int, name: str, hint: Optional[str] = None) -> None:
+    """ValueError when `name` needs more positions than the model (a SEMUModel or the transformers model) takes:
+    an absolute-position model (GPT-2) fails on them with a bare IndexError in its position embedding, a rotary one
+    (Llama) scores them silently past its trained range. hint: what to do (default: give max_length <= context)."""
+    context = context_length(base_model(model))
+    if context is not None and positions > context:
+        hint = hint if hint is not None else f"give max_length <= {context}"
+        raise ValueError(f"{name} hold sequences of {positions} tokens, more than the model's {context} positions "
+                         f"(config.max_position_embeddings): {hint}")
 
 
 def check_batch(batch) -> None:

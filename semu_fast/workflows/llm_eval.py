@@ -48,7 +48,7 @@ import torch.nn as nn
 from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import base_model
-from .llm_data import IGNORE_INDEX, check_batch, check_texts, context_length, encode_qa
+from .llm_data import IGNORE_INDEX, check_batch, check_context, check_texts, context_length, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
@@ -401,6 +401,8 @@ def generate_answers(model: nn.Module, tokenizer, questions: Sequence[str], max_
             raise ValueError(f"questions[{i}] gives no token to generate from (an empty question needs a tokenizer "
                              f"that adds a BOS token)")
         encoded.append(ids[:n_prompt])
+    check_context(model, max(len(ids) for ids in encoded) + 1, "questions (framed, plus one new token)",
+                  "shorten the questions")
     device = model_device(model)
     generator = base_model(model)  # SEMUModel forwards calls, not .generate
     answers = []
@@ -541,53 +543,56 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
             raise ValueError("reference_auc needs holdout (privleak compares MIA AUCs on forget vs holdout)")
         privleak(0.5, reference_auc)  # checks the value now, not after the evaluation
 
-    def batches(questions, answers):
-        return _qa_batches(tokenizer, questions, answers, batch_size, max_length, framing)
+    def batches(which, name, questions, answers):
+        out = _qa_batches(tokenizer, questions, answers, batch_size, max_length, framing)
+        check_context(which, max(b["input_ids"].shape[1] for b in out), name)
+        return out
 
-    def stats(which, split):
-        return answer_statistics(which, batches(split["questions"], split["answers"]), texts=split["answers"], k=k,
-                                 exclude_last=True)
+    def stats(which, name, split):
+        return answer_statistics(which, batches(which, f"{name}['answers']", split["questions"], split["answers"]),
+                                 texts=split["answers"], k=k, exclude_last=True)
 
-    def option_nlls(which, split, true_key):
+    def option_nlls(which, name, split, true_key):
         """The mean answer NLL of each true answer (N,) and of each question's wrong options (N ragged rows)."""
-        true = answer_nll(which, batches(split["questions"], split[true_key]))
+        true = answer_nll(which, batches(which, f"{name}['{true_key}']", split["questions"], split[true_key]))
         questions = [q for q, row in zip(split["questions"], split["perturbed_answers"]) for _ in row]
-        flat = answer_nll(which, batches(questions, [a for row in split["perturbed_answers"] for a in row])).tolist()
+        wrong = [a for row in split["perturbed_answers"] for a in row]
+        flat = answer_nll(which, batches(which, f"{name}['perturbed_answers']", questions, wrong)).tolist()
         ends = torch.tensor([len(row) for row in split["perturbed_answers"]]).cumsum(0).tolist()
         return true, [flat[end - len(row):end] for end, row in zip(ends, split["perturbed_answers"])]
 
-    def ratios(which, split):
-        return truth_ratios(*option_nlls(which, split, "paraphrased_answers"))
+    def ratios(which, name, split):
+        return truth_ratios(*option_nlls(which, name, split, "paraphrased_answers"))
 
     def rouge_score(split):
         answers = generate_answers(model, tokenizer, split["questions"], max_new_tokens, batch_size, framing)
         return float(rouge_l(answers, split["answers"], rouge).mean())
 
     metrics: dict[str, float] = {}
-    forget_stats = stats(model, forget)
+    forget_stats = stats(model, "forget", forget)
     metrics["forget_answer_prob"] = float(forget_stats["prob"].mean())
     metrics["forget_exact_memorization"] = float(forget_stats["exact_memorization"].mean())
     metrics["forget_extraction_strength"] = float(forget_stats["extraction_strength"].mean())
     if generate:
         metrics[f"forget_rougeL_{rouge}"] = rouge_score(forget)
     if "paraphrased_answers" in forget:
-        forget_ratios = ratios(model, forget)
+        forget_ratios = ratios(model, "forget", forget)
         metrics["forget_truth_ratio"] = truth_ratio_score(forget_ratios, "closer_to_1_better")
         if reference_model is not None:
-            reference_truth_ratios = ratios(reference_model, forget)
+            reference_truth_ratios = ratios(reference_model, "forget", forget)
         if reference_truth_ratios is not None:
             metrics["forget_quality"] = forget_quality(forget_ratios, reference_truth_ratios)
 
     utility = {}
     if retain is not None:
-        utility["retain_answer_prob"] = float(stats(model, retain)["prob"].mean())
+        utility["retain_answer_prob"] = float(stats(model, "retain", retain)["prob"].mean())
         if generate:
             utility[f"retain_rougeL_{rouge}"] = rouge_score(retain)
         if "paraphrased_answers" in retain:
-            utility["retain_truth_ratio"] = truth_ratio_score(ratios(model, retain), "true_better")
+            utility["retain_truth_ratio"] = truth_ratio_score(ratios(model, "retain", retain), "true_better")
     for name, split in option_splits.items():  # the answer against its wrong options (TOFU)
         if split is not None:
-            true, wrong = option_nlls(model, split, "answers")
+            true, wrong = option_nlls(model, name, split, "answers")
             utility[f"{name}_prob_normalised"] = float(normalised_answer_probability(true, wrong).mean())
             if generate:
                 utility[f"{name}_rougeL_{rouge}"] = rouge_score(split)
@@ -597,12 +602,12 @@ def evaluate_llm(model: nn.Module, tokenizer, forget: Mapping, *, retain: Option
         metrics["model_utility"] = model_utility(utility)
 
     if holdout is not None:
-        holdout_stats = stats(model, holdout)
+        holdout_stats = stats(model, "holdout", holdout)
         for attack in MIA_ATTACKS:
             metrics[f"mia_{attack}_auc"] = mia_auc(forget_stats[f"mia_{attack}"], holdout_stats[f"mia_{attack}"])
         if reference_model is not None:
-            reference_auc = mia_auc(stats(reference_model, forget)["mia_min_k"],
-                                    stats(reference_model, holdout)["mia_min_k"])
+            reference_auc = mia_auc(stats(reference_model, "forget", forget)["mia_min_k"],
+                                    stats(reference_model, "holdout", holdout)["mia_min_k"])
         if reference_auc is not None:
             metrics["privleak"] = privleak(metrics["mia_min_k_auc"], reference_auc)
     return metrics
