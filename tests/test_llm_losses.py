@@ -303,15 +303,28 @@ def test_bad_models_and_batches_give_clear_errors(batches):
         L.make_loss("npo")(sm, unlabelled, GEN)
 
 
-def test_left_padded_rows_score_the_same_tokens_as_right_padded_ones():
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llm_helpers import VOCAB
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(VOCAB), n_positions=64)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_rows_score_the_same_tokens_as_right_padded_ones(arch):
     """In a left-padded batch the first real token of a padded row is the target of a pad position; it was scored
     (an extra, meaningless target per row). Targets predicted from a masked position are now ignored, so the token
-    count matches the right-padded batch and a rotary model (positions relative) gives the same NLL."""
-    model = tiny_llama()
+    count matches the right-padded batch. An absolute-position model (GPT-2) also gave the row's tokens the positions
+    of its pads: position ids are now counted over the mask, as transformers' generate counts them, so each row's
+    NLL matches whatever the padding side."""
+    model = tiny_llama() if arch == "llama" else _tiny_gpt2()
     tokenizer = tiny_tokenizer()
     texts = random_texts(4, seed=3)
     right = llm_data.make_batches(tokenizer, texts, 16, 4)[0]
     rows = [r[m.bool()] for r, m in zip(right["input_ids"], right["attention_mask"])]
+    assert len({len(r) for r in rows}) > 1  # some rows are padded
     width = right["input_ids"].shape[1]
     left_ids = torch.full_like(right["input_ids"], tokenizer.pad_token_id)
     left_mask = torch.zeros_like(right["attention_mask"])
@@ -321,7 +334,7 @@ def test_left_padded_rows_score_the_same_tokens_as_right_padded_ones():
     left = {"input_ids": left_ids, "attention_mask": left_mask,
             "labels": left_ids.masked_fill(left_mask == 0, -100)}
     with torch.no_grad():
-        total_r, count_r = L._nll_sum(model, right)
-        total_l, count_l = L._nll_sum(model, left)
-    assert count_l == count_r
-    assert math.isclose(float(total_l), float(total_r), rel_tol=1e-4)
+        nll_r, count_r = L.sequence_nll(model, right)
+        nll_l, count_l = L.sequence_nll(model, left)
+    assert torch.equal(count_l, count_r)
+    torch.testing.assert_close(nll_l, nll_r, rtol=1e-4, atol=1e-4)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import weakref
 from collections.abc import Callable
 from typing import ClassVar, Union
@@ -80,6 +81,21 @@ def _inputs(model: nn.Module, batch: Batch):
     return input_ids, (mask.to(device) if mask is not None else None)
 
 
+def _takes_position_ids(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(base_model(model).forward).parameters
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, mask):
+    """model(...) without a cache. With an attention mask, position ids count the kept tokens (cumsum(mask) - 1,
+    0 on padding), as transformers' generate passes them, wherever the model's forward takes position_ids: an
+    absolute-position model (GPT-2) otherwise gives a left-padded row's tokens the positions of its pads, and
+    scores it differently from the same row padded on the right."""
+    kwargs = {"attention_mask": mask, "use_cache": False}
+    if mask is not None and _takes_position_ids(model):
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return model(input_ids=input_ids, **kwargs)
+
+
 def _labels(batch: Batch, input_ids: torch.Tensor, mask) -> torch.Tensor:
     labels = batch.get("labels")
     if labels is None:
@@ -92,9 +108,10 @@ def _logits_and_targets(model: nn.Module, batch: Batch):
 
     A target whose predicting position is padding (attention_mask 0) is ignored (-100): in a left-padded batch the
     first real token of a row would otherwise be scored as predicted from a pad token. Right-padded batches (as
-    llm_data makes them) are unchanged: their padded positions carry no label."""
+    llm_data makes them) are unchanged: their padded positions carry no label. Positions follow the mask (_forward),
+    so a row scores the same padded on either side."""
     input_ids, mask = _inputs(model, batch)
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    logits = _forward(model, input_ids, mask).logits
     targets = _labels(batch, input_ids, mask)[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
@@ -412,7 +429,7 @@ def hidden_states(model: nn.Module, batch: Batch, layer: Union[int, str]) -> tup
 
     handle = module.register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        _forward(model, input_ids, mask)
     finally:
         handle.remove()
     if len(captured) != 1:
