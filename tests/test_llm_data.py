@@ -163,3 +163,16 @@ def test_check_batch_refuses_labels_or_mask_not_shaped_as_input_ids_naming_key_a
         llm_data.check_batch({"input_ids": ids, key: torch.ones(4, 17, dtype=torch.long)})
     with pytest.raises(ValueError, match=rf"batch\['{key}'\] must be a tensor .* got list"):
         llm_data.check_batch({"input_ids": ids, key: ids.tolist()})
+
+
+def test_fields_that_are_not_read_do_not_block_a_record(tmp_path):
+    """TOFU's paraphrased_question was validated (a non-string failed the whole file) though nothing reads it."""
+    records = [{"question": "w1 w2", "answer": "w3", "paraphrased_question": None, "source": 3},
+               {"question": "w4", "answer": "w5 w6", "paraphrased_question": ""}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert llm_data.load_records(path) == records
+    tokenizer = tiny_tokenizer()
+    plain = [{"question": r["question"], "answer": r["answer"]} for r in records]
+    for got, want in zip(llm_data.make_qa_batches(tokenizer, records), llm_data.make_qa_batches(tokenizer, plain)):
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -17,9 +17,10 @@ targets (the losses in llm_losses shift them).
   (the "I don't know" targets of IdkDPO / IdkNLL).
 
 Record files: JSONL (one JSON object a line) or JSON (a list of objects). A record holds "question" and "answer"
-(strings), optionally "paraphrased_answer", "paraphrased_question" (strings), "perturbed_answer" and "alternate"
-(a string or a list of strings), as TOFU's records name them; or a plain "text". All records of a file are of one
-kind.
+(strings), optionally "paraphrased_answer" (a string), "perturbed_answer" and "alternate" (a string or a list of
+strings), as TOFU's records name them; or a plain "text". All records of a file are of one kind. Other fields are
+carried and not read, TOFU's "paraphrased_question" among them (open-unlearning scores it only when its evaluation
+is pointed at it with question_key; evaluate_llm takes the questions it is given).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ IDK_ANSWERS = (
     "I am not able to answer that.",
     "Sorry, I don't know the answer.",
 )
-TEXT_FIELDS = ("question", "answer", "paraphrased_answer", "paraphrased_question")
+TEXT_FIELDS = ("question", "answer", "paraphrased_answer")  # the string fields that are read
 LIST_FIELDS = ("perturbed_answer", "alternate")  # a string or a list of strings
 
 
