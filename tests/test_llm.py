@@ -457,6 +457,31 @@ def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, 
     assert llm.mean_nll(semu_model, forget) == pytest.approx(metrics["forget_nll_after"], rel=1e-6)
 
 
+def test_cli_lora_records_the_resolved_base_model_folder_for_peft(llm_folder, tmp_path, monkeypatch):
+    """A relative --model was written as given into adapter_config.json, so AutoPeftModel looked for the base
+    model relative to wherever it ran."""
+    peft = pytest.importorskip("peft")
+    import shutil
+
+    shutil.copytree(llm_folder, tmp_path / "trained")
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["unlearn-llm", "--model", "trained", "--forget-texts", "forget.txt", "--target-modules",
+                 "mlp.down_proj", "--epochs", "1", "--max-length", "16", "--device", "cpu", "--lora", "--quiet",
+                 "--out", "out"]) == 0
+    config = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "trained").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out" / "lora")
+    semu_model = sf.load_adapters(llm.load_causal_lm(tmp_path / "trained")[0], tmp_path / "out" / "adapters")
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, semu_model(input_ids=ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--forget-texts", "missing.txt"], "argument --forget-texts: cannot read"),
     (["--forget-texts", "blank.txt"], "argument --forget-texts: .* holds no text"),

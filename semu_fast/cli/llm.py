@@ -10,7 +10,8 @@ a file.
 
 writes out/adapters (sf.load_adapters), out/metrics.json (forget and retain perplexity before and after, with --eval
 the TOFU / MUSE metrics of llm_eval.evaluate_llm before and after, settings, per-layer ranks, the epochs' history and
-the one kept), out/report.md (the same as tables) and, with --lora, out/lora (a peft LoRA adapter folder). Every
+the one kept), out/report.md (the same as tables) and, with --lora, out/lora (a peft LoRA adapter folder whose
+base_model_name_or_path is --model's resolved path, so AutoPeftModelForCausalLM finds it from anywhere). Every
 default is in semu_fast.workflows.llm.DEFAULTS. Nothing is downloaded."""
 from __future__ import annotations
 
@@ -339,7 +340,9 @@ def run(args, parser) -> int:
     atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))
     files.insert(1, "report.md")
     if args.lora:
-        export_lora(semu_model, args.out / "lora", str(args.model), skip_conv=True, task_type="CAUSAL_LM")
+        # --model is a local folder: its resolved path finds the base model from any working directory (peft
+        # would record the string given, which AutoPeftModel then reads relative to wherever it runs)
+        export_lora(semu_model, args.out / "lora", str(args.model.resolve()), skip_conv=True, task_type="CAUSAL_LM")
         files.append("lora/")
     results.record_run(args.out, files, named_paths(args))
     rows = [("forget ppl", "forget_ppl_before", "forget_ppl_after")]
