@@ -428,6 +428,22 @@ def test_cli_eval_names_a_missing_metrics_package_before_any_work(llm_folder, tm
                  "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]) == 0
 
 
+def test_cli_eval_on_texts_reports_what_its_help_says(llm_folder, tmp_path):
+    """Texts are scored whole and nothing is generated: no ROUGE, no truth ratio, and model utility is the retain
+    probability alone (the help listed ROUGE-L of greedy answers for every kind of data)."""
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    (tmp_path / "retain.txt").write_text("\n".join(random_texts(4, seed=1)))
+    assert _cli(["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+                 "--retain-texts", str(tmp_path / "retain.txt"), "--eval", "--epochs", "1", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    evaluated = {key[:-len("_after")] for key in metrics if key.endswith("_after") and "_ppl_" not in key
+                 and "_nll_" not in key}
+    assert evaluated == {"forget_answer_prob", "forget_exact_memorization", "forget_extraction_strength",
+                         "retain_answer_prob", "model_utility"}
+    assert metrics["model_utility_after"] == pytest.approx(metrics["retain_answer_prob_after"])
+
+
 def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, capsys):
     (tmp_path / "forget.txt").write_text("\n".join(random_texts(8, seed=0)) + "\n\n")
     (tmp_path / "retain.txt").write_text("\n".join(random_texts(8, seed=1)))

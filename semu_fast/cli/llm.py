@@ -177,9 +177,12 @@ def register(subparsers) -> None:
                    f"{DEFAULTS.retain_tolerance:g})")
     g = p.add_argument_group("evaluation (TOFU / MUSE metrics, semu_fast.workflows.llm_eval)")
     g.add_argument("--eval", action="store_true",
-                   help="evaluate the model before and after on the forget and retain data (answer probability, "
-                   "ROUGE-L of greedy answers, truth ratio when the records have paraphrased_answer and "
-                   "perturbed_answer, model utility, membership-inference AUCs with --holdout-file)")
+                   help="evaluate the model before and after on the forget and retain data. Question/answer records: "
+                   "answer probability, ROUGE-L of greedy answers, truth ratio when the records have "
+                   "paraphrased_answer and perturbed_answer, model utility, exact memorization, extraction strength. "
+                   "Texts (scored whole, nothing generated): each text's probability, exact memorization and "
+                   "extraction strength, no ROUGE or truth ratio, so model utility is the retain probability alone. "
+                   "Either: membership-inference AUCs with --holdout-file")
     g.add_argument("--holdout-file", type=Path, default=None, metavar="FILE",
                    help="records never trained on, of the kind of the forget data: MIA AUCs of forget vs holdout")
     for name, what in (("real-authors", "real authors"), ("world-facts", "world facts")):
