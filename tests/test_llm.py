@@ -129,6 +129,26 @@ def test_unlearn_llm_raises_forget_perplexity_and_changes_only_R(loaded):
     assert llm.mean_nll(base, forget) == metrics["forget_nll_before"]
 
 
+def test_data_free_retain_data_is_only_reported_unless_select_best_is_asked(loaded):
+    """train_on_retain=False was documented as only reporting the retain data, yet select_best stayed on with it,
+    so the retain set picked the epoch kept."""
+    model, tokenizer = loaded
+    forget, retain = _data(tokenizer)
+    kwargs = dict(forget_loss="ascent", train_on_retain=False, target_modules="mlp.down_proj", lr=3e-2, epochs=2,
+                  progress=False)
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, **kwargs)
+    assert report.training["select_best"] is False and "best_epoch" not in metrics
+    assert "retain_ppl_after" in metrics and all("guard_nll" not in h for h in report.training["history"])
+    sm.unload()
+    sm, report, metrics = llm.unlearn_llm(model, forget, retain, select_best=True, **kwargs)  # asked: it guards
+    assert report.training["select_best"] is True and report.training["selection"]["guard"] == "retain_batches"
+    assert all("guard_nll" in h for h in report.training["history"])
+    sm.unload()
+    sm, report, _ = llm.unlearn_llm(model, forget, retain, eval_batches=retain[:1], **kwargs)  # held-out data guards
+    assert report.training["select_best"] is True and report.training["selection"]["guard"] == "eval_batches"
+    sm.unload()
+
+
 def test_unlearn_llm_under_several_processes_is_refused_before_any_work(loaded, two_process_group):
     # sf.unlearn would go data-parallel, while the epoch count, keep-best and metrics stay per rank: ranks would end
     # with different R or hang

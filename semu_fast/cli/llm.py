@@ -128,8 +128,8 @@ def register(subparsers) -> None:
                         "optional \"alternate\" answers) or {\"text\"}")
     retain = g.add_mutually_exclusive_group()
     retain.add_argument("--retain-texts", type=Path, default=None, metavar="FILE",
-                        help="texts to keep, one a line: trained on (unless --no-train-on-retain), guard the choice "
-                        "of the epoch kept, and their perplexity is reported")
+                        help="texts to keep, one a line: trained on and guard the choice of the epoch kept (neither "
+                        "with --no-train-on-retain, unless --select-best), and their perplexity is reported")
     retain.add_argument("--retain-file", type=Path, default=None, metavar="FILE",
                         help="records to keep, as --forget-file")
     g.add_argument("--max-length", type=positive(int), default=DEFAULTS.max_length,
@@ -159,7 +159,8 @@ def register(subparsers) -> None:
                    help="a hyper-parameter of --retain-loss, e.g. weight=2 (kl) or layer=3 (rmu); repeat for several")
     g.add_argument("--train-on-retain", action=argparse.BooleanOptionalAction, default=None,
                    help="train R on the retain data too (default: yes when retain data is given); "
-                   "--no-train-on-retain only evaluates it (SEMU's data-free setting)")
+                   "--no-train-on-retain only reports it: it neither trains nor, unless --select-best, picks the "
+                   "epoch kept (SEMU's data-free setting: the last epoch is kept)")
     add_training_flags(g, gamma_default=DEFAULTS.gamma, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer)
     g.add_argument("--epochs", type=positive(int), default=DEFAULTS.epochs,
                    help="passes over the forget data (default: enough for about "
@@ -168,7 +169,7 @@ def register(subparsers) -> None:
     g.add_argument("--select-best", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the R of the epoch with the best --criterion among those whose retain perplexity rose "
                    "by at most --retain-tolerance (R = 0, the original model, when none did); default: on with "
-                   "retain data")
+                   "retain data that trains (off with --no-train-on-retain)")
     g.add_argument("--criterion", choices=CRITERIA, default=DEFAULTS.criterion,
                    help="forget_nll: the highest forget NLL; forget_prob: the lowest mean forget answer probability "
                    f"(default {DEFAULTS.criterion})")

@@ -24,8 +24,8 @@ label" loss), then only the k x k cores R train, on a forget objective from llm_
 The reference model of NPO, IdkDPO, KL and RMU is the model itself with its adapters disabled (no copy).
 Retain data, when given, trains (interleaved with the forget batches) on the retain objective ("nll", "kl" or
 "rmu"; default: the forget objective's own retain term, else NLL) and guards the choice of the epoch to keep (see
-unlearn_llm's select_best); train_on_retain=False keeps it out of training (SEMU's data-free setting: its
-perplexity is only reported).
+unlearn_llm's select_best); train_on_retain=False keeps it out of training and, unless select_best=True, out of
+that choice (SEMU's data-free setting: its perplexity is only reported).
 
 Every default of unlearn_llm and of `semu-fast unlearn-llm` is in DEFAULTS below (one place to change them).
 """
@@ -294,8 +294,9 @@ def mean_answer_prob(model: nn.Module, batches: Iterable[Batch]) -> float:
     return float(probs.mean())
 
 
-def _check_selection(select_best, criterion, retain_tolerance, guard_batches) -> bool:
-    """select_best resolved (None: on when there is data to guard the retain side), every setting checked."""
+def _check_selection(select_best, criterion, retain_tolerance, guard_batches, automatic: bool) -> bool:
+    """select_best resolved (None: `automatic`), every setting checked; guard_batches: the data that would guard
+    the retain side."""
     if not (callable(criterion) or criterion in CRITERIA):
         raise ValueError(f"criterion must be one of {', '.join(map(repr, CRITERIA))} or a callable (model) -> float "
                          f"(higher is better), got {criterion!r}")
@@ -304,7 +305,7 @@ def _check_selection(select_best, criterion, retain_tolerance, guard_batches) ->
         raise ValueError(f"retain_tolerance must be a number >= 0 (the share by which the retain perplexity may rise; "
                          f"inf: no limit), got {retain_tolerance!r}")
     if select_best is None:
-        return guard_batches is not None
+        return automatic
     if not isinstance(select_best, bool):
         raise ValueError(f"select_best must be True, False or None (automatic), got {select_best!r}")
     if select_best and guard_batches is None:
@@ -392,25 +393,26 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     docstring and llm_losses for definitions and defaults), make_loss(name, **overrides), or a callable (model,
     batch, generator) -> scalar. retain_loss: "nll", "kl", "rmu", make_retain_loss(...) or a
     callable; None: the forget objective's own retain term (NLL for most, RMU's for "rmu"), else NLL.
-    train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only evaluates
-    them (SEMU's data-free setting; refused for objectives defined with a retain term, graddiff and rmu, and with a
-    retain_loss). optimizer "adam" or "sgd" (no weight decay), lr: as sf.unlearn; epochs: passes over the forget
-    batches (None: DEFAULTS.epochs_for(the number of forget batches), about DEFAULTS.forget_steps optimizer steps on
-    the forget set). seed: SEMU's randomized SVD, the random tokens, RMU's control vector and the dropout of the
-    model (the global RNG is restored afterwards).
+    train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only reports them:
+    they neither train nor, unless select_best=True, pick the epoch kept (SEMU's data-free setting; refused for
+    objectives defined with a retain term, graddiff and rmu, and with a retain_loss). optimizer "adam" or "sgd" (no
+    weight decay), lr: as sf.unlearn; epochs: passes over the forget batches (None: DEFAULTS.epochs_for(the number of
+    forget batches), about DEFAULTS.forget_steps optimizer steps on the forget set). seed: SEMU's randomized SVD, the
+    random tokens, RMU's control vector and the dropout of the model (the global RNG is restored afterwards).
 
-    Which epoch's R is kept: with select_best (None: on when retain_batches or eval_batches are given) every epoch
-    is scored and the R of the best one is restored at the end. The best is the highest `criterion` among the
-    epochs whose guard NLL (over eval_batches, else retain_batches) stays within log(1 + retain_tolerance) of the
-    original model's, i.e. whose guard perplexity rose by at most that share (default 10%); epoch 0, R = 0 (the
-    original model), is the one to beat, so an epoch that broke the model is never kept (a warning says so when
-    R falls back to zero). criterion: "forget_nll" (the forget set's token-weighted mean NLL), "forget_prob" (the
-    lowest mean answer probability exp(-mean answer NLL) per sequence) or a callable (model) -> float, higher is
-    better, called on the original model before training and on the SEMUModel after each epoch. eval_batches:
-    held-out batches of data to keep (never trained on, e.g. a slice of the retain set) that guard the selection
-    and are reported before and after. on_epoch(epoch, semu_model) -> dict or None: your own callback after each
-    epoch (after the scoring); what it returns joins that epoch's entry in report.training["history"], as the
-    score, guard_nll and within_tolerance of the selection do. Stopping early is not offered: every epoch runs.
+    Which epoch's R is kept: with select_best (None: on when eval_batches are given, or retain_batches that train; off
+    with train_on_retain=False and no eval_batches, so the last epoch is kept) every epoch is scored and the R of the
+    best one is restored at the end. The best is the highest `criterion` among the epochs whose guard NLL (over
+    eval_batches, else retain_batches) stays within log(1 + retain_tolerance) of the original model's, i.e. whose guard
+    perplexity rose by at most that share (default 10%); epoch 0, R = 0 (the original model), is the one to beat, so an
+    epoch that broke the model is never kept (a warning says so when R falls back to zero). criterion: "forget_nll" (the
+    forget set's token-weighted mean NLL), "forget_prob" (the lowest mean answer probability exp(-mean answer NLL) per
+    sequence) or a callable (model) -> float, higher is better, called on the original model before training and on the
+    SEMUModel after each epoch. eval_batches: held-out batches of data to keep (never trained on, e.g. a slice of the
+    retain set) that guard the selection and are reported before and after. on_epoch(epoch, semu_model) -> dict or None:
+    your own callback after each epoch (after the scoring); what it returns joins that epoch's entry in
+    report.training["history"], as the score, guard_nll and within_tolerance of the selection do. Stopping early is not
+    offered: every epoch runs.
 
     metrics: forget_nll/ppl_before/after (and retain_* with retain_batches, eval_* with eval_batches; over labelled
     tokens, so the answers of question/answer batches), best_epoch (with select_best; 0: R = 0 was kept),
@@ -443,7 +445,9 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
         epochs = DEFAULTS.epochs_for(len(forget_batches))
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
     guard_batches = eval_batches if eval_batches is not None else retain_batches
-    select_best = _check_selection(select_best, criterion, retain_tolerance, guard_batches)
+    # data-free (retain data not trained on): by default the retain data only reports, and picks no epoch either
+    automatic = (guard_batches if train_on_retain else eval_batches) is not None
+    select_best = _check_selection(select_best, criterion, retain_tolerance, guard_batches, automatic)
     if on_epoch is not None and not callable(on_epoch):
         raise ValueError(f"on_epoch must be a callable (epoch, semu_model) -> dict or None, got {on_epoch!r}")
 
