@@ -149,6 +149,48 @@ def test_data_free_retain_data_is_only_reported_unless_select_best_is_asked(load
     sm.unload()
 
 
+def test_paired_retain_mode_takes_one_step_per_forget_batch_on_forget_plus_retain(loaded, monkeypatch):
+    """unlearn_llm made every retain batch an optimizer step of its own (each epoch a pass over the whole retain set)
+    while its docs called that open-unlearning's recipe; retain_mode="paired" takes open-unlearning's step."""
+    model, tokenizer = loaded
+    forget, _ = _data(tokenizer)  # 4 batches
+    retain = llm.make_batches(tokenizer, random_texts(24, seed=1), max_length=16, batch_size=4)  # 6 batches
+    steps, calls = [], []
+    real_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+
+    def forget_loss(m, batch, generator):
+        calls.append(("forget", len(steps)))
+        return llm.ascent_loss(m, batch, generator)
+
+    def retain_loss(m, batch, generator):
+        calls.append(("retain", len(steps), next(i for i, b in enumerate(retain) if b is batch)))
+        return llm.retain_nll_loss(m, batch, generator)
+
+    kwargs = dict(forget_loss=forget_loss, retain_loss=retain_loss, target_modules="mlp.down_proj", lr=1e-2,
+                  epochs=2, select_best=False, progress=False)
+    sm, report, _ = llm.unlearn_llm(model, forget, retain, retain_mode="paired", **kwargs)
+    assert len(steps) == 2 * 4 and report.training["retain_mode"] == "paired"
+    # each step: the forget loss, then the retain loss of a drawn retain batch, before the step is taken
+    assert [c[:2] for c in calls] == [(kind, step) for step in range(8) for kind in ("forget", "retain")]
+    assert len({c[2] for c in calls if c[0] == "retain"}) > 1
+    sm.unload()
+    steps.clear(), calls.clear()
+    sm, report, _ = llm.unlearn_llm(model, forget, retain, **kwargs)  # the default, interleave
+    assert len(steps) == 2 * (4 + 6) and report.training["retain_mode"] == "interleave"
+    assert sum(c[0] == "retain" for c in calls) == 2 * 6
+    sm.unload()
+    with pytest.raises(ValueError, match="retain_mode='paired' pairs each forget batch with a retain batch it trains"):
+        llm.unlearn_llm(model, forget, retain, retain_mode="paired", train_on_retain=False, progress=False)
+    with pytest.raises(ValueError, match="retain_mode must be one of 'interleave', 'paired'"):
+        llm.unlearn_llm(model, forget, retain, retain_mode="mixed", progress=False)
+
+
 def test_unlearn_llm_under_several_processes_is_refused_before_any_work(loaded, two_process_group):
     # sf.unlearn would go data-parallel, while the epoch count, keep-best and metrics stay per rank: ranks would end
     # with different R or hang
@@ -462,6 +504,20 @@ def test_cli_eval_on_texts_reports_what_its_help_says(llm_folder, tmp_path):
     assert evaluated == {"forget_answer_prob", "forget_exact_memorization", "forget_extraction_strength",
                          "retain_answer_prob", "model_utility"}
     assert metrics["model_utility_after"] == pytest.approx(metrics["retain_answer_prob_after"])
+
+
+def test_cli_retain_mode_paired_is_recorded_and_needs_retain_data_it_trains_on(llm_folder, tmp_path, capsys):
+    (tmp_path / "forget.txt").write_text("\n".join(random_texts(4, seed=0)))
+    (tmp_path / "retain.txt").write_text("\n".join(random_texts(8, seed=1)))
+    base = ["unlearn-llm", "--model", str(llm_folder), "--forget-texts", str(tmp_path / "forget.txt"),
+            "--retain-mode", "paired", "--target-modules", "mlp.down_proj", "--epochs", "1", "--device", "cpu",
+            "--quiet", "--out", str(tmp_path / "out")]
+    for extra in ([], ["--retain-texts", str(tmp_path / "retain.txt"), "--no-train-on-retain"]):
+        with pytest.raises(SystemExit):
+            _cli(base + extra)
+        assert "argument --retain-mode: paired pairs each forget batch" in capsys.readouterr().err
+    assert _cli(base + ["--retain-texts", str(tmp_path / "retain.txt")]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["retain_mode"] == "paired"
 
 
 def test_cli_unlearn_llm_writes_metrics_adapters_and_lora(llm_folder, tmp_path, capsys):

@@ -338,3 +338,19 @@ def test_left_padded_rows_score_the_same_tokens_as_right_padded_ones(arch):
         nll_l, count_l = L.sequence_nll(model, left)
     assert torch.equal(count_l, count_r)
     torch.testing.assert_close(nll_l, nll_r, rtol=1e-4, atol=1e-4)
+
+
+def test_paired_loss_is_the_forget_loss_plus_the_retain_loss_of_a_drawn_retain_batch(batches):
+    forget, retain = batches
+    model = tiny_llama()
+    paired = L.PairedLoss(L.ascent_loss, L.make_retain_loss("nll", weight=2.0), retain)
+    drawn = set()
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        index = int(torch.randint(len(retain), (1,), generator=torch.Generator().manual_seed(seed)))
+        drawn.add(index)
+        want = -L.nll_loss(model, forget[0]) + 2.0 * L.nll_loss(model, retain[index])
+        torch.testing.assert_close(paired(model, forget[0], generator), want)
+    assert len(drawn) > 1
+    with pytest.raises(ValueError, match="retain_batches must be a non-empty list of batches"):
+        L.PairedLoss(L.ascent_loss, L.retain_nll_loss, [])

@@ -114,7 +114,7 @@ def register(subparsers) -> None:
     """Add the `unlearn-llm` subcommand to an argparse subparsers object."""
     import argparse
 
-    from ..workflows.llm import AUTO_LOSS, CRITERIA, DEFAULTS, FORGET_LOSSES, RETAIN_LOSSES
+    from ..workflows.llm import AUTO_LOSS, CRITERIA, DEFAULTS, FORGET_LOSSES, RETAIN_LOSSES, RETAIN_MODES
 
     p = subparsers.add_parser("unlearn-llm", help="forget texts from a local transformers causal LM with SEMU",
                               description=__doc__.split("\n\n")[0])
@@ -161,6 +161,11 @@ def register(subparsers) -> None:
                    help="train R on the retain data too (default: yes when retain data is given); "
                    "--no-train-on-retain only reports it: it neither trains nor, unless --select-best, picks the "
                    "epoch kept (SEMU's data-free setting: the last epoch is kept)")
+    g.add_argument("--retain-mode", choices=RETAIN_MODES, default=DEFAULTS.retain_mode,
+                   help="how retain data trains: interleave (every forget and every retain batch its own optimizer "
+                   "step: an epoch passes over the whole retain set) or paired (open-unlearning's: one step on "
+                   "forget + retain loss per forget batch, a retain batch drawn at random; an epoch is as many steps "
+                   f"as forget batches); default {DEFAULTS.retain_mode}")
     add_training_flags(g, gamma_default=DEFAULTS.gamma, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer)
     g.add_argument("--epochs", type=positive(int), default=DEFAULTS.epochs,
                    help="passes over the forget data (default: enough for about "
@@ -208,6 +213,9 @@ def _check_flags(args, parser, forget_loss) -> None:
     has_retain = args.retain_texts is not None or args.retain_file is not None
     if args.train_on_retain and not has_retain:
         parser.error("argument --train-on-retain: needs --retain-texts or --retain-file")
+    if args.retain_mode == "paired" and (not has_retain or args.train_on_retain is False):
+        parser.error("argument --retain-mode: paired pairs each forget batch with a retain batch it trains on: needs "
+                     "--retain-texts or --retain-file, without --no-train-on-retain")
     if args.retain_loss is not None and not has_retain:
         parser.error("argument --retain-loss: needs --retain-texts or --retain-file")
     if getattr(forget_loss, "needs_retain", False) and not has_retain:
@@ -329,16 +337,17 @@ def run(args, parser) -> int:
         before = evaluate(model) if args.eval else {}
         semu_model, report, metrics = llm.unlearn_llm(
             model, forget, retain, target_modules=tuple(targets), gamma=args.gamma, forget_loss=forget_loss,
-            retain_loss=retain_loss, train_on_retain=args.train_on_retain, optimizer=args.optimizer,
-            lr=args.lr, epochs=args.epochs, select_best=args.select_best, criterion=args.criterion,
-            retain_tolerance=args.retain_tolerance, seed=args.seed, progress=not args.quiet)
+            retain_loss=retain_loss, train_on_retain=args.train_on_retain, retain_mode=args.retain_mode,
+            optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, select_best=args.select_best,
+            criterion=args.criterion, retain_tolerance=args.retain_tolerance, seed=args.seed, progress=not args.quiet)
         after = evaluate(semu_model.model) if args.eval else {}  # the model with its adapters (it has generate)
     except (ValueError, FloatingPointError) as err:  # FloatingPointError: a NaN loss, its message says what to try
         library_error(parser, err)
     metrics.update({f"{key}_before": value for key, value in before.items()})
     metrics.update({f"{key}_after": value for key, value in after.items()})
     run_settings = {**settings(args), "forget_loss": loss_name, "target_modules": targets, "epochs": metrics["epochs"],
-                    **{key: report.training[key] for key in ("select_best", "train_on_retain", "retain_loss")}}
+                    **{key: report.training[key] for key in ("select_best", "train_on_retain", "retain_loss",
+                                                             "retain_mode")}}
     files = results.write_run(args.out, semu_model, report, metrics, run_settings, "unlearn-llm")
     text = llm.report_markdown(metrics, report, run_settings)
     atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(text))

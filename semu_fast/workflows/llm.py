@@ -22,10 +22,11 @@ label" loss), then only the k x k cores R train, on a forget objective from llm_
     "rmu"       representation misdirection of one decoder layer's hidden states;
     or make_loss(name, **hyper_parameters), or any callable (model, batch, generator) -> scalar.
 The reference model of NPO, IdkDPO, KL and RMU is the model itself with its adapters disabled (no copy).
-Retain data, when given, trains (interleaved with the forget batches) on the retain objective ("nll", "kl" or
-"rmu"; default: the forget objective's own retain term, else NLL) and guards the choice of the epoch to keep (see
-unlearn_llm's select_best); train_on_retain=False keeps it out of training and, unless select_best=True, out of
-that choice (SEMU's data-free setting: its perplexity is only reported).
+Retain data, when given, trains (retain_mode "interleave": each retain batch an optimizer step of its own between the
+forget ones; "paired": one step on forget + retain loss per forget batch, as open-unlearning) on the retain objective
+("nll", "kl" or "rmu"; default: the forget objective's own retain term, else NLL) and guards the choice of the epoch to
+keep (see unlearn_llm's select_best); train_on_retain=False keeps it out of training and, unless select_best=True, out
+of that choice (SEMU's data-free setting: its perplexity is only reported).
 
 Every default of unlearn_llm and of `semu-fast unlearn-llm` is in DEFAULTS below (one place to change them).
 """
@@ -42,6 +43,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .._checks import check_choice
 from .._utils import eval_mode, model_device
 from ..config import SEMUConfig
 from ..distributed import resolve as resolve_group
@@ -52,9 +54,9 @@ from ..training import check_training_args, unlearn
 from . import results
 from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, check_context, context_length,  # noqa: F401
                        load_records, make_batches, make_qa_batches, make_record_batches, save_records)
-from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, RetainKL, RetainNLL, _logits_and_targets,  # noqa: F401
-                         _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss, random_token_loss,
-                         retain_nll_loss, sequence_nll)
+from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, PairedLoss, RetainKL, RetainNLL,  # noqa: F401
+                         _logits_and_targets, _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss,
+                         random_token_loss, retain_nll_loss, sequence_nll)
 
 
 # ---- defaults ----------------------------------------------------------------------------------------------------
@@ -73,9 +75,14 @@ class LLMDefaults:
     set (epochs None: enough passes for forget_steps, at least min_epochs). The forget loss ("auto"): IdkDPO on
     question/answer batches with "I don't know" alternates (the most selective loss there: the held-out retain
     facts fell 11-13%, against 23-32% with NPO), NPO (bounded, the TOFU / open-unlearning standard) on anything
-    else; either trains with the retain NLL whenever retain data is given (open-unlearning's recipe: beta 0.1,
-    alpha 1). The epoch kept is the one with the highest forget NLL among those whose retain perplexity rose by at
-    most 10% (an epoch that broke the model is never kept; R = 0, the original model, is the fallback)."""
+    else; either trains with the retain NLL whenever retain data is given (open-unlearning's beta 0.1 and alpha 1,
+    not its schedule: retain_mode "interleave", the one calibrated here, makes every retain batch an optimizer step of
+    its own, so with retain data an epoch takes len(forget) + len(retain) steps, a whole pass over the retain set;
+    "paired" takes open-unlearning's step, forget + retain loss on a retain batch drawn per forget batch, len(forget)
+    steps an epoch). The epoch kept is the one with the highest forget NLL among those whose retain perplexity rose
+    by at most 10% (an epoch that broke the model is never kept; R = 0, the original model, is the fallback); scoring
+    an epoch costs a forward pass over the forget batches and the guard batches (eval_batches, else the whole retain
+    set)."""
     target_modules: tuple = (ALL_LINEAR,)
     gamma: float = 0.95
     forget_loss: str = AUTO_LOSS
@@ -86,6 +93,7 @@ class LLMDefaults:
     min_epochs: int = 5
     criterion: str = "forget_nll"
     retain_tolerance: float = 0.1
+    retain_mode: str = "interleave"
     max_length: int = 256
     batch_size: int = 8
 
@@ -101,6 +109,9 @@ DEFAULTS = LLMDefaults()
 # Selection criteria (higher is better): the forget set's token-weighted mean NLL, or minus its mean per-sequence
 # answer probability exp(-mean NLL of the answer) (TOFU's "answer prob").
 CRITERIA = ("forget_nll", "forget_prob")
+# How retain data trains: "interleave" (sf.unlearn's: every forget and every retain batch its own optimizer step) or
+# "paired" (open-unlearning's: one step on forget + retain loss, a retain batch drawn per forget batch).
+RETAIN_MODES = ("interleave", "paired")
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
@@ -377,7 +388,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
                 target_modules: Union[str, Sequence[str]] = DEFAULTS.target_modules, gamma: float = DEFAULTS.gamma,
                 forget_loss: Union[str, Callable] = DEFAULTS.forget_loss,
                 retain_loss: Union[str, Callable, None] = None,
-                train_on_retain: Optional[bool] = None, optimizer: str = DEFAULTS.optimizer, lr: float = DEFAULTS.lr,
+                train_on_retain: Optional[bool] = None, retain_mode: str = DEFAULTS.retain_mode,
+                optimizer: str = DEFAULTS.optimizer, lr: float = DEFAULTS.lr,
                 epochs: Optional[int] = DEFAULTS.epochs, eval_batches=None, select_best: Optional[bool] = None,
                 criterion: Union[str, Callable] = DEFAULTS.criterion,
                 retain_tolerance: float = DEFAULTS.retain_tolerance, on_epoch=None, seed: int = 0,
@@ -395,10 +407,14 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     callable; None: the forget objective's own retain term (NLL for most, RMU's for "rmu"), else NLL.
     train_on_retain: None (automatic) trains on retain data whenever retain_batches are given; False only reports them:
     they neither train nor, unless select_best=True, pick the epoch kept (SEMU's data-free setting; refused for
-    objectives defined with a retain term, graddiff and rmu, and with a retain_loss). optimizer "adam" or "sgd" (no
-    weight decay), lr: as sf.unlearn; epochs: passes over the forget batches (None: DEFAULTS.epochs_for(the number of
-    forget batches), about DEFAULTS.forget_steps optimizer steps on the forget set). seed: SEMU's randomized SVD, the
-    random tokens, RMU's control vector and the dropout of the model (the global RNG is restored afterwards).
+    objectives defined with a retain term, graddiff and rmu, and with a retain_loss). retain_mode (when retain data
+    trains): "interleave" (the default) gives every forget batch and every retain batch an optimizer step of its own, so
+    an epoch is len(forget_batches) + len(retain_batches) steps; "paired" (open-unlearning's) takes one step per forget
+    batch on forget loss + retain loss, the retain batch drawn at random (seeded by seed) from retain_batches
+    (llm_losses.PairedLoss), so an epoch is len(forget_batches) steps. optimizer "adam" or "sgd" (no weight decay), lr:
+    as sf.unlearn; epochs: passes over the forget batches (None: DEFAULTS.epochs_for(the number of forget batches),
+    about DEFAULTS.forget_steps optimizer steps on the forget set). seed: SEMU's randomized SVD, the random tokens,
+    RMU's control vector and the dropout of the model (the global RNG is restored afterwards).
 
     Which epoch's R is kept: with select_best (None: on when eval_batches are given, or retain_batches that train; off
     with train_on_retain=False and no eval_batches, so the last epoch is kept) every epoch is scored and the R of the
@@ -441,6 +457,13 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     train_loss_fn, retain_loss_fn, train_on_retain = _training_losses(forget_loss, retain_loss, train_on_retain,
                                                                       forget_batches, retain_batches, seed)
     check_objectives_fit(model, train_loss_fn, retain_loss_fn)
+    check_choice("retain_mode", retain_mode, RETAIN_MODES)
+    if retain_mode == "paired" and not train_on_retain:
+        raise ValueError("retain_mode='paired' pairs each forget batch with a retain batch it trains on: it needs "
+                         "retain_batches, and train_on_retain not False")
+    step_loss_fn, trained_retain = train_loss_fn, retain_batches if train_on_retain else None
+    if retain_mode == "paired":  # one step per forget batch, on forget + retain: sf.unlearn sees no retain data
+        step_loss_fn, trained_retain = PairedLoss(train_loss_fn, retain_loss_fn, retain_batches), None
     if epochs is None:
         epochs = DEFAULTS.epochs_for(len(forget_batches))
     check_training_args(optimizer, lr, epochs, 0.9, 0.0)
@@ -467,8 +490,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        semu_model, report = unlearn(model, forget_batches, retain_batches if train_on_retain else None, config,
-                                     loss_fn=nll_loss, train_loss_fn=train_loss_fn, retain_loss_fn=retain_loss_fn,
+        semu_model, report = unlearn(model, forget_batches, trained_retain, config,
+                                     loss_fn=nll_loss, train_loss_fn=step_loss_fn, retain_loss_fn=retain_loss_fn,
                                      optimizer=optimizer, lr=lr, epochs=epochs, weight_decay=0.0, select_best=False,
                                      progress=progress, on_epoch=keep if (select_best or on_epoch) else None)
     if select_best and semu_model.trainable_parameters():
@@ -486,7 +509,8 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
         metrics[key.replace("_nll_", "_ppl_")] = _exp(metrics[key])
     metrics.update(trainable_params=report.trainable_params, trainable_share=report.trainable_share, epochs=epochs)
     report.training.update(select_best=bool(select_best), train_on_retain=bool(train_on_retain),
-                           retain_loss=None if not train_on_retain else _objective_name(retain_loss_fn))
+                           retain_loss=None if not train_on_retain else _objective_name(retain_loss_fn),
+                           retain_mode=retain_mode if train_on_retain else None)
     return semu_model, report, metrics
 
 

@@ -36,8 +36,10 @@ Retain objectives:
 The sequence-level losses (NPO, SimNPO, IdkDPO) leave a sequence with no labelled token out of their mean, where
 open-unlearning keeps it (as NPO's constant 2/beta log 2; SimNPO's NaN).
 
-sf.unlearn interleaves forget and retain batches as separate optimizer steps, so weight and alpha scale each
-step's gradient (with Adam that barely matters: it is nearly scale-free; with SGD they act like learning rates).
+unlearn_llm's default retain_mode "interleave" (sf.unlearn's) takes forget and retain batches as separate optimizer
+steps, so weight and alpha scale each step's gradient (with Adam that barely matters: it is nearly scale-free; with
+SGD they act like learning rates). retain_mode="paired" (PairedLoss) and SEMUTrainer take open-unlearning's step,
+one on weight * forget + alpha * retain, where alpha sets the balance.
 
 The reference model is the model itself with its adapters disabled (`model.disable_adapters()`, SEMUModel's):
 no copy of the weights. Its outputs are computed without grad and in eval mode, and cached per batch: the cache
@@ -546,6 +548,27 @@ class RMURetain(_Objective):
 
     def check_model(self, model: nn.Module) -> None:
         decoder_layer(model, self.layer)
+
+
+# ---- forget and retain in one step -------------------------------------------------------------------------------
+
+class PairedLoss:
+    """open-unlearning's step: forget objective on the forget batch + retain objective on a retain batch drawn
+    uniformly at random (from the step's generator) among `retain_batches`, one optimizer step on their sum (each
+    objective carries its own weight / alpha). unlearn_llm(retain_mode="paired") trains with it; it draws whole
+    retain batches where open-unlearning draws one retain example per forget example."""
+
+    def __init__(self, forget_loss: LossFn, retain_loss: LossFn, retain_batches):
+        if isinstance(retain_batches, dict) or not isinstance(retain_batches, (list, tuple)) or not retain_batches:
+            raise ValueError(f"retain_batches must be a non-empty list of batches, got "
+                             f"{type(retain_batches).__name__}")
+        self.forget_loss, self.retain_loss, self.retain_batches = forget_loss, retain_loss, retain_batches
+
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        # the run's generator: the pairing is reproducible with its seed
+        index = int(torch.randint(len(self.retain_batches), (1,), generator=generator))
+        forget = self.forget_loss(model, batch, generator)
+        return forget + self.retain_loss(model, self.retain_batches[index], generator)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------------
