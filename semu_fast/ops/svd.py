@@ -299,15 +299,15 @@ def truncated_svd(G: torch.Tensor, gamma: float, rank_rule: str = "at_least", me
     method: "exact" (torch.linalg.svd); "gram" (2-D: the eigendecomposition of the smaller Gram matrix, for gamma <=
     GRAM_MAX_GAMMA; a batch with n <= 64: the gram_svd kernel, other batches exact); "randomized" (adaptive range
     finder, 2-D only, gamma <= RANDOMIZED_MAX_GAMMA; exact on flat spectra or past that gamma); "auto": batches with
-    n <= 64 take gram_svd up to GRAM_MAX_GAMMA, other batches exact; a 2-D G with min(m, n) >= 256 takes the randomized path with its
-    basis capped where it would cost more than the cheaper of gram and exact, then that one (costs measured on this
-    device, semu_fast.ops.svd_plan); a smaller one the exact SVD. generator seeds the randomized path (same seed,
-    same device, same calibration: same result). min_rank: the "official" rule's floor, 1 or 0 (the official DDPM/SD
-    code: a matrix whose first direction explains more than gamma keeps k = 0). rank_hint (2-D G, methods "auto" and
-    "randomized"): about how high G's rank can be, as a Linear layer's gradient summed over T input rows has rank <=
-    T (sf.prepare passes the rows each layer saw); when it is well below min(m, n), one sketch of that width
-    replaces the adaptive blocks (checked afterwards by the energy it leaves out, so a wrong hint costs time, never
-    accuracy).
+    n <= 64 take gram_svd up to GRAM_MAX_GAMMA, other batches exact; a 2-D G with min(m, n) >= 256 takes the
+    randomized path with its basis capped where it would cost more than the cheaper of gram and exact, then that one
+    (costs measured on this device, semu_fast.ops.svd_plan); a smaller one the exact SVD. generator seeds the
+    randomized path (same seed, same device, same calibration: same result). min_rank: the "official" rule's floor,
+    1 or 0 (the official DDPM/SD code: a matrix whose first direction explains more than gamma keeps k = 0).
+    rank_hint (2-D G, methods "auto" and "randomized"): about how high G's rank can be, as a Linear layer's gradient
+    summed over T input rows has rank <= T (sf.prepare passes the rows each layer saw); when it is well below min(m,
+    n), one sketch of that width replaces the adaptive blocks (checked afterwards by the energy it leaves out, so a
+    wrong hint costs time, never accuracy).
     """
     gamma = check_gamma("gamma", gamma)
     check_choice("rank_rule", rank_rule, RANK_RULES)

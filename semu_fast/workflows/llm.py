@@ -52,8 +52,8 @@ from ..model import SEMUModel
 from ..report import SEMUReport
 from ..training import check_training_args, unlearn
 from . import results
-from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, check_context, context_length,  # noqa: F401
-                       load_records, make_batches, make_qa_batches, make_record_batches, save_records)
+from .llm_data import (IDK_ANSWERS, IGNORE_INDEX, Batch, check_batch, check_batches, check_context,  # noqa: F401
+                       context_length, load_records, make_batches, make_qa_batches, make_record_batches, save_records)
 from .llm_losses import (FORGET_LOSSES, RETAIN_LOSSES, PairedLoss, RetainKL, RetainNLL,  # noqa: F401
                          _logits_and_targets, _nll_sum, ascent_loss, make_loss, make_retain_loss, nll_loss,
                          random_token_loss, retain_nll_loss, sequence_nll)
@@ -183,18 +183,7 @@ def _check_batches(name: str, batches, required: bool) -> Optional[list]:
         if required:
             raise ValueError(f"{name} is required")
         return None
-    if isinstance(batches, dict) or not isinstance(batches, Iterable):
-        raise ValueError(f"{name} must be a list of batches (dicts from make_batches or make_qa_batches), got "
-                         f"{type(batches).__name__}")
-    batches = list(batches)  # read several times: gradient pass, every epoch, perplexities
-    if not batches:
-        raise ValueError(f"{name} is empty: give at least one batch")
-    for i, batch in enumerate(batches):
-        try:
-            check_batch(batch)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name}[{i}]: {err}") from None
-    return batches
+    return check_batches(name, batches)  # a list: read several times (gradient pass, every epoch, perplexities)
 
 
 def llm_config(model: nn.Module, target_modules, gamma: float, seed: int) -> SEMUConfig:
@@ -440,7 +429,7 @@ def unlearn_llm(model: nn.Module, forget_batches, retain_batches=None, *,
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     group = resolve_group(None)
-    if group is not None:  # sf.unlearn would go data-parallel, but the epochs, the keep-best and the metrics are per rank
+    if group is not None:  # sf.unlearn would go data-parallel; the epochs, the keep-best and the metrics are per rank
         raise RuntimeError(f"unlearn_llm runs in one process, and torch.distributed is initialised with {group.size} "
                            f"processes: its epoch count, best-epoch selection and metrics would be each rank's own, "
                            f"so the ranks would end with different R or hang. For several processes use sf.unlearn on "

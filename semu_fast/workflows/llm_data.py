@@ -105,6 +105,23 @@ def check_batch(batch) -> None:
             raise ValueError(f"batch[{key!r}] must be a tensor shaped as batch['input_ids'] {shape}, got {got}")
 
 
+def check_batches(name: str, batches) -> list:
+    """`batches` (any iterable of batch dicts, read once) as a list, each checked (errors name `name`[i]); a dict
+    (one batch, not a list of them) or an empty iterable is a ValueError."""
+    if isinstance(batches, dict) or not isinstance(batches, Iterable):
+        raise ValueError(f"{name} must be a list of batches (dicts with (B, T) input_ids and labels, from "
+                         f"make_batches or make_qa_batches), got {type(batches).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{name} is empty: give at least one batch")
+    for i, batch in enumerate(batches):
+        try:
+            check_batch(batch)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}[{i}]: {err}") from None
+    return batches
+
+
 def _record_kind(record, where: str) -> str:
     """"text" or "qa"; ValueError naming `where` (e.g. "records[3]" or "forget.jsonl, line 4") otherwise."""
     if not isinstance(record, Mapping):

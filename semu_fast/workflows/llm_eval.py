@@ -48,7 +48,7 @@ import torch.nn as nn
 from .._checks import check_choice, check_positive_int
 from .._utils import eval_mode, model_device
 from ..model import base_model
-from .llm_data import IGNORE_INDEX, check_batch, check_context, check_texts, context_length, encode_qa
+from .llm_data import IGNORE_INDEX, check_batches, check_context, check_texts, context_length, encode_qa
 from .llm_losses import _logits_and_targets
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
@@ -75,21 +75,6 @@ def _check_k(k) -> float:
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
-
-
-def _check_batches(batches) -> list:
-    if isinstance(batches, dict) or not isinstance(batches, Iterable):
-        raise ValueError(f"batches must be a list of dicts with (B, T) input_ids and labels, got "
-                         f"{type(batches).__name__}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: give at least one batch")
-    for i, batch in enumerate(batches):
-        try:
-            check_batch(batch)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"batches[{i}]: {err}") from None
-    return batches
 
 
 def _scores(name: str, values, minimum: int = 1) -> torch.Tensor:
@@ -211,7 +196,7 @@ def answer_statistics(model: nn.Module, batches, *, texts: Optional[Sequence[str
     CPU tensors (N,): "nll" (mean answer NLL), "prob" (exp(-nll)), "exact_memorization", "extraction_strength",
     "mia_loss", "mia_min_k", "mia_min_k_plus_plus", and "mia_zlib" when texts are given."""
     _check_model(model)
-    batches = _check_batches(batches)
+    batches = check_batches("batches", batches)
     k = _check_k(k)
     if not isinstance(exclude_last, bool):
         raise ValueError(f"exclude_last must be True or False, got {exclude_last!r}")
