@@ -649,16 +649,20 @@ def test_official_sd_preset_reproduces_the_official_loop(tmp_path):
     assert report.trainable_params == trainable
     scale = max(d.abs().max().item() for d in deltas.values())
     assert scale > 1e-6, "R did not move: the comparison would prove nothing"
-    # Adam's first steps are nearly sign(gradient) per entry of R, so entries whose gradient is float noise (or
-    # whose channel has near-equal singular values) may step differently: each delta is held to 1% of the largest
-    # entry, and all of them together to 0.1% in norm.
+    # Adam's first steps are nearly sign(gradient) per entry of R, so an entry whose gradient is float noise steps
+    # either way (which way moves with a convolution backward's summation order, even between two processes on one
+    # machine: one conv layer's delta then differs by 0.4% in norm, all of them by 0.13%). Each layer's delta is held
+    # to 1% of the largest entry for all but 0.1% of its entries and to 1% in norm, all of them together to 0.3%.
     moved, err, norm = 0, 0.0, 0.0
     for name, adapter in semu_model.adapters.items():
-        got = adapter.delta_weight().detach()
+        got, want = adapter.delta_weight().detach(), deltas[name]
         moved += int(got.abs().max() > 1e-3 * scale)
-        torch.testing.assert_close(got, deltas[name], rtol=1e-3, atol=1e-2 * scale, msg=name)
-        err, norm = err + (got - deltas[name]).square().sum().item(), norm + deltas[name].square().sum().item()
-    assert (err / norm) ** 0.5 < 1e-3, (err / norm) ** 0.5
+        off = (got - want).abs() > 1e-2 * scale + 1e-3 * want.abs()
+        assert off.sum() <= 1e-3 * off.numel(), (name, int(off.sum()), (got - want).abs().max().item() / scale)
+        layer_err, layer_norm = (got - want).square().sum().item(), want.square().sum().item()
+        assert layer_err <= 1e-4 * layer_norm, (name, (layer_err / layer_norm) ** 0.5)
+        err, norm = err + layer_err, norm + layer_norm
+    assert (err / norm) ** 0.5 < 3e-3, (err / norm) ** 0.5
     assert moved >= len(semu_model.adapters) // 2
     for name in set(deltas) - set(semu_model.adapters):  # layers without an adapter: k = 0 everywhere
         assert deltas[name].abs().max() == 0
